@@ -1,0 +1,39 @@
+"""`run_kernel()`: the one-job convenience API over a process-wide default Supervisor."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from typing import Any
+
+from .limits import Limits
+from .models import JobResult, JobSpec
+from .supervisor import Supervisor
+
+_default: Supervisor | None = None
+_default_lock = threading.Lock()
+
+
+def default_supervisor() -> Supervisor:
+    """The shared Supervisor (policy from $TAICHI_SANDBOX_LIMITS or ./limits.toml), created on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Supervisor()
+            atexit.register(_default.close)
+        return _default
+
+
+def run_kernel(kernel: str, arch: str = "cpu", limits: Limits | dict | None = None, *,
+               profile: str | None = None, tenant: str | None = None,
+               supervisor: Supervisor | None = None, **spec: Any) -> JobResult:
+    """Run one Taichi job to its verdict (blocking).
+
+    `kernel` is a script path (run as __main__) or `file.py:function` / `module:function` (called with
+    `args=[...]`, `kwargs={...}`). `limits` override the profile from limits.toml.
+    Raises ConfigError for an invalid spec; everything the job does becomes the verdict.
+    """
+    if isinstance(limits, dict):
+        limits = Limits(**limits)
+    job = JobSpec(kernel=kernel, arch=arch, limits=limits or Limits(), profile=profile, tenant=tenant, **spec)
+    return (supervisor or default_supervisor()).run(job)

@@ -1,0 +1,175 @@
+"""Starting the job's child process without forking the supervisor.
+
+Two launchers with one contract: `start(plan, stdout_w, stderr_w, channel_w) -> Launched`, where the
+child runs `sandbox.child.execute` in a new session with the given pipes as stdout/stderr/channel.
+- `ForkServerLauncher` (default): one exec'd server per supervisor with Taichi preloaded; a fork per job.
+- `ExecLauncher` (fallback): a fresh `python -m sandbox.child` per job.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+
+from . import child
+from .child import ChildPlan
+
+
+@dataclass
+class Exit:
+    """How the child's top process ended (from wait4): exactly one of code/signal is set."""
+
+    code: int | None
+    signal: int | None
+    cpu_seconds: float
+    max_rss: int
+
+
+def _exit_from_status(status: int, utime: float, stime: float, maxrss_kib: int) -> Exit:
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+    return Exit(code, sig, utime + stime, maxrss_kib * 1024)
+
+
+class Launched:
+    """A started child: its pid and a blocking `wait()`."""
+
+    pid: int
+
+    def wait(self) -> Exit:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class _ExecLaunched(Launched):
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.pid = proc.pid
+        self._proc = proc
+
+    def wait(self) -> Exit:
+        _, status, usage = os.wait4(self.pid, 0)
+        self._proc.returncode = -1  # reaped by us; keep Popen from waiting again
+        return _exit_from_status(status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss)
+
+
+def base_env() -> dict[str, str]:
+    """Environment every child interpreter starts with (the job's scrubbed env comes on top)."""
+    return {"TI_SKIP_VERSION_CHECK": "ON", "ENABLE_TAICHI_HEADER_PRINT": "0", "PYTHONDONTWRITEBYTECODE": "1",
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": os.pathsep.join(_import_path())}
+
+
+def _import_path() -> list[str]:
+    """Where `sandbox` itself is importable from (needed when it runs from a checkout)."""
+    return [os.path.dirname(os.path.dirname(os.path.abspath(child.__file__)))]
+
+
+class ExecLauncher:
+    """A fresh interpreter per job: slower start (imports Taichi each time), nothing shared."""
+
+    name = "exec"
+
+    def start(self, plan: ChildPlan, stdout_w: int, stderr_w: int, channel_w: int) -> Launched:
+        plan_r, plan_w = os.pipe()
+        plan = plan.model_copy(update={"parent_pid": os.getpid()})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sandbox.child", str(plan_r), str(channel_w)],
+            stdin=subprocess.DEVNULL, stdout=stdout_w, stderr=stderr_w, pass_fds=(plan_r, channel_w),
+            env={**base_env(), **plan.env}, cwd=plan.workdir, start_new_session=True)
+        os.close(plan_r)
+        with os.fdopen(plan_w, "wb") as f:
+            f.write(plan.model_dump_json().encode())
+        return _ExecLaunched(proc)
+
+    def close(self) -> None:
+        pass
+
+
+class _ForkLaunched(Launched):
+    def __init__(self, conn: socket.socket) -> None:
+        self._file = conn.makefile("rb")
+        self._conn = conn
+        line = self._file.readline().split()
+        if len(line) != 2 or line[0] != b"pid":
+            conn.close()
+            raise RuntimeError("fork-server did not start the job")
+        self.pid = int(line[1])
+
+    def wait(self) -> Exit:
+        line = self._file.readline().split()
+        self._file.close()
+        self._conn.close()
+        if len(line) != 5 or line[0] != b"exit":
+            raise RuntimeError("fork-server died before the job ended")
+        return _exit_from_status(int(line[1]), float(line[2]), float(line[3]), int(line[4]))
+
+
+class ForkServerLauncher:
+    """Starts (lazily, by exec) one fork-server with Taichi preloaded and asks it for each child."""
+
+    name = "forkserver"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._dir: tempfile.TemporaryDirectory | None = None
+        self._lifeline_w: int | None = None
+
+    @property
+    def address(self) -> str:
+        return os.path.join(self._dir.name, "fs.sock")
+
+    def _ensure_server(self) -> None:
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                return
+            self.close()
+            self._dir = tempfile.TemporaryDirectory(prefix="tsbx-fs-")
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(self.address)
+            listener.listen(64)
+            lifeline_r, self._lifeline_w = os.pipe()
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "sandbox.forkserver", str(listener.fileno()), str(lifeline_r)],
+                stdin=subprocess.DEVNULL, pass_fds=(listener.fileno(), lifeline_r),
+                env={**base_env(), "HOME": self._dir.name}, cwd=self._dir.name, start_new_session=True)
+            os.close(lifeline_r)
+            listener.close()
+
+    def start(self, plan: ChildPlan, stdout_w: int, stderr_w: int, channel_w: int) -> Launched:
+        self._ensure_server()
+        payload = plan.model_dump_json().encode()
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(self.address)
+        socket.send_fds(conn, [struct.pack("!I", len(payload))], [stdout_w, stderr_w, channel_w])
+        conn.sendall(payload)
+        return _ForkLaunched(conn)
+
+    @property
+    def server_pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def close(self) -> None:
+        """Stop the server (its jobs' process groups are killed) and remove its socket."""
+        if self._lifeline_w is not None:
+            os.close(self._lifeline_w)
+            self._lifeline_w = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+
+def make_launcher(name: str):
+    """'forkserver' or 'exec'."""
+    return {"forkserver": ForkServerLauncher, "exec": ExecLauncher}[name]()

@@ -1,0 +1,300 @@
+"""Limits, human units, and the limits.toml policy (defaults, profiles, tenants).
+
+Contract: every bad value raises `ConfigError` whose message is one line naming where the value came
+from, the key and the value. Nothing here starts processes or touches the job.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+class ConfigError(ValueError):
+    """A limit, profile, spec or limits.toml value is invalid. The message is one line."""
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+    "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+}
+_TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "m": 60.0, "min": 60.0, "h": 3600.0}
+_NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z%]*)\s*$")
+_UNLIMITED = {"none", "unlimited", "off"}
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("expected a number")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a finite number >= 0")
+    return float(value)
+
+
+def _split(value: str, units: dict) -> tuple[float, float]:
+    m = _NUMBER_UNIT.match(value)
+    if not m or m.group(2).lower() not in units:
+        raise ValueError(f"unknown unit (use one of {', '.join(u for u in units if u)})")
+    return float(m.group(1)), units[m.group(2).lower()]
+
+
+def parse_size(value: Any) -> int | None:
+    """Bytes from 1024, '512MiB', '2GiB', '1.5G'; None for 'unlimited'/'none'."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in _UNLIMITED):
+        return None
+    if isinstance(value, str):
+        number, scale = _split(value, _SIZE_UNITS)
+        return int(number * scale)
+    return int(_number(value))
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds from 1.5, '250ms', '2s', '1m'; None for 'unlimited'/'none'."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in _UNLIMITED):
+        return None
+    if isinstance(value, str):
+        number, scale = _split(value, _TIME_UNITS)
+        return number * scale
+    return _number(value)
+
+
+def parse_gpu_memory(value: Any) -> int | float | None:
+    """Bytes (int or size string) or a fraction of the device: a float in (0, 1] or 'NN%'."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        fraction = float(value.strip()[:-1]) / 100
+        if not 0 < fraction <= 1:
+            raise ValueError("a percentage must be in (0%, 100%]")
+        return fraction
+    if isinstance(value, float) and 0 < value <= 1:
+        return value
+    return parse_size(value)
+
+
+def parse_address_space(value: Any) -> int | str | None:
+    """'auto' (Taichi-aware, see `address_space_for`) or a size."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return parse_size(value)
+
+
+def _count(value: Any) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in _UNLIMITED):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("expected a whole number")
+    return value
+
+
+def _positive(parser):
+    def check(value: Any):
+        parsed = parser(value)
+        if parsed is not None and not isinstance(parsed, str) and parsed <= 0:
+            raise ValueError("must be greater than zero")
+        return parsed
+    return BeforeValidator(check)
+
+
+Seconds = Annotated[Union[float, None], _positive(parse_duration)]
+Bytes = Annotated[Union[int, None], _positive(parse_size)]
+Count = Annotated[Union[int, None], _positive(_count)]
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "value"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key {key!r}"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{source}: {key}={first.get('input')!r}: {msg}"
+
+
+class _Strict(BaseModel):
+    """Models whose construction errors are one-line `ConfigError`s."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise ConfigError(_one_line(err, type(self).__name__)) from None
+
+    @classmethod
+    def parse(cls, data: Any, source: str):
+        """Validate `data` (a dict from TOML/JSON/CLI); errors name `source`."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(_one_line(err, source)) from None
+
+
+class Limits(_Strict):
+    """Resource limits for one job. None means unlimited. Unset fields inherit when merged."""
+
+    cpu_time: Seconds = None
+    wall_time: Seconds = None
+    memory: Bytes = None
+    address_space: Annotated[Union[int, Literal["auto"], None], _positive(parse_address_space)] = "auto"
+    gpu_memory: Annotated[Union[int, float, None], _positive(parse_gpu_memory)] = None
+    max_processes: Count = None
+    cpu_threads: Count = None
+    max_output: Bytes = None
+    max_open_files: Count = None
+    max_file_size: Bytes = None
+    grace: Annotated[float, BeforeValidator(lambda v: parse_duration(v) if v is not None else 2.0)] = 2.0
+    poll_interval: Annotated[float, _positive(parse_duration)] = 0.05
+
+    def merged(self, override: "Limits") -> "Limits":
+        """These limits with every field explicitly set in `override` replacing ours."""
+        changes = {name: getattr(override, name) for name in override.model_fields_set}
+        merged = self.model_copy(update=changes)
+        object.__setattr__(merged, "__pydantic_fields_set__", self.model_fields_set | set(changes))
+        return merged
+
+
+# Address space Taichi needs to initialise, per arch (see shared/taichi-facts.md and README):
+# CPU maps a 1 GiB host pool chunk plus arenas, OpenBLAS buffers and 8 MiB thread stacks (~1.55 GiB
+# after init, fails at 1.5 GiB); lavapipe Vulkan adds the LLVM/Mesa driver and host-backed "device"
+# memory. CUDA reserves ~2x device memory of VA, so RLIMIT_AS is not usable there at all.
+TAICHI_AS_FLOOR = {"cpu": 2 * GiB, "vulkan": 4 * GiB, "opengl": 4 * GiB}
+AS_HEADROOM_WITHOUT_MEMORY_LIMIT = 8 * GiB
+
+
+def address_space_for(limits: Limits, arch: str) -> tuple[int | None, str]:
+    """The RLIMIT_AS to apply for `arch`, and a one-line note saying how it was chosen."""
+    if arch == "cuda":
+        return None, "off: CUDA reserves virtual ranges far beyond physical memory"
+    floor = TAICHI_AS_FLOOR.get(arch, 4 * GiB)
+    if limits.address_space == "auto":
+        extra = limits.memory if limits.memory is not None else AS_HEADROOM_WITHOUT_MEMORY_LIMIT
+        return floor + extra, f"auto: Taichi {arch} floor {floor // MiB} MiB + {extra // MiB} MiB"
+    if limits.address_space is None:
+        return None, "off: unlimited by configuration"
+    note = "explicit"
+    if limits.address_space < floor:
+        note += f"; below the Taichi {arch} floor of {floor // MiB} MiB, ti.init may fail"
+    return limits.address_space, note
+
+
+class Tenant(_Strict):
+    """A tenant's policy. Quotas arrive with the executor; today a tenant names its profile."""
+
+    profile: str | None = None
+
+
+DEFAULT_ENV_ALLOW = (
+    "PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_NUMERIC", "TZ", "TERM",
+    "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
+    "VK_ICD_FILENAMES", "VK_DRIVER_FILES", "MESA_LOADER_DRIVER_OVERRIDE", "LIBGL_ALWAYS_SOFTWARE",
+)
+
+
+class Settings(_Strict):
+    """The `[sandbox]` table: where state goes and what reaches the job."""
+
+    audit_log: str | None = None
+    state_dir: str | None = None
+    env_allow: list[str] = []
+    launcher: Literal["forkserver", "exec"] = "forkserver"
+    gpu_fallback_cpu: bool = False
+
+    def resolved_state_dir(self) -> Path:
+        base = self.state_dir or os.path.join(
+            os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "taichi-sandbox")
+        return Path(base).expanduser()
+
+    def resolved_audit_log(self) -> Path:
+        return Path(self.audit_log).expanduser() if self.audit_log else self.resolved_state_dir() / "audit.jsonl"
+
+
+class Policy(BaseModel):
+    """A parsed limits.toml: defaults, named profiles, tenants and sandbox settings."""
+
+    model_config = ConfigDict(frozen=True)
+
+    defaults: Limits = Limits()
+    profiles: dict[str, Limits] = {}
+    tenants: dict[str, Tenant] = {}
+    settings: Settings = Settings()
+    source: str = "<built-in>"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Policy":
+        """Parse and validate a limits.toml. Raises ConfigError (one line) on any problem."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: limits file not found") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read: {err}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: invalid TOML: {err}") from None
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str) -> "Policy":
+        known = {"defaults", "profiles", "tenants", "sandbox"}
+        for key in data:
+            if key not in known:
+                raise ConfigError(f"{source}: unknown table [{key}] (known: {', '.join(sorted(known))})")
+        for table in ("profiles", "tenants"):
+            for name, body in data.get(table, {}).items():
+                if not isinstance(body, dict):
+                    raise ConfigError(f"{source}: {table}.{name} must be a table")
+        defaults = Limits.parse(data.get("defaults", {}), f"{source} [defaults]")
+        profiles = {name: defaults.merged(Limits.parse(body, f"{source} [profiles.{name}]"))
+                    for name, body in data.get("profiles", {}).items()}
+        tenants = {name: Tenant.parse(body, f"{source} [tenants.{name}]")
+                   for name, body in data.get("tenants", {}).items()}
+        for name, tenant in tenants.items():
+            if tenant.profile is not None and tenant.profile not in profiles:
+                raise ConfigError(f"{source} [tenants.{name}]: profile={tenant.profile!r}: no such profile")
+        settings = Settings.parse(data.get("sandbox", {}), f"{source} [sandbox]")
+        return cls(defaults=defaults, profiles=profiles, tenants=tenants, settings=settings, source=source)
+
+    def resolve(self, profile: str | None = None, tenant: str | None = None,
+                overrides: Limits | None = None) -> Limits:
+        """Limits for a job: the profile (explicit, else the tenant's, else defaults) then overrides."""
+        if tenant is not None and tenant not in self.tenants:
+            raise ConfigError(f"{self.source}: tenant={tenant!r}: no such tenant")
+        if profile is None and tenant is not None:
+            profile = self.tenants[tenant].profile
+        if profile is None:
+            base = self.defaults
+        elif profile in self.profiles:
+            base = self.profiles[profile]
+        else:
+            known = ", ".join(sorted(self.profiles)) or "none defined"
+            raise ConfigError(f"{self.source}: profile={profile!r}: no such profile (known: {known})")
+        return base.merged(overrides) if overrides is not None else base
+
+
+def default_policy_path() -> Path | None:
+    """$TAICHI_SANDBOX_LIMITS, else ./limits.toml when present, else None (built-in defaults)."""
+    env = os.environ.get("TAICHI_SANDBOX_LIMITS")
+    if env:
+        return Path(env)
+    local = Path("limits.toml")
+    return local if local.is_file() else None
+
+
+def load_policy(path: str | os.PathLike | None = None) -> Policy:
+    """The policy at `path`, or the default one (see `default_policy_path`)."""
+    path = path if path is not None else default_policy_path()
+    return Policy.load(path) if path is not None else Policy()

@@ -1,0 +1,179 @@
+"""Job specification and result models: what goes in, what comes out. Both round-trip through JSON."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .limits import ConfigError, Limits, _Strict
+
+ARCHS = ("cpu", "vulkan", "cuda", "opengl", "metal", "gpu")
+TIMELINE_MAX = 600
+TAIL_BYTES = 16 * 1024
+
+
+class Verdict(str, Enum):
+    """How a job ended. Limit verdicts are named after the limit that was broken."""
+
+    ok = "ok"
+    error = "error"
+    cpu_time = "cpu_time"
+    wall_time = "wall_time"
+    memory = "memory"
+    address_space = "address_space"
+    gpu_memory = "gpu_memory"
+    processes = "processes"
+    output = "output"
+    crashed = "crashed"
+    rejected = "rejected"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+LIMIT_VERDICTS = {Verdict.cpu_time, Verdict.wall_time, Verdict.memory, Verdict.address_space,
+                  Verdict.gpu_memory, Verdict.processes, Verdict.output}
+
+# Exit codes of `taichi-sandbox run`, in the spirit of timeout(1): 124 wall time, 125 internal error.
+EXIT_CODES = {
+    Verdict.ok: 0, Verdict.error: 1, Verdict.rejected: 3, Verdict.crashed: 4,
+    Verdict.output: 118, Verdict.processes: 119, Verdict.gpu_memory: 120, Verdict.address_space: 121,
+    Verdict.memory: 122, Verdict.cpu_time: 123, Verdict.wall_time: 124,
+}
+EXIT_USAGE = 2
+EXIT_INTERNAL = 125
+
+_KERNEL_ENTRY = re.compile(r"^(?P<target>.+?)(?::(?P<func>[A-Za-z_][A-Za-z0-9_]*))?$")
+
+
+class JobSpec(_Strict):
+    """One job: what to run, where, and under which limits.
+
+    `kernel` is a Python file run as `__main__` (unmodified Taichi scripts work), or `file.py:function`
+    / `package.module:function`, called with `args`/`kwargs` (JSON values); its JSON return value
+    comes back in the result.
+    """
+
+    kernel: str
+    arch: Literal["cpu", "vulkan", "cuda", "opengl", "metal", "gpu"] = "cpu"
+    limits: Limits = Limits()
+    profile: str | None = None
+    tenant: str | None = None
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    argv: list[str] = []
+    env: dict[str, str] = {}
+    labels: dict[str, str] = {}
+    job_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @field_validator("kernel")
+    @classmethod
+    def _kernel_form(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("empty kernel")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not name or "=" in name or "\0" in name or "\0" in value[name]:
+                raise ValueError(f"invalid environment variable {name!r}")
+        return value
+
+    def target(self) -> tuple[str, str | None]:
+        """(file or module, function or None)."""
+        m = _KERNEL_ENTRY.match(self.kernel)
+        if m is None:  # pragma: no cover - the pattern matches any non-empty string
+            raise ConfigError(f"JobSpec: kernel={self.kernel!r}: not FILE[:FUNCTION] or MODULE:FUNCTION")
+        return m.group("target"), m.group("func")
+
+
+class Violation(BaseModel):
+    """A limit that was reached (action 'warn' at 80%/90%) or broken (action 'sigterm'/'sigkill'/'none')."""
+
+    at: float
+    pid: int | None = None
+    resource: str
+    limit: float
+    observed: float
+    action: Literal["warn", "sigterm", "sigkill", "none"]
+    detected_by: Literal["monitor", "rlimit", "child", "supervisor"]
+
+
+class Usage(BaseModel):
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    peak_rss: int = 0
+    peak_vms: int = 0
+    peak_processes: int = 0
+    peak_gpu_memory: int | None = None
+    output_bytes: int = 0
+
+
+class Sample(BaseModel):
+    """One monitor reading of the whole job tree."""
+
+    t: float
+    rss: int
+    vms: int
+    cpu: float
+    processes: int
+    output: int
+    gpu_memory: int | None = None
+
+
+class Termination(BaseModel):
+    """What the supervisor did to end the job, when it had to."""
+
+    reason: str
+    sigterm_at: float | None = None
+    sigkill_at: float | None = None
+    killed_pids: list[int] = []
+
+
+class JobResult(BaseModel):
+    """The verdict of one job, with evidence. `verdict` is decided by the first non-warning violation."""
+
+    model_config = ConfigDict(use_enum_values=False)
+
+    job_id: str
+    kernel: str
+    arch: str
+    verdict: Verdict
+    reason: str = ""
+    exit_code: int | None = None
+    signal: str | None = None
+    violations: list[Violation] = []
+    usage: Usage = Usage()
+    limits: Limits = Limits()
+    rlimits: dict[str, int | None] = {}
+    notes: list[str] = []
+    return_value: Any = None
+    error_type: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    ti_init: list[dict[str, Any]] = []
+    timeline: list[Sample] = []
+    termination: Termination | None = None
+    launcher: str = ""
+    labels: dict[str, str] = {}
+    started_at: float = 0.0
+    ended_at: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict is Verdict.ok
+
+    @property
+    def exit_status(self) -> int:
+        """The CLI exit code for this verdict (see README)."""
+        return EXIT_CODES[self.verdict]

@@ -1,0 +1,342 @@
+"""The supervisor: turns a JobSpec into a confined child, watches it, ends it, and writes the verdict.
+
+Data flows one way: spec → (policy, arch, rlimits, env) → launcher → child → channel/pipes → verdict.
+Thread-safe: several threads may call `run()` at once (one monitor thread and one I/O thread per job).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import selectors
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import psutil
+
+from .audit import AuditLog
+from .channel import ChannelReader, ResultMessage, RlimitMessage, TiInitMessage
+from .child import ChildPlan
+from .gpu import ArchUnavailable, resolve_arch
+from .launcher import Exit, base_env, make_launcher
+from .limits import DEFAULT_ENV_ALLOW, GiB, ConfigError, Limits, Policy, address_space_for, load_policy
+from .models import TAIL_BYTES, JobResult, JobSpec, Sample, Termination, Usage, Verdict, Violation
+from .monitor import JobTree, Monitor
+
+RLIMIT_CPU_HARD_EXTRA = 2  # seconds between SIGXCPU (soft) and the kernel's SIGKILL (hard)
+PUMP_DRAIN_TIMEOUT = 2.0
+AS_ERROR_MARKERS = ("memory allocation", "cannot allocate memory", "out of memory")
+
+
+class _Pump(threading.Thread):
+    """Reads stdout, stderr and the channel until EOF; keeps bounded tails and exact byte counts."""
+
+    def __init__(self, stdout_r: int, stderr_r: int, channel_r: int) -> None:
+        super().__init__(name="tsbx-io", daemon=True)
+        self.fds = {stdout_r: "stdout", stderr_r: "stderr", channel_r: "channel"}
+        self.tails = {"stdout": collections.deque(), "stderr": collections.deque()}
+        self.tail_sizes = {"stdout": 0, "stderr": 0}
+        self.counts = {"stdout": 0, "stderr": 0}
+        self.channel = ChannelReader()
+        self.stop_event = threading.Event()
+
+    def output_bytes(self) -> int:
+        return self.counts["stdout"] + self.counts["stderr"]
+
+    def _keep(self, name: str, data: bytes) -> None:
+        tail = self.tails[name]
+        tail.append(data)
+        self.tail_sizes[name] += len(data)
+        while self.tail_sizes[name] - len(tail[0]) >= TAIL_BYTES:
+            self.tail_sizes[name] -= len(tail.popleft())
+
+    def tail(self, name: str) -> str:
+        return b"".join(self.tails[name])[-TAIL_BYTES:].decode("utf-8", "replace")
+
+    def run(self) -> None:
+        sel = selectors.DefaultSelector()
+        for fd in self.fds:
+            sel.register(fd, selectors.EVENT_READ)
+        open_fds = set(self.fds)
+        while open_fds and not self.stop_event.is_set():
+            for key, _ in sel.select(timeout=0.1):
+                data = os.read(key.fd, 1 << 16)
+                name = self.fds[key.fd]
+                if not data:
+                    sel.unregister(key.fd)
+                    open_fds.discard(key.fd)
+                elif name == "channel":
+                    self.channel.feed(data)
+                else:
+                    self.counts[name] += len(data)
+                    self._keep(name, data)
+        sel.close()
+        for fd in self.fds:
+            os.close(fd)
+
+
+class _Job:
+    """State of one running job, shared by the monitor thread and the waiting thread."""
+
+    def __init__(self, spec: JobSpec, limits: Limits) -> None:
+        self.spec, self.limits = spec, limits
+        self.violations: list[Violation] = []
+        self.termination: Termination | None = None
+        self.notes: list[str] = []
+        self.tree: JobTree | None = None
+        self.lock = threading.Lock()
+
+
+def _signal_all(procs: list[psutil.Process], pgid: int, sig: int) -> list[int]:
+    try:
+        os.killpg(pgid, sig)
+    except OSError:
+        pass
+    hit = []
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+            hit.append(proc.pid)
+        except psutil.Error:
+            pass
+    return hit
+
+
+class Supervisor:
+    """Runs jobs under a policy. Use as a context manager, or call `close()` (stops the fork-server)."""
+
+    def __init__(self, policy: Policy | None = None, launcher: str | None = None,
+                 audit_log: str | os.PathLike | None = None) -> None:
+        self.policy = policy if policy is not None else load_policy()
+        self.launcher = make_launcher(launcher or self.policy.settings.launcher)
+        self.audit = AuditLog(audit_log or self.policy.settings.resolved_audit_log())
+
+    def __enter__(self) -> "Supervisor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.launcher.close()
+
+    # --- preparing -------------------------------------------------------------------------------
+
+    def _plan(self, spec: JobSpec, limits: Limits, arch: str, workdir: Path) -> tuple[ChildPlan, dict, list]:
+        target, function = spec.target()
+        if function is None or target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise ConfigError(f"kernel file not found: {target}")
+            target = str(path.resolve())
+        rlimits: dict[str, tuple[int, int]] = {"core": (0, 0)}
+        notes = []
+        if limits.cpu_time is not None:
+            soft = max(1, math.ceil(limits.cpu_time))
+            rlimits["cpu"] = (soft, soft + max(RLIMIT_CPU_HARD_EXTRA, math.ceil(limits.grace)))
+        address_space, as_note = address_space_for(limits, arch)
+        notes.append(f"address_space {as_note}")
+        if address_space is not None:
+            rlimits["as"] = (address_space, address_space)
+        if limits.max_open_files is not None:
+            rlimits["nofile"] = (limits.max_open_files, limits.max_open_files)
+        if limits.max_file_size is not None:
+            rlimits["fsize"] = (limits.max_file_size, limits.max_file_size)
+        env = {name: os.environ[name] for name in (*DEFAULT_ENV_ALLOW, *self.policy.settings.env_allow)
+               if name in os.environ}
+        home, tmp, work = workdir / "home", workdir / "tmp", workdir / "work"
+        for d in (home, tmp, work):
+            d.mkdir()
+        env.update(base_env())
+        env.update({"HOME": str(home), "TMPDIR": str(tmp), "OPENBLAS_NUM_THREADS": "1",
+                    "MALLOC_ARENA_MAX": "2", "TAICHI_SANDBOX_JOB": spec.job_id})
+        env.update(spec.env)
+        tenant_dir = spec.tenant or "_default"
+        cache = self.policy.settings.resolved_state_dir() / "ticache" / tenant_dir
+        cache.mkdir(parents=True, exist_ok=True)
+        caps: dict = {"offline_cache_file_path": str(cache),
+                      "cpu_max_num_threads": limits.cpu_threads or os.cpu_count() or 1}
+        if isinstance(limits.gpu_memory, float):
+            caps["device_memory_fraction"] = limits.gpu_memory
+        elif isinstance(limits.gpu_memory, int):
+            caps.update(device_memory_GB=limits.gpu_memory / GiB, device_memory_fraction=0.0)
+        plan = ChildPlan(job_id=spec.job_id, target=target, function=function, args=spec.args,
+                         kwargs=spec.kwargs, argv=spec.argv, ti_arch=arch, ti_caps=caps, rlimits=rlimits,
+                         env=env, workdir=str(work), parent_pid=0, preinit=function is not None)
+        shown = {"cpu": "RLIMIT_CPU", "as": "RLIMIT_AS", "nofile": "RLIMIT_NOFILE", "fsize": "RLIMIT_FSIZE",
+                 "core": "RLIMIT_CORE"}
+        return plan, {shown[k]: v[0] for k, v in rlimits.items()}, notes
+
+    def _rejected(self, spec: JobSpec, reason: str, started: float) -> JobResult:
+        result = JobResult(job_id=spec.job_id, kernel=spec.kernel, arch=spec.arch, verdict=Verdict.rejected,
+                           reason=reason, labels=spec.labels, started_at=started, ended_at=time.time(),
+                           launcher=self.launcher.name)
+        self.audit.record(result, spec.tenant)
+        return result
+
+    # --- running ---------------------------------------------------------------------------------
+
+    def run(self, spec: JobSpec, on_sample: Callable[[Sample], None] | None = None) -> JobResult:
+        """Run one job to its verdict. Never raises for anything the job does; returns `rejected`
+        for a spec that cannot run (unknown profile, missing kernel file, unusable arch)."""
+        started_epoch = time.time()
+        workdir = None
+        try:
+            limits = self.policy.resolve(spec.profile, spec.tenant, spec.limits)
+            arch, arch_note = resolve_arch(spec.arch, self.policy.settings.gpu_fallback_cpu)
+            workdir = Path(tempfile.mkdtemp(prefix=f"tsbx-{spec.job_id}-"))
+            plan, rlimits, notes = self._plan(spec, limits, arch, workdir)
+        except (ConfigError, ArchUnavailable) as err:
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
+            return self._rejected(spec, str(err), started_epoch)
+        try:
+            result = self._supervise(spec, limits, plan, on_sample, started_epoch)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        result.arch = arch
+        result.rlimits = rlimits
+        result.notes = [arch_note, *notes, *result.notes]
+        self.audit.record(result, spec.tenant)
+        return result
+
+    def _supervise(self, spec: JobSpec, limits: Limits, plan: ChildPlan,
+                   on_sample: Callable[[Sample], None] | None, started_epoch: float) -> JobResult:
+        job = _Job(spec, limits)
+        (out_r, out_w), (err_r, err_w), (ch_r, ch_w) = os.pipe(), os.pipe(), os.pipe()
+        started = time.monotonic()
+        try:
+            launched = self.launcher.start(plan, out_w, err_w, ch_w)
+        finally:
+            for fd in (out_w, err_w, ch_w):
+                os.close(fd)
+        pump = _Pump(out_r, err_r, ch_r)
+        pump.start()
+        job.tree = JobTree(launched.pid)
+        monitor = Monitor(job.tree, limits, started, time.time, pump.output_bytes,
+                          lambda v: self._terminate(job, launched.pid, v), on_sample)
+        monitor.start()
+        exit_ = launched.wait()
+        ended = time.monotonic()
+        monitor.stop_event.set()
+        monitor.join()
+        self._reap_leftovers(job, launched.pid)
+        pump.join(PUMP_DRAIN_TIMEOUT)
+        if pump.is_alive():
+            pump.stop_event.set()
+            pump.join()
+            job.notes.append("output pipes still held open by an unknown process; stopped reading")
+        return self._verdict(job, plan, monitor, pump, exit_, started_epoch, ended - started)
+
+    def _terminate(self, job: _Job, pgid: int, violation: Violation) -> None:
+        """SIGTERM the whole tree, wait `grace`, SIGKILL what is left (or SIGKILL at once)."""
+        with job.lock:
+            job.violations.append(violation)
+            job.termination = Termination(reason=violation.resource)
+        first = signal.SIGKILL if violation.action == "sigkill" else signal.SIGTERM
+        hit = _signal_all(job.tree.alive(), pgid, first)
+        now = time.time()
+        if first == signal.SIGKILL:
+            job.termination.sigkill_at = now
+            job.termination.killed_pids = hit
+            return
+        job.termination.sigterm_at = now
+        deadline = time.monotonic() + job.limits.grace
+        while time.monotonic() < deadline and job.tree.alive():
+            time.sleep(min(0.01, max(deadline - time.monotonic(), 0)))
+        remaining = job.tree.alive()
+        if remaining:
+            job.termination.killed_pids = _signal_all(remaining, pgid, signal.SIGKILL)
+            job.termination.sigkill_at = time.time()
+
+    def _reap_leftovers(self, job: _Job, pgid: int) -> None:
+        """After the main process ended: SIGKILL whatever of the job still lives."""
+        leftovers = job.tree.alive()
+        if leftovers:
+            killed = _signal_all(leftovers, pgid, signal.SIGKILL)
+            job.notes.append(f"killed {len(killed)} leftover process(es) after the main process ended: "
+                             f"{sorted(killed)}")
+            psutil.wait_procs(leftovers, timeout=1.0)
+        else:
+            _signal_all([], pgid, signal.SIGKILL)
+
+    # --- deciding --------------------------------------------------------------------------------
+
+    def _verdict(self, job: _Job, plan: ChildPlan, monitor: Monitor, pump: _Pump, exit_: Exit,
+                 started_epoch: float, wall: float) -> JobResult:
+        messages, protocol_errors = pump.channel.messages()
+        results = [m for m in messages if isinstance(m, ResultMessage)]
+        final = results[-1] if results else None
+        violations = list(job.violations)
+        limits = job.limits
+        peak = monitor.peak
+        cpu = max(peak.cpu, exit_.cpu_seconds)
+        for m in messages:
+            if isinstance(m, RlimitMessage) and m.resource == "cpu_time" and limits.cpu_time is not None:
+                violations.append(Violation(at=time.time(), pid=job.tree.root_pid, resource="cpu_time",
+                                            limit=limits.cpu_time, observed=cpu, action="none",
+                                            detected_by="rlimit"))
+        if exit_.signal in (signal.SIGXCPU, signal.SIGKILL) and limits.cpu_time is not None \
+                and exit_.cpu_seconds >= math.ceil(limits.cpu_time) and not violations:
+            violations.append(Violation(at=time.time(), pid=job.tree.root_pid, resource="cpu_time",
+                                        limit=limits.cpu_time, observed=exit_.cpu_seconds, action="none",
+                                        detected_by="rlimit"))
+        if (final is not None and final.status == "error" and not violations and "as" in plan.rlimits
+                and (final.error_type == "MemoryError"
+                     or any(k in (final.error_message or "").lower() for k in AS_ERROR_MARKERS))):
+            violations.append(Violation(at=time.time(), pid=job.tree.root_pid, resource="address_space",
+                                        limit=plan.rlimits["as"][0], observed=peak.vms, action="none",
+                                        detected_by="rlimit"))
+        breaking = [v for v in violations if v.action != "warn"]
+        signame = signal.Signals(exit_.signal).name if exit_.signal else None
+        if breaking:
+            first = breaking[0]
+            verdict = Verdict(first.resource)
+            reason = f"{first.resource} limit {_fmt(first.resource, first.limit)} exceeded: " \
+                     f"observed {_fmt(first.resource, first.observed)} ({first.detected_by})"
+        elif final is not None and final.status == "ok":
+            verdict, reason = Verdict.ok, ""
+        elif final is not None:
+            verdict = Verdict.error
+            reason = f"{final.error_type}: {final.error_message}".splitlines()[0][:300]
+        elif signame is not None:
+            verdict, reason = Verdict.crashed, f"killed by {signame} without a result"
+        elif exit_.code == 0:
+            verdict, reason = Verdict.ok, ""
+            job.notes.append("no result message: the job left through os._exit(0)")
+        else:
+            verdict, reason = Verdict.error, f"exited with status {exit_.code} without a result"
+        if protocol_errors:
+            job.notes.extend(protocol_errors)
+            if final is None and verdict in (Verdict.ok, Verdict.error):
+                verdict, reason = Verdict.crashed, f"malformed result channel: {protocol_errors[0]}"
+        usage = Usage(cpu_seconds=round(cpu, 4), wall_seconds=round(wall, 4),
+                      peak_rss=max(peak.rss, exit_.max_rss), peak_vms=peak.vms,
+                      peak_processes=peak.processes, output_bytes=pump.output_bytes())
+        return JobResult(
+            job_id=job.spec.job_id, kernel=job.spec.kernel, arch=plan.ti_arch, verdict=verdict, reason=reason,
+            exit_code=exit_.code, signal=signame,
+            violations=sorted(violations + monitor.warnings, key=lambda v: v.at),
+            usage=usage, limits=limits, notes=job.notes,
+            return_value=final.return_value if final is not None and final.status == "ok" else None,
+            error_type=final.error_type if final else None, error_message=final.error_message if final else None,
+            traceback=final.traceback if final else None,
+            stdout_tail=pump.tail("stdout"), stderr_tail=pump.tail("stderr"),
+            stdout_bytes=pump.counts["stdout"], stderr_bytes=pump.counts["stderr"],
+            ti_init=[m.model_dump(exclude={"type"}) for m in messages if isinstance(m, TiInitMessage)],
+            timeline=monitor.timeline.samples, termination=job.termination, launcher=self.launcher.name,
+            labels=job.spec.labels, started_at=started_epoch, ended_at=time.time())
+
+
+def _fmt(resource: str, value: float) -> str:
+    if resource in ("memory", "address_space", "gpu_memory", "output"):
+        return f"{value / (1 << 20):.1f} MiB"
+    if resource in ("cpu_time", "wall_time"):
+        return f"{value:.2f}s"
+    return f"{value:g}"
