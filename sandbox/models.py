@@ -133,6 +133,7 @@ class Termination(BaseModel):
     reason: str
     sigterm_at: float | None = None
     sigkill_at: float | None = None
+    terminated_pids: list[int] = []
     killed_pids: list[int] = []
 
 

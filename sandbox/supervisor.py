@@ -239,21 +239,20 @@ class Supervisor:
         with job.lock:
             job.violations.append(violation)
             job.termination = Termination(reason=violation.resource)
-        first = signal.SIGKILL if violation.action == "sigkill" else signal.SIGTERM
-        hit = _signal_all(job.tree.alive(), pgid, first)
-        now = time.time()
-        if first == signal.SIGKILL:
-            job.termination.sigkill_at = now
-            job.termination.killed_pids = hit
+        term = job.termination
+        if violation.action == "sigkill":
+            term.killed_pids = _signal_all(job.tree.alive(), pgid, signal.SIGKILL)
+            term.sigkill_at = time.time()
             return
-        job.termination.sigterm_at = now
+        term.terminated_pids = _signal_all(job.tree.alive(), pgid, signal.SIGTERM)
+        term.sigterm_at = time.time()
         deadline = time.monotonic() + job.limits.grace
         while time.monotonic() < deadline and job.tree.alive():
             time.sleep(min(0.01, max(deadline - time.monotonic(), 0)))
         remaining = job.tree.alive()
         if remaining:
-            job.termination.killed_pids = _signal_all(remaining, pgid, signal.SIGKILL)
-            job.termination.sigkill_at = time.time()
+            term.killed_pids = _signal_all(remaining, pgid, signal.SIGKILL)
+            term.sigkill_at = time.time()
 
     def _reap_leftovers(self, job: _Job, pgid: int) -> None:
         """After the main process ended: SIGKILL whatever of the job still lives."""

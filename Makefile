@@ -1,0 +1,27 @@
+# Quickstart: `make demo`, then `make test`. Both set up everything on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_STATE := $(CURDIR)/.sandbox-state/demo
+
+.PHONY: setup test demo bench clean
+
+# venv + editable install with test extras; Debian's Mesa lavapipe for arch=vulkan (root or sudo).
+$(STAMP): pyproject.toml
+	./scripts/install-system-deps.sh || echo "warning: Mesa lavapipe not installed; vulkan tests will be skipped"
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	TAICHI_SANDBOX_LIMITS=limits.toml XDG_STATE_HOME=$(DEMO_STATE) $(PY) examples/demo.py
+
+clean:
+	rm -rf $(VENV) .sandbox-state .pytest_cache

@@ -1,0 +1,214 @@
+"""`taichi-sandbox`: run kernel files under limits, list profiles, check a limits.toml.
+
+Exit codes (see README): the verdict's code for `run` (0 ok, 1 error, 3 rejected, 4 crashed,
+118-124 one per limit, 124 = wall time as in timeout(1)); 2 usage/config error; 125 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from .limits import ConfigError, Limits, Policy, load_policy
+from .models import EXIT_INTERNAL, EXIT_USAGE, JobResult, JobSpec, Sample, Verdict
+from .supervisor import Supervisor
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Run Taichi kernel jobs in supervised, resource-limited child processes.")
+err = Console(stderr=True)
+
+VERDICT_STYLE = {Verdict.ok: "bold green", Verdict.error: "bold red", Verdict.crashed: "bold red",
+                 Verdict.rejected: "bold yellow"}
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    err.print(f"taichi-sandbox: error: {message}", markup=False, highlight=False)
+    return typer.Exit(code)
+
+
+def _size(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value:.0f} B"
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s"
+
+
+def _usage_rows(limits: Limits, cpu: float, wall: float, rss: int, vms: int, procs: int, output: int):
+    yield "cpu time", _secs(cpu), _secs(limits.cpu_time)
+    yield "wall time", _secs(wall), _secs(limits.wall_time)
+    yield "memory (RSS, tree)", _size(rss), _size(limits.memory)
+    yield "virtual memory", _size(vms), "auto" if limits.address_space == "auto" else _size(limits.address_space)
+    yield "processes", str(procs), "-" if limits.max_processes is None else str(limits.max_processes)
+    yield "output", _size(output), _size(limits.max_output)
+
+
+def _live_table(kernel: str, limits: Limits, sample: Sample | None) -> Table:
+    table = Table(title=f"running {kernel}", show_header=True)
+    for column in ("resource", "used", "limit"):
+        table.add_column(column)
+    if sample is not None:
+        for row in _usage_rows(limits, sample.cpu, sample.t, sample.rss, sample.vms, sample.processes,
+                               sample.output):
+            table.add_row(*row)
+    return table
+
+
+def render_summary(result: JobResult, console: Console) -> None:
+    """Verdict, usage against each limit, violations, and the tail of stderr / the traceback."""
+    style = VERDICT_STYLE.get(result.verdict, "bold magenta")
+    console.print(Text.assemble(("verdict: ", "bold"), (result.verdict.value, style),
+                                (f"  {result.reason}" if result.reason else "", "")))
+    u = result.usage
+    table = Table(show_header=True, title=f"job {result.job_id} · {result.kernel} · arch {result.arch}")
+    for column in ("resource", "used (peak)", "limit"):
+        table.add_column(column)
+    for row in _usage_rows(result.limits, u.cpu_seconds, u.wall_seconds, u.peak_rss, u.peak_vms,
+                           u.peak_processes, u.output_bytes):
+        table.add_row(*row)
+    console.print(table)
+    if result.violations:
+        vt = Table(title="violations", show_header=True)
+        for column in ("resource", "limit", "observed", "action", "detected by", "pid"):
+            vt.add_column(column)
+        for v in result.violations:
+            fmt = _size if v.resource in ("memory", "address_space", "output", "gpu_memory") else (
+                _secs if v.resource.endswith("_time") else (lambda x: f"{x:g}"))
+            vt.add_row(v.resource, fmt(v.limit), fmt(v.observed), v.action, v.detected_by, str(v.pid))
+        console.print(vt)
+    if result.termination is not None:
+        t = result.termination
+        grace = (f", SIGKILL {t.sigkill_at - t.sigterm_at:.2f}s after SIGTERM"
+                 if t.sigterm_at and t.sigkill_at else "")
+        sent = "SIGTERM" if t.sigterm_at else "SIGKILL"
+        console.print(f"terminated: {sent} to the process tree{grace}", highlight=False)
+    if result.verdict is not Verdict.ok:
+        tail = (result.traceback or result.stderr_tail).strip().splitlines()[-15:]
+        if tail:
+            console.print(Text("\n".join(tail), style="dim"))
+
+
+def _parse_entry_args(extra: list[str]) -> list:
+    def value(text: str):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return [value(a) for a in extra]
+
+
+@app.command()
+def run(
+    file: str = typer.Argument(..., help="Taichi script to run (as __main__), or FILE:FUNCTION."),
+    extra: Optional[List[str]] = typer.Argument(None, help="After --: script argv, or JSON args for --entry."),
+    entry: Optional[str] = typer.Option(None, help="Function in FILE to call with the extra args (JSON)."),
+    arch: str = typer.Option("cpu", help="cpu | vulkan | cuda | opengl | metal | gpu"),
+    profile: Optional[str] = typer.Option(None, help="Profile from the limits file."),
+    tenant: Optional[str] = typer.Option(None, help="Tenant from the limits file."),
+    limits_file: Optional[Path] = typer.Option(None, help="limits.toml (default: $TAICHI_SANDBOX_LIMITS or ./limits.toml)."),
+    cpu_time: Optional[str] = typer.Option(None, help="e.g. 2s, 1.5, 500ms"),
+    wall_time: Optional[str] = typer.Option(None, help="e.g. 10s, 2m"),
+    memory: Optional[str] = typer.Option(None, help="RSS of the whole job tree, e.g. 1GiB"),
+    address_space: Optional[str] = typer.Option(None, help="RLIMIT_AS: auto | SIZE | unlimited"),
+    gpu_memory: Optional[str] = typer.Option(None, help="bytes (e.g. 2GiB) or fraction (e.g. 50%)"),
+    max_processes: Optional[int] = typer.Option(None, help="processes in the job tree"),
+    max_output: Optional[str] = typer.Option(None, help="stdout+stderr bytes, e.g. 10MiB"),
+    grace: Optional[str] = typer.Option(None, help="SIGTERM -> SIGKILL delay, e.g. 2s"),
+    launcher: Optional[str] = typer.Option(None, help="forkserver | exec"),
+    as_json: bool = typer.Option(False, "--json", help="Print the JobResult as JSON, nothing else."),
+) -> None:
+    """Run one Taichi job and print its verdict."""
+    overrides = {k: v for k, v in dict(cpu_time=cpu_time, wall_time=wall_time, memory=memory,
+                                        address_space=address_space, gpu_memory=gpu_memory,
+                                        max_processes=max_processes, max_output=max_output,
+                                        grace=grace).items() if v is not None}
+    extra = extra or []
+    try:
+        limits = Limits.parse(overrides, "command line")
+        policy = load_policy(limits_file)
+        kernel = f"{file}:{entry}" if entry else file
+        target = kernel.rsplit(":", 1)[0] if ":" in kernel else kernel
+        if target.endswith(".py") and not Path(target).is_file():
+            raise ConfigError(f"kernel file not found: {target}")
+        spec = JobSpec(kernel=kernel, arch=arch, limits=limits, profile=profile, tenant=tenant,
+                       args=_parse_entry_args(extra) if ":" in kernel else [],
+                       argv=[] if ":" in kernel else extra)
+        effective = policy.resolve(profile, tenant, limits)
+        if launcher is not None and launcher not in ("forkserver", "exec"):
+            raise ConfigError(f"launcher={launcher!r}: expected forkserver or exec")
+    except ConfigError as e:
+        raise _fail(str(e))
+    out = Console()
+    live_view = out.is_terminal and not as_json
+    try:
+        with Supervisor(policy, launcher=launcher) as supervisor:
+            if live_view:
+                with Live(_live_table(kernel, effective, None), console=out, refresh_per_second=8,
+                          transient=True) as live:
+                    result = supervisor.run(spec, on_sample=lambda s: live.update(
+                        _live_table(kernel, effective, s)))
+            else:
+                result = supervisor.run(spec)
+    except Exception as e:  # noqa: BLE001 - the sandbox itself failed, not the job
+        raise _fail(f"internal error: {type(e).__name__}: {e}", EXIT_INTERNAL)
+    if as_json:
+        sys.stdout.write(result.model_dump_json() + "\n")
+    else:
+        render_summary(result, out)
+    raise typer.Exit(result.exit_status)
+
+
+@app.command()
+def profiles(limits_file: Optional[Path] = typer.Option(None, help="limits.toml to read.")) -> None:
+    """List the profiles of a limits file with their effective limits."""
+    try:
+        policy = load_policy(limits_file)
+    except ConfigError as e:
+        raise _fail(str(e))
+    table = Table(title=f"profiles in {policy.source}")
+    columns = {"[defaults]": policy.defaults, **policy.profiles}
+    table.add_column("limit")
+    for name in columns:
+        table.add_column(name)
+    for field in Limits.model_fields:
+        table.add_row(field, *[_show(getattr(limits, field), field) for limits in columns.values()])
+    Console().print(table)
+
+
+def _show(value, name: str) -> str:
+    if value is None:
+        return "-"
+    if name in ("memory", "max_output", "max_file_size") or (name in ("address_space", "gpu_memory")
+                                                              and isinstance(value, int)):
+        return _size(value)
+    if name in ("cpu_time", "wall_time", "grace", "poll_interval"):
+        return _secs(value)
+    return str(value)
+
+
+@app.command()
+def check(path: Path = typer.Argument(..., help="limits.toml to validate.")) -> None:
+    """Validate a limits file; exit 0 when valid, 2 with a one-line error otherwise."""
+    try:
+        policy = Policy.load(path)
+    except ConfigError as e:
+        raise _fail(str(e))
+    Console().print(f"{path}: ok ({len(policy.profiles)} profiles, {len(policy.tenants)} tenants)",
+                    highlight=False)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Debian packages the tests use: Mesa's lavapipe (software Vulkan) so arch=vulkan runs without a GPU.
+set -eu
+pkgs="mesa-vulkan-drivers libvulkan1"
+if dpkg -s $pkgs >/dev/null 2>&1; then exit 0; fi
+if ! command -v apt-get >/dev/null 2>&1; then echo "no apt-get: install $pkgs yourself" >&2; exit 1; fi
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $pkgs >/dev/null

@@ -1,0 +1,91 @@
+"""Fixtures: real supervisors (fork-server and exec launchers) with private state and audit log."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sandbox import JobSpec, Limits, Policy, Supervisor
+from sandbox.limits import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = ROOT / "kernels"
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("state")
+
+
+def make_policy(state_dir: Path, **settings) -> Policy:
+    return Policy(settings=Settings(state_dir=str(state_dir), **settings))
+
+
+@pytest.fixture(scope="session", params=["forkserver", "exec"])
+def any_supervisor(request, state_dir):
+    """Both launchers: tests using this run once per launcher."""
+    with Supervisor(make_policy(state_dir), launcher=request.param,
+                    audit_log=state_dir / f"audit-{request.param}.jsonl") as sup:
+        yield sup
+
+
+@pytest.fixture(scope="session")
+def supervisor(state_dir):
+    """The default (fork-server) supervisor."""
+    with Supervisor(make_policy(state_dir), audit_log=state_dir / "audit.jsonl") as sup:
+        yield sup
+
+
+def kernel(name: str) -> str:
+    return str(KERNELS / name)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def job_processes(sup: Supervisor, job_id: str, pids=()) -> list[psutil.Process]:
+    """Live processes of a finished job: exec'd ones carry TAICHI_SANDBOX_JOB in /proc/PID/environ;
+    forked ones are descendants of the fork-server (which has none between sequential jobs); and
+    any pids the job itself reported."""
+    found = {}
+    for proc in psutil.process_iter():
+        try:
+            if _alive(proc) and proc.environ().get("TAICHI_SANDBOX_JOB") == job_id:
+                found[proc.pid] = proc
+        except psutil.Error:
+            continue
+    server = getattr(sup.launcher, "server_pid", None)
+    if server is not None:
+        for proc in psutil.Process(server).children(recursive=True):
+            if _alive(proc):
+                found[proc.pid] = proc
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+        except psutil.Error:
+            continue
+        if _alive(proc):
+            found[pid] = proc
+    return list(found.values())
+
+
+def assert_no_survivors(sup: Supervisor, job_id: str, pids=(), within: float = 1.0) -> None:
+    deadline = time.monotonic() + within
+    while job_processes(sup, job_id, pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job_processes(sup, job_id, pids) == [], f"job {job_id} left processes alive"
+
+
+def run(sup: Supervisor, name: str, **limits):
+    """Run kernels/NAME under `limits`; assert nothing of it survives; return the result."""
+    spec_fields = {k: limits.pop(k) for k in ("args", "kwargs", "argv", "env", "arch") if k in limits}
+    result = sup.run(JobSpec(kernel=kernel(name), limits=Limits(**limits), **spec_fields))
+    assert_no_survivors(sup, result.job_id)
+    return result
