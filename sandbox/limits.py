@@ -24,7 +24,14 @@ MiB = 1 << 20
 
 
 class ConfigError(ValueError):
-    """A limit, profile, spec or limits.toml value is invalid. The message is one line."""
+    """A limit, profile, spec or limits.toml value is invalid. The message is one line.
+
+    `detail` is the message without the leading "SOURCE: ", so callers can re-attribute it.
+    """
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail if detail is not None else message
 
 
 _SIZE_UNITS = {
@@ -34,7 +41,7 @@ _SIZE_UNITS = {
     "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
 }
 _TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "m": 60.0, "min": 60.0, "h": 3600.0}
-_NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z%]*)\s*$")
+_NUMBER_UNIT = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z%]*)\s*$")
 _UNLIMITED = {"none", "unlimited", "off"}
 
 
@@ -49,8 +56,8 @@ def _number(value: Any) -> float:
 def _split(value: str, units: dict) -> tuple[float, float]:
     m = _NUMBER_UNIT.match(value)
     if not m or m.group(2).lower() not in units:
-        raise ValueError(f"unknown unit (use one of {', '.join(u for u in units if u)})")
-    return float(m.group(1)), units[m.group(2).lower()]
+        raise ValueError(f"expected a number with a unit ({', '.join(u for u in units if u)})")
+    return _number(float(m.group(1))), units[m.group(2).lower()]
 
 
 def parse_size(value: Any) -> int | None:
@@ -114,13 +121,13 @@ Bytes = Annotated[Union[int, None], _positive(parse_size)]
 Count = Annotated[Union[int, None], _positive(_count)]
 
 
-def _one_line(err: ValidationError, source: str) -> str:
+def _one_line(err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "value"
     if first["type"] == "extra_forbidden":
-        return f"{source}: unknown key {key!r}"
+        return f"unknown key {key!r}"
     msg = first["msg"].removeprefix("Value error, ")
-    return f"{source}: {key}={first.get('input')!r}: {msg}"
+    return f"{key}={first.get('input')!r}: {msg}"
 
 
 class _Strict(BaseModel):
@@ -132,15 +139,18 @@ class _Strict(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as err:
-            raise ConfigError(_one_line(err, type(self).__name__)) from None
+            detail = _one_line(err)
+            raise ConfigError(f"{type(self).__name__}: {detail}", detail) from None
 
     @classmethod
     def parse(cls, data: Any, source: str):
         """Validate `data` (a dict from TOML/JSON/CLI); errors name `source`."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a table, got {type(data).__name__}")
         try:
-            return cls.model_validate(data)
-        except ValidationError as err:
-            raise ConfigError(_one_line(err, source)) from None
+            return cls(**data)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err.detail}", err.detail) from None
 
 
 class Limits(_Strict):
@@ -254,6 +264,8 @@ class Policy(BaseModel):
             if key not in known:
                 raise ConfigError(f"{source}: unknown table [{key}] (known: {', '.join(sorted(known))})")
         for table in ("profiles", "tenants"):
+            if not isinstance(data.get(table, {}), dict):
+                raise ConfigError(f"{source}: [{table}] must be a table of tables")
             for name, body in data.get(table, {}).items():
                 if not isinstance(body, dict):
                     raise ConfigError(f"{source}: {table}.{name} must be a table")

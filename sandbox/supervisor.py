@@ -299,18 +299,18 @@ class Supervisor:
             verdict = Verdict(first.resource)
             reason = f"{first.resource} limit {_fmt(first.resource, first.limit)} exceeded: " \
                      f"observed {_fmt(first.resource, first.observed)} ({first.detected_by})"
-        elif final is not None and final.status == "ok":
+        elif final is not None and final.status == "ok" and exit_.code == 0:
             verdict, reason = Verdict.ok, ""
-        elif final is not None:
+        elif final is not None and final.status == "error":
             verdict = Verdict.error
             reason = f"{final.error_type}: {final.error_message}".splitlines()[0][:300]
         elif signame is not None:
-            verdict, reason = Verdict.crashed, f"killed by {signame} without a result"
+            verdict, reason = Verdict.crashed, f"killed by {signame} {_after(final)}"
         elif exit_.code == 0:
             verdict, reason = Verdict.ok, ""
             job.notes.append("no result message: the job left through os._exit(0)")
         else:
-            verdict, reason = Verdict.error, f"exited with status {exit_.code} without a result"
+            verdict, reason = Verdict.error, f"exited with status {exit_.code} {_after(final)}"
         if protocol_errors:
             job.notes.extend(protocol_errors)
             if final is None and verdict in (Verdict.ok, Verdict.error):
@@ -323,7 +323,7 @@ class Supervisor:
             exit_code=exit_.code, signal=signame,
             violations=sorted(violations + monitor.warnings, key=lambda v: v.at),
             usage=usage, limits=limits, notes=job.notes,
-            return_value=final.return_value if final is not None and final.status == "ok" else None,
+            return_value=final.return_value if final is not None and verdict is Verdict.ok else None,
             error_type=final.error_type if final else None, error_message=final.error_message if final else None,
             traceback=final.traceback if final else None,
             stdout_tail=pump.tail("stdout"), stderr_tail=pump.tail("stderr"),
@@ -331,6 +331,10 @@ class Supervisor:
             ti_init=[m.model_dump(exclude={"type"}) for m in messages if isinstance(m, TiInitMessage)],
             timeline=monitor.timeline.samples, termination=job.termination, launcher=self.launcher.name,
             labels=job.spec.labels, started_at=started_epoch, ended_at=time.time())
+
+
+def _after(final: ResultMessage | None) -> str:
+    return "after reporting success" if final is not None else "without a result"
 
 
 def _fmt(resource: str, value: float) -> str:
