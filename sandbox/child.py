@@ -16,6 +16,7 @@ import os
 import resource
 import signal
 import sys
+import tempfile
 import traceback
 from typing import Any
 
@@ -76,6 +77,7 @@ def confine(plan: ChildPlan) -> None:
         resource.setrlimit(RLIMITS[name], (soft, hard))
     os.environ.clear()
     os.environ.update(plan.env)
+    tempfile.tempdir = None  # a fork-server child inherits the server's cached temp dir
     os.chdir(plan.workdir)
 
 

@@ -30,7 +30,7 @@ VERDICT_STYLE = {Verdict.ok: "bold green", Verdict.error: "bold red", Verdict.cr
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    err.print(f"taichi-sandbox: error: {message}", markup=False, highlight=False)
+    err.print(f"taichi-sandbox: error: {message}", markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
