@@ -146,7 +146,8 @@ class Monitor(threading.Thread):
         super().__init__(name=f"tsbx-monitor-{tree.root_pid}", daemon=True)
         self.tree, self.limits, self.started = tree, limits, started
         self._epoch, self._output, self._on_breach, self._on_sample = now_epoch, output_bytes, on_breach, on_sample
-        self.stop_event = threading.Event()
+        self._stopped = False
+        self._wake = threading.Event()
         self.timeline = Timeline()
         self.warnings: list[Violation] = []
         self.peak = Reading(0.0, 0, 0, 0.0, 0)
@@ -154,9 +155,19 @@ class Monitor(threading.Thread):
         self._breached = False
 
     def run(self) -> None:
-        while not self.stop_event.is_set():
+        while not self._stopped:
             self.tick()
-            self.stop_event.wait(self._next_wait())
+            self._wake.wait(self._next_wait())
+            self._wake.clear()
+
+    def wake(self) -> None:
+        """Tick now (e.g. the output counter just passed its limit)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self.join()
 
     def _next_wait(self) -> float:
         interval = self.limits.poll_interval

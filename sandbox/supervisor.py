@@ -37,8 +37,10 @@ AS_ERROR_MARKERS = ("memory allocation", "cannot allocate memory", "out of memor
 class _Pump(threading.Thread):
     """Reads stdout, stderr and the channel until EOF; keeps bounded tails and exact byte counts."""
 
-    def __init__(self, stdout_r: int, stderr_r: int, channel_r: int) -> None:
+    def __init__(self, stdout_r: int, stderr_r: int, channel_r: int, output_limit: int | None,
+                 on_output_limit: Callable[[], None]) -> None:
         super().__init__(name="tsbx-io", daemon=True)
+        self._output_limit, self._on_output_limit = output_limit, on_output_limit
         self.fds = {stdout_r: "stdout", stderr_r: "stderr", channel_r: "channel"}
         self.tails = {"stdout": collections.deque(), "stderr": collections.deque()}
         self.tail_sizes = {"stdout": 0, "stderr": 0}
@@ -76,6 +78,9 @@ class _Pump(threading.Thread):
                 else:
                     self.counts[name] += len(data)
                     self._keep(name, data)
+                    if self._output_limit is not None and self.output_bytes() > self._output_limit:
+                        self._on_output_limit()
+                        self._output_limit = None
         sel.close()
         for fd in self.fds:
             os.close(fd)
@@ -216,16 +221,15 @@ class Supervisor:
         finally:
             for fd in (out_w, err_w, ch_w):
                 os.close(fd)
-        pump = _Pump(out_r, err_r, ch_r)
-        pump.start()
         job.tree = JobTree(launched.pid)
-        monitor = Monitor(job.tree, limits, started, time.time, pump.output_bytes,
+        monitor = Monitor(job.tree, limits, started, time.time, lambda: pump.output_bytes(),
                           lambda v: self._terminate(job, launched.pid, v), on_sample)
+        pump = _Pump(out_r, err_r, ch_r, limits.max_output, monitor.wake)
+        pump.start()
         monitor.start()
         exit_ = launched.wait()
         ended = time.monotonic()
-        monitor.stop_event.set()
-        monitor.join()
+        monitor.stop()
         self._reap_leftovers(job, launched.pid)
         pump.join(PUMP_DRAIN_TIMEOUT)
         if pump.is_alive():
