@@ -17,8 +17,12 @@ import tempfile
 import threading
 from dataclasses import dataclass
 
+import psutil
+
 from . import child
 from .child import ChildPlan
+
+JOB_MARKER = "TAICHI_SANDBOX_JOB"
 
 
 @dataclass
@@ -69,9 +73,27 @@ def _import_path() -> list[str]:
 
 
 class ExecLauncher:
-    """A fresh interpreter per job: slower start (imports Taichi each time), nothing shared."""
+    """A fresh interpreter per job: slower start (imports Taichi each time), nothing shared.
+
+    Makes the supervisor process a child subreaper, so a job's orphans are re-parented to it (and
+    can be found and killed) instead of escaping to init.
+    """
 
     name = "exec"
+
+    def __init__(self) -> None:
+        child._prctl(child.PR_SET_CHILD_SUBREAPER, 1)
+
+    def orphans(self, job_id: str, running: set[int]) -> list[psutil.Process]:
+        """Our children that carry this job's marker (re-parented to us after the job's main exited)."""
+        found = []
+        for proc in psutil.Process().children():
+            try:
+                if proc.pid not in running and proc.environ().get(JOB_MARKER) == job_id:
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        return found
 
     def start(self, plan: ChildPlan, stdout_w: int, stderr_w: int, channel_w: int) -> Launched:
         plan_r, plan_w = os.pipe()
@@ -152,6 +174,16 @@ class ForkServerLauncher:
     @property
     def server_pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    def orphans(self, job_id: str, running: set[int]) -> list[psutil.Process]:
+        """The server's children that are not a running job's main process: the server is their
+        subreaper, so these are what finished jobs left behind. Call with launches serialized."""
+        if self.server_pid is None:
+            return []
+        try:
+            return [p for p in psutil.Process(self.server_pid).children() if p.pid not in running]
+        except psutil.Error:
+            return []
 
     def close(self) -> None:
         """Stop the server (its jobs' process groups are killed) and remove its socket."""

@@ -24,7 +24,7 @@ from .audit import AuditLog
 from .channel import ChannelReader, ResultMessage, RlimitMessage, TiInitMessage
 from .child import ChildPlan
 from .gpu import ArchUnavailable, resolve_arch
-from .launcher import Exit, base_env, make_launcher
+from .launcher import JOB_MARKER, Exit, base_env, make_launcher
 from .limits import DEFAULT_ENV_ALLOW, GiB, ConfigError, Limits, Policy, address_space_for, load_policy
 from .models import TAIL_BYTES, JobResult, JobSpec, Sample, Termination, Usage, Verdict, Violation
 from .monitor import JobTree, Monitor
@@ -121,6 +121,8 @@ class Supervisor:
         self.policy = policy if policy is not None else load_policy()
         self.launcher = make_launcher(launcher or self.policy.settings.launcher)
         self.audit = AuditLog(audit_log or self.policy.settings.resolved_audit_log())
+        self._launch_lock = threading.Lock()
+        self._running: set[int] = set()
 
     def __enter__(self) -> "Supervisor":
         return self
@@ -160,7 +162,7 @@ class Supervisor:
             d.mkdir()
         env.update(base_env())
         env.update({"HOME": str(home), "TMPDIR": str(tmp), "OPENBLAS_NUM_THREADS": "1",
-                    "MALLOC_ARENA_MAX": "2", "TAICHI_SANDBOX_JOB": spec.job_id})
+                    "MALLOC_ARENA_MAX": "2", JOB_MARKER: spec.job_id})
         env.update(spec.env)
         tenant_dir = spec.tenant or "_default"
         cache = self.policy.settings.resolved_state_dir() / "ticache" / tenant_dir
@@ -217,7 +219,9 @@ class Supervisor:
         (out_r, out_w), (err_r, err_w), (ch_r, ch_w) = os.pipe(), os.pipe(), os.pipe()
         started = time.monotonic()
         try:
-            launched = self.launcher.start(plan, out_w, err_w, ch_w)
+            with self._launch_lock:
+                launched = self.launcher.start(plan, out_w, err_w, ch_w)
+                self._running.add(launched.pid)
         finally:
             for fd in (out_w, err_w, ch_w):
                 os.close(fd)
@@ -227,10 +231,12 @@ class Supervisor:
         pump = _Pump(out_r, err_r, ch_r, limits.max_output, monitor.wake)
         pump.start()
         monitor.start()
-        exit_ = launched.wait()
-        ended = time.monotonic()
-        monitor.stop()
-        self._reap_leftovers(job, launched.pid)
+        try:
+            exit_ = launched.wait()
+        finally:
+            ended = time.monotonic()
+            monitor.stop()
+            self._reap_leftovers(job, launched.pid)
         pump.join(PUMP_DRAIN_TIMEOUT)
         if pump.is_alive():
             pump.stop_event.set()
@@ -259,8 +265,13 @@ class Supervisor:
             term.sigkill_at = time.time()
 
     def _reap_leftovers(self, job: _Job, pgid: int) -> None:
-        """After the main process ended: SIGKILL whatever of the job still lives."""
-        leftovers = job.tree.alive()
+        """After the main process ended: SIGKILL whatever of the job still lives, including orphans
+        re-parented to the launcher's subreaper before the monitor ever saw them."""
+        with self._launch_lock:
+            self._running.discard(pgid)
+            leftovers = job.tree.alive()
+            known = {p.pid for p in leftovers}
+            leftovers += [p for p in self.launcher.orphans(job.spec.job_id, self._running) if p.pid not in known]
         if leftovers:
             killed = _signal_all(leftovers, pgid, signal.SIGKILL)
             job.notes.append(f"killed {len(killed)} leftover process(es) after the main process ended: "

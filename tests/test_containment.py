@@ -106,3 +106,26 @@ def test_killing_the_supervisor_kills_every_job_process(tmp_path):
         time.sleep(0.05)
         alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert alive == []
+
+
+FAST_ORPHAN = """
+import os, sys, time
+if os.fork() == 0:
+    if os.fork() == 0:
+        os.setsid()
+        print(f"pid {os.getpid()}", flush=True)
+        while True:
+            time.sleep(1)
+    os._exit(0)
+time.sleep(0.3)
+"""
+
+
+def test_orphan_that_left_before_any_sample_is_still_killed(any_supervisor, tmp_path):
+    script = tmp_path / "fast_orphan.py"
+    script.write_text(FAST_ORPHAN)
+    r = any_supervisor.run(JobSpec(kernel=str(script), limits=Limits(poll_interval="10s")))
+    (pid,) = [int(p) for p in r.stdout_tail.split()[1::2]]
+    assert r.verdict is Verdict.ok
+    assert any("leftover" in n and str(pid) in n for n in r.notes), r.notes
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
