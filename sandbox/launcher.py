@@ -75,19 +75,16 @@ def _import_path() -> list[str]:
 class ExecLauncher:
     """A fresh interpreter per job: slower start (imports Taichi each time), nothing shared.
 
-    Makes the supervisor process a child subreaper, so a job's orphans are re-parented to it (and
-    can be found and killed) instead of escaping to init.
+    It does not make the supervisor a subreaper (that would leave zombies of unrelated subprocess
+    trees in the host application); a job's orphans go to init and are found by their marker.
     """
 
     name = "exec"
 
-    def __init__(self) -> None:
-        child._prctl(child.PR_SET_CHILD_SUBREAPER, 1)
-
     def orphans(self, job_id: str, running: set[int]) -> list[psutil.Process]:
-        """Our children that carry this job's marker (re-parented to us after the job's main exited)."""
+        """Every process on the machine whose exec-time environment carries this job's marker."""
         found = []
-        for proc in psutil.Process().children():
+        for proc in psutil.process_iter():
             try:
                 if proc.pid not in running and proc.environ().get(JOB_MARKER) == job_id:
                     found.append(proc)
