@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .enforcement import Enforcement
 from .limits import ConfigError, Limits, _Strict
 
 ARCHS = ("cpu", "vulkan", "cuda", "opengl", "metal", "gpu")
@@ -153,6 +154,7 @@ class JobResult(BaseModel):
     usage: Usage = Usage()
     limits: Limits = Limits()
     rlimits: dict[str, int | None] = {}
+    enforcement: dict[str, Enforcement] = {}
     notes: list[str] = []
     return_value: Any = None
     error_type: str | None = None

@@ -14,10 +14,14 @@ from typing import Callable
 
 import psutil
 
+from .gpu import GpuWatch
 from .limits import Limits
 from .models import TIMELINE_MAX, Sample, Violation
 
 WARN_LEVELS = (0.8, 0.9)
+# Breaches that get SIGKILL at once: waiting a grace period near OOM (host or device) or in a fork
+# storm only makes things worse for everyone else.
+IMMEDIATE_KILL = ("memory", "gpu_memory", "processes")
 
 
 @dataclass
@@ -31,6 +35,8 @@ class Reading:
     processes: int
     top_rss_pid: int | None = None
     output: int = 0
+    pids: list[int] = field(default_factory=list)
+    gpu_memory: int | None = None
 
 
 class JobTree:
@@ -62,7 +68,8 @@ class JobTree:
     def read(self) -> Reading:
         """One pass over the tree."""
         self._discover()
-        rss = vms = count = 0
+        rss = vms = 0
+        pids = []
         top_pid, top_rss = None, -1
         for pid, proc in list(self._procs.items()):
             try:
@@ -73,13 +80,13 @@ class JobTree:
                     times = proc.cpu_times()
             except psutil.Error:
                 continue
-            count += 1
+            pids.append(pid)
             rss += mem.rss
             vms += mem.vms
             self._cpu[pid] = max(self._cpu.get(pid, 0.0), times.user + times.system)
             if mem.rss > top_rss:
                 top_pid, top_rss = pid, mem.rss
-        return Reading(time.monotonic(), rss, vms, sum(self._cpu.values()), count, top_pid)
+        return Reading(time.monotonic(), rss, vms, sum(self._cpu.values()), len(pids), top_pid, pids=pids)
 
 
 def _running(proc: psutil.Process) -> bool:
@@ -89,29 +96,27 @@ def _running(proc: psutil.Process) -> bool:
         return False
 
 
-# Watched resource -> the Limits field that bounds it, in the order breaches are decided.
-MEASURED = {
-    "wall_time": "wall_time",
-    "cpu_time": "cpu_time",
-    "memory": "memory",
-    "processes": "max_processes",
-    "output": "max_output",
-}
+def watched(limits: Limits, gpu_limit: int | None) -> dict[str, float]:
+    """Watched resource -> its limit, in the order breaches are decided. `gpu_limit` is in bytes
+    (a fractional gpu_memory limit resolved against the device)."""
+    limits_by_resource = {"wall_time": limits.wall_time, "cpu_time": limits.cpu_time, "memory": limits.memory,
+                          "gpu_memory": gpu_limit, "processes": limits.max_processes, "output": limits.max_output}
+    return {name: float(value) for name, value in limits_by_resource.items() if value is not None}
 
 
-def observed(resource: str, reading: Reading, elapsed: float) -> float:
-    return {"wall_time": elapsed, "cpu_time": reading.cpu, "memory": reading.rss,
+def observed(resource: str, reading: Reading, elapsed: float) -> float | None:
+    return {"wall_time": elapsed, "cpu_time": reading.cpu, "memory": reading.rss, "gpu_memory": reading.gpu_memory,
             "processes": reading.processes, "output": reading.output}[resource]
 
 
-def breaches(limits: Limits, reading: Reading, elapsed: float) -> list[tuple[str, float, float, float]]:
-    """(resource, limit, observed, fraction) for every watched limit, in decision order."""
+def breaches(watched_limits: dict[str, float], reading: Reading,
+             elapsed: float) -> list[tuple[str, float, float, float]]:
+    """(resource, limit, observed, fraction) for every watched limit that has a reading."""
     out = []
-    for resource, field_name in MEASURED.items():
-        limit = getattr(limits, field_name)
-        if limit is not None:
-            value = observed(resource, reading, elapsed)
-            out.append((resource, float(limit), float(value), value / limit))
+    for resource, limit in watched_limits.items():
+        value = observed(resource, reading, elapsed)
+        if value is not None:
+            out.append((resource, limit, float(value), value / limit))
     return out
 
 
@@ -142,9 +147,12 @@ class Monitor(threading.Thread):
 
     def __init__(self, tree: JobTree, limits: Limits, started: float, now_epoch: Callable[[], float],
                  output_bytes: Callable[[], int], on_breach: Callable[[Violation], None],
-                 on_sample: Callable[[Sample], None] | None = None) -> None:
+                 on_sample: Callable[[Sample], None] | None = None, gpu: GpuWatch | None = None,
+                 gpu_limit: int | None = None) -> None:
         super().__init__(name=f"tsbx-monitor-{tree.root_pid}", daemon=True)
-        self.tree, self.limits, self.started = tree, limits, started
+        self.tree, self.limits, self.started, self.gpu = tree, limits, started, gpu
+        self.watched = watched(limits, gpu_limit if gpu is not None else None)
+        self.peak_gpu: int | None = None
         self._epoch, self._output, self._on_breach, self._on_sample = now_epoch, output_bytes, on_breach, on_sample
         self._stopped = False
         self._wake = threading.Event()
@@ -178,20 +186,24 @@ class Monitor(threading.Thread):
     def tick(self) -> Reading:
         reading = self.tree.read()
         reading.output = self._output()
+        gpu = self.gpu.read(reading.pids) if self.gpu is not None else None
+        if gpu is not None:
+            reading.gpu_memory = gpu.used
+            self.peak_gpu = max(self.peak_gpu or 0, gpu.used)
         elapsed = reading.t - self.started
         self.peak = Reading(reading.t, max(self.peak.rss, reading.rss), max(self.peak.vms, reading.vms),
                             max(self.peak.cpu, reading.cpu), max(self.peak.processes, reading.processes),
                             output=reading.output)
         sample = Sample(t=round(elapsed, 4), rss=reading.rss, vms=reading.vms, cpu=round(reading.cpu, 4),
-                        processes=reading.processes, output=reading.output)
+                        processes=reading.processes, output=reading.output, gpu_memory=reading.gpu_memory)
         self.timeline.add(sample)
         if self._on_sample is not None:
             self._on_sample(sample)
-        for resource, limit, value, fraction in breaches(self.limits, reading, elapsed):
+        for resource, limit, value, fraction in breaches(self.watched, reading, elapsed):
             pid = reading.top_rss_pid if resource == "memory" else self.tree.root_pid
             if fraction >= 1.0 and not self._breached:
                 self._breached = True
-                action = "sigkill" if resource in ("memory", "processes") else "sigterm"
+                action = "sigkill" if resource in IMMEDIATE_KILL else "sigterm"
                 self._on_breach(Violation(at=self._epoch(), pid=pid, resource=resource, limit=limit,
                                           observed=value, action=action, detected_by="monitor"))
             for level in WARN_LEVELS:

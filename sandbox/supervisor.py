@@ -15,6 +15,7 @@ import signal
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +24,9 @@ import psutil
 from .audit import AuditLog
 from .channel import ChannelReader, ResultMessage, RlimitMessage, TiInitMessage
 from .child import ChildPlan
-from .gpu import ArchUnavailable, resolve_arch
+from .enforcement import Enforcement, GpuFacts, enforcement_for
+from .gpu import (ArchUnavailable, GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, mps_env,
+                  mps_pipe_directory, resolve_arch, visible_devices)
 from .launcher import JOB_MARKER, Exit, base_env, make_launcher
 from .limits import DEFAULT_ENV_ALLOW, GiB, ConfigError, Limits, Policy, address_space_for, load_policy
 from .models import TAIL_BYTES, JobResult, JobSpec, Sample, Termination, Usage, Verdict, Violation
@@ -86,6 +89,22 @@ class _Pump(threading.Thread):
             os.close(fd)
 
 
+RLIMIT_NAMES = {"cpu": "RLIMIT_CPU", "as": "RLIMIT_AS", "nofile": "RLIMIT_NOFILE", "fsize": "RLIMIT_FSIZE",
+                "core": "RLIMIT_CORE"}
+
+
+@dataclass
+class _Prepared:
+    """The supervisor's decisions for one job, made before it starts."""
+
+    plan: ChildPlan
+    rlimits: dict[str, int]
+    notes: list[str]
+    gpu_watch: GpuWatch | None
+    gpu_limit: int | None
+    enforcement: dict[str, Enforcement]
+
+
 class _Job:
     """State of one running job, shared by the monitor thread and the waiting thread."""
 
@@ -117,10 +136,13 @@ class Supervisor:
     """Runs jobs under a policy. Use as a context manager, or call `close()` (stops the fork-server)."""
 
     def __init__(self, policy: Policy | None = None, launcher: str | None = None,
-                 audit_log: str | os.PathLike | None = None) -> None:
+                 audit_log: str | os.PathLike | None = None, gpu_sampler: GpuSampler | None = None) -> None:
         self.policy = policy if policy is not None else load_policy()
         self.launcher = make_launcher(launcher or self.policy.settings.launcher)
         self.audit = AuditLog(audit_log or self.policy.settings.resolved_audit_log())
+        self.gpu_sampler = gpu_sampler if gpu_sampler is not None else NvmlSampler()
+        self._gpu: tuple[list[GpuDevice], str | None] | None = None
+        self._gpu_lock = threading.Lock()
         self._launch_lock = threading.Lock()
         self._running: set[int] = set()
 
@@ -135,7 +157,20 @@ class Supervisor:
 
     # --- preparing -------------------------------------------------------------------------------
 
-    def _plan(self, spec: JobSpec, limits: Limits, arch: str, workdir: Path) -> tuple[ChildPlan, dict, list]:
+    def gpu_facts(self) -> tuple[list[GpuDevice], GpuFacts]:
+        """Devices and NVML/MPS state, read once per supervisor (the sampler is opened lazily)."""
+        with self._gpu_lock:
+            if self._gpu is None:
+                try:
+                    self.gpu_sampler.open()
+                    self._gpu = (self.gpu_sampler.devices(), None)
+                except GpuUnavailable as err:
+                    self._gpu = ([], str(err))
+            devices, error = self._gpu
+        return devices, GpuFacts(nvml_error=error, mps=False)
+
+    def _prepare(self, spec: JobSpec, limits: Limits, arch: str, workdir: Path) -> _Prepared:
+        """Everything the child needs, decided here once: rlimits, env, dirs, Taichi caps, GPU watch."""
         target, function = spec.target()
         if function is None or target.endswith(".py"):
             path = Path(target)
@@ -143,12 +178,10 @@ class Supervisor:
                 raise ConfigError(f"kernel file not found: {target}")
             target = str(path.resolve())
         rlimits: dict[str, tuple[int, int]] = {"core": (0, 0)}
-        notes = []
         if limits.cpu_time is not None:
             soft = max(1, math.ceil(limits.cpu_time))
             rlimits["cpu"] = (soft, soft + max(RLIMIT_CPU_HARD_EXTRA, math.ceil(limits.grace)))
         address_space, as_note = address_space_for(limits, arch)
-        notes.append(f"address_space {as_note}")
         if address_space is not None:
             rlimits["as"] = (address_space, address_space)
         if limits.max_open_files is not None:
@@ -164,8 +197,7 @@ class Supervisor:
         env.update({"HOME": str(home), "TMPDIR": str(tmp), "OPENBLAS_NUM_THREADS": "1",
                     "MALLOC_ARENA_MAX": "2", JOB_MARKER: spec.job_id})
         env.update(spec.env)
-        tenant_dir = spec.tenant or "_default"
-        cache = self.policy.settings.resolved_state_dir() / "ticache" / tenant_dir
+        cache = self.policy.settings.resolved_state_dir() / "ticache" / (spec.tenant or "_default")
         cache.mkdir(parents=True, exist_ok=True)
         caps: dict = {"offline_cache_file_path": str(cache),
                       "cpu_max_num_threads": limits.cpu_threads or os.cpu_count() or 1}
@@ -173,12 +205,25 @@ class Supervisor:
             caps["device_memory_fraction"] = limits.gpu_memory
         elif isinstance(limits.gpu_memory, int):
             caps.update(device_memory_GB=limits.gpu_memory / GiB, device_memory_fraction=0.0)
+
+        devices, facts = self.gpu_facts()
+        visible = visible_devices(devices, env.get("CUDA_VISIBLE_DEVICES"))
+        gpu_limit = limits.gpu_memory
+        if isinstance(gpu_limit, float):
+            gpu_limit = int(gpu_limit * visible[0].memory_total) if visible else None
+        notes = [f"address_space {as_note}"]
+        mps_dir = mps_pipe_directory(env) if arch == "cuda" and gpu_limit is not None else None
+        if mps_dir is not None:
+            env.update(mps_env(mps_dir, gpu_limit, len(visible)))
+            notes.append(f"gpu_memory hard-capped by NVIDIA MPS ({mps_dir})")
+        facts = GpuFacts(nvml_error=facts.nvml_error, mps=mps_dir is not None)
+        watch = GpuWatch(self.gpu_sampler, visible) if facts.nvml_error is None and visible else None
         plan = ChildPlan(job_id=spec.job_id, target=target, function=function, args=spec.args,
                          kwargs=spec.kwargs, argv=spec.argv, ti_arch=arch, ti_caps=caps, rlimits=rlimits,
                          env=env, workdir=str(work), parent_pid=0, preinit=function is not None)
-        shown = {"cpu": "RLIMIT_CPU", "as": "RLIMIT_AS", "nofile": "RLIMIT_NOFILE", "fsize": "RLIMIT_FSIZE",
-                 "core": "RLIMIT_CORE"}
-        return plan, {shown[k]: v[0] for k, v in rlimits.items()}, notes
+        return _Prepared(plan=plan, rlimits={RLIMIT_NAMES[k]: v[0] for k, v in rlimits.items()}, notes=notes,
+                         gpu_watch=watch, gpu_limit=gpu_limit,
+                         enforcement=enforcement_for(limits, arch, address_space, facts))
 
     def _rejected(self, spec: JobSpec, reason: str, started: float) -> JobResult:
         result = JobResult(job_id=spec.job_id, kernel=spec.kernel, arch=spec.arch, verdict=Verdict.rejected,
@@ -198,24 +243,24 @@ class Supervisor:
             limits = self.policy.resolve(spec.profile, spec.tenant, spec.limits)
             arch, arch_note = resolve_arch(spec.arch, self.policy.settings.gpu_fallback_cpu)
             workdir = Path(tempfile.mkdtemp(prefix=f"tsbx-{spec.job_id}-"))
-            plan, rlimits, notes = self._plan(spec, limits, arch, workdir)
+            prepared = self._prepare(spec, limits, arch, workdir)
         except (ConfigError, ArchUnavailable) as err:
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
             return self._rejected(spec, str(err), started_epoch)
         try:
-            result = self._supervise(spec, limits, plan, on_sample, started_epoch)
+            result = self._supervise(spec, limits, prepared, on_sample, started_epoch)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        result.arch = arch
-        result.rlimits = rlimits
-        result.notes = [arch_note, *notes, *result.notes]
+        result.rlimits = prepared.rlimits
+        result.enforcement = prepared.enforcement
+        result.notes = [arch_note, *prepared.notes, *result.notes]
         self.audit.record(result, spec.tenant)
         return result
 
-    def _supervise(self, spec: JobSpec, limits: Limits, plan: ChildPlan,
+    def _supervise(self, spec: JobSpec, limits: Limits, prepared: _Prepared,
                    on_sample: Callable[[Sample], None] | None, started_epoch: float) -> JobResult:
-        job = _Job(spec, limits)
+        job, plan = _Job(spec, limits), prepared.plan
         (out_r, out_w), (err_r, err_w), (ch_r, ch_w) = os.pipe(), os.pipe(), os.pipe()
         started = time.monotonic()
         try:
@@ -227,7 +272,8 @@ class Supervisor:
                 os.close(fd)
         job.tree = JobTree(launched.pid)
         monitor = Monitor(job.tree, limits, started, time.time, lambda: pump.output_bytes(),
-                          lambda v: self._terminate(job, launched.pid, v), on_sample)
+                          lambda v: self._terminate(job, launched.pid, v), on_sample,
+                          gpu=prepared.gpu_watch, gpu_limit=prepared.gpu_limit)
         pump = _Pump(out_r, err_r, ch_r, limits.max_output, monitor.wake)
         pump.start()
         monitor.start()
@@ -242,6 +288,8 @@ class Supervisor:
             pump.stop_event.set()
             pump.join()
             job.notes.append("output pipes still held open by an unknown process; stopped reading")
+        if prepared.gpu_watch is not None and prepared.gpu_watch.failure is not None:
+            job.notes.append(f"gpu_memory watch stopped: {prepared.gpu_watch.failure}")
         return self._verdict(job, plan, monitor, pump, exit_, started_epoch, ended - started)
 
     def _terminate(self, job: _Job, pgid: int, violation: Violation) -> None:
@@ -332,7 +380,8 @@ class Supervisor:
                 verdict, reason = Verdict.crashed, f"malformed result channel: {protocol_errors[0]}"
         usage = Usage(cpu_seconds=round(cpu, 4), wall_seconds=round(wall, 4),
                       peak_rss=max(peak.rss, exit_.max_rss), peak_vms=peak.vms,
-                      peak_processes=peak.processes, output_bytes=pump.output_bytes())
+                      peak_processes=peak.processes, peak_gpu_memory=monitor.peak_gpu,
+                      output_bytes=pump.output_bytes())
         return JobResult(
             job_id=job.spec.job_id, kernel=job.spec.kernel, arch=plan.ti_arch, verdict=verdict, reason=reason,
             exit_code=exit_.code, signal=signame,
