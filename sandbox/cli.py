@@ -17,6 +17,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from .enforcement import machine_report
+from .gpu import NvmlSampler
 from .limits import ConfigError, Limits, Policy, load_policy
 from .models import EXIT_INTERNAL, EXIT_USAGE, JobResult, JobSpec, Sample, Verdict
 from .supervisor import Supervisor
@@ -208,6 +210,45 @@ def check(path: Path = typer.Argument(..., help="limits.toml to validate.")) -> 
         raise _fail(str(e))
     Console().print(f"{path}: ok ({len(policy.profiles)} profiles, {len(policy.tenants)} tenants)",
                     highlight=False)
+
+
+LEVEL_STYLE = {"hard": "green", "watched": "cyan", "unavailable": "red", "off": "dim"}
+
+
+@app.command()
+def probe(as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")) -> None:
+    """What this machine can enforce: archs that initialise, NVML, MPS, cgroups, and per arch
+    whether each limit is hard, watched or unavailable (with the reason)."""
+    report = machine_report(NvmlSampler())
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    out = Console()
+    out.print(f"Taichi {report['taichi']}", highlight=False)
+    archs = Table(title="archs")
+    for column in ("arch", "usable", "detail"):
+        archs.add_column(column)
+    for arch, found in report["archs"].items():
+        archs.add_row(arch, "[green]yes[/]" if found["usable"] else "[red]no[/]", found["detail"])
+    out.print(archs)
+    nvml = report["nvml"]
+    if nvml["available"]:
+        out.print(f"NVML: driver {nvml['driver']}", highlight=False)
+        for d in nvml["devices"]:
+            out.print(f"  GPU {d['index']}: {d['name']} {_size(d['memory_total'])} {d['uuid']}", highlight=False)
+    else:
+        out.print(f"NVML: unavailable ({nvml['reason']})", highlight=False)
+    mps = report["mps"]
+    out.print(f"MPS: {'reachable at ' + mps['pipe_directory'] if mps['reachable'] else 'no control daemon'}",
+              highlight=False)
+    out.print(f"cgroups: {report['cgroups']}", highlight=False)
+    for arch, limits in report["enforcement"].items():
+        table = Table(title=f"enforcement on {arch}")
+        for column in ("limit", "level", "by", "note"):
+            table.add_column(column)
+        for name, e in limits.items():
+            table.add_row(name, f"[{LEVEL_STYLE[e['level']]}]{e['level']}[/]", e["by"], e["note"])
+        out.print(table)
 
 
 def main() -> None:

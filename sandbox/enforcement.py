@@ -6,12 +6,17 @@ README "Verdicts and enforcement" and ../shared/taichi-facts.md.
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel
 
 from .limits import Limits
+
+if TYPE_CHECKING:
+    from .gpu import GpuSampler
 
 
 class Enforcement(BaseModel):
@@ -74,3 +79,54 @@ def enforcement_for(limits: Limits, arch: str, address_space: int | None, gpu: G
         if value is None and out[name].level != "unavailable":
             out[name] = Enforcement(level="off", note="no limit set")
     return out
+
+
+PROBED_ARCHS = ("cpu", "cuda", "vulkan", "opengl", "metal")
+EVERY_LIMIT = Limits(cpu_time=1, wall_time=1, memory=1 << 30, gpu_memory=1 << 30, max_processes=1, max_output=1,
+                     max_open_files=1, max_file_size=1)
+
+
+def _cgroups() -> str:
+    controllers = "/sys/fs/cgroup/cgroup.controllers"
+    if not os.path.exists(controllers):
+        return "no cgroup v2 hierarchy at /sys/fs/cgroup"
+    with open(controllers) as f:
+        names = f.read().split()
+    writable = "writable" if os.access("/sys/fs/cgroup", os.W_OK) else "not writable"
+    return f"cgroup v2 ({' '.join(names) or 'no controllers'}; {writable}); not used by taichi-sandbox yet"
+
+
+def machine_report(sampler: "GpuSampler") -> dict:
+    """Facts about this machine and, for each arch that initialises here, how each limit is enforced."""
+    from .gpu import GpuUnavailable, mps_pipe_directory, probe
+    from .limits import address_space_for
+
+    try:
+        taichi_version = importlib.metadata.version("taichi")
+    except importlib.metadata.PackageNotFoundError:
+        taichi_version = None
+    archs = {arch: probe(arch) for arch in PROBED_ARCHS}
+    try:
+        sampler.open()
+        nvml = {"available": True, "driver": sampler.driver(),
+                "devices": [vars(d) for d in sampler.devices()]}
+        nvml_error = None
+    except GpuUnavailable as err:
+        nvml_error = str(err)
+        nvml = {"available": False, "reason": nvml_error, "devices": []}
+    mps_dir = mps_pipe_directory(dict(os.environ))
+    facts = GpuFacts(nvml_error=nvml_error, mps=mps_dir is not None)
+    table = {}
+    for arch, found in archs.items():
+        if found.usable:
+            address_space, _ = address_space_for(EVERY_LIMIT, arch)
+            table[arch] = {name: e.model_dump() for name, e in
+                           enforcement_for(EVERY_LIMIT, arch, address_space, facts).items()}
+    return {
+        "taichi": taichi_version,
+        "archs": {a: {"usable": p.usable, "detail": p.reason} for a, p in archs.items()},
+        "nvml": nvml,
+        "mps": {"reachable": mps_dir is not None, "pipe_directory": mps_dir},
+        "cgroups": _cgroups(),
+        "enforcement": table,
+    }
