@@ -76,3 +76,29 @@ def test_check_and_profiles_on_bundled_file(tmp_path):
     assert cli("check", str(ROOT / "limits.toml"), tmp_path=tmp_path).returncode == 0
     p = cli("profiles", tmp_path=tmp_path)
     assert p.returncode == 0 and "training" in p.stdout
+
+
+def test_probe_reports_archs_nvml_and_enforcement(tmp_path):
+    p = cli("probe", "--json", tmp_path=tmp_path)
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert report["taichi"] == "1.7.4" and report["archs"]["cpu"]["usable"]
+    assert set(report["enforcement"]["cpu"]) >= {"cpu_time", "wall_time", "memory", "address_space",
+                                                 "gpu_memory", "processes", "output"}
+    if not report["nvml"]["available"]:
+        assert report["nvml"]["reason"]
+        for arch in set(report["enforcement"]) - {"cpu"}:
+            gpu = report["enforcement"][arch]["gpu_memory"]
+            assert gpu["level"] == "unavailable" and "NVML" in gpu["note"]
+    if report["archs"]["vulkan"]["usable"]:
+        assert report["enforcement"]["vulkan"]["address_space"]["level"] == "hard"
+
+
+def test_run_with_arch_gpu_says_where_it_ran(tmp_path):
+    p = cli("run", kernel("saxpy.py"), "--arch", "gpu", "--json", tmp_path=tmp_path)
+    result = json.loads(p.stdout)
+    if result["verdict"] == "rejected":
+        assert "no GPU backend usable" in result["reason"] and p.returncode == 3
+    else:
+        assert result["verdict"] == "ok" and result["arch"] in ("cuda", "vulkan", "opengl")
+        assert f"gpu resolved to {result['arch']}" in result["notes"]
