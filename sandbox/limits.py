@@ -43,6 +43,7 @@ _SIZE_UNITS = {
 _TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "m": 60.0, "min": 60.0, "h": 3600.0}
 _NUMBER_UNIT = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z%]*)\s*$")
 _UNLIMITED = {"none", "unlimited", "off"}
+_TENANT_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")  # also a directory name
 
 
 def _number(value: Any) -> float:
@@ -272,6 +273,10 @@ class Policy(BaseModel):
         defaults = Limits.parse(data.get("defaults", {}), f"{source} [defaults]")
         profiles = {name: defaults.merged(Limits.parse(body, f"{source} [profiles.{name}]"))
                     for name, body in data.get("profiles", {}).items()}
+        for name in data.get("tenants", {}):
+            if not _TENANT_NAME.match(name):
+                raise ConfigError(f"{source} [tenants.{name}]: invalid tenant name (letters, digits, '_', '-', '.'; "
+                                  "not starting with '.')")
         tenants = {name: Tenant.parse(body, f"{source} [tenants.{name}]")
                    for name, body in data.get("tenants", {}).items()}
         for name, tenant in tenants.items():

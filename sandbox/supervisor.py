@@ -89,6 +89,14 @@ class _Pump(threading.Thread):
             os.close(fd)
 
 
+STALE_LOCK_SECONDS = 30.0
+
+
+def tenant_key(spec: JobSpec) -> str:
+    """The tenant's name for per-tenant state (offline cache); '_default' without a tenant."""
+    return spec.tenant or "_default"
+
+
 RLIMIT_NAMES = {"cpu": "RLIMIT_CPU", "as": "RLIMIT_AS", "nofile": "RLIMIT_NOFILE", "fsize": "RLIMIT_FSIZE",
                 "core": "RLIMIT_CORE"}
 
@@ -144,7 +152,7 @@ class Supervisor:
         self._gpu: tuple[list[GpuDevice], str | None] | None = None
         self._gpu_lock = threading.Lock()
         self._launch_lock = threading.Lock()
-        self._running: set[int] = set()
+        self._running: dict[int, str] = {}  # main pid of each running job -> its tenant key
 
     def __enter__(self) -> "Supervisor":
         return self
@@ -197,8 +205,11 @@ class Supervisor:
         env.update({"HOME": str(home), "TMPDIR": str(tmp), "OPENBLAS_NUM_THREADS": "1",
                     "MALLOC_ARENA_MAX": "2", JOB_MARKER: spec.job_id})
         env.update(spec.env)
-        cache = self.policy.settings.resolved_state_dir() / "ticache" / (spec.tenant or "_default")
+        cache = self.policy.settings.resolved_state_dir() / "ticache" / tenant_key(spec)
         cache.mkdir(parents=True, exist_ok=True)
+        notes = [f"address_space {as_note}"]
+        if self._remove_stale_cache_lock(cache, tenant_key(spec)):
+            notes.append(f"removed a stale ticache.lock left by a killed job in {cache}")
         caps: dict = {"offline_cache_file_path": str(cache),
                       "cpu_max_num_threads": limits.cpu_threads or os.cpu_count() or 1}
         if isinstance(limits.gpu_memory, float):
@@ -211,7 +222,6 @@ class Supervisor:
         gpu_limit = limits.gpu_memory
         if isinstance(gpu_limit, float):
             gpu_limit = int(gpu_limit * visible[0].memory_total) if visible else None
-        notes = [f"address_space {as_note}"]
         mps_dir = mps_pipe_directory(env) if arch == "cuda" and gpu_limit is not None else None
         if mps_dir is not None:
             env.update(mps_env(mps_dir, gpu_limit, len(visible)))
@@ -224,6 +234,21 @@ class Supervisor:
         return _Prepared(plan=plan, rlimits={RLIMIT_NAMES[k]: v[0] for k, v in rlimits.items()}, notes=notes,
                          gpu_watch=watch, gpu_limit=gpu_limit,
                          enforcement=enforcement_for(limits, arch, address_space, facts))
+
+    def _remove_stale_cache_lock(self, cache: Path, tenant: str) -> bool:
+        """Taichi skips caching while `ticache.lock` exists; a killed job leaves one behind. It is
+        stale when no job of the tenant runs here and it is older than STALE_LOCK_SECONDS."""
+        lock = cache / "ticache.lock"
+        with self._launch_lock:
+            if tenant in self._running.values():
+                return False
+            try:
+                if time.time() - lock.stat().st_mtime < STALE_LOCK_SECONDS:
+                    return False
+                lock.unlink()
+            except FileNotFoundError:
+                return False
+        return True
 
     def _rejected(self, spec: JobSpec, reason: str, started: float) -> JobResult:
         result = JobResult(job_id=spec.job_id, kernel=spec.kernel, arch=spec.arch, verdict=Verdict.rejected,
@@ -266,7 +291,7 @@ class Supervisor:
         try:
             with self._launch_lock:
                 launched = self.launcher.start(plan, out_w, err_w, ch_w)
-                self._running.add(launched.pid)
+                self._running[launched.pid] = tenant_key(spec)
         finally:
             for fd in (out_w, err_w, ch_w):
                 os.close(fd)
@@ -316,10 +341,11 @@ class Supervisor:
         """After the main process ended: SIGKILL whatever of the job still lives, including orphans
         re-parented to the launcher's subreaper before the monitor ever saw them."""
         with self._launch_lock:
-            self._running.discard(pgid)
+            self._running.pop(pgid, None)
             leftovers = job.tree.alive()
             known = {p.pid for p in leftovers}
-            leftovers += [p for p in self.launcher.orphans(job.spec.job_id, self._running) if p.pid not in known]
+            leftovers += [p for p in self.launcher.orphans(job.spec.job_id, set(self._running))
+                          if p.pid not in known]
         if leftovers:
             killed = _signal_all(leftovers, pgid, signal.SIGKILL)
             job.notes.append(f"killed {len(killed)} leftover process(es) after the main process ended: "

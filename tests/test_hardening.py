@@ -1,0 +1,138 @@
+"""Adversarial jobs: each test fails if the protection it names is removed."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from sandbox import ConfigError, JobSpec, Limits, Policy, Supervisor, Verdict
+from sandbox.limits import Settings, Tenant
+
+from .conftest import ROOT, assert_no_survivors, kernel
+
+FORK_200 = """
+import os, sys, time
+for _ in range(200):
+    if os.fork() == 0:
+        print(f"pid {{os.getpid()}}", flush=True)
+        time.sleep(3600)
+        os._exit(0)
+time.sleep({main_sleep})
+"""
+
+
+def _script(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def _pids(result) -> list[int]:
+    return [int(p) for p in re.findall(r"pid (\d+)", result.stdout_tail)]
+
+
+def test_200_children_over_process_limit_all_die(supervisor, tmp_path):
+    r = supervisor.run(JobSpec(kernel=_script(tmp_path, "f.py", FORK_200.format(main_sleep=3600)),
+                               limits=Limits(max_processes=64, wall_time="60s")))
+    assert r.verdict is Verdict.processes, r.reason
+    assert_no_survivors(supervisor, r.job_id, _pids(r))
+
+
+def test_200_children_left_behind_by_a_finished_main_all_die(supervisor, tmp_path):
+    r = supervisor.run(JobSpec(kernel=_script(tmp_path, "f.py", FORK_200.format(main_sleep=1)),
+                               limits=Limits(wall_time="60s")))
+    assert r.verdict is Verdict.ok
+    assert len(_pids(r)) == 200 and any("leftover" in n for n in r.notes)
+    assert_no_survivors(supervisor, r.job_id, _pids(r))
+
+
+def test_child_has_only_stdio_and_channel_descriptors(any_supervisor, tmp_path):
+    script = _script(tmp_path, "fds.py", "import os\nprint(sorted(int(f) for f in os.listdir('/proc/self/fd')))\n")
+    r = any_supervisor.run(JobSpec(kernel=script))
+    fds = eval(r.stdout_tail)  # noqa: S307 - our own test job's list of ints
+    assert fds[:3] == [0, 1, 2] and len(fds) == 5, fds  # stdio, the channel, and listdir's own fd
+
+
+def test_fd_exhaustion_stops_at_rlimit_nofile(supervisor, tmp_path):
+    script = _script(tmp_path, "fds.py", "import os\nfiles = [open(os.devnull) for _ in range(100000)]\n")
+    r = supervisor.run(JobSpec(kernel=script, limits=Limits(max_open_files=64)))
+    assert r.verdict is Verdict.error and r.error_type == "OSError" and "Too many open files" in r.error_message
+
+
+def test_one_gigabyte_of_output_keeps_supervisor_memory_flat(supervisor):
+    me = psutil.Process()
+    supervisor.run(JobSpec(kernel=kernel("saxpy.py")))
+    before = me.memory_info().rss
+    r = supervisor.run(JobSpec(kernel=kernel("output_flood.py"), limits=Limits(max_output="1GiB", wall_time="120s")))
+    grown = me.memory_info().rss - before
+    assert r.verdict is Verdict.output and r.usage.output_bytes > 1 << 30
+    assert grown < 64 << 20, f"supervisor RSS grew by {grown / 2**20:.0f} MiB"
+    assert len(r.stdout_tail) <= 16 * 1024
+
+
+def _orphan_check(argv: list[str], tmp_path) -> None:
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path)}
+    sup = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    pids: list[int] = []
+    while time.monotonic() < deadline and len(pids) < 11:  # fork-server + 10 job processes
+        time.sleep(0.2)
+        pids = [p.pid for p in psutil.Process(sup.pid).children(recursive=True)]
+    assert len(pids) >= 11, "fork-server and the job tree should be running"
+    os.kill(sup.pid, signal.SIGKILL)
+    sup.wait()
+    deadline = time.monotonic() + 1.0
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"{len(alive)} job processes outlived the supervisor"
+
+
+def test_sigkill_of_cli_kills_every_job_process_within_a_second(tmp_path):
+    _orphan_check([sys.executable, "-m", "sandbox", "run", kernel("spawner.py"), "--wall-time", "60s"], tmp_path)
+
+
+def test_sigkill_of_run_kernel_process_kills_every_job_process_within_a_second(tmp_path):
+    code = (f"from sandbox import run_kernel; run_kernel({kernel('spawner.py')!r}, "
+            "limits={'wall_time': '60s'})")
+    _orphan_check([sys.executable, "-c", code], tmp_path)
+
+
+def _tenant_supervisor(state_dir) -> Supervisor:
+    policy = Policy(tenants={"alice": Tenant(), "bob": Tenant()}, settings=Settings(state_dir=str(state_dir)))
+    return Supervisor(policy, audit_log=state_dir / "tenants.jsonl")
+
+
+def test_offline_cache_is_never_shared_between_tenants(tmp_path):
+    with _tenant_supervisor(tmp_path) as sup:
+        paths = {t: sup.run(JobSpec(kernel=kernel("tiny.py"), tenant=t)).ti_init[0]["effective"]
+                 ["offline_cache_file_path"] for t in ("alice", "bob")}
+    assert paths["alice"] != paths["bob"]
+    assert all(os.listdir(p) for p in paths.values())
+
+
+def test_stale_ticache_lock_is_removed_but_a_fresh_one_is_kept(tmp_path):
+    lock = tmp_path / "ticache" / "alice" / "ticache.lock"
+    lock.parent.mkdir(parents=True)
+    with _tenant_supervisor(tmp_path) as sup:
+        lock.touch()
+        r = sup.run(JobSpec(kernel=kernel("tiny.py"), tenant="alice"))
+        assert lock.exists() and not any("stale ticache.lock" in n for n in r.notes)
+        old = time.time() - 3600
+        os.utime(lock, (old, old))
+        r = sup.run(JobSpec(kernel=kernel("tiny.py"), tenant="alice"))
+    assert not lock.exists() and any("stale ticache.lock" in n for n in r.notes)
+
+
+@pytest.mark.parametrize("name", ["../etc", ".hidden", "a/b", ""])
+def test_tenant_names_cannot_escape_the_state_dir(name):
+    with pytest.raises(ConfigError, match="invalid tenant name"):
+        Policy.from_dict({"tenants": {name: {}}}, "limits.toml")
