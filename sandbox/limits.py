@@ -6,6 +6,7 @@ from, the key and the value. Nothing here starts processes or touches the job.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -120,6 +121,11 @@ def _positive(parser):
 Seconds = Annotated[Union[float, None], _positive(parse_duration)]
 Bytes = Annotated[Union[int, None], _positive(parse_size)]
 Count = Annotated[Union[int, None], _positive(_count)]
+
+
+def _key(name: str) -> str:
+    """A TOML key as written in a file: bare when it can be, else quoted (always one line)."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
 
 
 def _one_line(err: ValidationError) -> str:
@@ -269,13 +275,13 @@ class Policy(BaseModel):
                 raise ConfigError(f"{source}: [{table}] must be a table of tables")
             for name, body in data.get(table, {}).items():
                 if not isinstance(body, dict):
-                    raise ConfigError(f"{source}: {table}.{name} must be a table")
+                    raise ConfigError(f"{source}: [{table}.{_key(name)}] must be a table")
         defaults = Limits.parse(data.get("defaults", {}), f"{source} [defaults]")
-        profiles = {name: defaults.merged(Limits.parse(body, f"{source} [profiles.{name}]"))
+        profiles = {name: defaults.merged(Limits.parse(body, f"{source} [profiles.{_key(name)}]"))
                     for name, body in data.get("profiles", {}).items()}
         for name in data.get("tenants", {}):
             if not _TENANT_NAME.match(name):
-                raise ConfigError(f"{source} [tenants.{name}]: invalid tenant name (letters, digits, '_', '-', '.'; "
+                raise ConfigError(f"{source} [tenants.{_key(name)}]: invalid tenant name (letters, digits, '_', '-', '.'; "
                                   "not starting with '.')")
         tenants = {name: Tenant.parse(body, f"{source} [tenants.{name}]")
                    for name, body in data.get("tenants", {}).items()}
