@@ -44,7 +44,7 @@ _SIZE_UNITS = {
 _TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "m": 60.0, "min": 60.0, "h": 3600.0}
 _NUMBER_UNIT = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z%]*)\s*$")
 _UNLIMITED = {"none", "unlimited", "off"}
-_TENANT_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")  # also a directory name
+_TENANT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")  # also a directory name
 
 
 def _number(value: Any) -> float:
@@ -269,7 +269,7 @@ class Policy(BaseModel):
         known = {"defaults", "profiles", "tenants", "sandbox"}
         for key in data:
             if key not in known:
-                raise ConfigError(f"{source}: unknown table [{key}] (known: {', '.join(sorted(known))})")
+                raise ConfigError(f"{source}: unknown table [{_key(key)}] (known: {', '.join(sorted(known))})")
         for table in ("profiles", "tenants"):
             if not isinstance(data.get(table, {}), dict):
                 raise ConfigError(f"{source}: [{table}] must be a table of tables")
@@ -280,7 +280,7 @@ class Policy(BaseModel):
         profiles = {name: defaults.merged(Limits.parse(body, f"{source} [profiles.{_key(name)}]"))
                     for name, body in data.get("profiles", {}).items()}
         for name in data.get("tenants", {}):
-            if not _TENANT_NAME.match(name):
+            if not _TENANT_NAME.fullmatch(name):
                 raise ConfigError(f"{source} [tenants.{_key(name)}]: invalid tenant name (letters, digits, '_', '-', '.'; "
                                   "not starting with '.')")
         tenants = {name: Tenant.parse(body, f"{source} [tenants.{name}]")
