@@ -208,10 +208,52 @@ def address_space_for(limits: Limits, arch: str) -> tuple[int | None, str]:
     return limits.address_space, note
 
 
+def parse_rate(value: Any) -> float | None:
+    """Jobs per second from 2, '2/s', '120/m', '1000/h'; None for 'unlimited'."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in _UNLIMITED):
+        return None
+    if isinstance(value, str):
+        count, _, per = value.partition("/")
+        per_seconds = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}.get(per.strip().lower())
+        if per_seconds is None:
+            raise ValueError("expected a rate like '2/s', '120/m' or '1000/h'")
+        return _number(float(count)) / per_seconds
+    return _number(value)
+
+
 class Tenant(_Strict):
-    """A tenant's policy. Quotas arrive with the executor; today a tenant names its profile."""
+    """A tenant: its profile, and quotas the executor enforces across its running and queued jobs."""
 
     profile: str | None = None
+    priority: int = 0
+    max_concurrent: Count = None
+    memory_quota: Bytes = None
+    gpu_memory_quota: Bytes = None
+    rate: Annotated[Union[float, None], _positive(parse_rate)] = None
+    burst: Count = None
+    max_queued: Count = None
+
+
+class JobType(_Strict):
+    """A kind of job (training, inference, test, ...) with its own default profile and priority."""
+
+    profile: str | None = None
+    priority: int = 0
+
+
+class Node(_Strict):
+    """Declared capacity of this node. Unset: what psutil (CPU, memory) and NVML (GPU) report."""
+
+    cpu_slots: Count = None
+    memory: Bytes = None
+    gpu_memory: Bytes = None
+
+
+class Alerts(_Strict):
+    """Where alert events go besides the log and the audit log."""
+
+    command: list[str] = []
+    levels: list[float] = [0.8, 0.9]
 
 
 DEFAULT_ENV_ALLOW = (
@@ -247,6 +289,9 @@ class Policy(BaseModel):
     defaults: Limits = Limits()
     profiles: dict[str, Limits] = {}
     tenants: dict[str, Tenant] = {}
+    job_types: dict[str, JobType] = {}
+    node: Node = Node()
+    alerts: Alerts = Alerts()
     settings: Settings = Settings()
     source: str = "<built-in>"
 
@@ -266,11 +311,11 @@ class Policy(BaseModel):
 
     @classmethod
     def from_dict(cls, data: dict, source: str) -> "Policy":
-        known = {"defaults", "profiles", "tenants", "sandbox"}
+        known = {"defaults", "profiles", "tenants", "job_types", "node", "alerts", "sandbox"}
         for key in data:
             if key not in known:
                 raise ConfigError(f"{source}: unknown table [{_key(key)}] (known: {', '.join(sorted(known))})")
-        for table in ("profiles", "tenants"):
+        for table in ("profiles", "tenants", "job_types"):
             if not isinstance(data.get(table, {}), dict):
                 raise ConfigError(f"{source}: [{table}] must be a table of tables")
             for name, body in data.get(table, {}).items():
@@ -285,17 +330,27 @@ class Policy(BaseModel):
                                   "not starting with '.')")
         tenants = {name: Tenant.parse(body, f"{source} [tenants.{name}]")
                    for name, body in data.get("tenants", {}).items()}
-        for name, tenant in tenants.items():
-            if tenant.profile is not None and tenant.profile not in profiles:
-                raise ConfigError(f"{source} [tenants.{name}]: profile={tenant.profile!r}: no such profile")
-        settings = Settings.parse(data.get("sandbox", {}), f"{source} [sandbox]")
-        return cls(defaults=defaults, profiles=profiles, tenants=tenants, settings=settings, source=source)
+        job_types = {name: JobType.parse(body, f"{source} [job_types.{_key(name)}]")
+                     for name, body in data.get("job_types", {}).items()}
+        for table, entries in (("tenants", tenants), ("job_types", job_types)):
+            for name, entry in entries.items():
+                if entry.profile is not None and entry.profile not in profiles:
+                    raise ConfigError(f"{source} [{table}.{_key(name)}]: profile={entry.profile!r}: no such profile")
+        return cls(defaults=defaults, profiles=profiles, tenants=tenants, job_types=job_types,
+                   node=Node.parse(data.get("node", {}), f"{source} [node]"),
+                   alerts=Alerts.parse(data.get("alerts", {}), f"{source} [alerts]"),
+                   settings=Settings.parse(data.get("sandbox", {}), f"{source} [sandbox]"), source=source)
 
     def resolve(self, profile: str | None = None, tenant: str | None = None,
-                overrides: Limits | None = None) -> Limits:
-        """Limits for a job: the profile (explicit, else the tenant's, else defaults) then overrides."""
+                overrides: Limits | None = None, job_type: str | None = None) -> Limits:
+        """Limits for a job: the profile (explicit, else the job type's, else the tenant's, else
+        defaults), then overrides."""
         if tenant is not None and tenant not in self.tenants:
             raise ConfigError(f"{self.source}: tenant={tenant!r}: no such tenant")
+        if job_type is not None and job_type not in self.job_types:
+            raise ConfigError(f"{self.source}: job_type={job_type!r}: no such job type")
+        if profile is None and job_type is not None:
+            profile = self.job_types[job_type].profile
         if profile is None and tenant is not None:
             profile = self.tenants[tenant].profile
         if profile is None:

@@ -31,6 +31,7 @@ class Verdict(str, Enum):
     output = "output"
     crashed = "crashed"
     rejected = "rejected"
+    cancelled = "cancelled"
 
     def __str__(self) -> str:
         return self.value
@@ -41,7 +42,7 @@ LIMIT_VERDICTS = {Verdict.cpu_time, Verdict.wall_time, Verdict.memory, Verdict.a
 
 # Exit codes of `taichi-sandbox run`, in the spirit of timeout(1): 124 wall time, 125 internal error.
 EXIT_CODES = {
-    Verdict.ok: 0, Verdict.error: 1, Verdict.rejected: 3, Verdict.crashed: 4,
+    Verdict.ok: 0, Verdict.error: 1, Verdict.rejected: 3, Verdict.crashed: 4, Verdict.cancelled: 5,
     Verdict.output: 118, Verdict.processes: 119, Verdict.gpu_memory: 120, Verdict.address_space: 121,
     Verdict.memory: 122, Verdict.cpu_time: 123, Verdict.wall_time: 124,
 }
@@ -64,6 +65,8 @@ class JobSpec(_Strict):
     limits: Limits = Limits()
     profile: str | None = None
     tenant: str | None = None
+    job_type: str | None = None
+    priority: int | None = None
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     argv: list[str] = []

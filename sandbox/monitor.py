@@ -138,17 +138,47 @@ class Timeline:
             self.stride *= 2
 
 
+class JobControl:
+    """A handle on one running job for its submitter: `cancel()` asks the supervisor to end it
+    (SIGTERM, grace, SIGKILL; verdict `cancelled`). Safe to call from any thread, before or while
+    the job runs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._wake: Callable[[], None] | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            wake = self._wake
+        if wake is not None:
+            wake()
+
+    def attach(self, wake: Callable[[], None]) -> None:
+        """Called by the monitor: `wake` makes it look at the cancellation at once."""
+        with self._lock:
+            self._wake = wake
+        if self._cancelled:
+            wake()
+
+
 class Monitor(threading.Thread):
     """Samples the job every `poll_interval`; reports warnings and the first breach of each limit.
 
     `on_breach(violation)` is called from this thread, at most once per job; it performs the
-    termination (and may block for the grace period while this monitor keeps no lock).
+    termination (and may block for the grace period while this monitor keeps no lock). A cancelled
+    `control` leads to `on_breach(None)` instead.
     """
 
     def __init__(self, tree: JobTree, limits: Limits, started: float, now_epoch: Callable[[], float],
-                 output_bytes: Callable[[], int], on_breach: Callable[[Violation], None],
+                 output_bytes: Callable[[], int], on_breach: Callable[[Violation | None], None],
                  on_sample: Callable[[Sample], None] | None = None, gpu: GpuWatch | None = None,
-                 gpu_limit: int | None = None) -> None:
+                 gpu_limit: int | None = None, control: JobControl | None = None) -> None:
         super().__init__(name=f"tsbx-monitor-{tree.root_pid}", daemon=True)
         self.tree, self.limits, self.started, self.gpu = tree, limits, started, gpu
         self.watched = watched(limits, gpu_limit if gpu is not None else None)
@@ -161,8 +191,11 @@ class Monitor(threading.Thread):
         self.peak = Reading(0.0, 0, 0, 0.0, 0)
         self._warned: set[tuple[str, float]] = set()
         self._breached = False
+        self.control = control
 
     def run(self) -> None:
+        if self.control is not None:
+            self.control.attach(self.wake)
         while not self._stopped:
             self.tick()
             self._wake.wait(self._next_wait())
@@ -199,6 +232,9 @@ class Monitor(threading.Thread):
         self.timeline.add(sample)
         if self._on_sample is not None:
             self._on_sample(sample)
+        if self.control is not None and self.control.cancelled and not self._breached:
+            self._breached = True
+            self._on_breach(None)
         for resource, limit, value, fraction in breaches(self.watched, reading, elapsed):
             pid = reading.top_rss_pid if resource == "memory" else self.tree.root_pid
             if fraction >= 1.0 and not self._breached:

@@ -30,7 +30,7 @@ from .gpu import (ArchUnavailable, GpuDevice, GpuSampler, GpuUnavailable, GpuWat
 from .launcher import JOB_MARKER, Exit, base_env, make_launcher
 from .limits import DEFAULT_ENV_ALLOW, GiB, ConfigError, Limits, Policy, address_space_for, load_policy
 from .models import TAIL_BYTES, JobResult, JobSpec, Sample, Termination, Usage, Verdict, Violation
-from .monitor import JobTree, Monitor
+from .monitor import JobControl, JobTree, Monitor
 
 RLIMIT_CPU_HARD_EXTRA = 2  # seconds between SIGXCPU (soft) and the kernel's SIGKILL (hard)
 PUMP_DRAIN_TIMEOUT = 2.0
@@ -259,13 +259,15 @@ class Supervisor:
 
     # --- running ---------------------------------------------------------------------------------
 
-    def run(self, spec: JobSpec, on_sample: Callable[[Sample], None] | None = None) -> JobResult:
+    def run(self, spec: JobSpec, on_sample: Callable[[Sample], None] | None = None,
+            control: JobControl | None = None) -> JobResult:
         """Run one job to its verdict. Never raises for anything the job does; returns `rejected`
-        for a spec that cannot run (unknown profile, missing kernel file, unusable arch)."""
+        for a spec that cannot run (unknown profile, missing kernel file, unusable arch).
+        `control.cancel()` ends the job with verdict `cancelled`."""
         started_epoch = time.time()
         workdir = None
         try:
-            limits = self.policy.resolve(spec.profile, spec.tenant, spec.limits)
+            limits = self.policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
             arch, arch_note = resolve_arch(spec.arch, self.policy.settings.gpu_fallback_cpu)
             workdir = Path(tempfile.mkdtemp(prefix=f"tsbx-{spec.job_id}-"))
             prepared = self._prepare(spec, limits, arch, workdir)
@@ -274,7 +276,7 @@ class Supervisor:
                 shutil.rmtree(workdir, ignore_errors=True)
             return self._rejected(spec, str(err), started_epoch)
         try:
-            result = self._supervise(spec, limits, prepared, on_sample, started_epoch)
+            result = self._supervise(spec, limits, prepared, on_sample, control, started_epoch)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         result.rlimits = prepared.rlimits
@@ -283,8 +285,8 @@ class Supervisor:
         self.audit.record(result, spec.tenant)
         return result
 
-    def _supervise(self, spec: JobSpec, limits: Limits, prepared: _Prepared,
-                   on_sample: Callable[[Sample], None] | None, started_epoch: float) -> JobResult:
+    def _supervise(self, spec: JobSpec, limits: Limits, prepared: _Prepared, on_sample: Callable[[Sample], None] | None,
+                   control: JobControl | None, started_epoch: float) -> JobResult:
         job, plan = _Job(spec, limits), prepared.plan
         (out_r, out_w), (err_r, err_w), (ch_r, ch_w) = os.pipe(), os.pipe(), os.pipe()
         started = time.monotonic()
@@ -298,7 +300,7 @@ class Supervisor:
         job.tree = JobTree(launched.pid)
         monitor = Monitor(job.tree, limits, started, time.time, lambda: pump.output_bytes(),
                           lambda v: self._terminate(job, launched.pid, v), on_sample,
-                          gpu=prepared.gpu_watch, gpu_limit=prepared.gpu_limit)
+                          gpu=prepared.gpu_watch, gpu_limit=prepared.gpu_limit, control=control)
         pump = _Pump(out_r, err_r, ch_r, limits.max_output, monitor.wake)
         pump.start()
         monitor.start()
@@ -317,13 +319,15 @@ class Supervisor:
             job.notes.append(f"gpu_memory watch stopped: {prepared.gpu_watch.failure}")
         return self._verdict(job, plan, monitor, pump, exit_, started_epoch, ended - started)
 
-    def _terminate(self, job: _Job, pgid: int, violation: Violation) -> None:
-        """SIGTERM the whole tree, wait `grace`, SIGKILL what is left (or SIGKILL at once)."""
+    def _terminate(self, job: _Job, pgid: int, violation: Violation | None) -> None:
+        """SIGTERM the whole tree, wait `grace`, SIGKILL what is left (or SIGKILL at once).
+        `violation` None means the job was cancelled."""
         with job.lock:
-            job.violations.append(violation)
-            job.termination = Termination(reason=violation.resource)
+            if violation is not None:
+                job.violations.append(violation)
+            job.termination = Termination(reason=violation.resource if violation is not None else "cancelled")
         term = job.termination
-        if violation.action == "sigkill":
+        if violation is not None and violation.action == "sigkill":
             term.killed_pids = _signal_all(job.tree.alive(), pgid, signal.SIGKILL)
             term.sigkill_at = time.time()
             return
@@ -388,6 +392,8 @@ class Supervisor:
             verdict = Verdict(first.resource)
             reason = f"{first.resource} limit {_fmt(first.resource, first.limit)} exceeded: " \
                      f"observed {_fmt(first.resource, first.observed)} ({first.detected_by})"
+        elif job.termination is not None and job.termination.reason == "cancelled":
+            verdict, reason = Verdict.cancelled, "cancelled by request"
         elif final is not None and final.status == "ok" and exit_.code == 0:
             verdict, reason = Verdict.ok, ""
         elif final is not None and final.status == "error":
