@@ -1,4 +1,4 @@
-"""Append-only audit log: one JSON line per job and one per violation, each fsync'ed."""
+"""Append-only audit log: one JSON line per job, per violation and per alert, each fsync'ed."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ class AuditLog:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def event(self, record: dict) -> None:
+        """Append one free-form record (alerts, admission decisions)."""
+        self._append([record])
 
     def record(self, result: JobResult, tenant: str | None) -> None:
         """One record per violation (warnings included), then the job record."""

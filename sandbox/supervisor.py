@@ -289,10 +289,10 @@ class Supervisor:
                    control: JobControl | None, started_epoch: float) -> JobResult:
         job, plan = _Job(spec, limits), prepared.plan
         (out_r, out_w), (err_r, err_w), (ch_r, ch_w) = os.pipe(), os.pipe(), os.pipe()
-        started = time.monotonic()
         try:
             with self._launch_lock:
                 launched = self.launcher.start(plan, out_w, err_w, ch_w)
+                started = time.monotonic()  # the job's clock: a fork-server's own start is not its time
                 self._running[launched.pid] = tenant_key(spec)
         finally:
             for fd in (out_w, err_w, ch_w):

@@ -1,0 +1,423 @@
+"""SandboxExecutor: many jobs on one node, with admission control, tenant quotas, priorities, alerts
+and metrics. Shaped like `concurrent.futures`: `submit(spec) -> Future[JobResult]`, `map`, `shutdown`.
+
+Admission (at `submit`, before anything starts):
+  1. the spec resolves (profile, tenant, job type) and its demand fits the node's total capacity;
+  2. its demand fits the tenant's hard quotas (memory, GPU memory) on its own;
+  3. the tenant's submission rate (token bucket) allows it;
+  otherwise the future resolves at once with verdict `rejected` and the reason.
+  4. the tenant's queue has room, else `QueueFull` (or wait for room, caller's choice).
+Scheduling (worker threads): the queued job with the highest effective priority that fits what is
+free now (node capacity and the tenant's concurrency and quotas) runs next; FIFO within a priority.
+Effective priority = priority + seconds waited / AGEING_SECONDS. Once the best job has waited
+RESERVE_AFTER seconds without fitting, nothing is started past it until it fits: no job waits
+longer than RESERVE_AFTER plus the time for running jobs to free its resources.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import psutil
+
+from .alerts import Alerts
+from .limits import ConfigError, Limits, Policy, Tenant
+from .metrics import Metrics
+from .models import JobResult, JobSpec, Verdict
+from .monitor import JobControl
+from .supervisor import Supervisor
+
+AGEING_SECONDS = 10.0
+RESERVE_AFTER = 30.0
+DEFAULT_TENANT = "_default"
+
+
+class QueueFull(Exception):
+    """The tenant's (or executor's) queue is at its bound; the message says which."""
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What one job reserves while it runs."""
+
+    cpu: int
+    memory: int
+    gpu_memory: int
+
+
+@dataclass(frozen=True)
+class Capacity:
+    cpu_slots: int
+    memory: int
+    gpu_memory: int | None  # None: not accounted (no GPU known)
+
+
+class JobFuture(Future):
+    """A Future[JobResult]. `cancel()` on a queued job cancels it (CancelledError, as usual); on a
+    running job it asks the supervisor to end it and returns True: the result is verdict `cancelled`."""
+
+    def __init__(self, spec: JobSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.control = JobControl()
+        self.tenant = spec.tenant or DEFAULT_TENANT
+
+    def cancel(self) -> bool:
+        if super().cancel():
+            return True
+        if self.running():
+            self.control.cancel()
+            return True
+        return False
+
+
+@dataclass
+class _Entry:
+    future: JobFuture
+    demand: Demand
+    priority: int
+    seq: int
+    submitted: float = field(default_factory=time.monotonic)
+
+    def effective(self, now: float) -> float:
+        return self.priority + (now - self.submitted) / AGEING_SECONDS
+
+
+@dataclass
+class _TenantState:
+    running: int = 0
+    memory: int = 0
+    gpu_memory: int = 0
+    queued: int = 0
+    rejections: int = 0
+    violations: int = 0
+    tokens: float = 0.0
+    refilled: float = field(default_factory=time.monotonic)
+
+
+class _TokenBucket:
+    @staticmethod
+    def take(state: _TenantState, rate: float, burst: int) -> bool:
+        now = time.monotonic()
+        state.tokens = min(float(burst), state.tokens + (now - state.refilled) * rate)
+        state.refilled = now
+        if state.tokens >= 1.0:
+            state.tokens -= 1.0
+            return True
+        return False
+
+
+def node_capacity(policy: Policy, gpu_total: int | None) -> Capacity:
+    """[node] from limits.toml, defaulting to what psutil and NVML report."""
+    node = policy.node
+    return Capacity(cpu_slots=node.cpu_slots or os.cpu_count() or 1,
+                    memory=node.memory or psutil.virtual_memory().total,
+                    gpu_memory=node.gpu_memory if node.gpu_memory is not None else gpu_total)
+
+
+def _size(n: float) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
+
+
+class SandboxExecutor:
+    """Runs JobSpecs on this node through one Supervisor. Thread-safe; use as a context manager."""
+
+    def __init__(self, max_concurrent: int | None = None, capacity: Capacity | None = None,
+                 policy: Policy | None = None, supervisor: Supervisor | None = None,
+                 alert_hook: Callable[[dict], None] | None = None, metrics: Metrics | None = None,
+                 state_file: str | os.PathLike | None = None) -> None:
+        self.supervisor = supervisor if supervisor is not None else Supervisor(policy)
+        self._owns_supervisor = supervisor is None
+        self.policy = self.supervisor.policy
+        if capacity is None:
+            devices, _ = self.supervisor.gpu_facts()
+            capacity = node_capacity(self.policy, devices[0].memory_total if devices else None)
+        self.capacity = capacity
+        self.max_concurrent = max_concurrent or capacity.cpu_slots
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.alerts = Alerts(self.supervisor.audit, self.policy.alerts.levels, alert_hook, self.policy.alerts.command)
+        self.state_file = Path(state_file) if state_file else self.policy.settings.resolved_state_dir() / "quota.json"
+        self._cv = threading.Condition()
+        self._queue: list[_Entry] = []
+        self._seq = itertools.count()
+        self._used = Demand(0, 0, 0)
+        self._tenants: dict[str, _TenantState] = {}
+        self._running: set[JobFuture] = set()
+        self._shutdown = False
+        self._workers = [threading.Thread(target=self._work, name=f"tsbx-exec-{i}", daemon=True)
+                         for i in range(self.max_concurrent)]
+        for worker in self._workers:
+            worker.start()
+
+    def __enter__(self) -> "SandboxExecutor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown(wait=True)
+
+    # --- admission -------------------------------------------------------------------------------
+
+    def _tenant(self, name: str) -> Tenant:
+        return self.policy.tenants.get(name) or Tenant()
+
+    def demand(self, spec: JobSpec, limits: Limits) -> Demand:
+        """Memory unlimited reserves the whole node; a GPU job without a gpu_memory limit, the whole
+        device; a fractional limit, that fraction of the device."""
+        gpu = 0
+        if spec.arch != "cpu" and self.capacity.gpu_memory is not None:
+            if limits.gpu_memory is None:
+                gpu = self.capacity.gpu_memory
+            elif isinstance(limits.gpu_memory, float):
+                gpu = int(limits.gpu_memory * self.capacity.gpu_memory)
+            else:
+                gpu = limits.gpu_memory
+        return Demand(cpu=limits.cpu_threads or 1, memory=limits.memory or self.capacity.memory, gpu_memory=gpu)
+
+    def _admission_problem(self, spec: JobSpec, demand: Demand, tenant: Tenant) -> tuple[str, str] | None:
+        """(reason code, message) when the job can never run here, else None."""
+        cap = self.capacity
+        if demand.cpu > cap.cpu_slots:
+            return "capacity_cpu", f"needs {demand.cpu} CPU slots; node has {cap.cpu_slots}"
+        if demand.memory > cap.memory:
+            return "capacity_memory", (f"memory {_size(demand.memory)} exceeds node capacity {_size(cap.memory)} "
+                                       f"by {_size(demand.memory - cap.memory)}")
+        if cap.gpu_memory is not None and demand.gpu_memory > cap.gpu_memory:
+            return "capacity_gpu_memory", (f"gpu_memory {_size(demand.gpu_memory)} exceeds node capacity "
+                                           f"{_size(cap.gpu_memory)} by {_size(demand.gpu_memory - cap.gpu_memory)}")
+        name = spec.tenant or DEFAULT_TENANT
+        if tenant.memory_quota is not None and demand.memory > tenant.memory_quota:
+            return "quota_memory", (f"tenant {name} memory quota {_size(tenant.memory_quota)} exceeded by "
+                                    f"{_size(demand.memory - tenant.memory_quota)}")
+        if tenant.gpu_memory_quota is not None and demand.gpu_memory > tenant.gpu_memory_quota:
+            return "quota_gpu_memory", (f"tenant {name} gpu_memory quota {_size(tenant.gpu_memory_quota)} exceeded "
+                                        f"by {_size(demand.gpu_memory - tenant.gpu_memory_quota)}")
+        return None
+
+    def submit(self, spec: JobSpec, *, block: bool = False, timeout: float | None = None) -> JobFuture:
+        """Queue `spec`. Returns a future that may already hold a `rejected` result. Raises QueueFull
+        when the tenant's queue is full (after waiting up to `timeout` when `block`), and
+        RuntimeError after shutdown."""
+        future = JobFuture(spec)
+        name = future.tenant
+        try:
+            limits = self.policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
+        except ConfigError as err:
+            return self._reject(future, "invalid", str(err))
+        tenant = self._tenant(name)
+        demand = self.demand(spec, limits)
+        problem = self._admission_problem(spec, demand, tenant)
+        if problem is not None:
+            return self._reject(future, *problem)
+        job_type = self.policy.job_types.get(spec.job_type) if spec.job_type else None
+        priority = spec.priority if spec.priority is not None else (
+            job_type.priority if job_type is not None else tenant.priority)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            if self._shutdown:
+                raise RuntimeError("cannot submit after shutdown")
+            state = self._tenants.setdefault(name, _TenantState(tokens=float(self._burst(tenant))))
+            if tenant.rate is not None and not _TokenBucket.take(state, tenant.rate, self._burst(tenant)):
+                rate_problem = ("rate", f"tenant {name} submission rate {tenant.rate:g}/s exceeded")
+            else:
+                rate_problem = None
+                while tenant.max_queued is not None and state.queued >= tenant.max_queued:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if not block or (remaining is not None and remaining <= 0) or self._shutdown:
+                        raise QueueFull(f"tenant {name} has {state.queued} queued jobs (max_queued="
+                                        f"{tenant.max_queued})")
+                    self._cv.wait(remaining)
+                state.queued += 1
+                self._queue.append(_Entry(future, demand, priority, next(self._seq)))
+                self.metrics.queued.labels(name).set(state.queued)
+                self._cv.notify_all()
+        if rate_problem is not None:
+            return self._reject(future, *rate_problem)
+        return future
+
+    @staticmethod
+    def _burst(tenant: Tenant) -> int:
+        return tenant.burst or max(1, math.ceil(tenant.rate or 1))
+
+    def _reject(self, future: JobFuture, code: str, message: str) -> JobFuture:
+        spec = future.spec
+        result = JobResult(job_id=spec.job_id, kernel=spec.kernel, arch=spec.arch, verdict=Verdict.rejected,
+                           reason=message, labels=spec.labels, started_at=time.time(), ended_at=time.time(),
+                           launcher=self.supervisor.launcher.name)
+        self.supervisor.audit.record(result, spec.tenant)
+        with self._cv:
+            self._tenants.setdefault(future.tenant, _TenantState()).rejections += 1
+        self.metrics.rejections.labels(code, future.tenant).inc()
+        self.metrics.jobs.labels("rejected", future.tenant).inc()
+        self.alerts.emit("rejected", tenant=future.tenant, job_id=spec.job_id, reason=code, message=message)
+        future.set_result(result)
+        return future
+
+    def map(self, specs: Iterable[JobSpec], timeout: float | None = None) -> Iterator[JobResult]:
+        """Submit every spec, then yield results in submission order (blocking on queue bounds)."""
+        futures = [self.submit(spec, block=True) for spec in specs]
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def results():
+            for f in futures:
+                yield f.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return results()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False, cancel_running: bool = False) -> None:
+        """Stop accepting jobs. `cancel_futures` cancels queued jobs; `cancel_running` ends running ones
+        (verdict `cancelled`). With `wait`, returns when every started job has its verdict."""
+        with self._cv:
+            self._shutdown = True
+            if cancel_futures:
+                for entry in self._queue:
+                    entry.future.cancel()
+                self._queue.clear()
+                for state in self._tenants.values():
+                    state.queued = 0
+            if cancel_running:
+                for future in self._running:
+                    future.control.cancel()
+            self._cv.notify_all()
+        if wait:
+            for worker in self._workers:
+                worker.join()
+            if self._owns_supervisor:
+                self.supervisor.close()
+
+    # --- scheduling ------------------------------------------------------------------------------
+
+    def _fits(self, entry: _Entry) -> bool:
+        d, used, cap = entry.demand, self._used, self.capacity
+        if used.cpu + d.cpu > cap.cpu_slots or used.memory + d.memory > cap.memory:
+            return False
+        if cap.gpu_memory is not None and used.gpu_memory + d.gpu_memory > cap.gpu_memory:
+            return False
+        tenant = self._tenant(entry.future.tenant)
+        state = self._tenants[entry.future.tenant]
+        return not ((tenant.max_concurrent is not None and state.running >= tenant.max_concurrent)
+                    or (tenant.memory_quota is not None and state.memory + d.memory > tenant.memory_quota)
+                    or (tenant.gpu_memory_quota is not None
+                        and state.gpu_memory + d.gpu_memory > tenant.gpu_memory_quota))
+
+    def _pick(self) -> _Entry | None:
+        now = time.monotonic()
+        for entry in [e for e in self._queue if e.future.cancelled()]:
+            self._queue.remove(entry)
+            self._dequeued(entry)
+        for position, entry in enumerate(sorted(self._queue, key=lambda e: (-e.effective(now), e.seq))):
+            if self._fits(entry):
+                self._queue.remove(entry)
+                return entry
+            if position == 0 and now - entry.submitted >= RESERVE_AFTER:
+                return None  # reserve the node for the job that has waited longest at the top
+        return None
+
+    def _dequeued(self, entry: _Entry) -> None:
+        """Bookkeeping for a job leaving the queue (to run, or cancelled)."""
+        state = self._tenants[entry.future.tenant]
+        state.queued -= 1
+        self.metrics.queued.labels(entry.future.tenant).set(state.queued)
+
+    def _account(self, entry: _Entry, sign: int) -> None:
+        d, name = entry.demand, entry.future.tenant
+        self._used = Demand(self._used.cpu + sign * d.cpu, self._used.memory + sign * d.memory,
+                            self._used.gpu_memory + sign * d.gpu_memory)
+        state = self._tenants[name]
+        state.running += sign
+        state.memory += sign * d.memory
+        state.gpu_memory += sign * d.gpu_memory
+        self.metrics.running.labels(name).set(state.running)
+        tenant = self._tenant(name)
+        for resource, used, quota in (("concurrency", state.running, tenant.max_concurrent),
+                                      ("memory", state.memory, tenant.memory_quota),
+                                      ("gpu_memory", state.gpu_memory, tenant.gpu_memory_quota)):
+            if quota:
+                self.metrics.quota_ratio.labels(name, resource).set(used / quota)
+                self.alerts.quota(name, resource, used, quota)
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                entry = self._pick()
+                while entry is None:
+                    if self._shutdown and not self._queue:
+                        return
+                    self._cv.wait(timeout=1.0)
+                    entry = self._pick()
+                self._dequeued(entry)
+                if not entry.future.set_running_or_notify_cancel():
+                    continue
+                self._account(entry, +1)
+                self._running.add(entry.future)
+                self._write_state()
+                self._cv.notify_all()
+            self._run(entry)
+
+    def _run(self, entry: _Entry) -> None:
+        future, name = entry.future, entry.future.tenant
+        self.metrics.queue_wait.labels(name).observe(time.monotonic() - entry.submitted)
+        try:
+            result = self.supervisor.run(future.spec, control=future.control)
+        except BaseException as err:  # noqa: BLE001 - the future must resolve whatever happens
+            result = None
+            failure = err
+        with self._cv:
+            self._account(entry, -1)
+            self._running.discard(future)
+            if result is not None:
+                self._tenants[name].violations += sum(1 for v in result.violations if v.action != "warn")
+            self._write_state()
+            self._cv.notify_all()
+        if result is None:
+            future.set_exception(failure)
+            return
+        self.metrics.jobs.labels(result.verdict.value, name).inc()
+        self.metrics.duration.labels(name).observe(result.usage.wall_seconds)
+        for v in result.violations:
+            if v.action != "warn":
+                self.metrics.violations.labels(v.resource, name).inc()
+                self.alerts.emit("violation", tenant=name, job_id=result.job_id, resource=v.resource,
+                                 limit=v.limit, observed=v.observed, action=v.action)
+        future.set_result(result)
+
+    # --- reporting -------------------------------------------------------------------------------
+
+    def quota_state(self) -> dict:
+        """Per tenant: running, queued, used vs quota, rejections and violations (a JSON-able dict)."""
+        with self._cv:
+            return self._quota_state()
+
+    def _quota_state(self) -> dict:
+        tenants = {}
+        for name in sorted(set(self.policy.tenants) | set(self._tenants)):
+            state, tenant = self._tenants.get(name, _TenantState()), self._tenant(name)
+            tenants[name] = {
+                "running": state.running, "queued": state.queued, "rejections": state.rejections,
+                "violations": state.violations,
+                "concurrency": {"used": state.running, "quota": tenant.max_concurrent},
+                "memory": {"used": state.memory, "quota": tenant.memory_quota},
+                "gpu_memory": {"used": state.gpu_memory, "quota": tenant.gpu_memory_quota},
+            }
+        cap = self.capacity
+        return {"updated": time.time(), "node": {"cpu_slots": [self._used.cpu, cap.cpu_slots],
+                                                 "memory": [self._used.memory, cap.memory],
+                                                 "gpu_memory": [self._used.gpu_memory, cap.gpu_memory]},
+                "tenants": tenants}
+
+    def _write_state(self) -> None:
+        """Snapshot for `taichi-sandbox quota` (atomic replace; called under the lock)."""
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self._quota_state()))
+            os.replace(tmp, self.state_file)
+        except OSError:
+            pass
