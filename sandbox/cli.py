@@ -1,4 +1,5 @@
-"""`taichi-sandbox`: run kernel files under limits, list profiles, check a limits.toml.
+"""`taichi-sandbox`: run kernel files under limits, run batches, list profiles, check a limits.toml,
+probe the machine, show quota usage.
 
 Exit codes (see README): the verdict's code for `run` (0 ok, 1 error, 3 rejected, 4 crashed,
 118-124 one per limit, 124 = wall time as in timeout(1)); 2 usage/config error; 125 internal error.
@@ -14,12 +15,14 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
 from .enforcement import machine_report
+from .executor import SandboxExecutor
 from .gpu import NvmlSampler
-from .limits import ConfigError, Limits, Policy, load_policy
+from .limits import ConfigError, Limits, Policy, load_policy, tomllib
 from .models import EXIT_INTERNAL, EXIT_USAGE, JobResult, JobSpec, Sample, Verdict
 from .supervisor import Supervisor
 
@@ -210,6 +213,116 @@ def check(path: Path = typer.Argument(..., help="limits.toml to validate.")) -> 
         raise _fail(str(e))
     Console().print(f"{path}: ok ({len(policy.profiles)} profiles, {len(policy.tenants)} tenants)",
                     highlight=False)
+
+
+def _manifest(path: Path) -> list[dict]:
+    """[[job]] tables of a jobs.toml, each a JobSpec's fields (kernel, arch, tenant, limits, ...)."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: manifest not found") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read manifest: {e}") from None
+    jobs = data.get("job")
+    if set(data) != {"job"} or not isinstance(jobs, list) or not all(isinstance(j, dict) for j in jobs):
+        raise ConfigError(f"{path}: expected only [[job]] tables")
+    return jobs
+
+
+@app.command()
+def batch(
+    files: Optional[List[str]] = typer.Argument(None, help="Kernel files (or FILE:FUNCTION) to run."),
+    manifest: Optional[Path] = typer.Option(None, help="jobs.toml with [[job]] tables (kernel, arch, tenant, "
+                                                      "profile, job_type, priority, args, kwargs, [job.limits])."),
+    concurrency: Optional[int] = typer.Option(None, min=1, help="Jobs at once (default: node CPU slots)."),
+    tenant: Optional[str] = typer.Option(None, help="Tenant for jobs that do not name one."),
+    profile: Optional[str] = typer.Option(None, help="Profile for jobs that do not name one."),
+    arch: str = typer.Option("cpu", help="Arch for jobs that do not name one."),
+    limits_file: Optional[Path] = typer.Option(None, help="limits.toml (default: $TAICHI_SANDBOX_LIMITS or ./limits.toml)."),
+    metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus /metrics on 127.0.0.1:PORT."),
+    metrics_textfile: Optional[Path] = typer.Option(None, help="Write Prometheus metrics to this file at the end."),
+    as_json: bool = typer.Option(False, "--json", help="One JobResult JSON per line, nothing else."),
+) -> None:
+    """Run many jobs through the executor (admission control, quotas, priorities); exit 0 when all
+    are ok, 1 otherwise."""
+    try:
+        policy = load_policy(limits_file)
+        entries = _manifest(manifest) if manifest else []
+        entries += [{"kernel": f} for f in files or []]
+        if not entries:
+            raise ConfigError("no jobs: give kernel files or --manifest")
+        specs = []
+        for number, entry in enumerate(entries, 1):
+            entry = {"arch": arch, "tenant": tenant, "profile": profile, **entry}
+            spec = JobSpec.parse(entry, f"job {number}")
+            target = spec.target()[0]
+            if (spec.target()[1] is None or target.endswith(".py")) and not Path(target).is_file():
+                raise ConfigError(f"job {number}: kernel file not found: {target}")
+            policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
+            specs.append(spec)
+    except ConfigError as e:
+        raise _fail(str(e))
+    out = Console()
+    with SandboxExecutor(max_concurrent=concurrency, policy=policy) as executor:
+        if metrics_port is not None:
+            executor.metrics.serve(metrics_port)
+        futures = [executor.submit(spec, block=True) for spec in specs]
+        if out.is_terminal and not as_json:
+            with Progress(*Progress.get_default_columns(), console=out, transient=True) as progress:
+                task = progress.add_task("jobs", total=len(futures))
+                for future in futures:
+                    future.add_done_callback(lambda _: progress.advance(task))
+                results = [f.result() for f in futures]
+        else:
+            results = [f.result() for f in futures]
+        if metrics_textfile is not None:
+            executor.metrics.write_textfile(str(metrics_textfile))
+    if as_json:
+        for result in results:
+            sys.stdout.write(result.model_dump_json() + "\n")
+    else:
+        table = Table(title=f"{len(results)} jobs")
+        for column in ("job", "kernel", "tenant", "verdict", "exit", "wall s", "reason"):
+            table.add_column(column)
+        for spec, r in zip(specs, results):
+            table.add_row(r.job_id, spec.kernel, spec.tenant or "-",
+                          Text(r.verdict.value, VERDICT_STYLE.get(r.verdict, "bold magenta")),
+                          str(r.exit_status), f"{r.usage.wall_seconds:.2f}", r.reason)
+        out.print(table)
+    raise typer.Exit(0 if all(r.verdict is Verdict.ok for r in results) else 1)
+
+
+@app.command()
+def quota(state: Optional[Path] = typer.Option(None, help="quota.json written by a running executor "
+                                                           "(default: <state_dir>/quota.json)."),
+          limits_file: Optional[Path] = typer.Option(None, help="limits.toml, for its state_dir."),
+          as_json: bool = typer.Option(False, "--json", help="Print the state as JSON.")) -> None:
+    """Tenants' usage against their quotas, from the executor's state file."""
+    try:
+        path = state or load_policy(limits_file).settings.resolved_state_dir() / "quota.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no quota state (no executor has run with this state_dir)") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: unreadable quota state: {e}") from None
+    except ConfigError as e:
+        raise _fail(str(e))
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    table = Table(title=f"quota usage ({path})")
+    for column in ("tenant", "running", "queued", "concurrency", "memory", "gpu memory", "rejections", "violations"):
+        table.add_column(column)
+
+    def used(entry: dict, fmt) -> str:
+        quota_value = entry["quota"]
+        return f"{fmt(entry['used'])} / {fmt(quota_value) if quota_value else '-'}"
+    for name, t in data["tenants"].items():
+        table.add_row(name, str(t["running"]), str(t["queued"]), used(t["concurrency"], str),
+                      used(t["memory"], _size), used(t["gpu_memory"], _size), str(t["rejections"]),
+                      str(t["violations"]))
+    Console().print(table)
 
 
 LEVEL_STYLE = {"hard": "green", "watched": "cyan", "unavailable": "red", "off": "dim"}

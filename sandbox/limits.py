@@ -121,6 +121,7 @@ def _positive(parser):
 Seconds = Annotated[Union[float, None], _positive(parse_duration)]
 Bytes = Annotated[Union[int, None], _positive(parse_size)]
 Count = Annotated[Union[int, None], _positive(_count)]
+Quota = Annotated[Union[int, None], BeforeValidator(parse_size)]  # bytes; 0 allowed ("none of it")
 
 
 def _key(name: str) -> str:
@@ -227,8 +228,8 @@ class Tenant(_Strict):
     profile: str | None = None
     priority: int = 0
     max_concurrent: Count = None
-    memory_quota: Bytes = None
-    gpu_memory_quota: Bytes = None
+    memory_quota: Quota = None
+    gpu_memory_quota: Quota = None
     rate: Annotated[Union[float, None], _positive(parse_rate)] = None
     burst: Count = None
     max_queued: Count = None

@@ -102,3 +102,40 @@ def test_run_with_arch_gpu_says_where_it_ran(tmp_path):
     else:
         assert result["verdict"] == "ok" and result["arch"] in ("cuda", "vulkan", "opengl")
         assert f"gpu resolved to {result['arch']}" in result["notes"]
+
+
+def test_batch_manifest_json_lines_and_quota(tmp_path):
+    manifest = tmp_path / "jobs.toml"
+    manifest.write_text(f'''
+[[job]]
+kernel = "{kernel("tiny.py")}"
+tenant = "default"
+[[job]]
+kernel = "{kernel("cpu_hog.py")}"
+priority = 2
+[job.limits]
+cpu_time = "1s"
+''')
+    p = cli("batch", "--manifest", str(manifest), kernel("reduction.py") + ":sum_of_squares", "--json",
+            "--concurrency", "2", "--metrics-textfile", str(tmp_path / "m.prom"), tmp_path=tmp_path)
+    results = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [r["verdict"] for r in results] == ["ok", "cpu_time", "ok"] and p.returncode == 1
+    assert results[2]["return_value"] == 332833500
+    assert 'taichi_sandbox_jobs_total{tenant="default",verdict="ok"} 1.0' in (tmp_path / "m.prom").read_text()
+    q = cli("quota", "--json", tmp_path=tmp_path)
+    state = json.loads(q.stdout)
+    assert state["tenants"]["default"]["running"] == 0 and state["tenants"]["_default"]["violations"] == 1
+
+
+@pytest.mark.parametrize("manifest,fragment", [
+    ("[[job]]\nkernel = 3\n", "job 1: kernel=3"),
+    ("[[job]]\nkernel = \"nope.py\"\n", "job 1: kernel file not found: nope.py"),
+    ("[[job]]\nkernel = \"x.py\"\n[job.limits]\nmemory = \"much\"\n", "memory='much'"),
+    ("[jobs]\nkernel = \"x.py\"\n", "expected only [[job]] tables"),
+])
+def test_batch_bad_manifest_is_one_line_exit_2(tmp_path, manifest, fragment):
+    (tmp_path / "x.py").write_text("print(1)\n")
+    path = tmp_path / "jobs.toml"
+    path.write_text(manifest)
+    p = cli("batch", "--manifest", str(path), tmp_path=tmp_path)
+    assert p.returncode == 2 and fragment in p.stderr and len(p.stderr.strip().splitlines()) == 1

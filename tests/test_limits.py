@@ -122,3 +122,11 @@ def test_fuzzed_limits_either_parse_or_fail_with_one_line(data):
         Limits.parse(data, "fuzz")
     except ConfigError as err:
         assert "\n" not in str(err) and str(err).startswith("fuzz: ")
+
+
+def test_shared_node_example_is_valid():
+    policy = Policy.load(ROOT / "examples" / "shared-node.toml")
+    assert set(policy.tenants) == {"physics", "ml", "ci"}
+    assert policy.resolve(tenant="ml").memory == 48 * GiB
+    assert policy.resolve(tenant="ci", job_type="training").cpu_time == 12 * 3600
+    assert policy.tenants["ci"].gpu_memory_quota == 0 and policy.tenants["physics"].rate == 0.5
