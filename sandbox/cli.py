@@ -22,7 +22,7 @@ from rich.text import Text
 from .enforcement import machine_report
 from .executor import SandboxExecutor
 from .gpu import NvmlSampler
-from .limits import ConfigError, Limits, Policy, load_policy, tomllib
+from .limits import ConfigError, Limits, Policy, load_policy, read_file, tomllib
 from .models import EXIT_INTERNAL, EXIT_USAGE, JobResult, JobSpec, Sample, Verdict
 from .supervisor import Supervisor
 
@@ -217,12 +217,7 @@ def check(path: Path = typer.Argument(..., help="limits.toml to validate.")) -> 
 
 def _manifest(path: Path) -> list[dict]:
     """[[job]] tables of a jobs.toml, each a JobSpec's fields (kernel, arch, tenant, limits, ...)."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: manifest not found") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read manifest: {e}") from None
+    data = read_file(path, "manifest", tomllib.loads)
     jobs = data.get("job")
     if set(data) != {"job"} or not isinstance(jobs, list) or not all(isinstance(j, dict) for j in jobs):
         raise ConfigError(f"{path}: expected only [[job]] tables")
@@ -300,12 +295,7 @@ def quota(state: Optional[Path] = typer.Option(None, help="quota.json written by
     """Tenants' usage against their quotas, from the executor's state file."""
     try:
         path = state or load_policy(limits_file).settings.resolved_state_dir() / "quota.json"
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no quota state (no executor has run with this state_dir)") from None
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: unreadable quota state: {e}") from None
+        data = read_file(path, "quota state (written by a running executor)", json.loads)
     except ConfigError as e:
         raise _fail(str(e))
     if as_json:

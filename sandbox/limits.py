@@ -11,7 +11,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
@@ -122,6 +122,19 @@ Seconds = Annotated[Union[float, None], _positive(parse_duration)]
 Bytes = Annotated[Union[int, None], _positive(parse_size)]
 Count = Annotated[Union[int, None], _positive(_count)]
 Quota = Annotated[Union[int, None], BeforeValidator(parse_size)]  # bytes; 0 allowed ("none of it")
+
+
+def read_file(path: str | os.PathLike, what: str, parse: Callable[[str], Any]) -> Any:
+    """`parse(text of path)`; a missing, unreadable or unparsable file is a one-line ConfigError
+    naming the file and `what` it should have been."""
+    try:
+        return parse(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read {what}: {err}") from None
+    except ValueError as err:  # TOMLDecodeError, JSONDecodeError
+        raise ConfigError(f"{path}: invalid {what}: {str(err).splitlines()[0]}") from None
 
 
 def _key(name: str) -> str:
@@ -299,16 +312,7 @@ class Policy(BaseModel):
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Policy":
         """Parse and validate a limits.toml. Raises ConfigError (one line) on any problem."""
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: limits file not found") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: cannot read: {err}") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: invalid TOML: {err}") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_file(path, "limits file", tomllib.loads), str(path))
 
     @classmethod
     def from_dict(cls, data: dict, source: str) -> "Policy":

@@ -86,7 +86,7 @@ def _write(tmp_path, text: str) -> Path:
     ("[defaults]\ncpu_time = \"-5s\"\n", "[defaults]: cpu_time='-5s'"),
     ("[defaults]\ncpu_tme = 5\n", "[defaults]: unknown key 'cpu_tme'"),
     ("[profiles.x]\nmemory = \"lots\"\n", "[profiles.x]: memory='lots'"),
-    ("[defaults\ncpu_time = 5\n", "invalid TOML"),
+    ("[defaults\ncpu_time = 5\n", "invalid limits file"),
     ("[limits]\ncpu_time = 5\n", "unknown table [limits]"),
     ("[tenants.a]\nprofile = \"missing\"\n", "[tenants.a]: profile='missing': no such profile"),
     ("[sandbox]\nlauncher = \"fork\"\n", "[sandbox]: launcher='fork'"),
