@@ -66,6 +66,18 @@ def _become_job(payload: bytes, fds: list[int], keep_closed: list[int]) -> None:
         os._exit(72)
 
 
+def detach(pid_fd: int) -> None:
+    """Leave the starter's process tree (fork, the parent exits) and report our pid on `pid_fd`.
+
+    Whoever kills the supervisor's direct children at once (Ray's force-cancel does) then cannot
+    kill the server before it has killed its jobs: the server sees the lifeline close and cleans up.
+    """
+    if os.fork() > 0:
+        os._exit(0)
+    os.write(pid_fd, f"{os.getpid()}\n".encode())
+    os.close(pid_fd)
+
+
 def serve(listen_fd: int, lifeline_fd: int) -> None:
     """Accept job requests until the lifeline closes."""
     child._prctl(child.PR_SET_CHILD_SUBREAPER, 1)
@@ -144,4 +156,6 @@ def _reap(jobs: dict[int, socket.socket]) -> None:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), int(sys.argv[2]))
+    listen, lifeline, pid_out = map(int, sys.argv[1:4])
+    detach(pid_out)
+    serve(listen, lifeline)

@@ -134,7 +134,7 @@ class ForkServerLauncher:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._proc: subprocess.Popen | None = None
+        self._server: psutil.Process | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
         self._lifeline_w: int | None = None
 
@@ -142,9 +142,15 @@ class ForkServerLauncher:
     def address(self) -> str:
         return os.path.join(self._dir.name, "fs.sock")
 
+    def _server_alive(self) -> bool:
+        try:
+            return self._server is not None and self._server.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
     def _ensure_server(self) -> None:
         with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
+            if self._server_alive():
                 return
             self.close()
             self._dir = tempfile.TemporaryDirectory(prefix="tsbx-fs-")
@@ -152,12 +158,21 @@ class ForkServerLauncher:
             listener.bind(self.address)
             listener.listen(64)
             lifeline_r, self._lifeline_w = os.pipe()
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "sandbox.forkserver", str(listener.fileno()), str(lifeline_r)],
-                stdin=subprocess.DEVNULL, pass_fds=(listener.fileno(), lifeline_r),
-                env={**base_env(), "HOME": self._dir.name}, cwd=self._dir.name, start_new_session=True)
-            os.close(lifeline_r)
+            pid_r, pid_w = os.pipe()
+            fds = (listener.fileno(), lifeline_r, pid_w)
+            starter = subprocess.Popen(
+                [sys.executable, "-m", "sandbox.forkserver", *map(str, fds)], stdin=subprocess.DEVNULL,
+                pass_fds=fds, env={**base_env(), "HOME": self._dir.name}, cwd=self._dir.name,
+                start_new_session=True)
+            for fd in (lifeline_r, pid_w):
+                os.close(fd)
             listener.close()
+            starter.wait()  # the server detaches itself (see forkserver.detach) and reports its pid
+            with os.fdopen(pid_r, "rb") as f:
+                pid = f.readline().strip()
+            if not pid:
+                raise RuntimeError("fork-server failed to start")
+            self._server = psutil.Process(int(pid))
 
     def start(self, plan: ChildPlan, stdout_w: int, stderr_w: int, channel_w: int) -> Launched:
         self._ensure_server()
@@ -170,7 +185,7 @@ class ForkServerLauncher:
 
     @property
     def server_pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._server.pid if self._server is not None else None
 
     def orphans(self, job_id: str, running: set[int]) -> list[psutil.Process]:
         """The server's children that are not a running job's main process: the server is their
@@ -187,13 +202,11 @@ class ForkServerLauncher:
         if self._lifeline_w is not None:
             os.close(self._lifeline_w)
             self._lifeline_w = None
-        if self._proc is not None:
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
+        if self._server is not None:
+            _, alive = psutil.wait_procs([self._server], timeout=5)
+            for proc in alive:
+                proc.kill()
+            self._server = None
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None

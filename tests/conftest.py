@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -10,6 +11,9 @@ import pytest
 
 from sandbox import JobSpec, Limits, Policy, Supervisor
 from sandbox.limits import Settings
+
+# Read by Ray when it is imported: on Linux, without it Ray binds the machine's non-loopback address.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "kernels"

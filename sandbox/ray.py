@@ -1,0 +1,176 @@
+"""Run sandboxed jobs inside Ray tasks. Ray is optional (`pip install taichi-sandbox[ray]`) and
+imported lazily; nothing here calls `ray.init`.
+
+Inside each task a Supervisor (one per worker process, with its own fork-server started by exec:
+the worker itself is never forked) supervises the job exactly as on one node. Limits map onto Ray
+resources through `.options()`:
+
+| sandbox                | Ray option       | note                                                      |
+| ---------------------- | ---------------- | --------------------------------------------------------- |
+| `cpu_threads` (else 1) | `num_cpus`       | also clamps Taichi's `cpu_max_num_threads`                |
+| `gpu_memory`           | `num_gpus`       | fraction of the device (fractional limits as given, bytes ÷ `device_memory`); non-CPU arch without a limit: 1 |
+| `memory`               | `memory`         | placement only: Ray never enforces it; the sandbox does   |
+| -                      | `max_retries=0`  | a violated limit is a verdict, not a reason to run again  |
+
+`ray.cancel(ref)` ends the job gracefully (SIGTERM, grace, SIGKILL) and returns promptly even while
+a kernel runs; `force=True` or a killed worker kills the fork-server, whose lifeline makes it
+SIGKILL every job process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import threading
+from typing import Any
+
+from .executor import Capacity, SandboxExecutor
+from .limits import Limits, Policy
+from .models import JobResult, JobSpec, Verdict
+from .monitor import JobControl
+from .supervisor import Supervisor
+
+WAIT_SLICE = 0.05
+_worker_supervisors: dict[str, Supervisor] = {}
+_worker_lock = threading.Lock()
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError("taichi-sandbox's Ray executor needs Ray: pip install 'taichi-sandbox[ray]'") from err
+    return ray
+
+
+def resource_options(spec: JobSpec, limits: Limits, device_memory: int | None = None) -> dict[str, Any]:
+    """Ray `.options()` for a job with these (effective) limits; see the module table."""
+    options: dict[str, Any] = {"num_cpus": limits.cpu_threads or 1, "max_retries": 0}
+    if limits.memory is not None:
+        options["memory"] = limits.memory
+    if spec.arch != "cpu":
+        if isinstance(limits.gpu_memory, float):
+            options["num_gpus"] = limits.gpu_memory
+        elif isinstance(limits.gpu_memory, int) and device_memory:
+            options["num_gpus"] = min(1.0, math.ceil(100 * limits.gpu_memory / device_memory) / 100)
+        else:
+            options["num_gpus"] = 1
+    return options
+
+
+def _worker_supervisor(policy_json: str) -> Supervisor:
+    with _worker_lock:
+        sup = _worker_supervisors.get(policy_json)
+        if sup is None:
+            sup = _worker_supervisors[policy_json] = Supervisor(Policy.model_validate_json(policy_json))
+            atexit.register(sup.close)
+        return sup
+
+
+def _labels() -> dict[str, str]:
+    ctx = _ray().get_runtime_context()
+    resources = ctx.get_assigned_resources()
+    return {"ray_job_id": str(ctx.get_job_id()), "ray_task_id": str(ctx.get_task_id()),
+            "ray_node_id": str(ctx.get_node_id()), "ray_worker_id": str(ctx.get_worker_id()),
+            "ray_resources": ",".join(f"{k}={v:g}" for k, v in sorted(resources.items()))}
+
+
+def run_in_task(spec_json: str, policy_json: str) -> str:
+    """The Ray task body: supervise one job; return its JobResult as JSON.
+
+    The job runs in a helper thread while this (the task's main) thread waits in short slices, so
+    Ray's soft cancel (KeyboardInterrupt) arrives at once; it becomes `JobControl.cancel()` and the
+    task waits for the graceful termination before re-raising.
+    """
+    spec = JobSpec.model_validate_json(spec_json)
+    spec = spec.model_copy(update={"labels": {**spec.labels, **_labels()}})
+    supervisor = _worker_supervisor(policy_json)
+    control = JobControl()
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = supervisor.run(spec, control=control)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the task thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name=f"tsbx-ray-{spec.job_id}", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(WAIT_SLICE)
+    except KeyboardInterrupt:
+        control.cancel()
+        thread.join()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"].model_dump_json()
+
+
+def submit(spec: JobSpec, policy: Policy | None = None, device_memory: int | None = None, **ray_options):
+    """Start `spec` as a Ray task; returns an ObjectRef to the JobResult's JSON (use `result()`).
+
+    `ray_options` override the mapping from limits (e.g. `num_gpus=1`, `scheduling_strategy=...`).
+    """
+    ray = _ray()
+    policy = policy if policy is not None else Policy()
+    limits = policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
+    options = {**resource_options(spec, limits, device_memory), **ray_options}
+    task = ray.remote(run_in_task).options(name=f"taichi-sandbox:{spec.job_id}", **options)
+    return task.remote(spec.model_dump_json(), policy.model_dump_json())
+
+
+def result(ref, timeout: float | None = None) -> JobResult:
+    """`ray.get` the JobResult of a `submit()`ted job."""
+    return JobResult.model_validate_json(_ray().get(ref, timeout=timeout))
+
+
+class _RaySupervisor:
+    """Stands in for the local Supervisor inside RayExecutor: runs each job as a Ray task."""
+
+    def __init__(self, policy: Policy, device_memory: int | None, ray_options: dict) -> None:
+        self.policy, self.device_memory, self.ray_options = policy, device_memory, ray_options
+        self._local = Supervisor(policy)  # audit log and GPU facts only; it never launches here
+        self.audit, self.launcher = self._local.audit, self._local.launcher
+
+    def gpu_facts(self):
+        return self._local.gpu_facts()
+
+    def run(self, spec: JobSpec, control: JobControl) -> JobResult:
+        """The job's result from its Ray task (whose supervisor writes the audit record)."""
+        ray = _ray()
+        ref = submit(spec, self.policy, self.device_memory, **self.ray_options)
+        cancel_sent = False
+        while not ray.wait([ref], timeout=WAIT_SLICE)[0]:
+            if control.cancelled and not cancel_sent:
+                ray.cancel(ref)  # soft: the task ends the job gracefully, then reports cancellation
+                cancel_sent = True
+        try:
+            return result(ref)
+        except ray.exceptions.TaskCancelledError:
+            return JobResult(job_id=spec.job_id, kernel=spec.kernel, arch=spec.arch, verdict=Verdict.cancelled,
+                             reason="cancelled by request (Ray task cancelled)", labels=spec.labels)
+
+    def close(self) -> None:
+        self._local.close()
+
+
+class RayExecutor(SandboxExecutor):
+    """SandboxExecutor whose jobs run as Ray tasks. Capacity defaults to the Ray cluster's resources;
+    admission, tenant quotas, priorities, alerts and metrics are the executor's own (one ledger per
+    executor; see README "Scaling out with Ray")."""
+
+    def __init__(self, max_concurrent: int | None = None, capacity: Capacity | None = None,
+                 policy: Policy | None = None, device_memory: int | None = None, **kwargs) -> None:
+        ray = _ray()
+        policy = policy if policy is not None else Policy()
+        if capacity is None:
+            res = ray.cluster_resources()
+            gpus = res.get("GPU", 0)
+            capacity = Capacity(cpu_slots=int(res.get("CPU", 1)), memory=int(res.get("memory", 0)),
+                                gpu_memory=int(gpus * device_memory) if gpus and device_memory else None)
+        ray_options = kwargs.pop("ray_options", {})
+        super().__init__(max_concurrent=max_concurrent or capacity.cpu_slots, capacity=capacity,
+                         supervisor=_RaySupervisor(policy, device_memory, ray_options), **kwargs)
+        self._owns_supervisor = True

@@ -1,0 +1,171 @@
+"""Sandboxed jobs inside real Ray tasks on a local cluster bound to 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import psutil
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from sandbox import JobSpec, Limits, Policy, Verdict  # noqa: E402
+from sandbox import ray as sray  # noqa: E402
+from sandbox.executor import Capacity  # noqa: E402
+from sandbox.limits import GiB, Settings  # noqa: E402
+
+from .conftest import kernel  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    home = tmp_path_factory.mktemp("rayhome")
+    saved = {k: os.environ.get(k) for k in ("HOME", "XDG_STATE_HOME")}
+    os.environ.update(HOME=str(home), XDG_STATE_HOME=str(home / "state"))  # loopback: see conftest
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield Policy(settings=Settings(state_dir=str(home / "state")))
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_cluster_is_bound_to_loopback_only(cluster):
+    assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
+    listening = set()
+    for proc in psutil.process_iter():
+        try:
+            listening |= {c.laddr.ip for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            continue
+    assert listening and all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip in listening), listening
+
+
+def test_ok_and_limit_verdicts_come_back_with_ray_labels(cluster):
+    refs = {
+        "ok": sray.submit(JobSpec(kernel=kernel("reduction.py:sum_of_squares"), kwargs={"n": 100}), cluster),
+        "cpu_time": sray.submit(JobSpec(kernel=kernel("cpu_hog.py"), limits=Limits(cpu_time="1s")), cluster),
+        "memory": sray.submit(JobSpec(kernel=kernel("memory_hog.py"), limits=Limits(memory="300MiB")), cluster),
+        "wall_time": sray.submit(JobSpec(kernel=kernel("sleeper.py"), limits=Limits(wall_time="1s")), cluster),
+        "error": sray.submit(JobSpec(kernel=kernel("exception.py")), cluster),
+        "crashed": sray.submit(JobSpec(kernel=kernel("segfault.py")), cluster),
+        "output": sray.submit(JobSpec(kernel=kernel("output_flood.py"), limits=Limits(max_output="1MiB")), cluster),
+        "processes": sray.submit(JobSpec(kernel=kernel("spawner.py"), limits=Limits(max_processes=3)), cluster),
+    }
+    results = {name: sray.result(ref, timeout=120) for name, ref in refs.items()}
+    assert {name: r.verdict.value for name, r in results.items()} == {name: name for name in refs}
+    assert results["ok"].return_value == 328350
+    labels = results["ok"].labels
+    assert labels["ray_node_id"] == ray.nodes()[0]["NodeID"] and labels["ray_task_id"]
+    assert "CPU=1" in labels["ray_resources"]
+
+
+def test_resource_mapping():
+    spec = JobSpec(kernel="k.py", arch="cuda")
+    assert sray.resource_options(spec, Limits(gpu_memory="25%", memory="2GiB", cpu_threads=4)) == {
+        "num_cpus": 4, "max_retries": 0, "memory": 2 * GiB, "num_gpus": 0.25}
+    assert sray.resource_options(spec, Limits(gpu_memory="10GiB"), device_memory=40 * GiB)["num_gpus"] == 0.25
+    assert sray.resource_options(spec, Limits())["num_gpus"] == 1
+    assert "num_gpus" not in sray.resource_options(JobSpec(kernel="k.py"), Limits(gpu_memory="1GiB"))
+
+
+def test_gpu_resource_reaches_the_child_as_cuda_visible_devices(cluster, tmp_path):
+    script = tmp_path / "cvd.py"
+    script.write_text("import os\nprint(os.environ.get('CUDA_VISIBLE_DEVICES'))\n")
+    r = sray.result(sray.submit(JobSpec(kernel=str(script)), cluster, num_gpus=1), timeout=60)
+    assert r.verdict is Verdict.ok and r.stdout_tail.strip() in ("0", "1")
+    assert "GPU=1" in r.labels["ray_resources"]
+
+
+def test_twenty_jobs_in_parallel_nothing_lost(cluster):
+    specs = [JobSpec(kernel=kernel("tiny.py")) for _ in range(20)]
+    refs = [sray.submit(s, cluster) for s in specs]
+    results = [sray.result(ref, timeout=300) for ref in refs]
+    assert sorted(r.job_id for r in results) == sorted(s.job_id for s in specs)
+    assert all(r.verdict is Verdict.ok for r in results)
+
+
+def _wait_for_job_processes(minimum: int, timeout: float = 60) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = _running_job_pids()
+        if len(pids) >= minimum:
+            return pids
+        time.sleep(0.2)
+    raise AssertionError("job processes did not appear")
+
+
+def _running_job_pids() -> list[int]:
+    """Every live descendant of any fork-server on the machine (the jobs of every worker)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and any("sandbox.forkserver" in a for a in proc.cmdline()):
+                found += [c.pid for c in proc.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
+        except psutil.Error:
+            continue
+    return found
+
+
+def _gone(pids: list[int], within: float = 3.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_cancel_leaves_no_job_process(cluster, force):
+    ref = sray.submit(JobSpec(kernel=kernel("spawner.py"), limits=Limits(wall_time="120s", grace="1s")), cluster)
+    pids = _wait_for_job_processes(10)
+    t = time.monotonic()
+    ray.cancel(ref, force=force)
+    with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError,
+                        ray.exceptions.RayTaskError)):
+        ray.get(ref, timeout=30)
+    assert time.monotonic() - t < 10
+    assert _gone(pids)
+
+
+def test_worker_killed_mid_job_leaves_no_orphan(cluster):
+    spec = JobSpec(kernel=kernel("spawner.py"), limits=Limits(wall_time="120s"))
+    ref = sray.submit(spec, cluster)
+    pids = _wait_for_job_processes(10)
+    # Ray titles a busy worker "ray::<task name>"; the task is named after the job.
+    (worker,) = [p for p in psutil.process_iter(["cmdline"])
+                 if f"taichi-sandbox:{spec.job_id}" in " ".join(p.info["cmdline"] or [])]
+    worker.kill()
+    assert _gone(pids)
+    with pytest.raises(Exception):
+        ray.get(ref, timeout=30)
+
+
+def test_ray_executor_same_surface(cluster, tmp_path):
+    with sray.RayExecutor(max_concurrent=2, capacity=Capacity(2, 8 * GiB, None), policy=cluster) as ex:
+        results = list(ex.map([JobSpec(kernel=kernel("tiny.py"), limits=Limits(memory="1GiB")) for _ in range(4)]))
+        running = ex.submit(JobSpec(kernel=kernel("sleeper.py"), limits=Limits(memory="1GiB", wall_time="60s")))
+        _wait_for_job_processes(1)
+        running.cancel()
+        cancelled = running.result(timeout=30)
+    assert [r.verdict for r in results] == [Verdict.ok] * 4
+    assert cancelled.verdict is Verdict.cancelled
+    assert all(r.labels.get("ray_task_id") for r in results)
+
+
+def test_audit_records_carry_ray_labels(cluster):
+    r = sray.result(sray.submit(JobSpec(kernel=kernel("tiny.py")), cluster), timeout=60)
+    audit = cluster.settings.resolved_audit_log()
+    record = next(json.loads(line) for line in audit.read_text().splitlines()
+                  if json.loads(line).get("job_id") == r.job_id and json.loads(line)["type"] == "job")
+    assert record["labels"]["ray_task_id"] == r.labels["ray_task_id"]
+    assert re.fullmatch(r"[0-9a-f]+", record["labels"]["ray_node_id"])
