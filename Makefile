@@ -23,5 +23,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	TAICHI_SANDBOX_LIMITS=limits.toml XDG_STATE_HOME=$(DEMO_STATE) $(PY) examples/demo.py
 
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
 clean:
 	rm -rf $(VENV) .sandbox-state .pytest_cache

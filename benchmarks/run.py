@@ -1,9 +1,17 @@
-"""Launcher overhead benchmark: one tiny Taichi job, run N times each way, in one run on this machine.
+"""Performance targets P1-P5 of taichi-sandbox, measured side by side in one run on this machine.
 
-Prints one table (median and p90 wall seconds per job, ratio to plain `python kernel.py`) and writes
-benchmarks/results.json. Ways: plain subprocess (no sandbox), exec launcher, fork-server launcher
-(warm: the server is started before timing), and the fork-server with monitoring effectively off
-(poll interval 1 h, no limits) as the floor the full sandbox is compared with.
+Prints one table (target, median, p99, measured value, goal, pass/fail) with the machine
+description, and writes benchmarks/results.json. `make bench` runs it.
+
+P1  tiny CPU job through a running supervisor ÷ plain `python kernel.py`           ≤ 0.40
+P2  sandboxed job ÷ the same launcher with monitoring and limits off (the floor)   ≤ 1.10
+P3  100 tiny jobs at concurrency 2 (executor)                                      ≥ 6 jobs/s
+P4a RSS passes the limit → SIGKILL sent (upper bound: from the last reading below) p99 ≤ 100 ms
+P4b wall deadline → SIGTERM sent                                                   p99 ≤ 50 ms
+P4c SIGTERM → SIGKILL versus grace                                                  |error| ≤ 50 ms
+P5a supervisor CPU per monitored job at the default poll interval                  ≤ 1% of a core
+P5b supervisor RSS with 32 concurrent jobs                                         ≤ 80 MiB
+CLI cold start (`taichi-sandbox run` from nothing) ÷ `python kernel.py`            report (aim ≤ 1.2)
 """
 
 from __future__ import annotations
@@ -16,18 +24,35 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import psutil
 from rich.console import Console
 from rich.table import Table
 
 from sandbox import JobSpec, Limits, Policy, Supervisor
+from sandbox.executor import Capacity, SandboxExecutor
 from sandbox.launcher import base_env
-from sandbox.limits import Settings
+from sandbox.limits import GiB, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL = str(ROOT / "kernels" / "tiny.py")
+TINY = str(ROOT / "kernels" / "tiny.py")
+MEMORY_JUMP = """
+import time, numpy as np, taichi as ti
+ti.init(arch=ti.cpu)
+base = np.ones(64 << 18, dtype=np.float32)        # 64 MiB, below the limit
+time.sleep(0.3)                                    # then 256 MiB at once, above it
+jump = np.ones(256 << 18, dtype=np.float32)
+time.sleep(60)
+"""
+SLEEP = "import time\ntime.sleep({s})\n"
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def timed(fn, n: int) -> list[float]:
@@ -39,40 +64,137 @@ def timed(fn, n: int) -> list[float]:
     return out
 
 
-def plain(home: str) -> None:
-    subprocess.run([sys.executable, KERNEL], check=True, capture_output=True, env={**base_env(), "HOME": home})
+class Bench:
+    def __init__(self, n: int, state: str) -> None:
+        self.n, self.state = n, state
+        self.policy = Policy(settings=Settings(state_dir=state))
+        self.rows: list[dict] = []
+
+    def add(self, name: str, samples: list[float] | None, value: float, goal: str, ok: bool | None,
+            unit: str = "") -> None:
+        self.rows.append({"target": name, "median": statistics.median(samples) if samples else None,
+                          "p99": pct(samples, 0.99) if samples else None, "value": value, "unit": unit,
+                          "goal": goal, "pass": ok})
+
+    def plain(self) -> None:
+        env = {**base_env(), "HOME": self.state}
+        subprocess.run([sys.executable, TINY], check=True, capture_output=True, env=env)
+
+    def p1_p2(self, sup: Supervisor) -> None:
+        sup.run(JobSpec(kernel=TINY))  # warm: fork-server up, kernel cache filled
+        plain = timed(self.plain, self.n)
+        full = timed(lambda: sup.run(JobSpec(kernel=TINY, limits=Limits(cpu_time="10s", wall_time="20s",
+                                                                         memory="1GiB"))), self.n)
+        floor = timed(lambda: sup.run(JobSpec(kernel=TINY, limits=Limits(poll_interval="1h", address_space=None))),
+                      self.n)
+        r1 = statistics.median(full) / statistics.median(plain)
+        r2 = statistics.median(full) / statistics.median(floor)
+        self.add("plain python kernel.py (s)", plain, statistics.median(plain), "reference", None, "s")
+        self.add("P1 sandboxed job ÷ plain", full, r1, "≤ 0.40", r1 <= 0.40)
+        self.add("P2 sandboxed ÷ monitoring off", floor, r2, "≤ 1.10", r2 <= 1.10)
+
+    def p3(self, sup: Supervisor) -> None:
+        with SandboxExecutor(max_concurrent=2, capacity=Capacity(2, 64 * GiB, None), supervisor=sup) as ex:
+            t = time.perf_counter()
+            results = list(ex.map([JobSpec(kernel=TINY, limits=Limits(memory="1GiB")) for _ in range(100)]))
+            rate = len(results) / (time.perf_counter() - t)
+        assert all(r.ok for r in results)
+        self.add("P3 100 tiny jobs, concurrency 2 (jobs/s)", None, rate, "≥ 6", rate >= 6, "jobs/s")
+
+    def p4(self, sup: Supervisor, tmp: Path) -> None:
+        script = tmp / "jump.py"
+        script.write_text(MEMORY_JUMP)
+        memory = []
+        for _ in range(self.n):
+            r = sup.run(JobSpec(kernel=str(script), limits=Limits(memory="200MiB")))
+            v = next(v for v in r.violations if v.action != "warn")
+            below, detected = r.timeline[-2], r.timeline[-1]
+            assert below.rss <= 200 << 20 < detected.rss
+            # The crossing happened after the last reading below the limit: from that reading to the
+            # SIGKILL bounds crossing -> kill from above, without the job's own allocation time.
+            memory.append((detected.t - below.t + r.termination.sigkill_at - v.at) * 1000)
+        self.add("P4a RSS over limit → SIGKILL (ms, upper bound)", memory, pct(memory, 0.99), "p99 ≤ 100",
+                 pct(memory, 0.99) <= 100, "ms")
+        sleeper = tmp / "sleep.py"
+        sleeper.write_text(SLEEP.format(s=60))
+        wall = []
+        for _ in range(self.n):
+            r = sup.run(JobSpec(kernel=str(sleeper), limits=Limits(wall_time="0.5s")))
+            v = next(v for v in r.violations if v.action != "warn")
+            wall.append((v.observed - v.limit) * 1000)
+        self.add("P4b wall deadline → SIGTERM (ms)", wall, pct(wall, 0.99), "p99 ≤ 50", pct(wall, 0.99) <= 50, "ms")
+        grace = []
+        for _ in range(max(3, self.n // 3)):
+            r = sup.run(JobSpec(kernel=str(ROOT / "kernels" / "sigterm_ignorer.py"),
+                                limits=Limits(wall_time="1s", grace="0.5s")))
+            grace.append((r.termination.sigkill_at - r.termination.sigterm_at - 0.5) * 1000)
+        worst = max(abs(g) for g in grace)
+        self.add("P4c SIGTERM → SIGKILL minus grace (ms)", grace, worst, "|error| ≤ 50", worst <= 50, "ms")
+
+    def p5(self, sup: Supervisor, tmp: Path) -> None:
+        me = psutil.Process()
+        sleeper = tmp / "sleep5.py"
+        sleeper.write_text(SLEEP.format(s=6))
+        jobs, window = 8, 4.0
+        threads = [threading.Thread(target=sup.run, args=(JobSpec(kernel=str(sleeper), limits=Limits(wall_time="20s")),))
+                   for _ in range(jobs)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        c0, t0 = sum(me.cpu_times()[:2]), time.perf_counter()
+        time.sleep(window)
+        cpu = (sum(me.cpu_times()[:2]) - c0) / (time.perf_counter() - t0) / jobs * 100
+        for t in threads:
+            t.join()
+        self.add("P5a supervisor CPU per job, 50 ms poll (% core)", None, cpu, "≤ 1", cpu <= 1, "%")
+        sleeper.write_text(SLEEP.format(s=8))
+        threads = [threading.Thread(target=sup.run, args=(JobSpec(kernel=str(sleeper), limits=Limits(wall_time="30s")),))
+                   for _ in range(32)]
+        for t in threads:
+            t.start()
+        peak = 0
+        while any(t.is_alive() for t in threads):
+            peak = max(peak, me.memory_info().rss)
+            time.sleep(0.2)
+        mib = peak / 2**20
+        self.add("P5b supervisor RSS, 32 concurrent jobs (MiB)", None, mib, "≤ 80", mib <= 80, "MiB")
+
+    def cli_cold(self) -> None:
+        env = {**os.environ, "XDG_STATE_HOME": self.state}
+        cli = timed(lambda: subprocess.run([sys.executable, "-m", "sandbox", "run", TINY, "--json"], env=env,
+                                           capture_output=True, check=True), max(3, self.n // 3))
+        plain = timed(self.plain, max(3, self.n // 3))
+        ratio = statistics.median(cli) / statistics.median(plain)
+        self.add("CLI cold start ÷ plain", cli, ratio, "report (aim ≤ 1.2)", None)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-n", type=int, default=15, help="jobs per way")
+    parser = argparse.ArgumentParser(description="taichi-sandbox performance targets")
+    parser.add_argument("-n", type=int, default=15, help="repetitions per timed target")
     args = parser.parse_args()
-    rows: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory() as state:
-        policy = Policy(settings=Settings(state_dir=state))
-        rows["plain python kernel.py"] = timed(lambda: plain(state), args.n)
-        for launcher in ("exec", "forkserver"):
-            with Supervisor(policy, launcher=launcher, audit_log=Path(state) / "audit.jsonl") as sup:
-                sup.run(JobSpec(kernel=KERNEL))  # warm-up: starts the fork-server, fills the kernel cache
-                spec = lambda: JobSpec(kernel=KERNEL, limits=Limits(cpu_time="10s", wall_time="20s", memory="1GiB"))
-                rows[f"sandbox, {launcher} launcher"] = timed(lambda: sup.run(spec()), args.n)
-                if launcher == "forkserver":
-                    floor = lambda: JobSpec(kernel=KERNEL, limits=Limits(poll_interval="1h", address_space=None))
-                    rows["fork-server, monitoring off (floor)"] = timed(lambda: sup.run(floor()), args.n)
-    base = statistics.median(rows["plain python kernel.py"])
-    table = Table(title=f"launcher overhead: tiny Taichi CPU job, n={args.n} each "
-                        f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                        f"Python {platform.python_version()})")
-    for column in ("way", "median s", "p90 s", "÷ plain"):
-        table.add_column(column, justify="right" if column != "way" else "left")
-    results = {}
-    for name, samples in rows.items():
-        med = statistics.median(samples)
-        p90 = sorted(samples)[int(0.9 * (len(samples) - 1))]
-        results[name] = {"median": med, "p90": p90, "ratio": med / base}
-        table.add_row(name, f"{med:.3f}", f"{p90:.3f}", f"{med / base:.2f}")
-    Console().print(table)
-    (ROOT / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    with tempfile.TemporaryDirectory(prefix="tsbx-bench-") as state:
+        bench = Bench(args.n, state)
+        with Supervisor(bench.policy, audit_log=Path(state) / "audit.jsonl") as sup:
+            bench.p1_p2(sup)
+            bench.p3(sup)
+            bench.p4(sup, Path(state))
+            bench.p5(sup, Path(state))
+        bench.cli_cold()
+    machine = (f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
+               f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
+               f"{platform.system()} {platform.release()}")
+    table = Table(title=f"taichi-sandbox performance ({machine})")
+    for column in ("target", "median", "p99", "measured", "goal", "pass"):
+        table.add_column(column, justify="left" if column in ("target", "goal") else "right")
+    for row in bench.rows:
+        fmt = (lambda v: "-" if v is None else f"{v:.3f}")
+        verdict = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "-"}[row["pass"]]
+        table.add_row(row["target"], fmt(row["median"]), fmt(row["p99"]), f"{row['value']:.3f} {row['unit']}",
+                      row["goal"], verdict)
+    console = Console()
+    (console if console.is_terminal else Console(width=150)).print(table)
+    (ROOT / "benchmarks" / "results.json").write_text(json.dumps({"machine": machine, "rows": bench.rows},
+                                                                 indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,6 @@ from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
-from .enforcement import machine_report
-from .executor import SandboxExecutor
-from .gpu import NvmlSampler
 from .limits import ConfigError, Limits, Policy, load_policy, read_file, tomllib
 from .models import EXIT_INTERNAL, EXIT_USAGE, JobResult, JobSpec, Sample, Verdict
 from .supervisor import Supervisor
@@ -257,6 +254,8 @@ def batch(
             specs.append(spec)
     except ConfigError as e:
         raise _fail(str(e))
+    from .executor import SandboxExecutor  # imported here: `run` should not pay for prometheus-client
+
     out = Console()
     with SandboxExecutor(max_concurrent=concurrency, policy=policy) as executor:
         if metrics_port is not None:
@@ -322,6 +321,9 @@ LEVEL_STYLE = {"hard": "green", "watched": "cyan", "unavailable": "red", "off": 
 def probe(as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")) -> None:
     """What this machine can enforce: archs that initialise, NVML, MPS, cgroups, and per arch
     whether each limit is hard, watched or unavailable (with the reason)."""
+    from .enforcement import machine_report
+    from .gpu import NvmlSampler
+
     report = machine_report(NvmlSampler())
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")

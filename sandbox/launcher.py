@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 
 import psutil
@@ -203,9 +204,11 @@ class ForkServerLauncher:
             os.close(self._lifeline_w)
             self._lifeline_w = None
         if self._server is not None:
-            _, alive = psutil.wait_procs([self._server], timeout=5)
-            for proc in alive:
-                proc.kill()
+            deadline = time.monotonic() + 5
+            while self._server_alive() and time.monotonic() < deadline:
+                time.sleep(0.01)  # not our child (it detached): poll; a zombie counts as gone
+            if self._server_alive():
+                self._server.kill()
             self._server = None
         if self._dir is not None:
             self._dir.cleanup()

@@ -7,6 +7,7 @@ whole kernel launches: a thread inside the job would be starved.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,45 @@ class Reading:
     gpu_memory: int | None = None
 
 
+class ProcessTable:
+    """Parent pid -> child pids for the whole machine, from one /proc scan shared by every monitor
+    and refreshed at most every `max_age` seconds (one default poll interval): the scan is most of
+    a tick's cost, so it is done once per interval however many jobs run. A new process is
+    therefore seen at most one interval late."""
+
+    def __init__(self, max_age: float = 0.05) -> None:
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._at = -1.0
+        self._children: dict[int, list[int]] = {}
+
+    def children(self) -> dict[int, list[int]]:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._at > self.max_age:
+                self._children = self._scan()
+                self._at = now
+            return self._children
+
+    @staticmethod
+    def _scan() -> dict[int, list[int]]:
+        table: dict[int, list[int]] = {}
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    stat = f.read()
+                ppid = int(stat[stat.rfind(b")") + 2:].split(maxsplit=2)[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            table.setdefault(ppid, []).append(int(name))
+        return table
+
+
+PROCESS_TABLE = ProcessTable()
+
+
 class JobTree:
     """Every process that ever belonged to one job, tracked by (pid, create time) against pid reuse."""
 
@@ -53,12 +93,17 @@ class JobTree:
             self._root = None
 
     def _discover(self) -> None:
-        for parent in [p for p in self._procs.values() if p.pid == self.root_pid or _running(p)]:
-            try:
-                for kid in parent.children(recursive=True):
-                    self._procs.setdefault(kid.pid, kid)
-            except psutil.Error:
-                continue
+        """Adopt every descendant of a tracked process (one shared /proc scan per tick)."""
+        children = PROCESS_TABLE.children()
+        stack = [pid for pid, proc in self._procs.items() if pid in children and _running(proc)]
+        while stack:
+            for kid in children.get(stack.pop(), ()):
+                if kid not in self._procs:
+                    try:
+                        self._procs[kid] = psutil.Process(kid)
+                    except psutil.Error:
+                        continue
+                    stack.append(kid)
 
     def alive(self) -> list[psutil.Process]:
         """Tracked processes still running (zombies excluded)."""
@@ -78,6 +123,9 @@ class JobTree:
                         continue
                     mem = proc.memory_info()
                     times = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                del self._procs[pid]  # gone for good; its last CPU reading stays in the sum
+                continue
             except psutil.Error:
                 continue
             pids.append(pid)
