@@ -7,6 +7,7 @@ whole kernel launches: a thread inside the job would be starved.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -86,6 +87,7 @@ class JobTree:
         self.root_pid = root_pid
         self._procs: dict[int, psutil.Process] = {}
         self._cpu: dict[int, float] = {}
+        self._lock = threading.RLock()  # the monitor reads while a termination thread signals
         try:
             self._root: psutil.Process | None = psutil.Process(root_pid)
             self._procs[root_pid] = self._root
@@ -107,11 +109,16 @@ class JobTree:
 
     def alive(self) -> list[psutil.Process]:
         """Tracked processes still running (zombies excluded)."""
-        self._discover()
-        return [p for p in self._procs.values() if _running(p)]
+        with self._lock:
+            self._discover()
+            return [p for p in self._procs.values() if _running(p)]
 
     def read(self) -> Reading:
         """One pass over the tree."""
+        with self._lock:
+            return self._read()
+
+    def _read(self) -> Reading:
         self._discover()
         rss = vms = 0
         pids = []
@@ -215,25 +222,71 @@ class JobControl:
             wake()
 
 
-class Monitor(threading.Thread):
-    """Samples the job every `poll_interval`; reports warnings and the first breach of each limit.
+class MonitorLoop:
+    """One thread that ticks every job's Monitor when it is due. Due times sit on a grid of each
+    job's poll interval, so concurrent jobs share one wake-up per interval (a thread per job cost
+    more in wake-ups than in measuring); a wall deadline or `wake()` brings a tick forward."""
 
-    `on_breach(violation)` is called from this thread, at most once per job; it performs the
-    termination (and may block for the grace period while this monitor keeps no lock). A cancelled
-    `control` leads to `on_breach(None)` instead.
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._due: dict["Monitor", float] = {}
+        self._thread: threading.Thread | None = None
+
+    def add(self, monitor: "Monitor") -> None:
+        with self._cv:
+            self._due[monitor] = 0.0  # first tick at once
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="tsbx-monitor", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def remove(self, monitor: "Monitor") -> None:
+        with self._cv:
+            self._due.pop(monitor, None)
+
+    def wake(self, monitor: "Monitor") -> None:
+        with self._cv:
+            if monitor in self._due:
+                self._due[monitor] = 0.0
+                self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                now = time.monotonic()
+                due = [m for m, at in self._due.items() if at <= now]
+                if not due:
+                    self._cv.wait(min(self._due.values(), default=now + 1.0) - now)
+                    continue
+                for m in due:
+                    self._due[m] = m.next_due(now)
+            for m in due:
+                m.tick_if_running()
+
+
+MONITOR_LOOP = MonitorLoop()
+
+
+class Monitor:
+    """Samples one job every `poll_interval` (driven by the shared MonitorLoop); records warnings and
+    reports the first breach.
+
+    `on_breach(violation)` is called at most once per job, in a thread of its own (it performs the
+    termination and may wait out the grace period while sampling goes on). A cancelled `control`
+    leads to `on_breach(None)` instead.
     """
 
     def __init__(self, tree: JobTree, limits: Limits, started: float, now_epoch: Callable[[], float],
                  output_bytes: Callable[[], int], on_breach: Callable[[Violation | None], None],
                  on_sample: Callable[[Sample], None] | None = None, gpu: GpuWatch | None = None,
                  gpu_limit: int | None = None, control: JobControl | None = None) -> None:
-        super().__init__(name=f"tsbx-monitor-{tree.root_pid}", daemon=True)
         self.tree, self.limits, self.started, self.gpu = tree, limits, started, gpu
         self.watched = watched(limits, gpu_limit if gpu is not None else None)
         self.peak_gpu: int | None = None
         self._epoch, self._output, self._on_breach, self._on_sample = now_epoch, output_bytes, on_breach, on_sample
-        self._stopped = False
-        self._wake = threading.Event()
+        self._running = False
+        self._tick_lock = threading.Lock()
+        self._terminator: threading.Thread | None = None
         self.timeline = Timeline()
         self.warnings: list[Violation] = []
         self.peak = Reading(0.0, 0, 0, 0.0, 0)
@@ -241,28 +294,41 @@ class Monitor(threading.Thread):
         self._breached = False
         self.control = control
 
-    def run(self) -> None:
+    def start(self) -> None:
+        self._running = True
+        MONITOR_LOOP.add(self)
         if self.control is not None:
             self.control.attach(self.wake)
-        while not self._stopped:
-            self.tick()
-            self._wake.wait(self._next_wait())
-            self._wake.clear()
 
     def wake(self) -> None:
         """Tick now (e.g. the output counter just passed its limit)."""
-        self._wake.set()
+        MONITOR_LOOP.wake(self)
 
     def stop(self) -> None:
-        self._stopped = True
-        self._wake.set()
-        self.join()
+        """No more ticks; returns once any tick in progress and the termination have finished."""
+        MONITOR_LOOP.remove(self)
+        with self._tick_lock:
+            self._running = False
+        if self._terminator is not None:
+            self._terminator.join()
 
-    def _next_wait(self) -> float:
+    def next_due(self, now: float) -> float:
         interval = self.limits.poll_interval
+        due = (math.floor(now / interval) + 1) * interval
         if self.limits.wall_time is not None:
-            interval = min(interval, max(self.started + self.limits.wall_time - time.monotonic(), 0.001))
-        return interval
+            due = min(due, max(self.started + self.limits.wall_time, now + 0.001))
+        return due
+
+    def tick_if_running(self) -> None:
+        with self._tick_lock:
+            if self._running:
+                self.tick()
+
+    def _breach(self, violation: Violation | None) -> None:
+        self._breached = True
+        self._terminator = threading.Thread(target=self._on_breach, args=(violation,), daemon=True,
+                                            name=f"tsbx-terminate-{self.tree.root_pid}")
+        self._terminator.start()
 
     def tick(self) -> Reading:
         reading = self.tree.read()
@@ -281,15 +347,13 @@ class Monitor(threading.Thread):
         if self._on_sample is not None:
             self._on_sample(sample)
         if self.control is not None and self.control.cancelled and not self._breached:
-            self._breached = True
-            self._on_breach(None)
+            self._breach(None)
         for resource, limit, value, fraction in breaches(self.watched, reading, elapsed):
             pid = reading.top_rss_pid if resource == "memory" else self.tree.root_pid
             if fraction >= 1.0 and not self._breached:
-                self._breached = True
                 action = "sigkill" if resource in IMMEDIATE_KILL else "sigterm"
-                self._on_breach(Violation(at=self._epoch(), pid=pid, resource=resource, limit=limit,
-                                          observed=value, action=action, detected_by="monitor"))
+                self._breach(Violation(at=self._epoch(), pid=pid, resource=resource, limit=limit,
+                                       observed=value, action=action, detected_by="monitor"))
             for level in WARN_LEVELS:
                 if fraction >= level and (resource, level) not in self._warned:
                     self._warned.add((resource, level))

@@ -1,7 +1,7 @@
 """The supervisor: turns a JobSpec into a confined child, watches it, ends it, and writes the verdict.
 
 Data flows one way: spec → (policy, arch, rlimits, env) → launcher → child → channel/pipes → verdict.
-Thread-safe: several threads may call `run()` at once (one monitor thread and one I/O thread per job).
+Thread-safe: several threads may call `run()` at once (one I/O thread per job; one shared monitor thread).
 """
 
 from __future__ import annotations
