@@ -313,12 +313,19 @@ class SandboxExecutor:
             self._queue.remove(entry)
             self._dequeued(entry)
         for position, entry in enumerate(sorted(self._queue, key=lambda e: (-e.effective(now), e.seq))):
-            if self._fits(entry):
+            if self._fits(entry) and self._reserve(entry):
                 self._queue.remove(entry)
                 return entry
             if position == 0 and now - entry.submitted >= RESERVE_AFTER:
                 return None  # reserve the node for the job that has waited longest at the top
         return None
+
+    def _reserve(self, entry: _Entry) -> bool:
+        """Hook: a ledger outside this executor may refuse a job that fits here (see RayExecutor)."""
+        return True
+
+    def _release(self, entry: _Entry) -> None:
+        """Hook: give back what `_reserve` took, once the job has its verdict."""
 
     def _dequeued(self, entry: _Entry) -> None:
         """Bookkeeping for a job leaving the queue (to run, or cancelled)."""
@@ -354,6 +361,7 @@ class SandboxExecutor:
                     entry = self._pick()
                 self._dequeued(entry)
                 if not entry.future.set_running_or_notify_cancel():
+                    self._release(entry)
                     continue
                 self._account(entry, +1)
                 self._running.add(entry.future)
@@ -369,6 +377,7 @@ class SandboxExecutor:
         except BaseException as err:  # noqa: BLE001 - the future must resolve whatever happens
             result = None
             failure = err
+        self._release(entry)
         with self._cv:
             self._account(entry, -1)
             self._running.discard(future)

@@ -156,14 +156,68 @@ class _RaySupervisor:
         self._local.close()
 
 
+LEDGER_NAME, LEDGER_NAMESPACE = "taichi_sandbox_tenant_ledger", "taichi_sandbox"
+
+
+class TenantLedger:
+    """Cluster-wide tenant usage, held by one named, detached Ray actor that every RayExecutor (any
+    driver) reserves from before it starts a job. Reservations are keyed by job id and tagged with
+    the reserving driver's Ray job id; those of drivers that have died are dropped, so a crashed
+    driver cannot hold a tenant's quota forever."""
+
+    def __init__(self) -> None:
+        self.reservations: dict[str, dict] = {}
+
+    def _prune(self) -> None:
+        try:
+            from ray._private import state  # no public equivalent without the dashboard
+            dead = {j["JobID"] for j in state.jobs() if j["IsDead"]}
+        except Exception:  # noqa: BLE001 - without the job table nothing is pruned
+            return
+        self.reservations = {k: r for k, r in self.reservations.items() if r["driver"] not in dead}
+
+    def usage(self) -> dict[str, dict[str, int]]:
+        self._prune()
+        out: dict[str, dict[str, int]] = {}
+        for r in self.reservations.values():
+            u = out.setdefault(r["tenant"], {"running": 0, "memory": 0, "gpu_memory": 0})
+            u["running"] += 1
+            u["memory"] += r["memory"]
+            u["gpu_memory"] += r["gpu_memory"]
+        return out
+
+    def reserve(self, job_id: str, tenant: str, driver: str, memory: int, gpu_memory: int,
+                max_concurrent: int | None, memory_quota: int | None, gpu_memory_quota: int | None) -> bool:
+        """Take the job's share of the tenant's quotas if they all still hold; False otherwise."""
+        used = self.usage().get(tenant, {"running": 0, "memory": 0, "gpu_memory": 0})
+        if ((max_concurrent is not None and used["running"] + 1 > max_concurrent)
+                or (memory_quota is not None and used["memory"] + memory > memory_quota)
+                or (gpu_memory_quota is not None and used["gpu_memory"] + gpu_memory > gpu_memory_quota)):
+            return False
+        self.reservations[job_id] = {"tenant": tenant, "driver": driver, "memory": memory, "gpu_memory": gpu_memory}
+        return True
+
+    def release(self, job_id: str) -> None:
+        self.reservations.pop(job_id, None)
+
+
+def tenant_ledger():
+    """The cluster's TenantLedger actor, created by the first caller."""
+    ray = _ray()
+    return ray.remote(num_cpus=0)(TenantLedger).options(
+        name=LEDGER_NAME, namespace=LEDGER_NAMESPACE, lifetime="detached", get_if_exists=True).remote()
+
+
 class RayExecutor(SandboxExecutor):
-    """SandboxExecutor whose jobs run as Ray tasks. Capacity defaults to the Ray cluster's resources;
-    admission, tenant quotas, priorities, alerts and metrics are the executor's own (one ledger per
-    executor; see README "Scaling out with Ray")."""
+    """SandboxExecutor whose jobs run as Ray tasks. Capacity defaults to the Ray cluster's resources.
+    Admission, priorities, alerts and metrics are the executor's; tenant quotas are checked against
+    the cluster-wide TenantLedger actor too, so several drivers share them."""
 
     def __init__(self, max_concurrent: int | None = None, capacity: Capacity | None = None,
                  policy: Policy | None = None, device_memory: int | None = None, **kwargs) -> None:
         ray = _ray()
+        self._ledger = tenant_ledger()
+        self._driver = str(ray.get_runtime_context().get_job_id())
         policy = policy if policy is not None else Policy()
         if capacity is None:
             res = ray.cluster_resources()
@@ -174,3 +228,12 @@ class RayExecutor(SandboxExecutor):
         super().__init__(max_concurrent=max_concurrent or capacity.cpu_slots, capacity=capacity,
                          supervisor=_RaySupervisor(policy, device_memory, ray_options), **kwargs)
         self._owns_supervisor = True
+
+    def _reserve(self, entry) -> bool:
+        tenant = self._tenant(entry.future.tenant)
+        return _ray().get(self._ledger.reserve.remote(
+            entry.future.spec.job_id, entry.future.tenant, self._driver, entry.demand.memory,
+            entry.demand.gpu_memory, tenant.max_concurrent, tenant.memory_quota, tenant.gpu_memory_quota))
+
+    def _release(self, entry) -> None:
+        _ray().get(self._ledger.release.remote(entry.future.spec.job_id))

@@ -169,3 +169,36 @@ def test_audit_records_carry_ray_labels(cluster):
                   if json.loads(line).get("job_id") == r.job_id and json.loads(line)["type"] == "job")
     assert record["labels"]["ray_task_id"] == r.labels["ray_task_id"]
     assert re.fullmatch(r"[0-9a-f]+", record["labels"]["ray_node_id"])
+
+
+def test_tenant_quota_is_shared_by_executors_through_the_ledger_actor(cluster, tmp_path):
+    from sandbox.limits import Tenant
+    policy = Policy(tenants={"a": Tenant(max_concurrent=1)}, settings=cluster.settings)
+    nap = tmp_path / "nap.py"
+    nap.write_text("import time\ntime.sleep(0.5)\n")
+    spec = lambda: JobSpec(kernel=str(nap), tenant="a", limits=Limits(memory="1GiB"))  # noqa: E731
+    with sray.RayExecutor(max_concurrent=2, capacity=Capacity(2, 8 * GiB, None), policy=policy) as one, \
+            sray.RayExecutor(max_concurrent=2, capacity=Capacity(2, 8 * GiB, None), policy=policy) as two:
+        futures = [ex.submit(spec()) for ex in (one, two, one, two)]
+        results = [f.result(timeout=120) for f in futures]
+    assert all(r.verdict is Verdict.ok for r in results)
+    spans = sorted((r.started_at, r.ended_at) for r in results)
+    assert all(later[0] >= earlier[1] - 0.05 for earlier, later in zip(spans, spans[1:])), spans
+    assert ray.get(sray.tenant_ledger().usage.remote()) == {}
+
+
+def test_ledger_drops_reservations_of_a_dead_driver(cluster):
+    import subprocess
+    import sys
+    code = ("import ray; ray.init(address='auto', log_to_driver=False); from sandbox import ray as s; "
+            "d = str(ray.get_runtime_context().get_job_id()); "
+            "assert ray.get(s.tenant_ledger().reserve.remote('ghost', 'b', d, 0, 0, 1, None, None)); "
+            "import os; os._exit(0)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True)
+    ledger = sray.tenant_ledger()
+    deadline = time.monotonic() + 30
+    while ray.get(ledger.usage.remote()).get("b") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "b" not in ray.get(ledger.usage.remote())
+    assert ray.get(ledger.reserve.remote("next", "b", "01000000", 0, 0, 1, None, None))
+    ray.get(ledger.release.remote("next"))
