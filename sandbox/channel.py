@@ -49,7 +49,7 @@ _MESSAGE = TypeAdapter(Message)
 
 def send(fd: int, message: dict) -> None:
     """Child side: write one JSON line. Best effort: a closed channel is not the job's failure."""
-    data = (json.dumps(message, default=_jsonable, allow_nan=False) + "\n").encode()
+    data = (json.dumps(message, default=jsonable, allow_nan=False) + "\n").encode()
     try:
         while data:
             data = data[os.write(fd, data):]
@@ -57,7 +57,7 @@ def send(fd: int, message: dict) -> None:
         pass
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """JSON fallback for numpy scalars/arrays; anything else is an error the child reports."""
     if hasattr(value, "tolist"):
         return value.tolist()

@@ -198,7 +198,7 @@ def execute(plan: ChildPlan, channel_fd: int) -> None:
     try:
         value = _run_job(plan)
         message = {"type": "result", "status": "ok", "return_value": value}
-        json.dumps(value, default=channel._jsonable, allow_nan=False)
+        json.dumps(value, default=channel.jsonable, allow_nan=False)
     except SystemExit as err:
         code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
         if code == 0:

@@ -104,16 +104,15 @@ class _TenantState:
     refilled: float = field(default_factory=time.monotonic)
 
 
-class _TokenBucket:
-    @staticmethod
-    def take(state: _TenantState, rate: float, burst: int) -> bool:
-        now = time.monotonic()
-        state.tokens = min(float(burst), state.tokens + (now - state.refilled) * rate)
-        state.refilled = now
-        if state.tokens >= 1.0:
-            state.tokens -= 1.0
-            return True
-        return False
+def _take_token(state: _TenantState, rate: float, burst: int) -> bool:
+    """Token bucket: refill at `rate` per second up to `burst`, then take one token if there is one."""
+    now = time.monotonic()
+    state.tokens = min(float(burst), state.tokens + (now - state.refilled) * rate)
+    state.refilled = now
+    if state.tokens >= 1.0:
+        state.tokens -= 1.0
+        return True
+    return False
 
 
 def node_capacity(policy: Policy, gpu_total: int | None) -> Capacity:
@@ -225,7 +224,7 @@ class SandboxExecutor:
             if self._shutdown:
                 raise RuntimeError("cannot submit after shutdown")
             state = self._tenants.setdefault(name, _TenantState(tokens=float(self._burst(tenant))))
-            if tenant.rate is not None and not _TokenBucket.take(state, tenant.rate, self._burst(tenant)):
+            if tenant.rate is not None and not _take_token(state, tenant.rate, self._burst(tenant)):
                 rate_problem = ("rate", f"tenant {name} submission rate {tenant.rate:g}/s exceeded")
             else:
                 rate_problem = None
