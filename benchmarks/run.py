@@ -12,6 +12,7 @@ P4c SIGTERM → SIGKILL versus grace                                            
 P5a supervisor CPU per monitored job at the default poll interval                  ≤ 1% of a core
 P5b supervisor RSS with 32 concurrent jobs                                         ≤ 80 MiB
 CLI cold start (`taichi-sandbox run` from nothing) ÷ `python kernel.py`            report (aim ≤ 1.2)
+Offline kernel cache: a job with an empty per-tenant cache ÷ one with a warm cache   report
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from rich.table import Table
 from sandbox import JobSpec, Limits, Policy, Supervisor
 from sandbox.executor import Capacity, SandboxExecutor
 from sandbox.launcher import base_env
-from sandbox.limits import GiB, Settings
+from sandbox.limits import GiB, Settings, Tenant
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "kernels" / "tiny.py")
@@ -159,6 +160,18 @@ class Bench:
         mib = peak / 2**20
         self.add("P5b supervisor RSS, 32 concurrent jobs (MiB)", None, mib, "≤ 80", mib <= 80, "MiB")
 
+    def offline_cache(self) -> None:
+        """A tiny job with an empty per-tenant kernel cache (a new tenant each time) vs a warm one."""
+        n = max(5, self.n // 2)
+        tenants = {f"cold{i}": Tenant() for i in range(n)} | {"warm": Tenant()}
+        policy = Policy(tenants=tenants, settings=Settings(state_dir=self.state))
+        with Supervisor(policy, audit_log=Path(self.state) / "cache-audit.jsonl") as sup:
+            sup.run(JobSpec(kernel=TINY, tenant="warm"))
+            cold = [sup.run(JobSpec(kernel=TINY, tenant=f"cold{i}")).usage.wall_seconds for i in range(n)]
+            warm = [sup.run(JobSpec(kernel=TINY, tenant="warm")).usage.wall_seconds for _ in range(n)]
+        ratio = statistics.median(cold) / statistics.median(warm)
+        self.add("offline kernel cache: cold ÷ warm job", cold, ratio, "report", None)
+
     def cli_cold(self) -> None:
         env = {**os.environ, "XDG_STATE_HOME": self.state}
         cli = timed(lambda: subprocess.run([sys.executable, "-m", "sandbox", "run", TINY, "--json"], env=env,
@@ -179,6 +192,7 @@ def main() -> None:
             bench.p3(sup)
             bench.p4(sup, Path(state))
             bench.p5(sup, Path(state))
+        bench.offline_cache()
         bench.cli_cold()
     machine = (f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
                f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
