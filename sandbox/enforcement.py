@@ -33,9 +33,6 @@ class GpuFacts:
     mps: bool = False
 
 
-LIMIT_NAMES = ("cpu_time", "wall_time", "memory", "address_space", "gpu_memory", "processes", "output",
-               "open_files", "file_size")
-
 
 def _gpu_memory(arch: str, gpu: GpuFacts) -> Enforcement:
     if arch == "cpu":

@@ -12,7 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .enforcement import Enforcement
 from .limits import ConfigError, Limits, _Strict
 
-ARCHS = ("cpu", "vulkan", "cuda", "opengl", "metal", "gpu")
 TIMELINE_MAX = 600
 TAIL_BYTES = 16 * 1024
 
@@ -36,9 +35,6 @@ class Verdict(str, Enum):
     def __str__(self) -> str:
         return self.value
 
-
-LIMIT_VERDICTS = {Verdict.cpu_time, Verdict.wall_time, Verdict.memory, Verdict.address_space,
-                  Verdict.gpu_memory, Verdict.processes, Verdict.output}
 
 # Exit codes of `taichi-sandbox run`, in the spirit of timeout(1): 124 wall time, 125 internal error.
 EXIT_CODES = {

@@ -283,6 +283,7 @@ class Monitor:
         self.tree, self.limits, self.started, self.gpu = tree, limits, started, gpu
         self.watched = watched(limits, gpu_limit if gpu is not None else None)
         self.peak_gpu: int | None = None
+        self.gpu_unreported = 0  # most job processes at once for which NVML gave no memory figure
         self._epoch, self._output, self._on_breach, self._on_sample = now_epoch, output_bytes, on_breach, on_sample
         self._running = False
         self._tick_lock = threading.Lock()
@@ -337,6 +338,7 @@ class Monitor:
         if gpu is not None:
             reading.gpu_memory = gpu.used
             self.peak_gpu = max(self.peak_gpu or 0, gpu.used)
+            self.gpu_unreported = max(self.gpu_unreported, gpu.unknown_pids)
         elapsed = reading.t - self.started
         self.peak = Reading(reading.t, max(self.peak.rss, reading.rss), max(self.peak.vms, reading.vms),
                             max(self.peak.cpu, reading.cpu), max(self.peak.processes, reading.processes),

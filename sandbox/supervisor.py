@@ -317,6 +317,9 @@ class Supervisor:
             job.notes.append("output pipes still held open by an unknown process; stopped reading")
         if prepared.gpu_watch is not None and prepared.gpu_watch.failure is not None:
             job.notes.append(f"gpu_memory watch stopped: {prepared.gpu_watch.failure}")
+        if monitor.gpu_unreported:
+            job.notes.append(f"NVML reported no memory figure for {monitor.gpu_unreported} GPU process(es) of "
+                             "the job: gpu_memory usage is a lower bound")
         return self._verdict(job, plan, monitor, pump, exit_, started_epoch, ended - started)
 
     def _terminate(self, job: _Job, pgid: int, violation: Violation | None) -> None:

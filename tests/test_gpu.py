@@ -117,6 +117,7 @@ def test_simulated_nvml_none_memory_is_unknown_not_zero_crash(state_dir):
     with sup:
         r = run(sup, "saxpy.py", gpu_memory="100MiB")
     assert r.verdict is Verdict.ok and r.usage.peak_gpu_memory == 0
+    assert any("no memory figure" in n for n in r.notes)
 
 
 def test_simulated_nvml_library_missing_reports_unavailable(state_dir):
