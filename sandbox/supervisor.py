@@ -372,22 +372,20 @@ class Supervisor:
         limits = job.limits
         peak = monitor.peak
         cpu = max(peak.cpu, exit_.cpu_seconds)
-        for m in messages:
-            if isinstance(m, RlimitMessage) and m.resource == "cpu_time" and limits.cpu_time is not None:
-                violations.append(Violation(at=time.time(), pid=job.tree.root_pid, resource="cpu_time",
-                                            limit=limits.cpu_time, observed=cpu, action="none",
-                                            detected_by="rlimit"))
-        if exit_.signal in (signal.SIGXCPU, signal.SIGKILL) and limits.cpu_time is not None \
-                and exit_.cpu_seconds >= math.ceil(limits.cpu_time) and not violations:
-            violations.append(Violation(at=time.time(), pid=job.tree.root_pid, resource="cpu_time",
-                                        limit=limits.cpu_time, observed=exit_.cpu_seconds, action="none",
-                                        detected_by="rlimit"))
+
+        def rlimit_hit(resource: str, limit: float, observed: float) -> None:
+            violations.append(Violation(at=time.time(), pid=job.tree.root_pid, resource=resource, limit=limit,
+                                        observed=observed, action="none", detected_by="rlimit"))
+
+        sigxcpu_reported = any(isinstance(m, RlimitMessage) and m.resource == "cpu_time" for m in messages)
+        killed_at_hard_limit = (exit_.signal in (signal.SIGXCPU, signal.SIGKILL) and limits.cpu_time is not None
+                                and exit_.cpu_seconds >= math.ceil(limits.cpu_time))
+        if limits.cpu_time is not None and (sigxcpu_reported or (killed_at_hard_limit and not violations)):
+            rlimit_hit("cpu_time", limits.cpu_time, cpu)
         if (final is not None and final.status == "error" and not violations and "as" in plan.rlimits
                 and (final.error_type == "MemoryError"
                      or any(k in (final.error_message or "").lower() for k in AS_ERROR_MARKERS))):
-            violations.append(Violation(at=time.time(), pid=job.tree.root_pid, resource="address_space",
-                                        limit=plan.rlimits["as"][0], observed=peak.vms, action="none",
-                                        detected_by="rlimit"))
+            rlimit_hit("address_space", plan.rlimits["as"][0], peak.vms)
         breaking = [v for v in violations if v.action != "warn"]
         signame = signal.Signals(exit_.signal).name if exit_.signal else None
         if breaking:

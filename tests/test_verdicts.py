@@ -168,3 +168,13 @@ def test_fork_server_keeps_no_children_after_jobs(supervisor):
     run(supervisor, "spawner.py", wall_time="2s")
     server = psutil.Process(supervisor.launcher.server_pid)
     assert server.children(recursive=True) == []
+
+
+def test_rlimit_cpu_ends_a_kernel_the_monitor_did_not_catch(supervisor):
+    # An hour-long poll leaves the job to the kernel: SIGXCPU at 1 s is pending while the kernel holds the
+    # GIL, so the hard limit's SIGKILL ends it at 1 + 2 s of CPU.
+    r = run(supervisor, "cpu_hog.py", cpu_time="1s", grace="0.5s", poll_interval="1h")
+    assert r.verdict is Verdict.cpu_time, r.reason
+    v = next(v for v in r.violations if v.action != "warn")
+    assert v.detected_by == "rlimit" and r.signal == "SIGKILL"
+    assert 2.5 <= r.usage.cpu_seconds < 5
