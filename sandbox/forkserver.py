@@ -25,8 +25,11 @@ PRELOAD = ("taichi", "numpy")
 MAX_PLAN_BYTES = 1 << 22
 
 
-def _recv_request(conn: socket.socket) -> tuple[bytes, list[int]]:
-    header, fds, _, _ = socket.recv_fds(conn, 4, 3)
+def _recv_request(conn: socket.socket, fds: list[int]) -> bytes:
+    """Read one request; received descriptors are put in `fds` at once, so a bad request's can be
+    closed by the caller."""
+    header, received, _, _ = socket.recv_fds(conn, 4, 3)
+    fds.extend(received)
     if len(header) != 4:
         raise ConnectionError("short request header")
     size = struct.unpack("!I", header)[0]
@@ -38,7 +41,7 @@ def _recv_request(conn: socket.socket) -> tuple[bytes, list[int]]:
         if not chunk:
             raise ConnectionError("short request")
         payload += chunk
-    return bytes(payload), fds
+    return bytes(payload)
 
 
 def _become_job(payload: bytes, fds: list[int], keep_closed: list[int]) -> None:
@@ -103,9 +106,12 @@ def serve(listen_fd: int, lifeline_fd: int) -> None:
                 _reap(jobs)
             if key.data == "accept":
                 conn, _ = listener.accept()
+                fds: list[int] = []
                 try:
-                    payload, fds = _recv_request(conn)
+                    payload = _recv_request(conn, fds)
                 except (OSError, ConnectionError):
+                    for fd in fds:
+                        os.close(fd)
                     conn.close()
                     continue
                 pid = os.fork()

@@ -42,6 +42,10 @@ def _exit_from_status(status: int, utime: float, stime: float, maxrss_kib: int) 
     return Exit(code, sig, utime + stime, maxrss_kib * 1024)
 
 
+class LauncherLost(RuntimeError):
+    """The fork-server died while a job ran: the job's exit status cannot be known."""
+
+
 class Launched:
     """A started child: its pid and a blocking `wait()`."""
 
@@ -124,7 +128,7 @@ class _ForkLaunched(Launched):
         self._file.close()
         self._conn.close()
         if len(line) != 5 or line[0] != b"exit":
-            raise RuntimeError("fork-server died before the job ended")
+            raise LauncherLost("fork-server died before the job ended")
         return _exit_from_status(int(line[1]), float(line[2]), float(line[3]), int(line[4]))
 
 
@@ -189,14 +193,20 @@ class ForkServerLauncher:
         return self._server.pid if self._server is not None else None
 
     def orphans(self, job_id: str, running: set[int]) -> list[psutil.Process]:
-        """The server's children that are not a running job's main process: the server is their
-        subreaper, so these are what finished jobs left behind. Call with launches serialized."""
-        if self.server_pid is None:
-            return []
+        """The server's children that are not a running job's main process, with their descendants:
+        the server is their subreaper, so these are what finished jobs left behind. Call with
+        launches serialized."""
         try:
-            return [p for p in psutil.Process(self.server_pid).children() if p.pid not in running]
-        except psutil.Error:
+            tops = [p for p in psutil.Process(self.server_pid).children() if p.pid not in running]
+        except (psutil.Error, ValueError, TypeError):
             return []
+        found = list(tops)
+        for top in tops:
+            try:
+                found += top.children(recursive=True)
+            except psutil.Error:
+                continue
+        return found
 
     def close(self) -> None:
         """Stop the server (its jobs' process groups are killed) and remove its socket."""

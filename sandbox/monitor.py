@@ -7,6 +7,7 @@ whole kernel launches: a thread inside the job would be starved.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -20,6 +21,7 @@ from .gpu import GpuWatch
 from .limits import Limits
 from .models import TIMELINE_MAX, Sample, Violation
 
+log = logging.getLogger("sandbox.monitor")
 WARN_LEVELS = (0.8, 0.9)
 # Breaches that get SIGKILL at once: waiting a grace period near OOM (host or device) or in a fork
 # storm only makes things worse for everyone else.
@@ -261,7 +263,10 @@ class MonitorLoop:
                 for m in due:
                     self._due[m] = m.next_due(now)
             for m in due:
-                m.tick_if_running()
+                try:
+                    m.tick_if_running()
+                except Exception:  # noqa: BLE001 - one job's failure must not stop every job's limits
+                    log.exception("monitor tick failed for job pid %s", m.tree.root_pid)
 
 
 MONITOR_LOOP = MonitorLoop()

@@ -25,9 +25,10 @@ from .audit import AuditLog
 from .channel import ChannelReader, ResultMessage, RlimitMessage, TiInitMessage
 from .child import ChildPlan
 from .enforcement import Enforcement, GpuFacts, enforcement_for
+from .forkserver import MAX_PLAN_BYTES
 from .gpu import (ArchUnavailable, GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, mps_env,
                   mps_pipe_directory, resolve_arch, visible_devices)
-from .launcher import JOB_MARKER, Exit, base_env, make_launcher
+from .launcher import JOB_MARKER, Exit, LauncherLost, base_env, make_launcher
 from .limits import DEFAULT_ENV_ALLOW, GiB, ConfigError, Limits, Policy, address_space_for, load_policy
 from .models import TAIL_BYTES, JobResult, JobSpec, Sample, Termination, Usage, Verdict, Violation
 from .monitor import JobControl, JobTree, Monitor
@@ -231,6 +232,8 @@ class Supervisor:
         plan = ChildPlan(job_id=spec.job_id, target=target, function=function, args=spec.args,
                          kwargs=spec.kwargs, argv=spec.argv, ti_arch=arch, ti_caps=caps, rlimits=rlimits,
                          env=env, workdir=str(work), parent_pid=0, preinit=function is not None)
+        if len(plan.model_dump_json()) > MAX_PLAN_BYTES:
+            raise ConfigError(f"job too large: its args, kwargs, argv and env exceed {MAX_PLAN_BYTES} bytes")
         return _Prepared(plan=plan, rlimits={RLIMIT_NAMES[k]: v[0] for k, v in rlimits.items()}, notes=notes,
                          gpu_watch=watch, gpu_limit=gpu_limit,
                          enforcement=enforcement_for(limits, arch, address_space, facts))
@@ -271,10 +274,12 @@ class Supervisor:
             arch, arch_note = resolve_arch(spec.arch, self.policy.settings.gpu_fallback_cpu)
             workdir = Path(tempfile.mkdtemp(prefix=f"tsbx-{spec.job_id}-"))
             prepared = self._prepare(spec, limits, arch, workdir)
-        except (ConfigError, ArchUnavailable) as err:
+        except BaseException as err:
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
-            return self._rejected(spec, str(err), started_epoch)
+            if isinstance(err, (ConfigError, ArchUnavailable)):
+                return self._rejected(spec, str(err), started_epoch)
+            raise
         try:
             result = self._supervise(spec, limits, prepared, on_sample, control, started_epoch)
         finally:
@@ -294,6 +299,10 @@ class Supervisor:
                 launched = self.launcher.start(plan, out_w, err_w, ch_w)
                 started = time.monotonic()  # the job's clock: a fork-server's own start is not its time
                 self._running[launched.pid] = tenant_key(spec)
+        except BaseException:
+            for fd in (out_r, err_r, ch_r):
+                os.close(fd)
+            raise
         finally:
             for fd in (out_w, err_w, ch_w):
                 os.close(fd)
@@ -302,10 +311,13 @@ class Supervisor:
                           lambda v: self._terminate(job, launched.pid, v), on_sample,
                           gpu=prepared.gpu_watch, gpu_limit=prepared.gpu_limit, control=control)
         pump = _Pump(out_r, err_r, ch_r, limits.max_output, monitor.wake)
-        pump.start()
-        monitor.start()
         try:
+            pump.start()
+            monitor.start()
             exit_ = launched.wait()
+        except LauncherLost as err:  # the fork-server died under the job: no exit status to read
+            exit_ = Exit(code=None, signal=None, cpu_seconds=0.0, max_rss=0)
+            job.notes.append(str(err))
         finally:
             ended = time.monotonic()
             monitor.stop()
@@ -358,8 +370,7 @@ class Supervisor:
             job.notes.append(f"killed {len(killed)} leftover process(es) after the main process ended: "
                              f"{sorted(killed)}")
             psutil.wait_procs(leftovers, timeout=1.0)
-        else:
-            _signal_all([], pgid, signal.SIGKILL)
+        # With nothing left, the group id may already belong to a new job: no killpg then.
 
     # --- deciding --------------------------------------------------------------------------------
 
@@ -387,7 +398,7 @@ class Supervisor:
                      or any(k in (final.error_message or "").lower() for k in AS_ERROR_MARKERS))):
             rlimit_hit("address_space", plan.rlimits["as"][0], peak.vms)
         breaking = [v for v in violations if v.action != "warn"]
-        signame = signal.Signals(exit_.signal).name if exit_.signal else None
+        signame = _signal_name(exit_.signal) if exit_.signal else None
         if breaking:
             first = breaking[0]
             verdict = Verdict(first.resource)
@@ -402,6 +413,8 @@ class Supervisor:
             reason = f"{final.error_type}: {final.error_message}".splitlines()[0][:300]
         elif signame is not None:
             verdict, reason = Verdict.crashed, f"killed by {signame} {_after(final)}"
+        elif exit_.code is None:
+            verdict, reason = Verdict.crashed, "the fork-server died before the job ended; exit status unknown"
         elif exit_.code == 0:
             verdict, reason = Verdict.ok, ""
             job.notes.append("no result message: the job left through os._exit(0)")
@@ -428,6 +441,13 @@ class Supervisor:
             ti_init=[m.model_dump(exclude={"type"}) for m in messages if isinstance(m, TiInitMessage)],
             timeline=monitor.timeline.samples, termination=job.termination, launcher=self.launcher.name,
             labels=job.spec.labels, started_at=started_epoch, ended_at=time.time())
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # real-time signals have no name in the enum
+        return f"SIG{number}"
 
 
 def _after(final: ResultMessage | None) -> str:

@@ -142,3 +142,32 @@ def test_stale_ticache_lock_is_removed_but_a_fresh_one_is_kept(tmp_path):
 def test_tenant_names_cannot_escape_the_state_dir(name):
     with pytest.raises(ConfigError, match="invalid tenant name"):
         Policy.from_dict({"tenants": {name: {}}}, "limits.toml")
+
+
+def test_realtime_signal_death_is_a_crash_verdict(supervisor, tmp_path):
+    script = _script(tmp_path, "rt.py", "import os\nos.kill(os.getpid(), 40)\n")
+    r = supervisor.run(JobSpec(kernel=script))
+    assert r.verdict is Verdict.crashed and r.signal == "SIG40"
+
+
+def test_oversized_job_is_rejected_not_raised(supervisor):
+    r = supervisor.run(JobSpec(kernel=kernel("tiny.py"), args=["x" * (5 << 20)]))
+    assert r.verdict is Verdict.rejected and "job too large" in r.reason
+
+
+def test_orphan_grandchildren_of_a_finished_job_are_killed(supervisor, tmp_path):
+    # A leaves the session at once (never sampled) and forks B: killing A alone would re-parent B.
+    script = _script(tmp_path, "nest.py", """
+import os, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        print(f"pid {os.getpid()}", flush=True)
+        time.sleep(3600)
+    print(f"pid {os.getpid()}", flush=True)
+    time.sleep(3600)
+time.sleep(0.3)
+""")
+    r = supervisor.run(JobSpec(kernel=script, limits=Limits(poll_interval="1h")))
+    assert len(_pids(r)) == 2
+    assert_no_survivors(supervisor, r.job_id, _pids(r))
