@@ -161,17 +161,14 @@ def watched(limits: Limits, gpu_limit: int | None) -> dict[str, float]:
     return {name: float(value) for name, value in limits_by_resource.items() if value is not None}
 
 
-def observed(resource: str, reading: Reading, elapsed: float) -> float | None:
-    return {"wall_time": elapsed, "cpu_time": reading.cpu, "memory": reading.rss, "gpu_memory": reading.gpu_memory,
-            "processes": reading.processes, "output": reading.output}[resource]
-
-
 def breaches(watched_limits: dict[str, float], reading: Reading,
              elapsed: float) -> list[tuple[str, float, float, float]]:
     """(resource, limit, observed, fraction) for every watched limit that has a reading."""
+    observed = {"wall_time": elapsed, "cpu_time": reading.cpu, "memory": reading.rss,
+                "gpu_memory": reading.gpu_memory, "processes": reading.processes, "output": reading.output}
     out = []
     for resource, limit in watched_limits.items():
-        value = observed(resource, reading, elapsed)
+        value = observed[resource]
         if value is not None:
             out.append((resource, limit, float(value), value / limit))
     return out

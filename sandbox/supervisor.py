@@ -166,8 +166,8 @@ class Supervisor:
 
     # --- preparing -------------------------------------------------------------------------------
 
-    def gpu_facts(self) -> tuple[list[GpuDevice], GpuFacts]:
-        """Devices and NVML/MPS state, read once per supervisor (the sampler is opened lazily)."""
+    def gpu_facts(self) -> tuple[list[GpuDevice], str | None]:
+        """(devices, why NVML is unavailable or None), read once per supervisor (opened lazily)."""
         with self._gpu_lock:
             if self._gpu is None:
                 try:
@@ -175,8 +175,7 @@ class Supervisor:
                     self._gpu = (self.gpu_sampler.devices(), None)
                 except GpuUnavailable as err:
                     self._gpu = ([], str(err))
-            devices, error = self._gpu
-        return devices, GpuFacts(nvml_error=error, mps=False)
+            return self._gpu
 
     def _prepare(self, spec: JobSpec, limits: Limits, arch: str, workdir: Path) -> _Prepared:
         """Everything the child needs, decided here once: rlimits, env, dirs, Taichi caps, GPU watch."""
@@ -218,7 +217,7 @@ class Supervisor:
         elif isinstance(limits.gpu_memory, int):
             caps.update(device_memory_GB=limits.gpu_memory / GiB, device_memory_fraction=0.0)
 
-        devices, facts = self.gpu_facts()
+        devices, nvml_error = self.gpu_facts()
         visible = visible_devices(devices, env.get("CUDA_VISIBLE_DEVICES"))
         gpu_limit = limits.gpu_memory
         if isinstance(gpu_limit, float):
@@ -227,7 +226,7 @@ class Supervisor:
         if mps_dir is not None:
             env.update(mps_env(mps_dir, gpu_limit, len(visible)))
             notes.append(f"gpu_memory hard-capped by NVIDIA MPS ({mps_dir})")
-        facts = GpuFacts(nvml_error=facts.nvml_error, mps=mps_dir is not None)
+        facts = GpuFacts(nvml_error=nvml_error, mps=mps_dir is not None)
         watch = GpuWatch(self.gpu_sampler, visible) if facts.nvml_error is None and visible else None
         plan = ChildPlan(job_id=spec.job_id, target=target, function=function, args=spec.args,
                          kwargs=spec.kwargs, argv=spec.argv, ti_arch=arch, ti_caps=caps, rlimits=rlimits,

@@ -123,8 +123,8 @@ def test_simulated_nvml_none_memory_is_unknown_not_zero_crash(state_dir):
 def test_simulated_nvml_library_missing_reports_unavailable(state_dir):
     sup, _ = simulated_supervisor(state_dir, open_error="no NVML: NVML Shared Library Not Found")
     with sup:
-        devices, facts = sup.gpu_facts()
-    assert devices == [] and facts.nvml_error == "no NVML: NVML Shared Library Not Found"
+        devices, nvml_error = sup.gpu_facts()
+    assert devices == [] and nvml_error == "no NVML: NVML Shared Library Not Found"
 
 
 def test_pid_mapping_through_nspid(tmp_path):
