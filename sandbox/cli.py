@@ -346,7 +346,13 @@ def probe(as_json: bool = typer.Option(False, "--json", help="Print the report a
     mps = report["mps"]
     out.print(f"MPS: {'reachable at ' + mps['pipe_directory'] if mps['reachable'] else 'no control daemon'}",
               highlight=False)
-    out.print(f"cgroups: {report['cgroups']}", highlight=False)
+    cg = report["cgroups"]
+    out.print(f"cgroups: {cg['mechanism']} ({', '.join(cg['enforces']) or 'nothing'} enforced by the kernel; "
+              f"kill: {cg['kill']}; dmem controller: {'present' if cg['dmem'] else 'absent'})", highlight=False)
+    for parent in cg["parents"]:
+        out.print(f"  jobs under {parent}", highlight=False)
+    if cg["reason"]:
+        out.print(f"  {cg['reason']}", highlight=False)
     for arch, limits in report["enforcement"].items():
         table = Table(title=f"enforcement on {arch}")
         for column in ("limit", "level", "by", "note"):

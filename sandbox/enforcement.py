@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from .limits import Limits
 
 if TYPE_CHECKING:
+    from .cgroup import CgroupHost
     from .gpu import GpuSampler
 
 
@@ -31,6 +32,53 @@ class GpuFacts:
 
     nvml_error: str | None  # None: NVML works
     mps: bool = False
+
+
+@dataclass(frozen=True)
+class CgroupFacts:
+    """What a job's cgroup enforces: `label` 'cgroup v1'/'cgroup v2' (None: polling only), the
+    limits it `enforces` (memory, processes, cpu_time, cpu_threads), and why the rest is polled."""
+
+    label: str | None = None
+    enforces: frozenset[str] = frozenset()
+    reason: str = ""
+
+
+def cgroup_facts(host: "CgroupHost") -> CgroupFacts:
+    return CgroupFacts(host.label if host.version else None, host.enforces(), host.reason)
+
+
+def _polled(what: str, cgroup: CgroupFacts, hole: str = "") -> Enforcement:
+    why = cgroup.reason or "no job cgroup"
+    return Enforcement(level="watched", by=f"polling: {what}", note=f"{why}{hole}")
+
+
+def _kernel(limit: str, cgroup: CgroupFacts) -> Enforcement:
+    """How the job cgroup enforces `limit`, or the polled fallback with the reason."""
+    label = cgroup.label
+    if limit == "cpu_time":
+        if limit in cgroup.enforces:
+            return Enforcement(level="hard", by=f"{label} CPU counter of the whole job (reaped children included), "
+                               "checked every poll; RLIMIT_CPU per process")
+        return _polled("CPU of the tree from /proc (reaped children via cutime/cstime); RLIMIT_CPU per process",
+                       cgroup)
+    if limit == "memory":
+        if limit in cgroup.enforces:
+            v1 = "; v1 has no memory.oom.group: the supervisor kills the rest of the job" if label == "cgroup v1" else ""
+            return Enforcement(level="hard", by=f"{label} memory limit, no swap: the kernel OOM-kills at the limit",
+                               note=f"counts RSS, page cache, tmpfs, memfd and SysV shm{v1}")
+        return _polled("RSS of the job tree", cgroup, "; memory outside RSS (tmpfs, memfd, SysV shm) is not counted")
+    if limit == "processes":
+        if limit in cgroup.enforces:
+            return Enforcement(level="hard", by=f"{label} pids.max (fork fails with EAGAIN); processes counted "
+                               "from cgroup membership", note="pids.max counts threads: max_processes + "
+                               "2 x cpu_threads + 64 tasks")
+        return _polled("processes of the tree (RLIMIT_NPROC does not bind root)", cgroup)
+    if limit in cgroup.enforces:  # cpu_threads
+        return Enforcement(level="hard", by=f"{label} CPU bandwidth of cpu_threads cores; Taichi "
+                           "cpu_max_num_threads clamped")
+    return Enforcement(level="unavailable", by="Taichi cpu_max_num_threads clamped (a job can start more threads)",
+                       note=cgroup.reason or "no cpu cgroup controller")
 
 
 
@@ -54,23 +102,26 @@ def _gpu_memory(arch: str, gpu: GpuFacts) -> Enforcement:
                        note=f"{gpu.nvml_error}; Taichi ignores device_memory_GB on {arch}{software}")
 
 
-def enforcement_for(limits: Limits, arch: str, address_space: int | None, gpu: GpuFacts) -> dict[str, Enforcement]:
+def enforcement_for(limits: Limits, arch: str, address_space: int | None, gpu: GpuFacts,
+                    cgroup: CgroupFacts = CgroupFacts()) -> dict[str, Enforcement]:
     """How each limit in `limits` is enforced for one job (limits left unset are 'off')."""
     out = {
-        "cpu_time": Enforcement(level="hard", by="RLIMIT_CPU per process; monitor sums the tree"),
+        "cpu_time": _kernel("cpu_time", cgroup),
         "wall_time": Enforcement(level="watched", by="monitor deadline"),
-        "memory": Enforcement(level="watched", by="monitor: RSS of the job tree"),
+        "memory": _kernel("memory", cgroup),
         "address_space": (Enforcement(level="hard", by="RLIMIT_AS per process") if address_space is not None
                           else Enforcement(level="off", note="CUDA reserves huge virtual ranges" if arch == "cuda"
                                            else "unlimited")),
         "gpu_memory": _gpu_memory(arch, gpu),
-        "processes": Enforcement(level="watched", by="monitor (RLIMIT_NPROC does not bind root)"),
+        "processes": _kernel("processes", cgroup),
+        "cpu_threads": _kernel("cpu_threads", cgroup),
         "output": Enforcement(level="watched", by="I/O thread byte count"),
         "open_files": Enforcement(level="hard", by="RLIMIT_NOFILE"),
         "file_size": Enforcement(level="hard", by="RLIMIT_FSIZE"),
     }
     unset = {"cpu_time": limits.cpu_time, "wall_time": limits.wall_time, "memory": limits.memory,
-             "gpu_memory": limits.gpu_memory, "processes": limits.max_processes, "output": limits.max_output,
+             "gpu_memory": limits.gpu_memory, "processes": limits.max_processes, "cpu_threads": limits.cpu_threads,
+             "output": limits.max_output,
              "open_files": limits.max_open_files, "file_size": limits.max_file_size}
     for name, value in unset.items():
         if value is None and out[name].level != "unavailable":
@@ -80,21 +131,19 @@ def enforcement_for(limits: Limits, arch: str, address_space: int | None, gpu: G
 
 PROBED_ARCHS = ("cpu", "cuda", "vulkan", "opengl", "metal")
 EVERY_LIMIT = Limits(cpu_time=1, wall_time=1, memory=1 << 30, gpu_memory=1 << 30, max_processes=1, max_output=1,
-                     max_open_files=1, max_file_size=1)
+                     max_open_files=1, max_file_size=1, cpu_threads=1)
 
 
-def _cgroups() -> str:
-    controllers = "/sys/fs/cgroup/cgroup.controllers"
-    if not os.path.exists(controllers):
-        return "no cgroup v2 hierarchy at /sys/fs/cgroup"
-    with open(controllers) as f:
-        names = f.read().split()
-    writable = "writable" if os.access("/sys/fs/cgroup", os.W_OK) else "not writable"
-    return f"cgroup v2 ({' '.join(names) or 'no controllers'}; {writable}); not used by taichi-sandbox yet"
+def cgroup_report(host: "CgroupHost") -> dict:
+    """The cgroup mechanism jobs get here, for `probe`."""
+    return {"mechanism": host.label, "parents": sorted(set(host.parents.values()) | ({host.root} - {""})),
+            "enforces": sorted(host.enforces()), "kill": host.kill_method(), "reason": host.reason,
+            "dmem": host.dmem}
 
 
 def machine_report(sampler: "GpuSampler") -> dict:
     """Facts about this machine and, for each arch that initialises here, how each limit is enforced."""
+    from .cgroup import discover
     from .gpu import GpuUnavailable, mps_pipe_directory, probe
     from .limits import address_space_for
 
@@ -113,17 +162,18 @@ def machine_report(sampler: "GpuSampler") -> dict:
         nvml = {"available": False, "reason": nvml_error, "devices": []}
     mps_dir = mps_pipe_directory(dict(os.environ))
     facts = GpuFacts(nvml_error=nvml_error, mps=mps_dir is not None)
+    host = discover()
     table = {}
     for arch, found in archs.items():
         if found.usable:
             address_space, _ = address_space_for(EVERY_LIMIT, arch)
             table[arch] = {name: e.model_dump() for name, e in
-                           enforcement_for(EVERY_LIMIT, arch, address_space, facts).items()}
+                           enforcement_for(EVERY_LIMIT, arch, address_space, facts, cgroup_facts(host)).items()}
     return {
         "taichi": taichi_version,
         "archs": {a: {"usable": p.usable, "detail": p.reason} for a, p in archs.items()},
         "nvml": nvml,
         "mps": {"reachable": mps_dir is not None, "pipe_directory": mps_dir},
-        "cgroups": _cgroups(),
+        "cgroups": cgroup_report(host),
         "enforcement": table,
     }

@@ -285,6 +285,7 @@ class Settings(_Strict):
     env_allow: list[str] = []
     launcher: Literal["forkserver", "exec"] = "forkserver"
     gpu_fallback_cpu: bool = False
+    cgroups: Literal["auto", "off", "required"] = "auto"
 
     def resolved_state_dir(self) -> Path:
         base = self.state_dir or os.path.join(

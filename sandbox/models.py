@@ -102,13 +102,17 @@ class Violation(BaseModel):
     limit: float
     observed: float
     action: Literal["warn", "sigterm", "sigkill", "none"]
-    detected_by: Literal["monitor", "rlimit", "child", "supervisor"]
+    detected_by: Literal["monitor", "cgroup", "rlimit", "child", "supervisor"]
 
 
 class Usage(BaseModel):
+    """What the job used. `peak_memory` is the kernel's peak charge for the job cgroup (RSS, page
+    cache, tmpfs, memfd, shm); None without a memory cgroup."""
+
     cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
     peak_rss: int = 0
+    peak_memory: int | None = None
     peak_vms: int = 0
     peak_processes: int = 0
     peak_gpu_memory: int | None = None
@@ -116,7 +120,7 @@ class Usage(BaseModel):
 
 
 class Sample(BaseModel):
-    """One monitor reading of the whole job tree."""
+    """One monitor reading of the whole job tree (`memory`: the cgroup's charge, where there is one)."""
 
     t: float
     rss: int
@@ -125,6 +129,7 @@ class Sample(BaseModel):
     processes: int
     output: int
     gpu_memory: int | None = None
+    memory: int | None = None
 
 
 class Termination(BaseModel):

@@ -1,156 +1,30 @@
-"""Supervisor-side monitoring of one job's process tree: measurement, then decision.
+"""Supervisor-side monitoring of one job: measurement, then decision.
 
-`JobTree.read()` measures (psutil, one pass over the tree); `breaches()` decides (pure function of
-limits and a reading); the supervisor acts. Runs in the supervisor because Taichi holds the GIL for
-whole kernel launches: a thread inside the job would be starved.
+`JobTree.read()` and the job cgroup's `stats()` measure; `breaches()` and `kernel_breaches()` decide
+(pure functions of limits and a reading); the supervisor acts. Runs in the supervisor because
+Taichi holds the GIL for whole kernel launches: a thread inside the job would be starved.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import psutil
-
+from .cgroup import CgroupLimits, CgroupStats, JobCgroup
 from .gpu import GpuWatch
 from .limits import Limits
 from .models import TIMELINE_MAX, Sample, Violation
+from .tree import JobTree, Reading
 
 log = logging.getLogger("sandbox.monitor")
 WARN_LEVELS = (0.8, 0.9)
 # Breaches that get SIGKILL at once: waiting a grace period near OOM (host or device) or in a fork
 # storm only makes things worse for everyone else.
 IMMEDIATE_KILL = ("memory", "gpu_memory", "processes")
-
-
-@dataclass
-class Reading:
-    """The whole job tree at one instant. `cpu` includes processes that already ended."""
-
-    t: float
-    rss: int
-    vms: int
-    cpu: float
-    processes: int
-    top_rss_pid: int | None = None
-    output: int = 0
-    pids: list[int] = field(default_factory=list)
-    gpu_memory: int | None = None
-
-
-class ProcessTable:
-    """Parent pid -> child pids for the whole machine, from one /proc scan shared by every monitor
-    and refreshed at most every `max_age` seconds (one default poll interval): the scan is most of
-    a tick's cost, so it is done once per interval however many jobs run. A new process is
-    therefore seen at most one interval late."""
-
-    def __init__(self, max_age: float = 0.05) -> None:
-        self.max_age = max_age
-        self._lock = threading.Lock()
-        self._at = -1.0
-        self._children: dict[int, list[int]] = {}
-
-    def children(self) -> dict[int, list[int]]:
-        with self._lock:
-            now = time.monotonic()
-            if now - self._at > self.max_age:
-                self._children = self._scan()
-                self._at = now
-            return self._children
-
-    @staticmethod
-    def _scan() -> dict[int, list[int]]:
-        table: dict[int, list[int]] = {}
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    stat = f.read()
-                ppid = int(stat[stat.rfind(b")") + 2:].split(maxsplit=2)[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            table.setdefault(ppid, []).append(int(name))
-        return table
-
-
-PROCESS_TABLE = ProcessTable()
-
-
-class JobTree:
-    """Every process that ever belonged to one job, tracked by (pid, create time) against pid reuse."""
-
-    def __init__(self, root_pid: int) -> None:
-        self.root_pid = root_pid
-        self._procs: dict[int, psutil.Process] = {}
-        self._cpu: dict[int, float] = {}
-        self._lock = threading.RLock()  # the monitor reads while a termination thread signals
-        try:
-            self._root: psutil.Process | None = psutil.Process(root_pid)
-            self._procs[root_pid] = self._root
-        except psutil.Error:
-            self._root = None
-
-    def _discover(self) -> None:
-        """Adopt every descendant of a tracked process (one shared /proc scan per tick)."""
-        children = PROCESS_TABLE.children()
-        stack = [pid for pid, proc in self._procs.items() if pid in children and _running(proc)]
-        while stack:
-            for kid in children.get(stack.pop(), ()):
-                if kid not in self._procs:
-                    try:
-                        self._procs[kid] = psutil.Process(kid)
-                    except psutil.Error:
-                        continue
-                    stack.append(kid)
-
-    def alive(self) -> list[psutil.Process]:
-        """Tracked processes still running (zombies excluded)."""
-        with self._lock:
-            self._discover()
-            return [p for p in self._procs.values() if _running(p)]
-
-    def read(self) -> Reading:
-        """One pass over the tree."""
-        with self._lock:
-            return self._read()
-
-    def _read(self) -> Reading:
-        self._discover()
-        rss = vms = 0
-        pids = []
-        top_pid, top_rss = None, -1
-        for pid, proc in list(self._procs.items()):
-            try:
-                with proc.oneshot():
-                    if proc.status() == psutil.STATUS_ZOMBIE:
-                        continue
-                    mem = proc.memory_info()
-                    times = proc.cpu_times()
-            except psutil.NoSuchProcess:
-                del self._procs[pid]  # gone for good; its last CPU reading stays in the sum
-                continue
-            except psutil.Error:
-                continue
-            pids.append(pid)
-            rss += mem.rss
-            vms += mem.vms
-            self._cpu[pid] = max(self._cpu.get(pid, 0.0), times.user + times.system)
-            if mem.rss > top_rss:
-                top_pid, top_rss = pid, mem.rss
-        return Reading(time.monotonic(), rss, vms, sum(self._cpu.values()), len(pids), top_pid, pids=pids)
-
-
-def _running(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def watched(limits: Limits, gpu_limit: int | None) -> dict[str, float]:
@@ -164,13 +38,27 @@ def watched(limits: Limits, gpu_limit: int | None) -> dict[str, float]:
 def breaches(watched_limits: dict[str, float], reading: Reading,
              elapsed: float) -> list[tuple[str, float, float, float]]:
     """(resource, limit, observed, fraction) for every watched limit that has a reading."""
-    observed = {"wall_time": elapsed, "cpu_time": reading.cpu, "memory": reading.rss,
+    memory = reading.memory if reading.memory is not None else reading.rss
+    observed = {"wall_time": elapsed, "cpu_time": reading.cpu, "memory": memory,
                 "gpu_memory": reading.gpu_memory, "processes": reading.processes, "output": reading.output}
     out = []
     for resource, limit in watched_limits.items():
         value = observed[resource]
         if value is not None:
             out.append((resource, limit, float(value), value / limit))
+    return out
+
+
+def kernel_breaches(stats: CgroupStats, limits: CgroupLimits) -> list[tuple[str, float, float]]:
+    """(resource, limit, observed) for what the kernel already enforced in the job's cgroup: an OOM
+    kill (observed: the kernel's peak charge; at an OOM kill the charge stood at the limit) and forks
+    refused at pids.max (observed: tasks)."""
+    out = []
+    if stats.oom_kills and limits.memory is not None:
+        peak = stats.memory_peak if stats.memory_peak is not None else limits.memory
+        out.append(("memory", float(limits.memory), float(peak)))
+    if stats.pids_refused and limits.tasks is not None:
+        out.append(("processes", float(limits.tasks), float(limits.tasks)))
     return out
 
 
@@ -276,13 +164,18 @@ class Monitor:
     `on_breach(violation)` is called at most once per job, in a thread of its own (it performs the
     termination and may wait out the grace period while sampling goes on). A cancelled `control`
     leads to `on_breach(None)` instead.
+
+    With a job `cgroup`, its counters decide cpu_time and memory, and the kernel's own enforcement
+    (an OOM kill, a refused fork) is a breach; a memory charge at the limit is not one by itself
+    (the kernel reclaims page cache there and OOM-kills only what it cannot reclaim).
     """
 
     def __init__(self, tree: JobTree, limits: Limits, started: float, now_epoch: Callable[[], float],
                  output_bytes: Callable[[], int], on_breach: Callable[[Violation | None], None],
                  on_sample: Callable[[Sample], None] | None = None, gpu: GpuWatch | None = None,
-                 gpu_limit: int | None = None, control: JobControl | None = None) -> None:
-        self.tree, self.limits, self.started, self.gpu = tree, limits, started, gpu
+                 gpu_limit: int | None = None, control: JobControl | None = None,
+                 cgroup: JobCgroup | None = None) -> None:
+        self.tree, self.limits, self.started, self.gpu, self.cgroup = tree, limits, started, gpu, cgroup
         self.watched = watched(limits, gpu_limit if gpu is not None else None)
         self.peak_gpu: int | None = None
         self.gpu_unreported = 0  # most job processes at once for which NVML gave no memory figure
@@ -335,6 +228,10 @@ class Monitor:
 
     def tick(self) -> Reading:
         reading = self.tree.read()
+        stats = self.cgroup.stats() if self.cgroup is not None else None
+        if stats is not None:  # the kernel's counters replace the polled ones where it keeps them
+            reading.cpu = stats.cpu_seconds if stats.cpu_seconds is not None else reading.cpu
+            reading.memory = stats.memory
         reading.output = self._output()
         gpu = self.gpu.read(reading.pids) if self.gpu is not None else None
         if gpu is not None:
@@ -344,17 +241,23 @@ class Monitor:
         elapsed = reading.t - self.started
         self.peak = Reading(reading.t, max(self.peak.rss, reading.rss), max(self.peak.vms, reading.vms),
                             max(self.peak.cpu, reading.cpu), max(self.peak.processes, reading.processes),
-                            output=reading.output)
+                            output=reading.output, memory=_max(self.peak.memory, reading.memory))
         sample = Sample(t=round(elapsed, 4), rss=reading.rss, vms=reading.vms, cpu=round(reading.cpu, 4),
-                        processes=reading.processes, output=reading.output, gpu_memory=reading.gpu_memory)
+                        processes=reading.processes, output=reading.output, gpu_memory=reading.gpu_memory,
+                        memory=reading.memory)
         self.timeline.add(sample)
         if self._on_sample is not None:
             self._on_sample(sample)
         if self.control is not None and self.control.cancelled and not self._breached:
             self._breach(None)
+        if stats is not None and not self._breached:
+            for resource, limit, value in kernel_breaches(stats, self.cgroup.limits)[:1]:
+                self._breach(Violation(at=self._epoch(), pid=None, resource=resource, limit=limit,
+                                       observed=value, action="sigkill", detected_by="cgroup"))
         for resource, limit, value, fraction in breaches(self.watched, reading, elapsed):
             pid = reading.top_rss_pid if resource == "memory" else self.tree.root_pid
-            if fraction >= 1.0 and not self._breached:
+            kernel_decides = resource == "memory" and reading.memory is not None
+            if fraction >= 1.0 and not self._breached and not kernel_decides:
                 action = "sigkill" if resource in IMMEDIATE_KILL else "sigterm"
                 self._breach(Violation(at=self._epoch(), pid=pid, resource=resource, limit=limit,
                                        observed=value, action=action, detected_by="monitor"))
@@ -365,3 +268,7 @@ class Monitor:
                                                    limit=limit, observed=value, action="warn",
                                                    detected_by="monitor"))
         return reading
+
+
+def _max(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)

@@ -6,10 +6,8 @@ Thread-safe: several threads may call `run()` at once (one I/O thread per job; o
 
 from __future__ import annotations
 
-import collections
 import math
 import os
-import selectors
 import shutil
 import signal
 import tempfile
@@ -19,77 +17,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import psutil
-
 from .audit import AuditLog
-from .channel import ChannelReader, ResultMessage, RlimitMessage, TiInitMessage
+from .cgroup import CgroupError, CgroupHost, CgroupLimits, JobCgroup, discover, task_limit
 from .child import ChildPlan
-from .enforcement import Enforcement, GpuFacts, enforcement_for
+from .enforcement import CgroupFacts, Enforcement, GpuFacts, cgroup_facts, enforcement_for
 from .forkserver import MAX_PLAN_BYTES
 from .gpu import (ArchUnavailable, GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, mps_env,
                   mps_pipe_directory, resolve_arch, visible_devices)
 from .launcher import JOB_MARKER, Exit, LauncherLost, base_env, make_launcher
 from .limits import DEFAULT_ENV_ALLOW, GiB, ConfigError, Limits, Policy, address_space_for, load_policy
-from .models import TAIL_BYTES, JobResult, JobSpec, Sample, Termination, Usage, Verdict, Violation
-from .monitor import JobControl, JobTree, Monitor
+from .models import JobResult, JobSpec, Sample, Termination, Verdict, Violation
+from .monitor import JobControl, Monitor
+from .pump import Pump
+from .terminate import JobProcesses
+from .tree import JobTree
+from .verdict import Evidence, decide
 
 RLIMIT_CPU_HARD_EXTRA = 2  # seconds between SIGXCPU (soft) and the kernel's SIGKILL (hard)
 PUMP_DRAIN_TIMEOUT = 2.0
-AS_ERROR_MARKERS = ("memory allocation", "cannot allocate memory", "out of memory")
-
-
-class _Pump(threading.Thread):
-    """Reads stdout, stderr and the channel until EOF; keeps bounded tails and exact byte counts."""
-
-    def __init__(self, stdout_r: int, stderr_r: int, channel_r: int, output_limit: int | None,
-                 on_output_limit: Callable[[], None]) -> None:
-        super().__init__(name="tsbx-io", daemon=True)
-        self._output_limit, self._on_output_limit = output_limit, on_output_limit
-        self.fds = {stdout_r: "stdout", stderr_r: "stderr", channel_r: "channel"}
-        self.tails = {"stdout": collections.deque(), "stderr": collections.deque()}
-        self.tail_sizes = {"stdout": 0, "stderr": 0}
-        self.counts = {"stdout": 0, "stderr": 0}
-        self.channel = ChannelReader()
-        self.stop_event = threading.Event()
-
-    def output_bytes(self) -> int:
-        return self.counts["stdout"] + self.counts["stderr"]
-
-    def _keep(self, name: str, data: bytes) -> None:
-        tail = self.tails[name]
-        tail.append(data)
-        self.tail_sizes[name] += len(data)
-        while self.tail_sizes[name] - len(tail[0]) >= TAIL_BYTES:
-            self.tail_sizes[name] -= len(tail.popleft())
-
-    def tail(self, name: str) -> str:
-        return b"".join(self.tails[name])[-TAIL_BYTES:].decode("utf-8", "replace")
-
-    def run(self) -> None:
-        sel = selectors.DefaultSelector()
-        for fd in self.fds:
-            sel.register(fd, selectors.EVENT_READ)
-        open_fds = set(self.fds)
-        while open_fds and not self.stop_event.is_set():
-            for key, _ in sel.select(timeout=0.1):
-                data = os.read(key.fd, 1 << 16)
-                name = self.fds[key.fd]
-                if not data:
-                    sel.unregister(key.fd)
-                    open_fds.discard(key.fd)
-                elif name == "channel":
-                    self.channel.feed(data)
-                else:
-                    self.counts[name] += len(data)
-                    self._keep(name, data)
-                    if self._output_limit is not None and self.output_bytes() > self._output_limit:
-                        self._on_output_limit()
-                        self._output_limit = None
-        sel.close()
-        for fd in self.fds:
-            os.close(fd)
-
-
 STALE_LOCK_SECONDS = 30.0
 
 
@@ -112,41 +57,30 @@ class _Prepared:
     gpu_watch: GpuWatch | None
     gpu_limit: int | None
     enforcement: dict[str, Enforcement]
+    cgroup: JobCgroup | None
 
 
 class _Job:
     """State of one running job, shared by the monitor thread and the waiting thread."""
 
-    def __init__(self, spec: JobSpec, limits: Limits) -> None:
-        self.spec, self.limits = spec, limits
+    def __init__(self, spec: JobSpec, limits: Limits, procs: JobProcesses) -> None:
+        self.spec, self.limits, self.procs = spec, limits, procs
         self.violations: list[Violation] = []
         self.termination: Termination | None = None
         self.notes: list[str] = []
-        self.tree: JobTree | None = None
         self.lock = threading.Lock()
-
-
-def _signal_all(procs: list[psutil.Process], pgid: int, sig: int) -> list[int]:
-    try:
-        os.killpg(pgid, sig)
-    except OSError:
-        pass
-    hit = []
-    for proc in procs:
-        try:
-            proc.send_signal(sig)
-            hit.append(proc.pid)
-        except psutil.Error:
-            pass
-    return hit
 
 
 class Supervisor:
     """Runs jobs under a policy. Use as a context manager, or call `close()` (stops the fork-server)."""
 
     def __init__(self, policy: Policy | None = None, launcher: str | None = None,
-                 audit_log: str | os.PathLike | None = None, gpu_sampler: GpuSampler | None = None) -> None:
+                 audit_log: str | os.PathLike | None = None, gpu_sampler: GpuSampler | None = None,
+                 cgroups: CgroupHost | None = None) -> None:
+        """`cgroups`: the cgroup mechanism to use; discovered per the policy's `[sandbox] cgroups`
+        when None."""
         self.policy = policy if policy is not None else load_policy()
+        self.cgroups = cgroups if cgroups is not None else discover(self.policy.settings.cgroups)
         self.launcher = make_launcher(launcher or self.policy.settings.launcher)
         self.audit = AuditLog(audit_log or self.policy.settings.resolved_audit_log())
         self.gpu_sampler = gpu_sampler if gpu_sampler is not None else NvmlSampler()
@@ -233,9 +167,36 @@ class Supervisor:
                          env=env, workdir=str(work), parent_pid=0, preinit=function is not None)
         if len(plan.model_dump_json()) > MAX_PLAN_BYTES:
             raise ConfigError(f"job too large: its args, kwargs, argv and env exceed {MAX_PLAN_BYTES} bytes")
+        cgroup, cgroup_known = self._job_cgroup(spec.job_id, limits, caps["cpu_max_num_threads"])  # last: may not fail
+        if cgroup is not None:
+            plan.cgroup_procs = cgroup.procs_files()
+            notes.append(f"{cgroup.label}: {cgroup.path}")
+        elif cgroup_known.reason:
+            notes.append(f"no job cgroup, limits polled: {cgroup_known.reason}")
         return _Prepared(plan=plan, rlimits={RLIMIT_NAMES[k]: v[0] for k, v in rlimits.items()}, notes=notes,
-                         gpu_watch=watch, gpu_limit=gpu_limit,
-                         enforcement=enforcement_for(limits, arch, address_space, facts))
+                         gpu_watch=watch, gpu_limit=gpu_limit, cgroup=cgroup,
+                         enforcement=enforcement_for(limits, arch, address_space, facts, cgroup_known))
+
+    def _job_cgroup(self, job_id: str, limits: Limits, threads: int) -> tuple[JobCgroup | None, CgroupFacts]:
+        """The job's cgroup, or None and why; with `[sandbox] cgroups = "required"` a job whose limits
+        the kernel cannot enforce here is rejected (ConfigError)."""
+        host, required = self.cgroups, self.policy.settings.cgroups == "required"
+        wanted = {"memory": limits.memory, "processes": limits.max_processes, "cpu_time": limits.cpu_time,
+                  "cpu_threads": limits.cpu_threads}
+        missing = [name for name, value in wanted.items() if value is not None and name not in host.enforces()]
+        if required and (host.version is None or missing):
+            what = f"{host.label} cannot enforce {', '.join(missing)}" if host.version else "unavailable"
+            raise ConfigError(f'cgroups are required ([sandbox] cgroups = "required") but {what}: {host.reason}')
+        if host.version is None:
+            return None, CgroupFacts(reason=host.reason)
+        try:
+            cgroup = host.create(job_id, CgroupLimits(memory=limits.memory, tasks=task_limit(limits.max_processes, threads),
+                                                      cpus=limits.cpu_threads))
+        except CgroupError as err:
+            if required:
+                raise ConfigError(f"cgroups are required but the job cgroup failed: {err}") from None
+            return None, CgroupFacts(reason=f"job cgroup not created: {err}")
+        return cgroup, cgroup_facts(host)
 
     def _remove_stale_cache_lock(self, cache: Path, tenant: str) -> bool:
         """Taichi skips caching while `ticache.lock` exists; a killed job leaves one behind. It is
@@ -282,7 +243,10 @@ class Supervisor:
         try:
             result = self._supervise(spec, limits, prepared, on_sample, control, started_epoch)
         finally:
+            cgroup_left = prepared.cgroup.remove() if prepared.cgroup is not None else None
             shutil.rmtree(workdir, ignore_errors=True)
+        if cgroup_left:
+            result.notes.append(cgroup_left)
         result.rlimits = prepared.rlimits
         result.enforcement = prepared.enforcement
         result.notes = [arch_note, *prepared.notes, *result.notes]
@@ -291,7 +255,7 @@ class Supervisor:
 
     def _supervise(self, spec: JobSpec, limits: Limits, prepared: _Prepared, on_sample: Callable[[Sample], None] | None,
                    control: JobControl | None, started_epoch: float) -> JobResult:
-        job, plan = _Job(spec, limits), prepared.plan
+        plan, cgroup = prepared.plan, prepared.cgroup
         (out_r, out_w), (err_r, err_w), (ch_r, ch_w) = os.pipe(), os.pipe(), os.pipe()
         try:
             with self._launch_lock:
@@ -305,11 +269,12 @@ class Supervisor:
         finally:
             for fd in (out_w, err_w, ch_w):
                 os.close(fd)
-        job.tree = JobTree(launched.pid)
-        monitor = Monitor(job.tree, limits, started, time.time, lambda: pump.output_bytes(),
-                          lambda v: self._terminate(job, launched.pid, v), on_sample,
-                          gpu=prepared.gpu_watch, gpu_limit=prepared.gpu_limit, control=control)
-        pump = _Pump(out_r, err_r, ch_r, limits.max_output, monitor.wake)
+        tree = JobTree(launched.pid, members=cgroup.pids if cgroup is not None else None)
+        job = _Job(spec, limits, JobProcesses(tree, launched.pid, cgroup))
+        monitor = Monitor(tree, limits, started, time.time, lambda: pump.output_bytes(),
+                          lambda v: self._terminate(job, v), on_sample, gpu=prepared.gpu_watch,
+                          gpu_limit=prepared.gpu_limit, control=control, cgroup=cgroup)
+        pump = Pump(out_r, err_r, ch_r, limits.max_output, monitor.wake)
         try:
             pump.start()
             monitor.start()
@@ -331,131 +296,44 @@ class Supervisor:
         if monitor.gpu_unreported:
             job.notes.append(f"NVML reported no memory figure for {monitor.gpu_unreported} GPU process(es) of "
                              "the job: gpu_memory usage is a lower bound")
-        return self._verdict(job, plan, monitor, pump, exit_, started_epoch, ended - started)
+        return decide(Evidence(
+            spec=spec, limits=limits, plan=plan, exit=exit_, violations=list(job.violations),
+            warnings=monitor.warnings, termination=job.termination, notes=job.notes, peak=monitor.peak,
+            peak_gpu=monitor.peak_gpu, timeline=monitor.timeline.samples, pump=pump, wall=ended - started,
+            started_epoch=started_epoch, launcher=self.launcher.name, root_pid=launched.pid,
+            cgroup_limits=cgroup.limits if cgroup is not None else None,
+            cgroup_final=cgroup.stats() if cgroup is not None else None))
 
-    def _terminate(self, job: _Job, pgid: int, violation: Violation | None) -> None:
-        """SIGTERM the whole tree, wait `grace`, SIGKILL what is left (or SIGKILL at once).
+    def _terminate(self, job: _Job, violation: Violation | None) -> None:
+        """SIGTERM the whole job, wait `grace`, then kill what is left (or kill at once).
         `violation` None means the job was cancelled."""
         with job.lock:
             if violation is not None:
                 job.violations.append(violation)
             job.termination = Termination(reason=violation.resource if violation is not None else "cancelled")
         term = job.termination
-        if violation is not None and violation.action == "sigkill":
-            term.killed_pids = _signal_all(job.tree.alive(), pgid, signal.SIGKILL)
-            term.sigkill_at = time.time()
-            return
-        term.terminated_pids = _signal_all(job.tree.alive(), pgid, signal.SIGTERM)
-        term.sigterm_at = time.time()
-        deadline = time.monotonic() + job.limits.grace
-        while time.monotonic() < deadline and job.tree.alive():
-            time.sleep(min(0.01, max(deadline - time.monotonic(), 0)))
-        remaining = job.tree.alive()
-        if remaining:
-            term.killed_pids = _signal_all(remaining, pgid, signal.SIGKILL)
-            term.sigkill_at = time.time()
+        if violation is None or violation.action != "sigkill":
+            term.terminated_pids = job.procs.signal(signal.SIGTERM)
+            term.sigterm_at = time.time()
+            deadline = time.monotonic() + job.limits.grace
+            while time.monotonic() < deadline and job.procs.alive():
+                time.sleep(min(0.01, max(deadline - time.monotonic(), 0)))
+            if not job.procs.alive():
+                return
+        term.sigkill_at = time.time()
+        term.killed_pids = job.procs.kill()
 
     def _reap_leftovers(self, job: _Job, pgid: int) -> None:
-        """After the main process ended: SIGKILL whatever of the job still lives, including orphans
-        re-parented to the launcher's subreaper before the monitor ever saw them."""
+        """After the main process ended: kill whatever of the job still lives. With a cgroup that is
+        one atomic kill; without, the polled tree and the orphans the launcher reaped (found before
+        the monitor ever saw them) are stopped, then killed. Processes that left the job's cgroup
+        (only a root job can) are looked for among the launcher's orphans either way."""
         with self._launch_lock:
             self._running.pop(pgid, None)
-            leftovers = job.tree.alive()
-            known = {p.pid for p in leftovers}
-            leftovers += [p for p in self.launcher.orphans(job.spec.job_id, set(self._running))
-                          if p.pid not in known]
-        if leftovers:
-            killed = _signal_all(leftovers, pgid, signal.SIGKILL)
-            job.notes.append(f"killed {len(killed)} leftover process(es) after the main process ended: "
-                             f"{sorted(killed)}")
-            psutil.wait_procs(leftovers, timeout=1.0)
+            killed = job.procs.kill(also=lambda: self.launcher.orphans(job.spec.job_id, set(self._running)))
+        if killed:
+            job.notes.append(f"killed {len(killed)} leftover process(es) after the main process ended: {killed}")
+        if job.procs.outside_cgroup:
+            job.notes.append(f"{len(job.procs.outside_cgroup)} process(es) of the job were outside its cgroup "
+                             f"when killed: {sorted(job.procs.outside_cgroup)}")
         # With nothing left, the group id may already belong to a new job: no killpg then.
-
-    # --- deciding --------------------------------------------------------------------------------
-
-    def _verdict(self, job: _Job, plan: ChildPlan, monitor: Monitor, pump: _Pump, exit_: Exit,
-                 started_epoch: float, wall: float) -> JobResult:
-        messages, protocol_errors = pump.channel.messages()
-        results = [m for m in messages if isinstance(m, ResultMessage)]
-        final = results[-1] if results else None
-        violations = list(job.violations)
-        limits = job.limits
-        peak = monitor.peak
-        cpu = max(peak.cpu, exit_.cpu_seconds)
-
-        def rlimit_hit(resource: str, limit: float, observed: float) -> None:
-            violations.append(Violation(at=time.time(), pid=job.tree.root_pid, resource=resource, limit=limit,
-                                        observed=observed, action="none", detected_by="rlimit"))
-
-        sigxcpu_reported = any(isinstance(m, RlimitMessage) and m.resource == "cpu_time" for m in messages)
-        killed_at_hard_limit = (exit_.signal in (signal.SIGXCPU, signal.SIGKILL) and limits.cpu_time is not None
-                                and exit_.cpu_seconds >= math.ceil(limits.cpu_time))
-        if limits.cpu_time is not None and (sigxcpu_reported or (killed_at_hard_limit and not violations)):
-            rlimit_hit("cpu_time", limits.cpu_time, cpu)
-        if (final is not None and final.status == "error" and not violations and "as" in plan.rlimits
-                and (final.error_type == "MemoryError"
-                     or any(k in (final.error_message or "").lower() for k in AS_ERROR_MARKERS))):
-            rlimit_hit("address_space", plan.rlimits["as"][0], peak.vms)
-        breaking = [v for v in violations if v.action != "warn"]
-        signame = _signal_name(exit_.signal) if exit_.signal else None
-        if breaking:
-            first = breaking[0]
-            verdict = Verdict(first.resource)
-            reason = f"{first.resource} limit {_fmt(first.resource, first.limit)} exceeded: " \
-                     f"observed {_fmt(first.resource, first.observed)} ({first.detected_by})"
-        elif job.termination is not None and job.termination.reason == "cancelled":
-            verdict, reason = Verdict.cancelled, "cancelled by request"
-        elif final is not None and final.status == "ok" and exit_.code == 0:
-            verdict, reason = Verdict.ok, ""
-        elif final is not None and final.status == "error":
-            verdict = Verdict.error
-            reason = f"{final.error_type}: {final.error_message}".splitlines()[0][:300]
-        elif signame is not None:
-            verdict, reason = Verdict.crashed, f"killed by {signame} {_after(final)}"
-        elif exit_.code is None:
-            verdict, reason = Verdict.crashed, "the fork-server died before the job ended; exit status unknown"
-        elif exit_.code == 0:
-            verdict, reason = Verdict.ok, ""
-            job.notes.append("no result message: the job left through os._exit(0)")
-        else:
-            verdict, reason = Verdict.error, f"exited with status {exit_.code} {_after(final)}"
-        if protocol_errors:
-            job.notes.extend(protocol_errors)
-            if final is None and verdict in (Verdict.ok, Verdict.error):
-                verdict, reason = Verdict.crashed, f"malformed result channel: {protocol_errors[0]}"
-        usage = Usage(cpu_seconds=round(cpu, 4), wall_seconds=round(wall, 4),
-                      peak_rss=max(peak.rss, exit_.max_rss), peak_vms=peak.vms,
-                      peak_processes=peak.processes, peak_gpu_memory=monitor.peak_gpu,
-                      output_bytes=pump.output_bytes())
-        return JobResult(
-            job_id=job.spec.job_id, kernel=job.spec.kernel, arch=plan.ti_arch, verdict=verdict, reason=reason,
-            exit_code=exit_.code, signal=signame,
-            violations=sorted(violations + monitor.warnings, key=lambda v: v.at),
-            usage=usage, limits=limits, notes=job.notes,
-            return_value=final.return_value if final is not None and verdict is Verdict.ok else None,
-            error_type=final.error_type if final else None, error_message=final.error_message if final else None,
-            traceback=final.traceback if final else None,
-            stdout_tail=pump.tail("stdout"), stderr_tail=pump.tail("stderr"),
-            stdout_bytes=pump.counts["stdout"], stderr_bytes=pump.counts["stderr"],
-            ti_init=[m.model_dump(exclude={"type"}) for m in messages if isinstance(m, TiInitMessage)],
-            timeline=monitor.timeline.samples, termination=job.termination, launcher=self.launcher.name,
-            labels=job.spec.labels, started_at=started_epoch, ended_at=time.time())
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:  # real-time signals have no name in the enum
-        return f"SIG{number}"
-
-
-def _after(final: ResultMessage | None) -> str:
-    return "after reporting success" if final is not None else "without a result"
-
-
-def _fmt(resource: str, value: float) -> str:
-    if resource in ("memory", "address_space", "gpu_memory", "output"):
-        return f"{value / (1 << 20):.1f} MiB"
-    if resource in ("cpu_time", "wall_time"):
-        return f"{value:.2f}s"
-    return f"{value:g}"

@@ -28,12 +28,19 @@ def make_policy(state_dir: Path, **settings) -> Policy:
     return Policy(settings=Settings(state_dir=str(state_dir), **settings))
 
 
-@pytest.fixture(scope="session", params=["forkserver", "exec"])
+@pytest.fixture(scope="session", params=["forkserver", "exec", "polling"])
 def any_supervisor(request, state_dir):
-    """Both launchers: tests using this run once per launcher."""
-    with Supervisor(make_policy(state_dir), launcher=request.param,
+    """Both launchers with job cgroups where this machine has them, and the fork-server with
+    cgroups off (the polled fallback): tests using this run once per variant."""
+    cgroups = "off" if request.param == "polling" else "auto"
+    with Supervisor(make_policy(state_dir, cgroups=cgroups), launcher="exec" if request.param == "exec" else None,
                     audit_log=state_dir / f"audit-{request.param}.jsonl") as sup:
         yield sup
+
+
+def kernel_enforces(sup: Supervisor, limit: str) -> bool:
+    """Whether the kernel (a job cgroup) enforces `limit` for this supervisor's jobs."""
+    return limit in sup.cgroups.enforces()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,82 @@
+"""Ending a job's processes: signal them all, and kill them all with no way out.
+
+With a job cgroup, membership is the kernel's and the kill is atomic (cgroup.kill, or freeze →
+SIGKILL → thaw). Without one (the polled fallback) every process found is stopped with SIGSTOP
+until a fresh scan finds no new one (a stopped process cannot fork, so a daemon that keeps changing
+its pid cannot outrun the scan), then all of them are SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Callable
+
+import psutil
+
+from .cgroup import JobCgroup
+from .tree import JobTree
+
+STOP_ROUNDS = 200  # fresh scans at most; each finds the children forked before the last SIGSTOP
+
+
+def stop_then_kill(find: Callable[[], list[psutil.Process]]) -> list[int]:
+    """SIGSTOP whatever `find()` returns until it returns nothing new, then SIGKILL all of it;
+    returns the pids once they are gone (waits a second at most)."""
+    stopped: dict[int, psutil.Process] = {}
+    for _ in range(STOP_ROUNDS):
+        new = [p for p in find() if p.pid not in stopped]
+        if not new:
+            break
+        for proc in new:
+            try:
+                proc.send_signal(signal.SIGSTOP)
+                stopped[proc.pid] = proc
+            except psutil.Error:
+                pass
+    for proc in stopped.values():
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(list(stopped.values()), timeout=1.0)
+    return sorted(stopped)
+
+
+class JobProcesses:
+    """The processes of one running job, from its cgroup when it has one, else from the polled tree
+    (`pgid`: the job's process group, signalled too while its main process lives)."""
+
+    def __init__(self, tree: JobTree, pgid: int, cgroup: JobCgroup | None) -> None:
+        self.tree, self.pgid, self.cgroup = tree, pgid, cgroup
+        self.outside_cgroup: list[int] = []  # killed job processes that had left the cgroup (root can)
+
+    def alive(self) -> bool:
+        return bool(self.cgroup.pids()) if self.cgroup is not None else bool(self.tree.alive())
+
+    def signal(self, sig: int) -> list[int]:
+        """Send `sig` to every process of the job (not atomic: for SIGTERM)."""
+        if self.cgroup is not None:
+            return self.cgroup.signal(sig)
+        try:
+            os.killpg(self.pgid, sig)
+        except OSError:
+            pass
+        hit = []
+        for proc in self.tree.alive():
+            try:
+                proc.send_signal(sig)
+                hit.append(proc.pid)
+            except psutil.Error:
+                pass
+        return hit
+
+    def kill(self, also: Callable[[], list[psutil.Process]] | None = None) -> list[int]:
+        """SIGKILL the whole job with no way out; `also` finds processes the tree cannot (orphans
+        the launcher reaped). The cgroup goes first (atomic); what the tree or `also` still finds
+        then is outside it. Returns the pids killed, once they are gone."""
+        in_cgroup = self.cgroup.kill() if self.cgroup is not None else []
+        rest = stop_then_kill(lambda: self.tree.alive(fresh=True) + (also() if also is not None else []))
+        if self.cgroup is not None:
+            self.outside_cgroup += rest
+        return sorted(set(in_cgroup) | set(rest))

@@ -1,0 +1,156 @@
+"""Deciding a job's verdict from the evidence: violations, the exit status, the channel, the kernel's
+final counters. Pure: reads what the supervisor collected and builds the JobResult, acts on nothing.
+
+The first non-warning violation decides; then cancellation; then the job's own report (`ok` also
+needs exit status 0); then how the process ended.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+
+from .cgroup import CgroupLimits, CgroupStats
+from .channel import ResultMessage, RlimitMessage, TiInitMessage
+from .child import ChildPlan
+from .launcher import Exit
+from .limits import Limits
+from .models import JobResult, JobSpec, Sample, Termination, Usage, Verdict, Violation
+from .monitor import kernel_breaches
+from .pump import Pump
+from .tree import Reading
+
+AS_ERROR_MARKERS = ("memory allocation", "cannot allocate memory", "out of memory")
+
+
+@dataclass
+class Evidence:
+    """Everything the supervisor collected about one finished job."""
+
+    spec: JobSpec
+    limits: Limits
+    plan: ChildPlan
+    exit: Exit
+    violations: list[Violation]  # from the monitor's breaches, in order
+    warnings: list[Violation]
+    termination: Termination | None
+    notes: list[str]
+    peak: Reading  # the monitor's peaks
+    peak_gpu: int | None
+    timeline: list[Sample]
+    pump: Pump
+    wall: float
+    started_epoch: float
+    launcher: str
+    root_pid: int
+    cgroup_limits: CgroupLimits | None = None
+    cgroup_final: CgroupStats | None = None  # read after the last process of the job ended
+
+
+def _kernel_violations(ev: Evidence) -> list[Violation]:
+    """What the kernel enforced that the monitor did not see before the job ended."""
+    if ev.cgroup_final is None or ev.cgroup_limits is None:
+        return []
+    seen = {(v.resource, v.detected_by) for v in ev.violations}
+    return [Violation(at=time.time(), pid=None, resource=resource, limit=limit, observed=observed,
+                      action="sigkill" if resource == "memory" else "none", detected_by="cgroup")
+            for resource, limit, observed in kernel_breaches(ev.cgroup_final, ev.cgroup_limits)
+            if (resource, "cgroup") not in seen]
+
+
+def decide(ev: Evidence) -> JobResult:
+    messages, protocol_errors = ev.pump.channel.messages()
+    results = [m for m in messages if isinstance(m, ResultMessage)]
+    final = results[-1] if results else None
+    violations = ev.violations + _kernel_violations(ev)
+    limits, exit_, notes = ev.limits, ev.exit, list(ev.notes)
+    kernel_cpu = ev.cgroup_final.cpu_seconds if ev.cgroup_final is not None else None
+    cpu = max(ev.peak.cpu, exit_.cpu_seconds, kernel_cpu or 0.0)
+
+    def rlimit_hit(resource: str, limit: float, observed: float) -> None:
+        violations.append(Violation(at=time.time(), pid=ev.root_pid, resource=resource, limit=limit,
+                                    observed=observed, action="none", detected_by="rlimit"))
+
+    sigxcpu_reported = any(isinstance(m, RlimitMessage) and m.resource == "cpu_time" for m in messages)
+    killed_at_hard_limit = (exit_.signal in (signal.SIGXCPU, signal.SIGKILL) and limits.cpu_time is not None
+                            and exit_.cpu_seconds >= math.ceil(limits.cpu_time))
+    if limits.cpu_time is not None and (sigxcpu_reported or (killed_at_hard_limit and not violations)):
+        rlimit_hit("cpu_time", limits.cpu_time, cpu)
+    if (final is not None and final.status == "error" and not violations and "as" in ev.plan.rlimits
+            and (final.error_type == "MemoryError"
+                 or any(k in (final.error_message or "").lower() for k in AS_ERROR_MARKERS))):
+        rlimit_hit("address_space", ev.plan.rlimits["as"][0], ev.peak.vms)
+    breaking = [v for v in violations if v.action != "warn"]
+    signame = signal_name(exit_.signal) if exit_.signal else None
+    if breaking:
+        verdict, reason = Verdict(breaking[0].resource), _breach_reason(breaking[0])
+    elif ev.termination is not None and ev.termination.reason == "cancelled":
+        verdict, reason = Verdict.cancelled, "cancelled by request"
+    elif final is not None and final.status == "ok" and exit_.code == 0:
+        verdict, reason = Verdict.ok, ""
+    elif final is not None and final.status == "error":
+        verdict = Verdict.error
+        reason = f"{final.error_type}: {final.error_message}".splitlines()[0][:300]
+    elif signame is not None:
+        verdict, reason = Verdict.crashed, f"killed by {signame} {_after(final)}"
+    elif exit_.code is None:
+        verdict, reason = Verdict.crashed, "the fork-server died before the job ended; exit status unknown"
+    elif exit_.code == 0:
+        verdict, reason = Verdict.ok, ""
+        notes.append("no result message: the job left through os._exit(0)")
+    else:
+        verdict, reason = Verdict.error, f"exited with status {exit_.code} {_after(final)}"
+    if protocol_errors:
+        notes.extend(protocol_errors)
+        if final is None and verdict in (Verdict.ok, Verdict.error):
+            verdict, reason = Verdict.crashed, f"malformed result channel: {protocol_errors[0]}"
+    kernel_peak = ev.cgroup_final.memory_peak if ev.cgroup_final is not None else None
+    pump = ev.pump
+    usage = Usage(cpu_seconds=round(cpu, 4), wall_seconds=round(ev.wall, 4),
+                  peak_rss=max(ev.peak.rss, exit_.max_rss), peak_vms=ev.peak.vms,
+                  peak_memory=kernel_peak if kernel_peak is not None else ev.peak.memory,
+                  peak_processes=ev.peak.processes, peak_gpu_memory=ev.peak_gpu, output_bytes=pump.output_bytes())
+    return JobResult(
+        job_id=ev.spec.job_id, kernel=ev.spec.kernel, arch=ev.plan.ti_arch, verdict=verdict, reason=reason,
+        exit_code=exit_.code, signal=signame,
+        violations=sorted(violations + ev.warnings, key=lambda v: v.at),
+        usage=usage, limits=limits, notes=notes,
+        return_value=final.return_value if final is not None and verdict is Verdict.ok else None,
+        error_type=final.error_type if final else None, error_message=final.error_message if final else None,
+        traceback=final.traceback if final else None,
+        stdout_tail=pump.tail("stdout"), stderr_tail=pump.tail("stderr"),
+        stdout_bytes=pump.counts["stdout"], stderr_bytes=pump.counts["stderr"],
+        ti_init=[m.model_dump(exclude={"type"}) for m in messages if isinstance(m, TiInitMessage)],
+        timeline=ev.timeline, termination=ev.termination, launcher=ev.launcher,
+        labels=ev.spec.labels, started_at=ev.started_epoch, ended_at=time.time())
+
+
+def _breach_reason(v: Violation) -> str:
+    if v.detected_by == "cgroup" and v.resource == "memory":
+        return f"memory limit {_fmt('memory', v.limit)} reached: the kernel OOM-killed the job " \
+               f"(cgroup peak {_fmt('memory', v.observed)})"
+    if v.detected_by == "cgroup" and v.resource == "processes":
+        return f"processes limit reached: the kernel refused a fork at pids.max = {v.limit:g} tasks (cgroup)"
+    return f"{v.resource} limit {_fmt(v.resource, v.limit)} exceeded: " \
+           f"observed {_fmt(v.resource, v.observed)} ({v.detected_by})"
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # real-time signals have no name in the enum
+        return f"SIG{number}"
+
+
+def _after(final: ResultMessage | None) -> str:
+    return "after reporting success" if final is not None else "without a result"
+
+
+def _fmt(resource: str, value: float) -> str:
+    if resource in ("memory", "address_space", "gpu_memory", "output"):
+        return f"{value / (1 << 20):.1f} MiB"
+    if resource in ("cpu_time", "wall_time"):
+        return f"{value:.2f}s"
+    return f"{value:g}"
