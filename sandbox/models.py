@@ -45,6 +45,7 @@ EXIT_CODES = {
 EXIT_USAGE = 2
 EXIT_INTERNAL = 125
 
+_JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 _KERNEL_ENTRY = re.compile(r"^(?P<target>.+?)(?::(?P<func>[A-Za-z_][A-Za-z0-9_]*))?$")
 
 
@@ -75,6 +76,14 @@ class JobSpec(_Strict):
     def _kernel_form(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("empty kernel")
+        return value
+
+    @field_validator("job_id")
+    @classmethod
+    def _job_id_form(cls, value: str) -> str:
+        if not _JOB_ID.fullmatch(value):
+            raise ValueError("1-64 letters, digits, '_', '-' or '.', not starting with '.' "
+                             "(it names the job's directories and cgroup)")
         return value
 
     @field_validator("env")

@@ -10,6 +10,8 @@ import psutil
 import pytest
 
 from sandbox import JobSpec, Limits, Policy, Supervisor
+from sandbox.cgroup import CgroupHost
+from sandbox.cgroup.host import host_v2, parse_mountinfo, parse_proc_cgroup, select_hierarchy
 from sandbox.limits import Settings
 
 # Read by Ray when it is imported: on Linux, without it Ray binds the machine's non-loopback address.
@@ -36,6 +38,20 @@ def any_supervisor(request, state_dir):
     with Supervisor(make_policy(state_dir, cgroups=cgroups), launcher="exec" if request.param == "exec" else None,
                     audit_log=state_dir / f"audit-{request.param}.jsonl") as sup:
         yield sup
+
+
+def second_v2_hierarchy() -> tuple[CgroupHost | None, str]:
+    """On a hybrid host, the cgroup v2 mount beside the v1 controllers (no memory, pids or cpu
+    controller there, but cpu.stat, cgroup.kill and membership are real v2): a host using it, or
+    None and why not. On a pure v2 host the default supervisors already run v2."""
+    mounts = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+    if select_hierarchy(mounts)[0] == 2:
+        return None, "this host is pure cgroup v2: the default supervisors run the v2 path"
+    unified = [m for m in mounts if m.fstype == "cgroup2"]
+    if not unified:
+        return None, "no cgroup v2 mount on this host"
+    host = host_v2(unified[0], parse_proc_cgroup(Path("/proc/self/cgroup").read_text()).get("", "/"))
+    return (host, "") if host.version == 2 else (None, host.reason)
 
 
 def kernel_enforces(sup: Supervisor, limit: str) -> bool:

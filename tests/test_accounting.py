@@ -10,9 +10,11 @@ Each job below defeats the psutil monitor in one way (see the issue "per-job cgr
 5. a fork bomb overshoots max_processes between two polls;
 6. a memory spike is allocated in a single call, faster than one poll.
 
-Every test runs once with per-job cgroups (`cgroups = "required"`) and once without them
-(`cgroups = "off"`, the /proc polling monitor), asserts the verdict and its numbers, and asserts
-that no process of the job survives. Holes that polling cannot see at all (3) are cgroup-only.
+Every test runs with per-job cgroups (`cgroups = "required"`: v1 on hybrid hosts, v2 on unified
+ones), without them (`cgroups = "off"`, the /proc polling monitor), and on a hybrid host also on
+the real cgroup v2 mount beside v1, which counts CPU and kills atomically but has no memory or
+pids controller. Each asserts the verdict and its numbers, and that no process of the job survives.
+What only the kernel can see (3, refused forks) is skipped, with the reason, where it does not count.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import pytest
 from sandbox import JobSpec, Limits, Supervisor, Verdict
 from sandbox.cgroup import task_limit
 
-from .conftest import assert_no_survivors, make_policy
+from .conftest import assert_no_survivors, kernel_enforces, make_policy, second_v2_hierarchy
 
 MiB = 1 << 20
 
@@ -166,22 +168,22 @@ def breach(result):
     return found[0]
 
 
-@pytest.fixture(scope="module", params=["cgroup", "polling"])
-def mode(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def sup(mode, state_dir):
-    setting = {"cgroup": "required", "polling": "off"}[mode]
-    with Supervisor(make_policy(state_dir, cgroups=setting),
-                    audit_log=state_dir / f"audit-accounting-{mode}.jsonl") as supervisor:
+@pytest.fixture(scope="module", params=["cgroup", "polling", "v2-beside-v1"])
+def sup(request, state_dir):
+    host = None
+    if request.param == "v2-beside-v1":
+        host, why = second_v2_hierarchy()
+        if host is None:
+            pytest.skip(why)
+    setting = {"cgroup": "required", "polling": "off", "v2-beside-v1": "auto"}[request.param]
+    with Supervisor(make_policy(state_dir, cgroups=setting), cgroups=host,
+                    audit_log=state_dir / f"audit-accounting-{request.param}.jsonl") as supervisor:
         yield supervisor
 
 
-def cgroup_only(mode: str, why: str) -> None:
-    if mode != "cgroup":
-        pytest.skip(f"polling cannot see {why}")
+def kernel_only(sup: Supervisor, limit: str, why: str) -> None:
+    if not kernel_enforces(sup, limit):
+        pytest.skip(f"no cgroup counts {limit} here ({sup.cgroups.reason}): polling cannot see {why}")
 
 
 def test_zombie_leader_with_a_live_thread_is_still_accounted(sup, tmp_path):
@@ -208,8 +210,8 @@ def shm_file():
 
 
 @pytest.mark.parametrize("kind", ["memfd", "dev_shm"])
-def test_memory_outside_rss_counts(sup, mode, tmp_path, shm_file, kind):
-    cgroup_only(mode, "memfd or /dev/shm pages (they are in no process's RSS)")
+def test_memory_outside_rss_counts(sup, tmp_path, shm_file, kind):
+    kernel_only(sup, "memory", "memfd or /dev/shm pages (they are in no process's RSS)")
     r = run_job(sup, tmp_path, HIDDEN_MEMORY, Limits(memory="256MiB", wall_time="30s"),
                 argv=(kind, str(shm_file)))
     assert r.verdict is Verdict.memory, r.reason
@@ -267,15 +269,15 @@ def test_pid_hopping_daemon_never_outlives_its_job(sup, tmp_path):
     assert survived == [], f"daemon outlived its job in runs {survived}"
 
 
-def test_fork_bomb_is_stopped_at_max_processes(sup, mode, tmp_path):
+def test_fork_bomb_is_stopped_at_max_processes(sup, tmp_path):
     r = run_job(sup, tmp_path, FORK_BOMB, Limits(max_processes=32, wall_time="20s"))
     assert r.verdict is Verdict.processes, r.reason
-    if mode == "cgroup":  # between two polls the kernel's pids.max bounds it: forks beyond it fail
+    if kernel_enforces(sup, "processes"):  # between two polls pids.max bounds it: forks beyond it fail
         assert r.usage.peak_processes <= task_limit(32, os.cpu_count())
 
 
-def test_fork_bomb_meets_pids_max_when_the_monitor_looks_away(sup, mode, tmp_path):
-    cgroup_only(mode, "a refused fork (there is no pids.max without a cgroup)")
+def test_fork_bomb_meets_pids_max_when_the_monitor_looks_away(sup, tmp_path):
+    kernel_only(sup, "processes", "a refused fork")
     r = run_job(sup, tmp_path, FORK_BOMB, Limits(max_processes=4, cpu_threads=1, poll_interval="1s",
                                                  wall_time="20s"))
     assert r.verdict is Verdict.processes, r.reason
@@ -284,12 +286,12 @@ def test_fork_bomb_meets_pids_max_when_the_monitor_looks_away(sup, mode, tmp_pat
     assert r.usage.wall_seconds < 5
 
 
-def test_memory_spike_in_one_call(sup, mode, tmp_path):
+def test_memory_spike_in_one_call(sup, tmp_path):
     r = run_job(sup, tmp_path, MEMORY_SPIKE, Limits(memory="256MiB", address_space=None, wall_time="30s"))
     assert r.verdict is Verdict.memory, r.reason
     v = breach(r)
-    if v.detected_by == "cgroup":
-        assert v.observed <= 256 * MiB
-    if mode == "cgroup":
-        assert v.detected_by == "cgroup"
+    if kernel_enforces(sup, "memory"):  # stopped at the limit by the kernel, with no overshoot
+        assert v.detected_by == "cgroup" and v.observed <= 256 * MiB
         assert r.usage.peak_memory is not None and r.usage.peak_memory <= 256 * MiB
+    else:  # caught at the next poll, above the limit
+        assert v.detected_by == "monitor" and v.observed > 256 * MiB

@@ -92,6 +92,18 @@ def test_probe_reports_archs_nvml_and_enforcement(tmp_path):
             assert gpu["level"] == "unavailable" and "NVML" in gpu["note"]
     if report["archs"]["vulkan"]["usable"]:
         assert report["enforcement"]["vulkan"]["address_space"]["level"] == "hard"
+    cgroups, memory = report["cgroups"], report["enforcement"]["cpu"]["memory"]
+    assert cgroups["dmem"] in (True, False) and cgroups["kill"]
+    if "memory" in cgroups["enforces"]:
+        assert memory["level"] == "hard" and memory["by"].startswith(cgroups["mechanism"])
+    else:
+        assert memory["level"] == "watched" and memory["by"].startswith("polling") and cgroups["reason"]
+
+
+def test_probe_table_names_the_cgroup_mechanism(tmp_path):
+    p = cli("probe", tmp_path=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "cgroups: " in p.stdout and "dmem controller:" in p.stdout and "kill:" in p.stdout
 
 
 def test_run_with_arch_gpu_says_where_it_ran(tmp_path):

@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import secrets
+import dataclasses
 from dataclasses import dataclass, field
 
 from . import v1, v2
@@ -64,7 +65,10 @@ def parse_proc_cgroup(text: str) -> dict[str, str]:
 
 
 def _within(mount: Mount, path: str) -> str | None:
-    """Directory of cgroup `path` in `mount`, or None when the mount does not show it."""
+    """Directory of cgroup `path` in `mount`, or None when the mount does not show it (a path with
+    '..' lies outside this cgroup namespace)."""
+    if "/.." in path:
+        return None
     if mount.root == "/":
         return mount.point + (path if path != "/" else "")
     if path == mount.root or path.startswith(mount.root + "/"):
@@ -110,31 +114,36 @@ class CgroupHost:
         raise CgroupError(f"cgroups unavailable: {self.reason}")
 
 
-def discover(mode: str = "auto", mountinfo: str | None = None, proc_cgroup: str | None = None) -> CgroupHost:
+def discover(mode: str = "auto") -> CgroupHost:
     """The host's cgroups as this process may use them, with the sandbox's parents created.
     `mode` 'off' uses none. Never raises: what cannot be used is named in `reason`."""
     if mode == "off":
         return CgroupHost(reason='off by policy ([sandbox] cgroups = "off")')
     try:
-        mounts = parse_mountinfo(mountinfo if mountinfo is not None else read_text("/proc/self/mountinfo"))
-        own = parse_proc_cgroup(proc_cgroup if proc_cgroup is not None else read_text("/proc/self/cgroup"))
+        mounts = parse_mountinfo(read_text("/proc/self/mountinfo"))
+        own = parse_proc_cgroup(read_text("/proc/self/cgroup"))
     except OSError as err:
         return CgroupHost(reason=f"cannot read this process's cgroups: {err.strerror}")
-    unified = [m for m in mounts if m.fstype == "cgroup2"]
-    dmem = any("dmem" in _controllers(m.point) for m in unified)
+    dmem = any("dmem" in _controllers(m.point) for m in mounts if m.fstype == "cgroup2")
+    chosen = select_hierarchy(mounts)
+    if chosen is None:
+        return CgroupHost(reason="no cgroup hierarchy is mounted", dmem=dmem)
+    version, found = chosen
+    host = host_v2(found[0], own.get("", "/")) if version == 2 else host_v1(found, own)
+    return dataclasses.replace(host, dmem=dmem)
+
+
+def select_hierarchy(mounts: list[Mount]) -> tuple[int, list[Mount]] | None:
+    """(2, [the unified mount]) or (1, [the v1 controller mounts]), as systemd decides: by what is
+    mounted at /sys/fs/cgroup."""
     at_root = [m for m in mounts if m.point == CGROUP_ROOT]
+    unified = [m for m in mounts if m.fstype == "cgroup2"]
     if at_root and at_root[-1].fstype == "cgroup2":
-        return _with_dmem(host_v2(at_root[-1], own.get("", "/")), dmem)
+        return 2, at_root[-1:]
     legacy = [m for m in mounts if m.fstype == "cgroup" and m.options & set(v1.CONTROLLERS)]
     if legacy:
-        return _with_dmem(host_v1(legacy, own), dmem)
-    if unified:
-        return _with_dmem(host_v2(unified[0], own.get("", "/")), dmem)
-    return CgroupHost(reason="no cgroup hierarchy is mounted", dmem=dmem)
-
-
-def _with_dmem(host: CgroupHost, dmem: bool) -> CgroupHost:
-    return CgroupHost(host.version, host.parents, host.root, host.reason, dmem)
+        return 1, legacy
+    return (2, unified[:1]) if unified else None
 
 
 def _controllers(mount_point: str) -> set[str]:
@@ -145,21 +154,30 @@ def _controllers(mount_point: str) -> set[str]:
 
 
 def _why_not(path: str, err: OSError | None = None) -> str:
-    if err is not None and err.errno == errno.EROFS:
-        return f"no writable cgroup: {path} is mounted read-only"
+    """Why `path` cannot be written, in the words `probe` and the job's notes use."""
+    if (err is not None and err.errno == errno.EROFS) or os.statvfs(path).f_flag & os.ST_RDONLY:
+        return "no writable cgroup: the cgroup filesystem is mounted read-only"
     if os.geteuid() != 0:
-        return f"{NO_DELEGATION} ({path} is not writable by uid {os.geteuid()})"
-    return f"no writable cgroup: {path}: {err.strerror if err else 'not writable'}"
+        return f"{NO_DELEGATION} (uid {os.geteuid()})"
+    return f"no writable cgroup: {err.strerror if err else 'permission denied'}"
+
+
+def _grouped(problems: dict[str, str]) -> str:
+    """'reason (controllers); ...' from controller -> reason."""
+    by_reason: dict[str, list[str]] = {}
+    for controller, reason in problems.items():
+        by_reason.setdefault(reason, []).append(controller)
+    return "; ".join(f"{reason} ({', '.join(names)})" for reason, names in by_reason.items())
 
 
 def host_v1(mounts: list[Mount], own: dict[str, str]) -> CgroupHost:
     """The v1 controllers this process can create job cgroups under."""
-    parents, missing = {}, []
+    parents, problems = {}, {}
     for controller in v1.CONTROLLERS:
         mount = next((m for m in mounts if controller in m.options), None)
         where = _within(mount, own.get(controller, "/")) if mount is not None else None
         if where is None:
-            missing.append(f"{controller}: not mounted")
+            problems[controller] = "not mounted where this process can see its cgroup"
             continue
         parent = f"{where}/{PARENT}"
         try:
@@ -167,13 +185,14 @@ def host_v1(mounts: list[Mount], own: dict[str, str]) -> CgroupHost:
         except FileExistsError:
             pass
         except OSError as err:
-            missing.append(f"{controller}: {_why_not(where, err)}")
+            problems[controller] = _why_not(where, err)
+            continue
+        if not os.access(parent, os.W_OK):
+            problems[controller] = _why_not(parent)
             continue
         remove_stale(parent)
         parents[controller] = parent
-    if not parents:
-        return CgroupHost(reason="; ".join(missing))
-    return CgroupHost(1, parents, reason="; ".join(missing))
+    return CgroupHost(1 if parents else None, parents, reason=_grouped(problems))
 
 
 def host_v2(mount: Mount, own_path: str) -> CgroupHost:
