@@ -123,7 +123,7 @@ def run(
     limits_file: Optional[Path] = typer.Option(None, help="limits.toml (default: $TAICHI_SANDBOX_LIMITS or ./limits.toml)."),
     cpu_time: Optional[str] = typer.Option(None, help="e.g. 2s, 1.5, 500ms"),
     wall_time: Optional[str] = typer.Option(None, help="e.g. 10s, 2m"),
-    memory: Optional[str] = typer.Option(None, help="RSS of the whole job tree, e.g. 1GiB"),
+    memory: Optional[str] = typer.Option(None, help="memory of the whole job (its cgroup; RSS without one), e.g. 1GiB"),
     address_space: Optional[str] = typer.Option(None, help="RLIMIT_AS: auto | SIZE | unlimited"),
     gpu_memory: Optional[str] = typer.Option(None, help="bytes (e.g. 2GiB) or fraction (e.g. 50%)"),
     max_processes: Optional[int] = typer.Option(None, help="processes in the job tree"),

@@ -153,7 +153,7 @@ class JobCgroup(ABC):
             try:
                 os.kill(pid, sig)
                 hit.append(pid)
-            except ProcessLookupError:
+            except OSError:  # gone, or not ours to signal (it then stays, and remove() says so)
                 pass
         return hit
 

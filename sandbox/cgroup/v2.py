@@ -112,11 +112,11 @@ class V2Cgroup(JobCgroup):
         return stats_from(self.dir, self.controllers)
 
     def _kill_atomic(self) -> bool:
-        path = f"{self.dir}/cgroup.kill"
-        if not os.path.exists(path):
+        try:
+            with open(f"{self.dir}/cgroup.kill", "w") as f:
+                f.write("1")
+        except OSError:  # Linux < 5.14 has no cgroup.kill
             return False
-        with open(path, "w") as f:
-            f.write("1")
         return True
 
     def _freeze(self, frozen: bool) -> bool:
