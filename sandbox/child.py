@@ -1,8 +1,9 @@
 """The job side: runs inside the sandboxed child process, never in the supervisor.
 
 Order matters and is the contract: join the job cgroup (before anything else runs, so everything the
-job does is counted) → die with the parent (PR_SET_PDEATHSIG) → own session → subreaper → rlimits → scrubbed environment and private directories → guarded `ti.init` → run the job → report
-one JSON result on the channel → `ti.reset()` (writes the offline cache) → `os._exit`.
+job does is counted) → die with the parent (PR_SET_PDEATHSIG) → own session → subreaper → rlimits
+→ scrubbed environment and private directories → guarded `ti.init` → run the job → report one JSON
+result on the channel → `ti.reset()` (writes the offline cache) → `os._exit`.
 
 Everything here helps honest jobs and reports truthfully; a hostile job can undo any of it, which is
 why every limit is also enforced from the supervisor.
@@ -57,7 +58,7 @@ class ChildPlan(BaseModel):
     workdir: str
     parent_pid: int
     preinit: bool = False
-    cgroup_procs: list[str] = []  # `cgroup.procs` files of the job cgroup (one per v1 hierarchy)
+    cgroup_join: list[str] = []  # files the child writes "0" to, to join its job cgroup (JobCgroup.join_files)
 
 
 def _prctl(option: int, value: int) -> None:
@@ -68,9 +69,11 @@ def _prctl(option: int, value: int) -> None:
 
 def confine(plan: ChildPlan) -> None:
     """Apply everything that must hold before job code runs. Exits at once if the parent is gone."""
-    for procs in plan.cgroup_procs:
-        with open(procs, "w") as f:
-            f.write(str(os.getpid()))
+    if plan.cgroup_join and len(os.listdir("/proc/self/task")) != 1:
+        raise RuntimeError("the child must be single-threaded to join its job cgroup")
+    for path in plan.cgroup_join:
+        with open(path, "w") as f:
+            f.write("0")
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != plan.parent_pid:
         os._exit(70)

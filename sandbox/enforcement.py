@@ -64,7 +64,8 @@ def _kernel(limit: str, cgroup: CgroupFacts) -> Enforcement:
                        cgroup)
     if limit == "memory":
         if limit in cgroup.enforces:
-            v1 = "; v1 has no memory.oom.group: the supervisor kills the rest of the job" if label == "cgroup v1" else ""
+            v1 = "; v1 has no memory.oom.group: the supervisor kills the rest of the job" \
+                if label == "cgroup v1" else ""
             return Enforcement(level="hard", by=f"{label} memory limit, no swap: the kernel OOM-kills at the limit",
                                note=f"counts RSS, page cache, tmpfs, memfd and SysV shm{v1}")
         return _polled("RSS of the job tree", cgroup, "; memory outside RSS (tmpfs, memfd, SysV shm) is not counted")

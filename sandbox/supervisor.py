@@ -167,9 +167,10 @@ class Supervisor:
                          env=env, workdir=str(work), parent_pid=0, preinit=function is not None)
         if len(plan.model_dump_json()) > MAX_PLAN_BYTES:
             raise ConfigError(f"job too large: its args, kwargs, argv and env exceed {MAX_PLAN_BYTES} bytes")
-        cgroup, cgroup_known = self._job_cgroup(spec.job_id, limits, caps["cpu_max_num_threads"])  # last: may not fail
+        # The cgroup comes last: nothing after it may raise, or it would be left behind.
+        cgroup, cgroup_known = self._job_cgroup(spec.job_id, limits, caps["cpu_max_num_threads"])
         if cgroup is not None:
-            plan.cgroup_procs = cgroup.procs_files()
+            plan.cgroup_join = cgroup.join_files()
             notes.append(f"{cgroup.label}: {cgroup.path}")
         elif cgroup_known.reason:
             notes.append(f"no job cgroup, limits polled: {cgroup_known.reason}")
@@ -190,8 +191,9 @@ class Supervisor:
         if host.version is None:
             return None, CgroupFacts(reason=host.reason)
         try:
-            cgroup = host.create(job_id, CgroupLimits(memory=limits.memory, tasks=task_limit(limits.max_processes, threads),
-                                                      cpus=limits.cpu_threads))
+            wanted_limits = CgroupLimits(memory=limits.memory, tasks=task_limit(limits.max_processes, threads),
+                                         cpus=limits.cpu_threads)
+            cgroup = host.create(job_id, wanted_limits)
         except CgroupError as err:
             if required:
                 raise ConfigError(f"cgroups are required but the job cgroup failed: {err}") from None

@@ -17,7 +17,7 @@ from sandbox import ConfigError, JobSpec, Limits, Supervisor, Verdict
 from sandbox.cgroup import CgroupHost, CgroupLimits, CgroupStats, task_limit
 from sandbox.cgroup.host import (Mount, _within, discover, parse_mountinfo, parse_proc_cgroup,
                                  select_hierarchy)
-from sandbox.cgroup.v2 import stats_from
+from sandbox.cgroup.v2 import prepare_parent, stats_from
 from sandbox.monitor import kernel_breaches
 
 from .conftest import ROOT, kernel, kernel_enforces, make_policy, second_v2_hierarchy
@@ -26,7 +26,10 @@ CAPTURES = Path(__file__).parent / "data" / "cgroup"
 MiB = 1 << 20
 
 SHOW_OWN_CGROUP = """
-import json
+import json, os, threading, time
+threading.Thread(target=time.sleep, args=(1,), daemon=True).start()  # every thread is in the job cgroup
+threads = {open(f"/proc/self/task/{tid}/cgroup").read() for tid in os.listdir("/proc/self/task")}
+assert len(os.listdir("/proc/self/task")) == 2 and len(threads) == 1, threads
 own = dict(line.split(":", 2)[1:] for line in open("/proc/self/cgroup").read().splitlines())
 def read(controller, name):
     return open(f"/sys/fs/cgroup/{controller}{own[controller]}/{name}").read().strip()
@@ -201,3 +204,41 @@ def test_discovery_reports_dmem_and_the_kill_method():
     assert host.kill_method() in ("cgroup.kill", "cgroup.freeze, then SIGKILL", "freezer, then SIGKILL",
                                   "SIGKILL until the cgroup is empty")
     assert isinstance(host.dmem, bool)
+
+
+@pytest.fixture
+def v2_cgroup_holding_a_process():
+    """A real v2 cgroup (beside v1 on a hybrid host) with a process in it and a controller it may
+    enable for its children (hugetlb: the only one this machine has on v2), removed afterwards."""
+    host, why = second_v2_hierarchy()
+    if host is None:
+        pytest.skip(why)
+    root = str(Path(host.root).parent)
+    if "hugetlb" not in (Path(root) / "cgroup.controllers").read_text().split():
+        pytest.skip("no controller to enable on this v2 hierarchy")
+    enabled_before = "hugetlb" in (Path(root) / "cgroup.subtree_control").read_text().split()
+    (Path(root) / "cgroup.subtree_control").write_text("+hugetlb")
+    own = Path(root) / f"tsbx-test-own-{os.getpid()}"
+    own.mkdir()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (own / "cgroup.procs").write_text(str(sleeper.pid))
+        yield own, sleeper.pid
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for leaf in ("taichi-sandbox", "tsbx-supervisor", ""):
+            if (own / leaf).exists():
+                (own / leaf).rmdir()
+        if not enabled_before:
+            (Path(root) / "cgroup.subtree_control").write_text("-hugetlb")
+
+
+def test_v2_parent_moves_the_supervisors_processes_into_a_leaf_before_enabling_controllers(
+        v2_cgroup_holding_a_process):
+    own, pid = v2_cgroup_holding_a_process
+    parent, enabled = prepare_parent(str(own), is_root=False, controllers=("hugetlb",))
+    assert parent == f"{own}/taichi-sandbox" and enabled == {"hugetlb"}
+    assert (own / "cgroup.procs").read_text().split() == []  # no processes in an inner node
+    assert (own / "tsbx-supervisor" / "cgroup.procs").read_text().split() == [str(pid)]
+    assert "hugetlb" in (own / "cgroup.subtree_control").read_text().split()

@@ -1,7 +1,7 @@
 """What both cgroup versions share: a job cgroup's limits, its stats, its verbs, and file helpers.
 
 Lifecycle of one job cgroup (the same verbs for v1 and v2):
-    host.create(name, limits) → the child writes its pid to every `procs_files()` before running job
+    host.create(name, limits) → the child joins through every `join_files()` before running job
     code → `stats()` every poll → `signal(SIGTERM)` / `kill()` (atomic) → `remove()` after the verdict.
 Counters are never reset: every job gets a fresh cgroup.
 """
@@ -115,7 +115,11 @@ class JobCgroup(ABC):
 
     @abstractmethod
     def procs_files(self) -> list[str]:
-        """Where a process writes its own pid to join (one per hierarchy on v1)."""
+        """The `cgroup.procs` files (one per hierarchy on v1): a pid written there moves its process."""
+
+    @abstractmethod
+    def join_files(self) -> list[str]:
+        """Where a single-threaded process writes "0" to move itself in, at the least cost."""
 
     @abstractmethod
     def pids(self) -> list[int]:

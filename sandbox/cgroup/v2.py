@@ -38,11 +38,11 @@ def enable(path: str, controllers: tuple[str, ...]) -> set[str]:
     return set(read_text(f"{path}/cgroup.subtree_control").split())
 
 
-def prepare_parent(own: str, is_root: bool) -> tuple[str, frozenset[str]]:
-    """Make `<own>/taichi-sandbox` with every available job controller enabled for its children.
-    Returns (parent directory, enabled controllers)."""
+def prepare_parent(own: str, is_root: bool, controllers: tuple[str, ...] = CONTROLLERS) -> tuple[str, frozenset[str]]:
+    """Make `<own>/taichi-sandbox` with every available one of `controllers` enabled for its
+    children. Returns (parent directory, enabled controllers)."""
     available = set(read_text(f"{own}/cgroup.controllers").split())
-    wanted = tuple(c for c in CONTROLLERS if c in available)
+    wanted = tuple(c for c in controllers if c in available)
     try:
         enable(own, wanted)
     except OSError as err:
@@ -101,6 +101,9 @@ class V2Cgroup(JobCgroup):
 
     def procs_files(self) -> list[str]:
         return [f"{self.dir}/cgroup.procs"]
+
+    def join_files(self) -> list[str]:
+        return self.procs_files()  # cgroup.threads is only for threaded cgroups
 
     def pids(self) -> list[int]:
         try:
