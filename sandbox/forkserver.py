@@ -1,12 +1,17 @@
 """Fork-server: a fresh interpreter (started by exec) that preloads Taichi, then forks one child per job.
 
-It never holds threads, GPU state or Ray state, so forking it is safe. Protocol, per job, on its own
-connection to the server's Unix socket (supervisor → server):
-    request: 4-byte length + ChildPlan JSON, with SCM_RIGHTS fds [stdout, stderr, channel]
-    reply:   "pid <n>\\n" once forked, then "exit <status> <utime> <stime> <maxrss_kib>\\n" when reaped.
-The server is a child subreaper and reaps everything. When the supervisor's lifeline pipe closes
-(the supervisor died) it SIGKILLs every job's process group and every descendant, then exits; jobs also have
-PR_SET_PDEATHSIG(SIGKILL) on the server.
+It never holds threads, GPU state or Ray state, so forking it is safe. It has no socket path and no
+listening socket: the supervisor talks to it over a socketpair it inherited, so only the supervisor
+can reach it (a job cannot find or connect to anything). Its stdio is /dev/null: jobs get only their
+own pipes. Data format, per job, on the control socket (supervisor → server):
+    request: 4-byte big-endian length + ChildPlan JSON, with SCM_RIGHTS fds [stdout, stderr, channel,
+             reply], the fds attached to the request's first bytes
+    on `reply` (server → supervisor): "pid <n>\n" once forked, then
+             "exit <status> <utime> <stime> <maxrss_kib>\n" when reaped.
+Requests are read without blocking and buffered, so the server never stalls reaping or watching its
+supervisor. It is a child subreaper and reaps everything. When the control socket closes (the
+supervisor died or closed the launcher) it SIGKILLs every job's process group and every descendant,
+then exits; jobs also have PR_SET_PDEATHSIG(SIGKILL) on the server. Pickle is not used.
 """
 
 from __future__ import annotations
@@ -23,25 +28,38 @@ from . import child
 
 PRELOAD = ("taichi", "numpy")
 MAX_PLAN_BYTES = 1 << 22
+HEADER = struct.Struct("!I")
+FDS_PER_REQUEST = 4  # stdout, stderr, channel, reply socket
 
 
-def _recv_request(conn: socket.socket, fds: list[int]) -> bytes:
-    """Read one request; received descriptors are put in `fds` at once, so a bad request's can be
-    closed by the caller."""
-    header, received, _, _ = socket.recv_fds(conn, 4, 3)
-    fds.extend(received)
-    if len(header) != 4:
-        raise ConnectionError("short request header")
-    size = struct.unpack("!I", header)[0]
-    if size > MAX_PLAN_BYTES:
-        raise ConnectionError("plan too large")
-    payload = bytearray()
-    while len(payload) < size:
-        chunk = conn.recv(size - len(payload))
-        if not chunk:
-            raise ConnectionError("short request")
-        payload += chunk
-    return bytes(payload)
+def encode_request(plan_json: bytes) -> bytes:
+    """The request bytes for one plan (its fds travel with them)."""
+    return HEADER.pack(len(plan_json)) + plan_json
+
+
+class Requests:
+    """Reassembles requests from a non-blocking control socket: bytes and descriptors arrive in
+    pieces; `feed()` returns every request completed so far as (plan JSON, fds)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.fds: list[int] = []
+
+    def feed(self, data: bytes, fds: list[int]) -> list[tuple[bytes, list[int]]]:
+        self.buffer += data
+        self.fds += fds
+        done = []
+        while len(self.buffer) >= HEADER.size:
+            size = HEADER.unpack_from(self.buffer)[0]
+            if size > MAX_PLAN_BYTES:
+                raise ConnectionError("plan too large")
+            if len(self.buffer) < HEADER.size + size or len(self.fds) < FDS_PER_REQUEST:
+                break
+            payload = bytes(self.buffer[HEADER.size:HEADER.size + size])
+            del self.buffer[:HEADER.size + size]
+            done.append((payload, self.fds[:FDS_PER_REQUEST]))
+            del self.fds[:FDS_PER_REQUEST]
+        return done
 
 
 def _become_job(payload: bytes, fds: list[int], keep_closed: list[int]) -> None:
@@ -52,7 +70,7 @@ def _become_job(payload: bytes, fds: list[int], keep_closed: list[int]) -> None:
             signal.signal(sig, signal.SIG_DFL)
         for fd in keep_closed:
             os.close(fd)
-        stdout_fd, stderr_fd, channel_fd = fds
+        stdout_fd, stderr_fd, channel_fd, _reply = fds
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(stdout_fd, 1)
@@ -73,7 +91,8 @@ def detach(pid_fd: int) -> None:
     """Leave the starter's process tree (fork, the parent exits) and report our pid on `pid_fd`.
 
     Whoever kills the supervisor's direct children at once (Ray's force-cancel does) then cannot
-    kill the server before it has killed its jobs: the server sees the lifeline close and cleans up.
+    kill the server before it has killed its jobs: the server sees the control socket close and
+    cleans up.
     """
     if os.fork() > 0:
         os._exit(0)
@@ -81,48 +100,54 @@ def detach(pid_fd: int) -> None:
     os.close(pid_fd)
 
 
-def serve(listen_fd: int, lifeline_fd: int) -> None:
-    """Accept job requests until the lifeline closes."""
+def serve(control_fd: int) -> None:
+    """Fork a job per request until the control socket closes."""
     child._prctl(child.PR_SET_CHILD_SUBREAPER, 1)
     for name in PRELOAD:
         __import__(name)
-    listener = socket.socket(fileno=listen_fd)
+    control = socket.socket(fileno=control_fd)
+    control.setblocking(False)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     sel = selectors.DefaultSelector()
-    sel.register(listener, selectors.EVENT_READ, "accept")
-    sel.register(lifeline_fd, selectors.EVENT_READ, "lifeline")
+    sel.register(control, selectors.EVENT_READ, "control")
     sel.register(wake_r, selectors.EVENT_READ, "sigchld")
     jobs: dict[int, socket.socket] = {}
+    requests = Requests()
     while True:
         for key, _ in sel.select():
-            if key.data == "lifeline":
-                _kill_everything(jobs)
-                os._exit(0)
             if key.data == "sigchld":
                 os.read(wake_r, 4096)
                 _reap(jobs)
-            if key.data == "accept":
-                conn, _ = listener.accept()
-                fds: list[int] = []
-                try:
-                    payload = _recv_request(conn, fds)
-                except (OSError, ConnectionError):
-                    for fd in fds:
-                        os.close(fd)
-                    conn.close()
-                    continue
+                continue
+            try:
+                data, fds, _, _ = socket.recv_fds(control, 1 << 16, 64)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data, fds = b"", []
+            if not data:  # the supervisor is gone
+                _kill_everything(jobs)
+                os._exit(0)
+            try:
+                ready = requests.feed(data, fds)
+            except ConnectionError:  # only the supervisor writes here: a broken request is fatal
+                _kill_everything(jobs)
+                os._exit(1)
+            for payload, job_fds in ready:
+                reply = socket.socket(fileno=job_fds[3])
+                reply.setblocking(False)
                 pid = os.fork()
                 if pid == 0:
-                    _become_job(payload, fds, [listen_fd, lifeline_fd, wake_r, wake_w, conn.fileno(),
-                                               *(c.fileno() for c in jobs.values())])
-                for fd in fds:
+                    _become_job(payload, job_fds, [control_fd, wake_r, wake_w, *requests.fds,
+                                                   *(c.fileno() for c in jobs.values())])
+                for fd in job_fds[:3]:
                     os.close(fd)
-                jobs[pid] = conn
-                _reply(conn, f"pid {pid}\n")
-                _reap(jobs)
+                jobs[pid] = reply
+                _reply(reply, f"pid {pid}\n")
+        _reap(jobs)
 
 
 def _kill_everything(jobs: dict[int, socket.socket]) -> None:
@@ -142,7 +167,7 @@ def _kill_everything(jobs: dict[int, socket.socket]) -> None:
 
 def _reply(conn: socket.socket, line: str) -> None:
     try:
-        conn.sendall(line.encode())
+        conn.send(line.encode())  # a few bytes into an empty buffer: never blocks, never partial
     except OSError:
         pass
 
@@ -162,6 +187,6 @@ def _reap(jobs: dict[int, socket.socket]) -> None:
 
 
 if __name__ == "__main__":
-    listen, lifeline, pid_out = map(int, sys.argv[1:4])
+    control_arg, pid_out = map(int, sys.argv[1:3])
     detach(pid_out)
-    serve(listen, lifeline)
+    serve(control_arg)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from . import child
+from . import child, forkserver
 from .child import ChildPlan
 
 JOB_MARKER = "TAICHI_SANDBOX_JOB"
@@ -44,6 +43,10 @@ def _exit_from_status(status: int, utime: float, stime: float, maxrss_kib: int) 
 
 class LauncherLost(RuntimeError):
     """The fork-server died while a job ran: the job's exit status cannot be known."""
+
+
+class LaunchFailed(RuntimeError):
+    """The job could not be started (the launcher is unreachable or did not answer)."""
 
 
 class Launched:
@@ -114,13 +117,19 @@ class ExecLauncher:
 
 
 class _ForkLaunched(Launched):
-    def __init__(self, conn: socket.socket) -> None:
+    def __init__(self, conn: socket.socket, timeout: float) -> None:
         self._file = conn.makefile("rb")
         self._conn = conn
-        line = self._file.readline().split()
+        conn.settimeout(timeout)
+        try:
+            line = self._file.readline().split()
+        except OSError:
+            line = []
         if len(line) != 2 or line[0] != b"pid":
+            self._file.close()
             conn.close()
-            raise RuntimeError("fork-server did not start the job")
+            raise LaunchFailed(f"the fork-server did not start the job within {timeout:g} s")
+        conn.settimeout(None)
         self.pid = int(line[1])
 
     def wait(self) -> Exit:
@@ -133,19 +142,17 @@ class _ForkLaunched(Launched):
 
 
 class ForkServerLauncher:
-    """Starts (lazily, by exec) one fork-server with Taichi preloaded and asks it for each child."""
+    """Starts (lazily, by exec) one fork-server with Taichi preloaded and asks it for each child,
+    over a socketpair only the two of them hold (see sandbox.forkserver)."""
 
     name = "forkserver"
+    start_timeout = 10.0  # seconds for the server to answer a request with the job's pid
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._server: psutil.Process | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
-        self._lifeline_w: int | None = None
-
-    @property
-    def address(self) -> str:
-        return os.path.join(self._dir.name, "fs.sock")
+        self._control: socket.socket | None = None
 
     def _server_alive(self) -> bool:
         try:
@@ -154,39 +161,43 @@ class ForkServerLauncher:
             return False
 
     def _ensure_server(self) -> None:
-        with self._lock:
-            if self._server_alive():
-                return
-            self.close()
-            self._dir = tempfile.TemporaryDirectory(prefix="tsbx-fs-")
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(self.address)
-            listener.listen(64)
-            lifeline_r, self._lifeline_w = os.pipe()
-            pid_r, pid_w = os.pipe()
-            fds = (listener.fileno(), lifeline_r, pid_w)
-            starter = subprocess.Popen(
-                [sys.executable, "-m", "sandbox.forkserver", *map(str, fds)], stdin=subprocess.DEVNULL,
-                pass_fds=fds, env={**base_env(), "HOME": self._dir.name}, cwd=self._dir.name,
-                start_new_session=True)
-            for fd in (lifeline_r, pid_w):
-                os.close(fd)
-            listener.close()
-            starter.wait()  # the server detaches itself (see forkserver.detach) and reports its pid
-            with os.fdopen(pid_r, "rb") as f:
-                pid = f.readline().strip()
-            if not pid:
-                raise RuntimeError("fork-server failed to start")
-            self._server = psutil.Process(int(pid))
+        """Start the server if it is not running; wake it if something stopped it. Call with the lock held."""
+        if self._server_alive():
+            if self._server.status() == psutil.STATUS_STOPPED:
+                self._server.resume()
+            return
+        self._close()
+        self._dir = tempfile.TemporaryDirectory(prefix="tsbx-fs-")
+        self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid_r, pid_w = os.pipe()
+        fds = (theirs.fileno(), pid_w)
+        starter = subprocess.Popen(
+            [sys.executable, "-m", "sandbox.forkserver", *map(str, fds)], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=fds,
+            env={**base_env(), "HOME": self._dir.name}, cwd=self._dir.name, start_new_session=True)
+        theirs.close()
+        os.close(pid_w)
+        starter.wait()  # the server detaches itself (see forkserver.detach) and reports its pid
+        with os.fdopen(pid_r, "rb") as f:
+            pid = f.readline().strip()
+        if not pid:
+            raise LaunchFailed("the fork-server failed to start")
+        self._server = psutil.Process(int(pid))
 
     def start(self, plan: ChildPlan, stdout_w: int, stderr_w: int, channel_w: int) -> Launched:
-        self._ensure_server()
-        payload = plan.model_dump_json().encode()
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.connect(self.address)
-        socket.send_fds(conn, [struct.pack("!I", len(payload))], [stdout_w, stderr_w, channel_w])
-        conn.sendall(payload)
-        return _ForkLaunched(conn)
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        request = forkserver.encode_request(plan.model_dump_json().encode())
+        try:
+            with self._lock:
+                self._ensure_server()
+                sent = socket.send_fds(self._control, [request], [stdout_w, stderr_w, channel_w, theirs.fileno()])
+                self._control.sendall(request[sent:])
+        except OSError as err:
+            mine.close()
+            raise LaunchFailed(f"cannot reach the fork-server: {err}") from None
+        finally:
+            theirs.close()
+        return _ForkLaunched(mine, self.start_timeout)
 
     @property
     def server_pid(self) -> int | None:
@@ -209,10 +220,14 @@ class ForkServerLauncher:
         return found
 
     def close(self) -> None:
-        """Stop the server (its jobs' process groups are killed) and remove its socket."""
-        if self._lifeline_w is not None:
-            os.close(self._lifeline_w)
-            self._lifeline_w = None
+        """Stop the server (its jobs' process groups are killed)."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self._control is not None:
+            self._control.close()  # the server sees EOF, kills its jobs and exits
+            self._control = None
         if self._server is not None:
             deadline = time.monotonic() + 5
             while self._server_alive() and time.monotonic() < deadline:

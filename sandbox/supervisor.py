@@ -24,7 +24,7 @@ from .enforcement import CgroupFacts, Enforcement, GpuFacts, cgroup_facts, enfor
 from .forkserver import MAX_PLAN_BYTES
 from .gpu import (ArchUnavailable, GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, mps_env,
                   mps_pipe_directory, resolve_arch, visible_devices)
-from .launcher import JOB_MARKER, Exit, LauncherLost, base_env, make_launcher
+from .launcher import JOB_MARKER, Exit, LaunchFailed, LauncherLost, base_env, make_launcher
 from .limits import DEFAULT_ENV_ALLOW, GiB, ConfigError, Limits, Policy, address_space_for, load_policy
 from .models import JobResult, JobSpec, Sample, Termination, Verdict, Violation
 from .monitor import JobControl, Monitor
@@ -215,8 +215,9 @@ class Supervisor:
                 return False
         return True
 
-    def _rejected(self, spec: JobSpec, reason: str, started: float) -> JobResult:
-        result = JobResult(job_id=spec.job_id, kernel=spec.kernel, arch=spec.arch, verdict=Verdict.rejected,
+    def _not_run(self, spec: JobSpec, reason: str, started: float, verdict: Verdict = Verdict.rejected) -> JobResult:
+        """The result of a job that never started: `rejected`, or `crashed` when the launcher failed."""
+        result = JobResult(job_id=spec.job_id, kernel=spec.kernel, arch=spec.arch, verdict=verdict,
                            reason=reason, labels=spec.labels, started_at=started, ended_at=time.time(),
                            launcher=self.launcher.name)
         self.audit.record(result, spec.tenant)
@@ -240,10 +241,12 @@ class Supervisor:
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
             if isinstance(err, (ConfigError, ArchUnavailable)):
-                return self._rejected(spec, str(err), started_epoch)
+                return self._not_run(spec, str(err), started_epoch)
             raise
         try:
             result = self._supervise(spec, limits, prepared, on_sample, control, started_epoch)
+        except LaunchFailed as err:
+            return self._not_run(spec, str(err), started_epoch, Verdict.crashed)
         finally:
             cgroup_left = prepared.cgroup.remove() if prepared.cgroup is not None else None
             shutil.rmtree(workdir, ignore_errors=True)

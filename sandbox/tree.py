@@ -129,7 +129,9 @@ class JobTree:
                 if pid not in self._procs:
                     self._adopt(pid)
         children = PROCESS_TABLE.children(fresh)
-        stack = [pid for pid in self._procs if pid in children]  # zombie leaders' children too
+        # From every tracked process that still exists (a zombie leader has children too); a pid
+        # reused by another process fails is_running() (start time) and is not expanded.
+        stack = [pid for pid, proc in self._procs.items() if pid in children and proc.is_running()]
         while stack:
             for kid in children.get(stack.pop(), ()):
                 if kid not in self._procs and self._adopt(kid):
