@@ -15,6 +15,7 @@ P5b supervisor RSS with 32 concurrent jobs                                      
 CLI cold start (`taichi-sandbox run` from nothing) ÷ `python kernel.py`            report (aim ≤ 1.2)
 cgroup create + join + remove per job                                              median ≤ 5 ms
 Same tiny job with job cgroups ÷ with cgroups off                                  report
+Namespaces (relay, init, mounts) added to a tiny job                               median ≤ 10 ms
 Offline kernel cache: a job with an empty per-tenant cache ÷ one with a warm cache   report
 """
 
@@ -82,6 +83,7 @@ class Bench:
         self.n, self.state = n, state
         self.policy = Policy(settings=Settings(state_dir=state))
         self.polling = Policy(settings=Settings(state_dir=state, cgroups="off"))
+        self.shared = Policy(settings=Settings(state_dir=state, isolation="off"))
         self.rows: list[dict] = []
 
     def add(self, name: str, samples: list[float] | None, value: float, goal: str, ok: bool | None,
@@ -223,6 +225,18 @@ class Bench:
         ratio = statistics.median(on) / statistics.median(off)
         self.add(f"tiny job, {sup.cgroups.label} ÷ cgroups off", on, ratio, "report", None)
 
+    def namespaces_cost(self, sup: Supervisor) -> None:
+        if sup.namespaces_unavailable() is not None:
+            self.add(f"namespaces per job (skipped: {sup.namespaces_unavailable()})", None, 0.0, "≤ 10", None, "ms")
+            return
+        spec = lambda: JobSpec(kernel=TINY, limits=Limits(memory="1GiB", cpu_time="10s"))  # noqa: E731
+        with Supervisor(self.shared, audit_log=Path(self.state) / "audit-shared.jsonl") as shared:
+            shared.run(spec())
+            off = timed(lambda: shared.run(spec()), self.n)
+            on = timed(lambda: sup.run(spec()), self.n)
+        added = (statistics.median(on) - statistics.median(off)) * 1000
+        self.add("namespaces per job: median with − without (ms)", on, added, "≤ 10", added <= 10, "ms")
+
     def cli_cold(self) -> None:
         env = {**os.environ, "XDG_STATE_HOME": self.state}
         cli = timed(lambda: subprocess.run([sys.executable, "-m", "sandbox", "run", TINY, "--json"], env=env,
@@ -245,6 +259,7 @@ def main() -> None:
             bench.p4(sup, polling, Path(state))
             bench.p5(sup, Path(state))
             bench.cgroups_on_off(sup, polling)
+            bench.namespaces_cost(sup)
         bench.cgroup_lifecycle()
         bench.offline_cache()
         bench.cli_cold()

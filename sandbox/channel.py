@@ -43,7 +43,14 @@ class ResultMessage(_Message):
     traceback: str | None = Field(default=None, max_length=64000)
 
 
-Message = Union[TiInitMessage, RlimitMessage, ResultMessage]
+class LeftoversMessage(_Message):
+    """From the relay outside the job's namespaces (the job could forge one: it only adds a note)."""
+
+    type: Literal["leftovers"]
+    count: int = Field(ge=1, le=1 << 22)
+
+
+Message = Union[TiInitMessage, RlimitMessage, ResultMessage, LeftoversMessage]
 _MESSAGE = TypeAdapter(Message)
 
 

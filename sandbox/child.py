@@ -58,6 +58,9 @@ class ChildPlan(BaseModel):
     workdir: str
     parent_pid: int
     preinit: bool = False
+    isolate: bool = False  # new PID, mount, IPC, UTS (and network) namespaces: see sandbox.namespaces
+    network: str = "none"
+    shm_bytes: int | None = None
     cgroup_join: list[str] = []  # files the child writes "0" to, to join its job cgroup (JobCgroup.join_files)
 
 
@@ -192,10 +195,17 @@ def _reset_taichi() -> None:
             pass
 
 
+def _report_leftovers(channel_fd: int, count: int) -> None:
+    channel.send(channel_fd, {"type": "leftovers", "count": count})
+
+
 def execute(plan: ChildPlan, channel_fd: int) -> None:
     """Confine, run the job, report, exit. Never returns."""
     try:
         confine(plan)
+        if plan.isolate:
+            from . import namespaces
+            namespaces.enter(plan.network, plan.shm_bytes, channel_fd, _report_leftovers)
         signal.signal(signal.SIGXCPU, _on_sigxcpu(channel_fd))
         guard_ti_init(plan, channel_fd)
     except BaseException as err:  # noqa: BLE001 - reported, then the child ends

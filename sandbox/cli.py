@@ -353,6 +353,9 @@ def probe(as_json: bool = typer.Option(False, "--json", help="Print the report a
         out.print(f"  jobs under {parent}", highlight=False)
     if cg["reason"]:
         out.print(f"  {cg['reason']}", highlight=False)
+    ns = report["namespaces"]
+    out.print(f"namespaces: {'available' if ns['available'] else 'unavailable (' + ns['reason'] + ')'}",
+              highlight=False)
     for arch, limits in report["enforcement"].items():
         table = Table(title=f"enforcement on {arch}")
         for column in ("limit", "level", "by", "note"):

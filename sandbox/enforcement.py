@@ -44,6 +44,33 @@ class CgroupFacts:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class IsolationFacts:
+    """Whether the job got its own namespaces (`reason`: why not), and its network."""
+
+    namespaces: bool = False
+    network: str = "none"
+    reason: str = ""
+
+
+def isolation_facts(namespaces: bool, network: str, reason: str | None) -> IsolationFacts:
+    return IsolationFacts(namespaces, network, reason or "")
+
+
+def _isolation(facts: IsolationFacts) -> dict[str, Enforcement]:
+    if facts.namespaces:
+        net = "net (none: loopback only)" if facts.network == "none" else "the host network (network = \"host\")"
+        spaces = Enforcement(level="hard", by=f"namespaces: pid (own /proc; nothing outside can be named), mount "
+                             f"(private /dev/shm), ipc, uts, {net}")
+    else:
+        spaces = Enforcement(level="unavailable", note=f"{facts.reason}: the job sees and can signal the "
+                             "supervisor's processes and keeps /dev/shm and SysV objects after it ends")
+    uid = Enforcement(level="unavailable", note=f"jobs share the supervisor's uid ({os.geteuid()}): they can read "
+                      "and write what it can (other tenants' caches, the audit log); a uid per tenant is not "
+                      "implemented yet")
+    return {"namespaces": spaces, "tenant_isolation": uid}
+
+
 def cgroup_facts(host: "CgroupHost") -> CgroupFacts:
     return CgroupFacts(host.label if host.version else None, host.enforces(), host.reason)
 
@@ -104,7 +131,8 @@ def _gpu_memory(arch: str, gpu: GpuFacts) -> Enforcement:
 
 
 def enforcement_for(limits: Limits, arch: str, address_space: int | None, gpu: GpuFacts,
-                    cgroup: CgroupFacts = CgroupFacts()) -> dict[str, Enforcement]:
+                    cgroup: CgroupFacts = CgroupFacts(),
+                    isolation: IsolationFacts = IsolationFacts(reason="not requested")) -> dict[str, Enforcement]:
     """How each limit in `limits` is enforced for one job (limits left unset are 'off')."""
     out = {
         "cpu_time": _kernel("cpu_time", cgroup),
@@ -127,7 +155,7 @@ def enforcement_for(limits: Limits, arch: str, address_space: int | None, gpu: G
     for name, value in unset.items():
         if value is None and out[name].level != "unavailable":
             out[name] = Enforcement(level="off", note="no limit set")
-    return out
+    return {**out, **_isolation(isolation)}
 
 
 PROBED_ARCHS = ("cpu", "cuda", "vulkan", "opengl", "metal")
@@ -164,17 +192,22 @@ def machine_report(sampler: "GpuSampler") -> dict:
     mps_dir = mps_pipe_directory(dict(os.environ))
     facts = GpuFacts(nvml_error=nvml_error, mps=mps_dir is not None)
     host = discover()
+    from .namespaces import probe as probe_namespaces
+    no_namespaces = probe_namespaces()
+    isolation = isolation_facts(no_namespaces is None, "none", no_namespaces)
     table = {}
     for arch, found in archs.items():
         if found.usable:
             address_space, _ = address_space_for(EVERY_LIMIT, arch)
             table[arch] = {name: e.model_dump() for name, e in
-                           enforcement_for(EVERY_LIMIT, arch, address_space, facts, cgroup_facts(host)).items()}
+                           enforcement_for(EVERY_LIMIT, arch, address_space, facts, cgroup_facts(host),
+                                                           isolation).items()}
     return {
         "taichi": taichi_version,
         "archs": {a: {"usable": p.usable, "detail": p.reason} for a, p in archs.items()},
         "nvml": nvml,
         "mps": {"reachable": mps_dir is not None, "pipe_directory": mps_dir},
         "cgroups": cgroup_report(host),
+        "namespaces": {"available": no_namespaces is None, "reason": no_namespaces or ""},
         "enforcement": table,
     }

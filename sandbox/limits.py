@@ -187,6 +187,7 @@ class Limits(_Strict):
     max_output: Bytes = None
     max_open_files: Count = None
     max_file_size: Bytes = None
+    network: Literal["none", "host"] = "none"
     grace: Annotated[float, BeforeValidator(lambda v: parse_duration(v) if v is not None else 2.0)] = 2.0
     poll_interval: Annotated[float, _positive(parse_duration)] = 0.05
 
@@ -286,6 +287,7 @@ class Settings(_Strict):
     launcher: Literal["forkserver", "exec"] = "forkserver"
     gpu_fallback_cpu: bool = False
     cgroups: Literal["auto", "off", "required"] = "auto"
+    isolation: Literal["auto", "off", "required"] = "auto"
 
     def resolved_state_dir(self) -> Path:
         base = self.state_dir or os.path.join(

@@ -20,7 +20,8 @@ from typing import Callable
 from .audit import AuditLog
 from .cgroup import CgroupError, CgroupHost, CgroupLimits, JobCgroup, discover, task_limit
 from .child import ChildPlan
-from .enforcement import CgroupFacts, Enforcement, GpuFacts, cgroup_facts, enforcement_for
+from . import namespaces
+from .enforcement import CgroupFacts, Enforcement, GpuFacts, cgroup_facts, enforcement_for, isolation_facts
 from .forkserver import MAX_PLAN_BYTES
 from .gpu import (ArchUnavailable, GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, mps_env,
                   mps_pipe_directory, resolve_arch, visible_devices)
@@ -81,11 +82,12 @@ class Supervisor:
         when None."""
         self.policy = policy if policy is not None else load_policy()
         self.cgroups = cgroups if cgroups is not None else discover(self.policy.settings.cgroups)
+        self._namespaces: tuple[str | None] | None = None  # (why not, or None), probed once
         self.launcher = make_launcher(launcher or self.policy.settings.launcher)
         self.audit = AuditLog(audit_log or self.policy.settings.resolved_audit_log())
         self.gpu_sampler = gpu_sampler if gpu_sampler is not None else NvmlSampler()
         self._gpu: tuple[list[GpuDevice], str | None] | None = None
-        self._gpu_lock = threading.Lock()
+        self._facts_lock = threading.Lock()
         self._launch_lock = threading.Lock()
         self._running: dict[int, str] = {}  # main pid of each running job -> its tenant key
 
@@ -100,9 +102,18 @@ class Supervisor:
 
     # --- preparing -------------------------------------------------------------------------------
 
+    def namespaces_unavailable(self) -> str | None:
+        """Why jobs cannot get their own namespaces here, or None when they can."""
+        if self.policy.settings.isolation == "off":
+            return 'off by policy ([sandbox] isolation = "off")'
+        with self._facts_lock:
+            if self._namespaces is None:
+                self._namespaces = (namespaces.probe(),)
+            return self._namespaces[0]
+
     def gpu_facts(self) -> tuple[list[GpuDevice], str | None]:
         """(devices, why NVML is unavailable or None), read once per supervisor (opened lazily)."""
-        with self._gpu_lock:
+        with self._facts_lock:
             if self._gpu is None:
                 try:
                     self.gpu_sampler.open()
@@ -167,8 +178,15 @@ class Supervisor:
                          env=env, workdir=str(work), parent_pid=0, preinit=function is not None)
         if len(plan.model_dump_json()) > MAX_PLAN_BYTES:
             raise ConfigError(f"job too large: its args, kwargs, argv and env exceed {MAX_PLAN_BYTES} bytes")
+        no_namespaces = self.namespaces_unavailable()
+        if no_namespaces is not None and self.policy.settings.isolation == "required":
+            raise ConfigError(f'isolation is required ([sandbox] isolation = "required") but {no_namespaces}')
+        plan.isolate, plan.network, plan.shm_bytes = no_namespaces is None, limits.network, limits.memory
+        if no_namespaces is not None:
+            notes.append(f"no namespaces: {no_namespaces}")
         # The cgroup comes last: nothing after it may raise, or it would be left behind.
-        cgroup, cgroup_known = self._job_cgroup(spec.job_id, limits, caps["cpu_max_num_threads"])
+        cgroup, cgroup_known = self._job_cgroup(spec.job_id, limits, caps["cpu_max_num_threads"],
+                                                helpers=namespaces.HELPERS if plan.isolate else 0)
         if cgroup is not None:
             plan.cgroup_join = cgroup.join_files()
             notes.append(f"{cgroup.label}: {cgroup.path}")
@@ -176,11 +194,13 @@ class Supervisor:
             notes.append(f"no job cgroup, limits polled: {cgroup_known.reason}")
         return _Prepared(plan=plan, rlimits={RLIMIT_NAMES[k]: v[0] for k, v in rlimits.items()}, notes=notes,
                          gpu_watch=watch, gpu_limit=gpu_limit, cgroup=cgroup,
-                         enforcement=enforcement_for(limits, arch, address_space, facts, cgroup_known))
+                         enforcement=enforcement_for(limits, arch, address_space, facts, cgroup_known,
+                                                     isolation_facts(plan.isolate, limits.network, no_namespaces)))
 
-    def _job_cgroup(self, job_id: str, limits: Limits, threads: int) -> tuple[JobCgroup | None, CgroupFacts]:
+    def _job_cgroup(self, job_id: str, limits: Limits, threads: int, helpers: int) -> tuple[JobCgroup | None, CgroupFacts]:
         """The job's cgroup, or None and why; with `[sandbox] cgroups = "required"` a job whose limits
-        the kernel cannot enforce here is rejected (ConfigError)."""
+        the kernel cannot enforce here is rejected (ConfigError). `helpers`: the sandbox's own
+        processes in the job (relay and init), allowed on top of `max_processes`."""
         host, required = self.cgroups, self.policy.settings.cgroups == "required"
         wanted = {"memory": limits.memory, "processes": limits.max_processes, "cpu_time": limits.cpu_time,
                   "cpu_threads": limits.cpu_threads}
@@ -191,7 +211,8 @@ class Supervisor:
         if host.version is None:
             return None, CgroupFacts(reason=host.reason)
         try:
-            wanted_limits = CgroupLimits(memory=limits.memory, tasks=task_limit(limits.max_processes, threads),
+            processes = limits.max_processes + helpers if limits.max_processes is not None else None
+            wanted_limits = CgroupLimits(memory=limits.memory, tasks=task_limit(processes, threads),
                                          cpus=limits.cpu_threads)
             cgroup = host.create(job_id, wanted_limits)
         except CgroupError as err:
@@ -274,7 +295,7 @@ class Supervisor:
         finally:
             for fd in (out_w, err_w, ch_w):
                 os.close(fd)
-        tree = JobTree(launched.pid, members=cgroup.pids if cgroup is not None else None)
+        tree = JobTree(launched.pid, members=cgroup.pids if cgroup is not None else None, wrapped=plan.isolate)
         job = _Job(spec, limits, JobProcesses(tree, launched.pid, cgroup))
         monitor = Monitor(tree, limits, started, time.time, lambda: pump.output_bytes(),
                           lambda v: self._terminate(job, v), on_sample, gpu=prepared.gpu_watch,

@@ -103,8 +103,10 @@ class JobTree:
     `members` (the job cgroup's process list) adds what the kernel knows to the descendants found
     in the process table: a process the job orphaned stays a member wherever it is re-parented."""
 
-    def __init__(self, root_pid: int, members: Callable[[], list[int]] | None = None) -> None:
-        self.root_pid = root_pid
+    def __init__(self, root_pid: int, members: Callable[[], list[int]] | None = None, wrapped: bool = False) -> None:
+        """`wrapped`: the root and its child are the sandbox's relay and init (sandbox.namespaces),
+        measured with the job but not counted among its processes."""
+        self.root_pid, self.wrapped = root_pid, wrapped
         self._members = members
         self._procs: dict[int, psutil.Process] = {}
         self._ppid: dict[int, int] = {}
@@ -152,7 +154,7 @@ class JobTree:
     def _read(self) -> Reading:
         self._discover()
         rss = vms = 0
-        pids, cpu_now, gone = [], {}, []
+        pids, cpu_now, gone, counted = [], {}, [], 0
         top_pid, top_rss = None, -1
         for pid, proc in list(self._procs.items()):
             try:
@@ -169,6 +171,8 @@ class JobTree:
             cpu_now[pid] = times.user + times.system + times.children_user + times.children_system
             if memory is None:
                 continue  # a real zombie: its CPU is final and stays counted until it is reaped
+            if not (self.wrapped and self.root_pid in (pid, self._ppid[pid])):
+                counted += 1
             pids.append(pid)
             rss += memory[0]
             vms += memory[1]
@@ -181,7 +185,7 @@ class JobTree:
             self._cpu.pop(pid, None)
         self._cpu.update(cpu_now)
         self._last_cpu = max(self._last_cpu, self._lost_cpu + sum(cpu_now.values()))
-        return Reading(time.monotonic(), rss, vms, self._last_cpu, len(pids), top_pid, pids=pids)
+        return Reading(time.monotonic(), rss, vms, self._last_cpu, counted, top_pid, pids=pids)
 
     def _reaped_by_tracked(self, pid: int, readable: dict[int, float]) -> bool:
         """Whether an ended process's CPU now shows in a tracked ancestor's reaped-children time

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from .cgroup import CgroupLimits, CgroupStats
-from .channel import ResultMessage, RlimitMessage, TiInitMessage
+from .channel import LeftoversMessage, ResultMessage, RlimitMessage, TiInitMessage
 from .child import ChildPlan
 from .launcher import Exit
 from .limits import Limits
@@ -102,6 +102,10 @@ def decide(ev: Evidence) -> JobResult:
         notes.append("no result message: the job left through os._exit(0)")
     else:
         verdict, reason = Verdict.error, f"exited with status {exit_.code} {_after(final)}"
+    for m in messages:
+        if isinstance(m, LeftoversMessage):
+            notes.append(f"killed {m.count} leftover process(es) after the main process ended (the job's "
+                         "PID namespace init did; reported on the channel)")
     if protocol_errors:
         notes.extend(protocol_errors)
         if final is None and verdict in (Verdict.ok, Verdict.error):

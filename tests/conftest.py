@@ -32,10 +32,11 @@ def make_policy(state_dir: Path, **settings) -> Policy:
 
 @pytest.fixture(scope="session", params=["forkserver", "exec", "polling"])
 def any_supervisor(request, state_dir):
-    """Both launchers with job cgroups where this machine has them, and the fork-server with
-    cgroups off (the polled fallback): tests using this run once per variant."""
-    cgroups = "off" if request.param == "polling" else "auto"
-    with Supervisor(make_policy(state_dir, cgroups=cgroups), launcher="exec" if request.param == "exec" else None,
+    """Both launchers with job cgroups and namespaces where this machine has them, and the
+    fork-server with both off (the fallback: polling, no isolation): tests using this run once per
+    variant."""
+    fallback = {"cgroups": "off", "isolation": "off"} if request.param == "polling" else {}
+    with Supervisor(make_policy(state_dir, **fallback), launcher="exec" if request.param == "exec" else None,
                     audit_log=state_dir / f"audit-{request.param}.jsonl") as sup:
         yield sup
 
@@ -77,11 +78,29 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
+def _in_other_pid_namespaces() -> list[psutil.Process]:
+    """Processes in a PID namespace other than ours: between sequential jobs, only what a job that
+    ran in its own namespaces left behind."""
+    own = os.stat("/proc/self/ns/pid").st_ino
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            if name.isdigit() and os.stat(f"/proc/{name}/ns/pid").st_ino != own:
+                found.append(psutil.Process(int(name)))
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
 def job_processes(sup: Supervisor, job_id: str, pids=()) -> list[psutil.Process]:
     """Live processes of a finished job: exec'd ones carry TAICHI_SANDBOX_JOB in /proc/PID/environ;
     forked ones are descendants of the fork-server (which has none between sequential jobs); and
-    any pids the job itself reported."""
+    any pids the job itself reported (in its own PID namespace those are not host pids: then every
+    process in another PID namespace)."""
     found = {}
+    if sup.namespaces_unavailable() is None:
+        found.update((p.pid, p) for p in _in_other_pid_namespaces() if _alive(p))
+        pids = ()
     for proc in psutil.process_iter():
         try:
             if _alive(proc) and proc.environ().get("TAICHI_SANDBOX_JOB") == job_id:

@@ -202,3 +202,37 @@ def test_ledger_drops_reservations_of_a_dead_driver(cluster):
     assert "b" not in ray.get(ledger.usage.remote())
     assert ray.get(ledger.reserve.remote("next", "b", "01000000", 0, 0, 1, None, None))
     ray.get(ledger.release.remote("next"))
+
+
+RAY_SNOOP = """
+import json, os, socket, sys
+cmdlines = []
+for pid in os.listdir("/proc"):
+    try:
+        cmdlines.append(open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode())
+    except (OSError, ValueError):
+        continue
+host, port = sys.argv[1], int(sys.argv[2])
+try:
+    socket.create_connection((host, port), timeout=2).close()
+    gcs = "connected"
+except OSError as err:
+    gcs = type(err).__name__
+print(json.dumps({"raylet": any("raylet" in c or "gcs_server" in c for c in cmdlines), "gcs": gcs}))
+"""
+
+
+def test_a_job_in_a_ray_task_can_neither_see_the_raylet_nor_reach_the_gcs(cluster, tmp_path):
+    from sandbox.namespaces import probe
+    if probe() is not None:
+        pytest.skip(f"no namespaces here: {probe()}")
+    host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
+    script = tmp_path / "snoop.py"
+    script.write_text(RAY_SNOOP)
+    shared = cluster.model_copy(update={"settings": cluster.settings.model_copy(update={"isolation": "off"})})
+    results = [sray.result(sray.submit(JobSpec(kernel=str(script), argv=[host, port]), policy), timeout=120)
+               for policy in (shared, cluster)]
+    assert all(r.verdict is Verdict.ok for r in results), [(r.reason, r.stderr_tail) for r in results]
+    # Without namespaces the job sees the raylet (its command line names the GCS address) and connects.
+    assert [json.loads(r.stdout_tail) for r in results] == [{"raylet": True, "gcs": "connected"},
+                                                            {"raylet": False, "gcs": "ConnectionRefusedError"}]

@@ -1,0 +1,176 @@
+"""The job side of isolation: new PID, mount, IPC, UTS and (optionally) network namespaces.
+
+Three processes, each with one task (`enter()` returns only in the third):
+
+    relay  (the launcher's child, outside): unshares, forks the init, waits for it, then ends the
+           way the job ended (same exit code, or the same signal), so the launcher's wait4 sees the
+           job's status and, having waited for everything, its whole rusage.
+    init   (PID 1 inside): mounts a fresh /proc and a private /dev/shm, forks the job, reaps orphans,
+           and when the job's process ends SIGKILLs everything left in the namespace (kill(-1)),
+           reaps it, and tells the relay the job's wait status and how many it killed.
+    job    (PID 2 inside): sees only its own tree; the supervisor, the fork-server, other jobs and
+           host services are not in its /proc and cannot be named by kill().
+
+An init is needed because PID 1 gets no default signal actions: a SIGTERM from the supervisor would
+be dropped, and orphans would never be reaped. Data format on the init → relay pipe:
+"<wait status> <leftovers>\\n". Pickle is not used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import signal
+import socket
+import struct
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 1 << 18
+SIOCSIFFLAGS, IFF_UP = 0x8914, 0x1
+HOSTNAME = b"taichi-sandbox"
+HELPERS = 2  # the relay and the init: processes in the job's cgroup that are not the job's
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "unshare")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    enc = (lambda s: s.encode() if s is not None else None)
+    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
+           f"mount {target}")
+
+
+def loopback_up() -> None:
+    """A new network namespace has only `lo`, and it is down."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", IFF_UP))
+
+
+def enter(network: str, shm_bytes: int | None, channel_fd: int, on_leftovers) -> None:
+    """Move the calling (single-threaded, root) process's job into new namespaces. Returns only in
+    the job process; the relay and the init never return. `on_leftovers(fd, count)` is called by
+    the relay when the init had to kill processes the job left behind."""
+    flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (CLONE_NEWNET if network == "none" else 0)
+    unshare(flags)
+    mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here reaches the host
+    mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV,
+          "mode=1777" + (f",size={shm_bytes}" if shm_bytes else ""))
+    _check(_libc.sethostname(HOSTNAME, len(HOSTNAME)), "sethostname")
+    if network == "none":
+        loopback_up()
+    status_r, status_w = os.pipe()
+    init = os.fork()
+    if init > 0:
+        os.close(status_w)
+        _relay(init, status_r, channel_fd, on_leftovers)
+    os.close(status_r)
+    _die_with_parent()
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # shows this PID namespace only
+    job = os.fork()
+    if job == 0:
+        os.close(status_w)
+        _die_with_parent()
+        return
+    _init(job, status_w, channel_fd)
+
+
+def _die_with_parent() -> None:
+    _check(_libc.prctl(1, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _init(job: int, status_w: int, channel_fd: int) -> None:
+    """PID 1: reap until the job's process ends, kill and reap the rest, report, exit."""
+    _close(0, 1, 2, channel_fd)  # the job's stdio and channel are the job's; the init holds none of them
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:  # cannot happen while the job lives; be safe
+            status = 0
+            break
+        if pid == job:
+            break
+    leftovers = sum(1 for name in os.listdir("/proc") if name.isdigit() and name != "1" and _running(name))
+    if leftovers:
+        os.kill(-1, signal.SIGKILL)  # every process of this namespace but us, atomically
+        while True:
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+    os.write(status_w, f"{status} {leftovers}\n".encode())
+    os._exit(0)
+
+
+def _running(pid: str) -> bool:
+    """Not a zombie (exited processes the init has not reaped yet are not leftovers)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+
+
+def _relay(init: int, status_r: int, channel_fd: int, on_leftovers) -> None:
+    """Outside: wait for the init, then end as the job ended."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # the job decides; the relay only mirrors it
+    _close(0, 1, 2)
+    _, init_status = os.waitpid(init, 0)
+    report = os.read(status_r, 64).split()
+    status = int(report[0]) if len(report) == 2 else init_status
+    if len(report) == 2 and int(report[1]):
+        on_leftovers(channel_fd, int(report[1]))
+    _close(channel_fd)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those cannot be caught, so are not ignored
+            signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)  # a signal whose default action is not to die
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+
+
+PROBE = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.unshare(%d) != 0:
+    raise SystemExit(os.strerror(ctypes.get_errno()))
+"""
+
+
+def probe() -> str | None:
+    """Whether this process's children can enter new namespaces: None, or why not (checked once,
+    in a throwaway interpreter: the supervisor itself never unshares or forks)."""
+    import subprocess
+    import sys
+    flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET
+    try:
+        done = subprocess.run([sys.executable, "-S", "-c", PROBE % flags], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"namespace probe failed: {err}"
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["unknown error"])[-1]
+        return f"cannot create namespaces here ({why}): not root and no CAP_SYS_ADMIN"
+    return None
