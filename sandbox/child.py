@@ -59,6 +59,7 @@ class ChildPlan(BaseModel):
     parent_pid: int
     preinit: bool = False
     isolate: bool = False  # new PID, mount, IPC, UTS (and network) namespaces: see sandbox.namespaces
+    netns_fd: int | None = None  # a fresh network namespace the fork-server had ready (its fd here)
     network: str = "none"
     shm_bytes: int | None = None
     cgroup_join: list[str] = []  # files the child writes "0" to, to join its job cgroup (JobCgroup.join_files)
@@ -205,7 +206,9 @@ def execute(plan: ChildPlan, channel_fd: int) -> None:
         confine(plan)
         if plan.isolate:
             from . import namespaces
-            namespaces.enter(plan.network, plan.shm_bytes, channel_fd, _report_leftovers)
+            namespaces.enter(plan.network, plan.shm_bytes, channel_fd, _report_leftovers, plan.netns_fd)
+        elif plan.netns_fd is not None:
+            os.close(plan.netns_fd)  # the fork-server's ready network namespace, not wanted here
         signal.signal(signal.SIGXCPU, _on_sigxcpu(channel_fd))
         guard_ti_init(plan, channel_fd)
     except BaseException as err:  # noqa: BLE001 - reported, then the child ends

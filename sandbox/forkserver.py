@@ -16,6 +16,7 @@ then exits; jobs also have PR_SET_PDEATHSIG(SIGKILL) on the server. Pickle is no
 
 from __future__ import annotations
 
+import fcntl
 import os
 import resource
 import selectors
@@ -24,7 +25,7 @@ import socket
 import struct
 import sys
 
-from . import child
+from . import child, namespaces
 
 PRELOAD = ("taichi", "numpy")
 MAX_PLAN_BYTES = 1 << 22
@@ -62,7 +63,10 @@ class Requests:
         return done
 
 
-def _become_job(payload: bytes, fds: list[int], keep_closed: list[int]) -> None:
+NETNS_TARGET = 4  # where a forked job finds the fresh network namespace the server had ready
+
+
+def _become_job(payload: bytes, fds: list[int], keep_closed: list[int], netns: int | None) -> None:
     """In the forked child: wire stdio, drop the server's descriptors, run the job. Never returns."""
     try:
         signal.set_wakeup_fd(-1)
@@ -70,6 +74,8 @@ def _become_job(payload: bytes, fds: list[int], keep_closed: list[int]) -> None:
             signal.signal(sig, signal.SIG_DFL)
         for fd in keep_closed:
             os.close(fd)
+        if netns is not None:  # out of the way of the descriptors moved to 0-3 below
+            netns = fcntl.fcntl(netns, fcntl.F_DUPFD, 10)
         stdout_fd, stderr_fd, channel_fd, _reply = fds
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
@@ -77,11 +83,14 @@ def _become_job(payload: bytes, fds: list[int], keep_closed: list[int]) -> None:
         os.dup2(stderr_fd, 2)
         channel_target = 3
         os.dup2(channel_fd, channel_target)
-        os.closerange(channel_target + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        if netns is not None:
+            os.dup2(netns, NETNS_TARGET)
+        os.closerange(channel_target + 1 + (netns is not None), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         for stream in (sys.stdout, sys.stderr):
             stream.reconfigure(line_buffering=True)
         plan = child.ChildPlan.model_validate_json(payload)
         plan.parent_pid = os.getppid()
+        plan.netns_fd = NETNS_TARGET if netns is not None else None
         child.execute(plan, channel_target)
     finally:
         os._exit(72)
@@ -116,6 +125,8 @@ def serve(control_fd: int) -> None:
     sel.register(wake_r, selectors.EVENT_READ, "sigchld")
     jobs: dict[int, socket.socket] = {}
     requests = Requests()
+    spare_netns = namespaces.fresh_netns()
+    netns_pool = spare_netns is not None  # root: keep one ready; else jobs make their own (or none)
     while True:
         for key, _ in sel.select():
             if key.data == "sigchld":
@@ -142,12 +153,15 @@ def serve(control_fd: int) -> None:
                 pid = os.fork()
                 if pid == 0:
                     _become_job(payload, job_fds, [control_fd, wake_r, wake_w, *requests.fds,
-                                                   *(c.fileno() for c in jobs.values())])
-                for fd in job_fds[:3]:
+                                                   *(c.fileno() for c in jobs.values())], spare_netns)
+                for fd in [*job_fds[:3], *([spare_netns] if spare_netns is not None else [])]:
                     os.close(fd)
                 jobs[pid] = reply
                 _reply(reply, f"pid {pid}\n")
+                spare_netns = None
         _reap(jobs)
+        if netns_pool and spare_netns is None:  # between requests: the next job enters it, not creates one
+            spare_netns = namespaces.fresh_netns()
 
 
 def _kill_everything(jobs: dict[int, socket.socket]) -> None:

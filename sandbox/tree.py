@@ -104,9 +104,10 @@ class JobTree:
     in the process table: a process the job orphaned stays a member wherever it is re-parented."""
 
     def __init__(self, root_pid: int, members: Callable[[], list[int]] | None = None, wrapped: bool = False) -> None:
-        """`wrapped`: the root and its child are the sandbox's relay and init (sandbox.namespaces),
-        measured with the job but not counted among its processes."""
+        """`wrapped`: the root and its child are the sandbox's relay and init (sandbox.namespaces):
+        idle, not the job's, so neither measured nor counted (the init is read once, to know it)."""
         self.root_pid, self.wrapped = root_pid, wrapped
+        self._helpers: set[int] = {root_pid} if wrapped else set()
         self._members = members
         self._procs: dict[int, psutil.Process] = {}
         self._ppid: dict[int, int] = {}
@@ -154,9 +155,11 @@ class JobTree:
     def _read(self) -> Reading:
         self._discover()
         rss = vms = 0
-        pids, cpu_now, gone, counted = [], {}, [], 0
+        pids, cpu_now, gone = [], {}, []
         top_pid, top_rss = None, -1
         for pid, proc in list(self._procs.items()):
+            if pid in self._helpers:
+                continue
             try:
                 with proc.oneshot():
                     zombie = proc.status() == psutil.STATUS_ZOMBIE
@@ -168,11 +171,12 @@ class JobTree:
                 continue
             except psutil.Error:
                 continue
+            if self.wrapped and self._ppid[pid] == self.root_pid:
+                self._helpers.add(pid)  # the init
+                continue
             cpu_now[pid] = times.user + times.system + times.children_user + times.children_system
             if memory is None:
                 continue  # a real zombie: its CPU is final and stays counted until it is reaped
-            if not (self.wrapped and self.root_pid in (pid, self._ppid[pid])):
-                counted += 1
             pids.append(pid)
             rss += memory[0]
             vms += memory[1]
@@ -185,7 +189,7 @@ class JobTree:
             self._cpu.pop(pid, None)
         self._cpu.update(cpu_now)
         self._last_cpu = max(self._last_cpu, self._lost_cpu + sum(cpu_now.values()))
-        return Reading(time.monotonic(), rss, vms, self._last_cpu, counted, top_pid, pids=pids)
+        return Reading(time.monotonic(), rss, vms, self._last_cpu, len(pids), top_pid, pids=pids)
 
     def _reaped_by_tracked(self, pid: int, readable: dict[int, float]) -> bool:
         """Whether an ended process's CPU now shows in a tracked ancestor's reaped-children time
