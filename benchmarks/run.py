@@ -83,7 +83,7 @@ class Bench:
         self.n, self.state = n, state
         self.policy = Policy(settings=Settings(state_dir=state))
         self.polling = Policy(settings=Settings(state_dir=state, cgroups="off"))
-        self.shared = Policy(settings=Settings(state_dir=state, isolation="off"))
+        self.shared = Policy(settings=Settings(state_dir=state, isolation="off", allow_root=True))
         self.rows: list[dict] = []
 
     def add(self, name: str, samples: list[float] | None, value: float, goal: str, ok: bool | None,

@@ -46,15 +46,14 @@ class CgroupFacts:
 
 @dataclass(frozen=True)
 class IsolationFacts:
-    """Whether the job got its own namespaces (`reason`: why not), and its network."""
+    """Whether the job got its own namespaces (`reason`: why not) and network, and the uid it runs
+    as when that is its tenant's own (`tenant_uid`, e.g. "uid 60001"; else `shared_uid` says why not)."""
 
     namespaces: bool = False
     network: str = "none"
     reason: str = ""
-
-
-def isolation_facts(namespaces: bool, network: str, reason: str | None) -> IsolationFacts:
-    return IsolationFacts(namespaces, network, reason or "")
+    shared_uid: str = "not requested"
+    tenant_uid: str = ""
 
 
 def _isolation(facts: IsolationFacts) -> dict[str, Enforcement]:
@@ -65,9 +64,13 @@ def _isolation(facts: IsolationFacts) -> dict[str, Enforcement]:
     else:
         spaces = Enforcement(level="unavailable", note=f"{facts.reason}: the job sees and can signal the "
                              "supervisor's processes and keeps /dev/shm and SysV objects after it ends")
-    uid = Enforcement(level="unavailable", note=f"jobs share the supervisor's uid ({os.geteuid()}): they can read "
-                      "and write what it can (other tenants' caches, the audit log); a uid per tenant is not "
-                      "implemented yet")
+    if facts.tenant_uid:
+        uid = Enforcement(level="hard", by=f"{facts.tenant_uid}, the tenant's own: no supplementary groups, no "
+                          "capabilities, no_new_privs; its offline cache is its own (0700), other tenants' caches "
+                          "and the audit log are not")
+    else:
+        uid = Enforcement(level="unavailable", note=f"{facts.shared_uid}: jobs can read and write what that uid "
+                          "can (other tenants' caches, the audit log)")
     return {"namespaces": spaces, "tenant_isolation": uid}
 
 
@@ -194,7 +197,12 @@ def machine_report(sampler: "GpuSampler") -> dict:
     host = discover()
     from .namespaces import probe as probe_namespaces
     no_namespaces = probe_namespaces()
-    isolation = isolation_facts(no_namespaces is None, "none", no_namespaces)
+    root = os.geteuid() == 0
+    isolation = IsolationFacts(no_namespaces is None, "none", no_namespaces or "",
+                               "jobs run as the supervisor's uid (not root)" if not root else
+                               f"jobs would run as root ({no_namespaces}): rejected unless allow_root",
+                               "each tenant's own uid ([sandbox] uid_range, or run_as)"
+                               if root and no_namespaces is None else "")
     table = {}
     for arch, found in archs.items():
         if found.usable:

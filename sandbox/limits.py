@@ -247,6 +247,7 @@ class Tenant(_Strict):
     rate: Annotated[Union[float, None], _positive(parse_rate)] = None
     burst: Count = None
     max_queued: Count = None
+    run_as: str | None = None  # a user name, "UID" or "UID:GID" (default: one from [sandbox] uid_range)
 
 
 class JobType(_Strict):
@@ -288,6 +289,8 @@ class Settings(_Strict):
     gpu_fallback_cpu: bool = False
     cgroups: Literal["auto", "off", "required"] = "auto"
     isolation: Literal["auto", "off", "required"] = "auto"
+    uid_range: str = "60000-60999"
+    allow_root: bool = False
 
     def resolved_state_dir(self) -> Path:
         base = self.state_dir or os.path.join(

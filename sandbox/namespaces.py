@@ -24,10 +24,14 @@ import os
 import signal
 import socket
 import struct
+import sys
+import tempfile
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 0x1, 0x2, 0x4, 0x8, 0x20
+MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 0x1000, 0x2000, 0x4000, 1 << 18
+PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 4, 38, 24
 SIOCSIFFLAGS, IFF_UP = 0x8914, 0x1
 HOSTNAME = b"taichi-sandbox"
 HELPERS = 2  # the relay and the init: processes in the job's cgroup that are not the job's
@@ -75,11 +79,14 @@ def fresh_netns() -> int | None:
         os.close(own)
 
 
-def enter(network: str, shm_bytes: int | None, channel_fd: int, on_leftovers, netns_fd: int | None = None) -> None:
+def enter(network: str, shm_bytes: int | None, channel_fd: int, on_leftovers, netns_fd: int | None = None,
+          ids: tuple[int, int] | None = None, expose: list[tuple[str, bool]] = ()) -> None:
     """Move the calling (single-threaded, root) process's job into new namespaces. Returns only in
     the job process; the relay and the init never return. `on_leftovers(fd, count)` is called by
     the relay when the init had to kill processes the job left behind. `netns_fd`: a fresh network
-    namespace (see `fresh_netns`) to enter instead of creating one; closed either way."""
+    namespace (see `fresh_netns`) to enter instead of creating one; closed either way. `ids`:
+    (uid, gid) the job runs as, with `expose` ((path, writable) pairs, the interpreter added) made
+    reachable for it (see `expose_paths`)."""
     fresh = netns_fd is not None and network == "none"
     unshare(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (CLONE_NEWNET if network == "none" and not fresh else 0))
     if fresh:
@@ -100,12 +107,81 @@ def enter(network: str, shm_bytes: int | None, channel_fd: int, on_leftovers, ne
     os.close(status_r)
     _die_with_parent()
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # shows this PID namespace only
+    if ids is not None:
+        expose_paths([*((p, False) for p in interpreter_paths()), *expose], *ids)
     job = os.fork()
     if job == 0:
         os.close(status_w)
         _die_with_parent()
+        if ids is not None:
+            drop_privileges(*ids)
         return
     _init(job, status_w, channel_fd)
+
+
+def interpreter_paths() -> list[str]:
+    """What the job's Python needs to read: its prefixes and every import path."""
+    return [sys.base_prefix, sys.prefix, *(p for p in sys.path if p)]
+
+
+def _first_blocked(path: str, uid: int, gid: int) -> str | None:
+    """The outermost directory above `path` that `uid`/`gid` (no supplementary groups) cannot pass."""
+    parts = path.strip("/").split("/")[:-1]
+    current = ""
+    for part in parts:
+        current += "/" + part
+        st = os.stat(current)
+        bits = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
+        if not st.st_mode & bits:
+            return current
+    return None
+
+
+def expose_paths(paths: list[tuple[str, bool]], uid: int, gid: int) -> None:
+    """Make each path reachable for `uid` without changing the host: every directory it cannot
+    pass (such as a 0700 /root holding the interpreter) is covered, in this mount namespace, by a
+    tmpfs that holds only bind mounts of the paths needed under it (read-only unless writable)."""
+    covered: dict[str, list[tuple[str, bool]]] = {}
+    for path, writable in paths:
+        path = os.path.realpath(path)
+        top = _first_blocked(path, uid, gid) if os.path.exists(path) else None
+        if top is not None:
+            covered.setdefault(top, []).append((path, writable))
+    for top, inside in covered.items():
+        stage = tempfile.mkdtemp(prefix="expose-", dir="/dev/shm")  # the job's own /dev/shm, for a moment
+        mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+        bound: list[str] = []
+        for path, writable in sorted(inside, key=lambda item: len(item[0])):
+            if any(path == outer or path.startswith(outer + "/") for outer in bound):
+                continue  # reachable through a path bound already (with that path's access)
+            bound.append(path)
+            target = stage + path[len(top):]
+            if os.path.isdir(path):
+                os.makedirs(target, 0o755, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+                open(target, "a").close()
+            mount(path, target, None, MS_BIND | MS_REC)
+            if not writable:
+                mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        mount(stage, top, None, MS_MOVE)
+        os.rmdir(stage)
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    """Become `uid`/`gid` for good: no supplementary groups, no capabilities (the bounding set is
+    emptied first, so none can come back through exec), no new privileges."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap}")
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    # Changing ids makes a process non-dumpable, which hands its own /proc/self files to root; it
+    # is the job's own now (no core dumps: RLIMIT_CORE is 0).
+    _check(_libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
 
 
 def _die_with_parent() -> None:

@@ -21,7 +21,8 @@ from .audit import AuditLog
 from .cgroup import CgroupError, CgroupHost, CgroupLimits, JobCgroup, discover, task_limit
 from .child import ChildPlan
 from . import namespaces
-from .enforcement import CgroupFacts, Enforcement, GpuFacts, cgroup_facts, enforcement_for, isolation_facts
+from .enforcement import CgroupFacts, Enforcement, GpuFacts, IsolationFacts, cgroup_facts, enforcement_for
+from .ids import give, tenant_ids
 from .forkserver import MAX_PLAN_BYTES
 from .gpu import (ArchUnavailable, GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, mps_env,
                   mps_pipe_directory, resolve_arch, visible_devices)
@@ -178,12 +179,7 @@ class Supervisor:
                          env=env, workdir=str(work), parent_pid=0, preinit=function is not None)
         if len(plan.model_dump_json()) > MAX_PLAN_BYTES:
             raise ConfigError(f"job too large: its args, kwargs, argv and env exceed {MAX_PLAN_BYTES} bytes")
-        no_namespaces = self.namespaces_unavailable()
-        if no_namespaces is not None and self.policy.settings.isolation == "required":
-            raise ConfigError(f'isolation is required ([sandbox] isolation = "required") but {no_namespaces}')
-        plan.isolate, plan.network, plan.shm_bytes = no_namespaces is None, limits.network, limits.memory
-        if no_namespaces is not None:
-            notes.append(f"no namespaces: {no_namespaces}")
+        isolation = self._isolate(plan, tenant_key(spec), limits, workdir, cache, notes)
         # The cgroup comes last: nothing after it may raise, or it would be left behind.
         cgroup, cgroup_known = self._job_cgroup(spec.job_id, limits, caps["cpu_max_num_threads"],
                                                 helpers=namespaces.HELPERS if plan.isolate else 0)
@@ -194,8 +190,39 @@ class Supervisor:
             notes.append(f"no job cgroup, limits polled: {cgroup_known.reason}")
         return _Prepared(plan=plan, rlimits={RLIMIT_NAMES[k]: v[0] for k, v in rlimits.items()}, notes=notes,
                          gpu_watch=watch, gpu_limit=gpu_limit, cgroup=cgroup,
-                         enforcement=enforcement_for(limits, arch, address_space, facts, cgroup_known,
-                                                     isolation_facts(plan.isolate, limits.network, no_namespaces)))
+                         enforcement=enforcement_for(limits, arch, address_space, facts, cgroup_known, isolation))
+
+    def _isolate(self, plan: ChildPlan, tenant: str, limits: Limits, workdir: Path, cache: Path,
+                 notes: list[str]) -> IsolationFacts:
+        """Namespaces and the tenant's own uid for the job, where this supervisor can give them.
+        Raises ConfigError when the policy requires what is missing, or when the job would run as
+        root without `allow_root`."""
+        settings = self.policy.settings
+        no_namespaces = self.namespaces_unavailable()
+        if no_namespaces is not None and settings.isolation == "required":
+            raise ConfigError(f'isolation is required ([sandbox] isolation = "required") but {no_namespaces}')
+        plan.isolate, plan.network, plan.shm_bytes = no_namespaces is None, limits.network, limits.memory
+        if no_namespaces is not None:
+            notes.append(f"no namespaces: {no_namespaces}")
+        if os.geteuid() != 0:
+            return IsolationFacts(plan.isolate, limits.network, no_namespaces or "",
+                                  f"jobs run as the supervisor's uid {os.geteuid()} (not root): tenants share it")
+        if settings.allow_root:
+            notes.append("WARNING: the job runs as root (allow_root = true)")
+            return IsolationFacts(plan.isolate, limits.network, no_namespaces or "",
+                                  "allow_root = true: jobs run as root and can reach everything root can")
+        if not plan.isolate:
+            raise ConfigError(f"the job would run as root: it can only run as its tenant's uid in its own namespaces "
+                              f"({no_namespaces}); set [sandbox] allow_root = true to run it as root anyway")
+        ids = tenant_ids(self.policy, tenant)
+        for path in (workdir, *workdir.iterdir()):
+            os.chown(path, ids.uid, ids.gid)
+        give(cache, ids)
+        plan.uid, plan.gid = ids.uid, ids.gid
+        plan.expose = [(str(cache), True), (str(workdir), True)]
+        if plan.target.endswith(".py"):
+            plan.expose.append((os.path.dirname(plan.target), False))
+        return IsolationFacts(True, limits.network, "", tenant_uid=f"uid {ids.uid}")
 
     def _job_cgroup(self, job_id: str, limits: Limits, threads: int, helpers: int) -> tuple[JobCgroup | None, CgroupFacts]:
         """The job's cgroup, or None and why; with `[sandbox] cgroups = "required"` a job whose limits

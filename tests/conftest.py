@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def any_supervisor(request, state_dir):
     """Both launchers with job cgroups and namespaces where this machine has them, and the
     fork-server with both off (the fallback: polling, no isolation): tests using this run once per
     variant."""
-    fallback = {"cgroups": "off", "isolation": "off"} if request.param == "polling" else {}
+    fallback = {"cgroups": "off", "isolation": "off", "allow_root": True} if request.param == "polling" else {}
     with Supervisor(make_policy(state_dir, **fallback), launcher="exec" if request.param == "exec" else None,
                     audit_log=state_dir / f"audit-{request.param}.jsonl") as sup:
         yield sup
@@ -65,6 +66,19 @@ def supervisor(state_dir):
     """The default (fork-server) supervisor."""
     with Supervisor(make_policy(state_dir), audit_log=state_dir / "audit.jsonl") as sup:
         yield sup
+
+
+@pytest.fixture(autouse=True)
+def _jobs_may_use_tmp_path(request):
+    """Jobs of a root supervisor run as their tenant's uid: let them pass through the test's
+    temporary directories, read the scripts written there and write the files a test hands them."""
+    if os.geteuid() == 0 and "tmp_path" in request.fixturenames:
+        tmp = request.getfixturevalue("tmp_path")
+        tmp.chmod(0o777)
+        for parent in tmp.parents:
+            if str(parent) in ("/", tempfile.gettempdir()):
+                break
+            parent.chmod(parent.stat().st_mode | 0o111)
 
 
 def kernel(name: str) -> str:

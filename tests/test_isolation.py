@@ -78,7 +78,8 @@ def _look(sup: Supervisor, tmp_path, port: int, **limits) -> dict:
 
 
 def test_without_namespaces_the_job_sees_signals_and_reaches_everything(state_dir, tmp_path, host_service):
-    with Supervisor(make_policy(state_dir, isolation="off"), audit_log=state_dir / "audit-shared.jsonl") as sup:
+    with Supervisor(make_policy(state_dir, isolation="off", allow_root=True),
+                    audit_log=state_dir / "audit-shared.jsonl") as sup:
         seen = _look(sup, tmp_path, host_service)
     assert os.getpid() in seen["seen"] and seen["signal"] == "delivered" and seen["connect"] == "connected"
     assert "=" in seen["environ"]  # it read the supervisor's environment
@@ -98,12 +99,16 @@ def test_network_host_reaches_the_hosts_loopback(supervisor, tmp_path, host_serv
     assert seen["connect"] == "connected" and seen["seen"] == [1, 2]
 
 
-def test_enforcement_reports_namespaces_and_the_missing_uid_boundary(supervisor, state_dir):
+def test_enforcement_reports_namespaces_and_the_uid(supervisor, state_dir):
     r = supervisor.run(JobSpec(kernel=kernel("tiny.py")))
     assert r.enforcement["namespaces"].level == "hard" and "net (none" in r.enforcement["namespaces"].by
-    assert r.enforcement["tenant_isolation"].level == "unavailable"
-    assert "share the supervisor's uid" in r.enforcement["tenant_isolation"].note
-    with Supervisor(make_policy(state_dir, isolation="off"), audit_log=state_dir / "audit-shared.jsonl") as sup:
+    uid = r.enforcement["tenant_isolation"]
+    if os.geteuid() == 0:
+        assert uid.level == "hard" and uid.by.startswith("uid 6")
+    else:
+        assert uid.level == "unavailable" and "not root" in uid.note
+    with Supervisor(make_policy(state_dir, isolation="off", allow_root=True),
+                    audit_log=state_dir / "audit-shared.jsonl") as sup:
         off = sup.run(JobSpec(kernel=kernel("tiny.py")))
     assert off.enforcement["namespaces"].level == "unavailable" and 'isolation = "off"' in off.enforcement[
         "namespaces"].note
@@ -114,3 +119,75 @@ def test_required_isolation_rejects_jobs_where_namespaces_are_unavailable(state_
         monkeypatch.setattr(sup, "namespaces_unavailable", lambda: "cannot create namespaces here (EPERM)")
         r = sup.run(JobSpec(kernel=kernel("tiny.py")))
     assert r.verdict is Verdict.rejected and "isolation is required" in r.reason and "EPERM" in r.reason
+
+
+WHO_AM_I = """
+import json, os, sys
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+try:
+    open(sys.argv[1]).read()
+    secret = "read"
+except OSError as err:
+    secret = type(err).__name__
+print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "secret": secret,
+                  "caps": status["CapEff"].strip(), "bounding": status["CapBnd"].strip(),
+                  "no_new_privs": status["NoNewPrivs"].strip()}))
+"""
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="jobs switch to a tenant's uid only under a root supervisor")
+
+
+def _tenants(state_dir, **settings) -> Supervisor:
+    from sandbox import Policy
+    from sandbox.limits import Settings, Tenant
+    policy = Policy(tenants={"alice": Tenant(), "bob": Tenant(), "nob": Tenant(run_as="nobody")},
+                    settings=Settings(state_dir=str(state_dir), **settings))
+    return Supervisor(policy, audit_log=state_dir / "audit-tenants.jsonl")
+
+
+@root_only
+def test_each_tenant_runs_as_its_own_uid_without_groups_capabilities_or_root_files(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("root only")
+    secret.chmod(0o600)
+    script = tmp_path / "who.py"
+    script.write_text(WHO_AM_I)
+    with _tenants(tmp_path / "state") as sup:
+        seen = {}
+        for tenant in ("alice", "bob", "nob"):
+            r = sup.run(JobSpec(kernel=str(script), argv=[str(secret)], tenant=tenant))
+            assert r.verdict is Verdict.ok, (r.reason, r.stderr_tail)
+            assert r.enforcement["tenant_isolation"].level == "hard"
+            seen[tenant] = json.loads(r.stdout_tail)
+    uids = json.loads((tmp_path / "state" / "uids.json").read_text())
+    assert {seen[t]["uid"] for t in ("alice", "bob")} == {uids["alice"], uids["bob"]} and len(set(uids.values())) == 2
+    assert seen["nob"]["uid"] == 65534  # run_as = "nobody"
+    for who in seen.values():
+        assert who["uid"] == who["gid"] or who["uid"] == 65534
+        assert who["groups"] == [] and who["caps"] == who["bounding"] == "0000000000000000"
+        assert who["no_new_privs"] == "1" and who["secret"] == "PermissionError"
+    cache = tmp_path / "state" / "ticache" / "alice"
+    assert (cache.stat().st_uid, cache.stat().st_mode & 0o777) == (uids["alice"], 0o700)
+
+
+@root_only
+def test_a_tenant_keeps_its_uid_across_supervisors(tmp_path):
+    for _ in range(2):
+        with _tenants(tmp_path / "state") as sup:
+            r = sup.run(JobSpec(kernel=kernel("tiny.py"), tenant="bob"))
+            assert r.verdict is Verdict.ok, r.reason
+    assert json.loads((tmp_path / "state" / "uids.json").read_text()) == {"bob": 60000}
+
+
+@root_only
+def test_root_jobs_without_namespaces_are_refused_unless_allowed(tmp_path):
+    script = tmp_path / "who.py"
+    script.write_text(WHO_AM_I)
+    with _tenants(tmp_path / "state", isolation="off") as sup:
+        refused = sup.run(JobSpec(kernel=str(script), argv=["/nonexistent"]))
+    assert refused.verdict is Verdict.rejected and "would run as root" in refused.reason
+    with _tenants(tmp_path / "state", isolation="off", allow_root=True) as sup:
+        allowed = sup.run(JobSpec(kernel=str(script), argv=["/nonexistent"]))
+    assert allowed.verdict is Verdict.ok and json.loads(allowed.stdout_tail)["uid"] == 0
+    assert any("WARNING: the job runs as root" in n for n in allowed.notes)
+    assert allowed.enforcement["tenant_isolation"].level == "unavailable"
