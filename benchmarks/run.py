@@ -251,6 +251,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=15, help="repetitions per timed target")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tsbx-bench-") as state:
+        os.chmod(state, 0o711)  # a root supervisor's jobs run as their tenant's uid: they read the scripts here
         bench = Bench(args.n, state)
         with Supervisor(bench.policy, audit_log=Path(state) / "audit.jsonl") as sup, \
                 Supervisor(bench.polling, audit_log=Path(state) / "audit-polling.jsonl") as polling:

@@ -425,7 +425,8 @@ class SandboxExecutor:
         try:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self._quota_state()))
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:  # not for jobs
+                f.write(json.dumps(self._quota_state()))
             os.replace(tmp, self.state_file)
         except OSError:
             pass

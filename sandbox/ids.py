@@ -95,11 +95,9 @@ def give(path: Path, ids: Ids) -> None:
     os.chmod(path, 0o700)
 
 
-def can_traverse(path: str, ids: Ids) -> bool:
-    """Whether `ids` may pass through directory `path` (no supplementary groups: jobs drop them)."""
+def may_read(path: str, ids: Ids) -> bool:
+    """Whether `ids` (no supplementary groups: jobs drop them) may read the file `path` itself; the
+    directories above it the job's mount namespace makes passable (see namespaces.expose_paths)."""
     st = os.stat(path)
-    if st.st_uid == ids.uid:
-        return bool(st.st_mode & 0o100)
-    if st.st_gid == ids.gid:
-        return bool(st.st_mode & 0o010)
-    return bool(st.st_mode & 0o001)
+    bit = 0o400 if st.st_uid == ids.uid else 0o040 if st.st_gid == ids.gid else 0o004
+    return bool(st.st_mode & bit)

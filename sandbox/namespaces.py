@@ -2,14 +2,17 @@
 
 Three processes, each with one task (`enter()` returns only in the third):
 
-    relay  (the launcher's child, outside): unshares, forks the init, waits for it, then ends the
-           way the job ended (same exit code, or the same signal), so the launcher's wait4 sees the
-           job's status and, having waited for everything, its whole rusage.
-    init   (PID 1 inside): mounts a fresh /proc and a private /dev/shm, forks the job, reaps orphans,
-           and when the job's process ends SIGKILLs everything left in the namespace (kill(-1)),
-           reaps it, and tells the relay the job's wait status and how many it killed.
-    job    (PID 2 inside): sees only its own tree; the supervisor, the fork-server, other jobs and
-           host services are not in its /proc and cannot be named by kill().
+    relay  (the launcher's child, outside): unshares, makes the mounts private, mounts a private
+           /dev/shm, forks the init, waits for it, then ends the way the job ended (same exit
+           code, or the same signal), so the launcher's wait4 sees the job's status and, having
+           waited for everything, its whole rusage.
+    init   (PID 1 inside): mounts a fresh /proc, exposes what the job's uid cannot reach (see
+           `expose_paths`), forks the job, reaps orphans, and when the job's process ends SIGKILLs
+           everything left in the namespace (kill(-1)), reaps it, and tells the relay the job's
+           wait status and how many it killed.
+    job    (PID 2 inside): becomes the tenant's uid (`drop_privileges`) when it has one; sees only
+           its own tree: the supervisor, the fork-server, other jobs and host services are not in
+           its /proc and cannot be named by kill().
 
 An init is needed because PID 1 gets no default signal actions: a SIGTERM from the supervisor would
 be dropped, and orphans would never be reaped. Data format on the init → relay pipe:

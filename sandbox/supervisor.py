@@ -22,7 +22,7 @@ from .cgroup import CgroupError, CgroupHost, CgroupLimits, JobCgroup, discover, 
 from .child import ChildPlan
 from . import namespaces
 from .enforcement import CgroupFacts, Enforcement, GpuFacts, IsolationFacts, cgroup_facts, enforcement_for
-from .ids import give, tenant_ids
+from .ids import give, may_read, tenant_ids
 from .forkserver import MAX_PLAN_BYTES
 from .gpu import (ArchUnavailable, GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, mps_env,
                   mps_pipe_directory, resolve_arch, visible_devices)
@@ -215,13 +215,16 @@ class Supervisor:
             raise ConfigError(f"the job would run as root: it can only run as its tenant's uid in its own namespaces "
                               f"({no_namespaces}); set [sandbox] allow_root = true to run it as root anyway")
         ids = tenant_ids(self.policy, tenant)
+        if plan.target.endswith(".py") and not may_read(plan.target, ids):
+            raise ConfigError(f"kernel file {plan.target} is not readable by the job's uid {ids.uid}: make it "
+                              "readable by others, or give the tenant its owner's uid (run_as)")
         for path in (workdir, *workdir.iterdir()):
             os.chown(path, ids.uid, ids.gid)
         give(cache, ids)
         plan.uid, plan.gid = ids.uid, ids.gid
         plan.expose = [(str(cache), True), (str(workdir), True)]
         if plan.target.endswith(".py"):
-            plan.expose.append((os.path.dirname(plan.target), False))
+            plan.expose.append((plan.target, False))
         return IsolationFacts(True, limits.network, "", tenant_uid=f"uid {ids.uid}")
 
     def _job_cgroup(self, job_id: str, limits: Limits, threads: int, helpers: int) -> tuple[JobCgroup | None, CgroupFacts]:

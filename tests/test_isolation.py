@@ -171,6 +171,16 @@ def test_each_tenant_runs_as_its_own_uid_without_groups_capabilities_or_root_fil
 
 
 @root_only
+def test_a_kernel_file_the_tenants_uid_cannot_read_is_rejected_with_the_reason(tmp_path):
+    script = tmp_path / "private.py"
+    script.write_text("print('never')\n")
+    script.chmod(0o600)
+    with _tenants(tmp_path / "state") as sup:
+        r = sup.run(JobSpec(kernel=str(script), tenant="alice"))
+    assert r.verdict is Verdict.rejected and "not readable by the job's uid" in r.reason
+
+
+@root_only
 def test_a_tenant_keeps_its_uid_across_supervisors(tmp_path):
     for _ in range(2):
         with _tenants(tmp_path / "state") as sup:
