@@ -91,7 +91,8 @@ def enter(network: str, shm_bytes: int | None, channel_fd: int, on_leftovers, ne
     (uid, gid) the job runs as, with `expose` ((path, writable) pairs, the interpreter added) made
     reachable for it (see `expose_paths`)."""
     fresh = netns_fd is not None and network == "none"
-    unshare(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (CLONE_NEWNET if network == "none" and not fresh else 0))
+    new_net = CLONE_NEWNET if network == "none" and not fresh else 0
+    unshare(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | new_net)
     if fresh:
         _check(_libc.setns(netns_fd, CLONE_NEWNET), "setns")
     if netns_fd is not None:

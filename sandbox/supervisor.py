@@ -227,7 +227,8 @@ class Supervisor:
             plan.expose.append((plan.target, False))
         return IsolationFacts(True, limits.network, "", tenant_uid=f"uid {ids.uid}")
 
-    def _job_cgroup(self, job_id: str, limits: Limits, threads: int, helpers: int) -> tuple[JobCgroup | None, CgroupFacts]:
+    def _job_cgroup(self, job_id: str, limits: Limits, threads: int,
+                    helpers: int) -> tuple[JobCgroup | None, CgroupFacts]:
         """The job's cgroup, or None and why; with `[sandbox] cgroups = "required"` a job whose limits
         the kernel cannot enforce here is rejected (ConfigError). `helpers`: the sandbox's own
         processes in the job (relay and init), allowed on top of `max_processes`."""
