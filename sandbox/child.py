@@ -2,8 +2,9 @@
 
 Order matters and is the contract: join the job cgroup (before anything else runs, so everything the
 job does is counted) → die with the parent (PR_SET_PDEATHSIG) → own session → subreaper → rlimits
-→ scrubbed environment and private directories → guarded `ti.init` → run the job → report one JSON
-result on the channel → `ti.reset()` (writes the offline cache) → `os._exit`.
+→ scrubbed environment and private directories → with isolation, new namespaces, a relay outside,
+an init inside and the tenant's uid (sandbox.namespaces) → guarded `ti.init` → run the job → report
+one JSON result on the channel → `ti.reset()` (writes the offline cache) → `os._exit`.
 
 Everything here helps honest jobs and reports truthfully; a hostile job can undo any of it, which is
 why every limit is also enforced from the supervisor.
