@@ -17,6 +17,7 @@ then exits; jobs also have PR_SET_PDEATHSIG(SIGKILL) on the server. Pickle is no
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import resource
 import selectors
@@ -124,6 +125,7 @@ def serve(control_fd: int) -> None:
     sel.register(control, selectors.EVENT_READ, "control")
     sel.register(wake_r, selectors.EVENT_READ, "sigchld")
     jobs: dict[int, socket.socket] = {}
+    job_dirs: dict[int, str] = {}  # each running job's directory, removed if the supervisor cannot
     requests = Requests()
     spare_netns = namespaces.fresh_netns()
     netns_pool = spare_netns is not None  # root: keep one ready; else jobs make their own (or none)
@@ -140,13 +142,11 @@ def serve(control_fd: int) -> None:
             except OSError:
                 data, fds = b"", []
             if not data:  # the supervisor is gone
-                _kill_everything(jobs)
-                os._exit(0)
+                _shut_down(jobs, job_dirs, 0)
             try:
                 ready = requests.feed(data, fds)
             except ConnectionError:  # only the supervisor writes here: a broken request is fatal
-                _kill_everything(jobs)
-                os._exit(1)
+                _shut_down(jobs, job_dirs, 1)
             for payload, job_fds in ready:
                 reply = socket.socket(fileno=job_fds[3])
                 reply.setblocking(False)
@@ -157,16 +157,21 @@ def serve(control_fd: int) -> None:
                 for fd in [*job_fds[:3], *([spare_netns] if spare_netns is not None else [])]:
                     os.close(fd)
                 jobs[pid] = reply
+                job_dirs[pid] = os.path.dirname(json.loads(payload)["workdir"])
                 _reply(reply, f"pid {pid}\n")
                 spare_netns = None
         _reap(jobs)
+        for pid in [p for p in job_dirs if p not in jobs]:
+            del job_dirs[pid]  # ended: its supervisor removes the directory
         if netns_pool and spare_netns is None:  # between requests: the next job enters it, not creates one
             spare_netns = namespaces.fresh_netns()
 
 
-def _kill_everything(jobs: dict[int, socket.socket]) -> None:
-    """The supervisor is gone: SIGKILL every job group and every descendant (we are their subreaper)."""
+def _shut_down(jobs: dict[int, socket.socket], job_dirs: dict[int, str], code: int) -> None:
+    """The supervisor is gone: SIGKILL every job group and every descendant (we are their subreaper),
+    remove what a dead supervisor cannot (running jobs' directories, our own), exit."""
     import psutil
+    import shutil
     for pid in jobs:
         try:
             os.killpg(pid, signal.SIGKILL)
@@ -177,6 +182,9 @@ def _kill_everything(jobs: dict[int, socket.socket]) -> None:
             proc.kill()
         except psutil.Error:
             pass
+    for path in (*job_dirs.values(), os.getcwd()):
+        shutil.rmtree(path, ignore_errors=True)
+    os._exit(code)
 
 
 def _reply(conn: socket.socket, line: str) -> None:

@@ -9,6 +9,7 @@ child runs `sandbox.child.execute` in a new session with the given pipes as stdo
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -151,7 +152,7 @@ class ForkServerLauncher:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._server: psutil.Process | None = None
-        self._dir: tempfile.TemporaryDirectory | None = None
+        self._dir: str | None = None  # the server's cwd and HOME; it removes it itself when it exits
         self._control: socket.socket | None = None
 
     def _server_alive(self) -> bool:
@@ -167,14 +168,14 @@ class ForkServerLauncher:
                 self._server.resume()
             return
         self._close()
-        self._dir = tempfile.TemporaryDirectory(prefix="tsbx-fs-")
+        self._dir = tempfile.mkdtemp(prefix="tsbx-fs-")
         self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid_r, pid_w = os.pipe()
         fds = (theirs.fileno(), pid_w)
         starter = subprocess.Popen(
             [sys.executable, "-m", "sandbox.forkserver", *map(str, fds)], stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=fds,
-            env={**base_env(), "HOME": self._dir.name}, cwd=self._dir.name, start_new_session=True)
+            env={**base_env(), "HOME": self._dir}, cwd=self._dir, start_new_session=True)
         theirs.close()
         os.close(pid_w)
         starter.wait()  # the server detaches itself (see forkserver.detach) and reports its pid
@@ -236,7 +237,7 @@ class ForkServerLauncher:
                 self._server.kill()
             self._server = None
         if self._dir is not None:
-            self._dir.cleanup()
+            shutil.rmtree(self._dir, ignore_errors=True)  # the server's own removal may have raced us
             self._dir = None
 
 

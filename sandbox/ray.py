@@ -13,7 +13,7 @@ resources through `.options()`:
 | -                      | `max_retries=0`  | a violated limit is a verdict, not a reason to run again  |
 
 `ray.cancel(ref)` ends the job gracefully (SIGTERM, grace, SIGKILL) and returns promptly even while
-a kernel runs; `force=True` or a killed worker kills the fork-server, whose lifeline makes it
+a kernel runs; `force=True` or a killed worker closes the fork-server's control socket, which makes it
 SIGKILL every job process.
 """
 

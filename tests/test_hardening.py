@@ -83,7 +83,11 @@ def _fork_server_processes() -> set[int]:
 
 
 def _orphan_check(argv: list[str], tmp_path) -> None:
-    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path)}
+    """SIGKILL the supervisor while its job tree runs: within a second no job process is left, and
+    within two neither the job's directory nor the fork-server's (the server removes both)."""
+    temp = tmp_path / "temp"
+    temp.mkdir(mode=0o777)
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path), "TMPDIR": str(temp)}
     before = _fork_server_processes()
     sup = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
     deadline = time.monotonic() + 60
@@ -100,6 +104,10 @@ def _orphan_check(argv: list[str], tmp_path) -> None:
         time.sleep(0.05)
         alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert alive == [], f"{len(alive)} job processes outlived the supervisor"
+    deadline = time.monotonic() + 2.0
+    while os.listdir(temp) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert os.listdir(temp) == [], "the job's or the fork-server's directory outlived the supervisor"
 
 
 def test_sigkill_of_cli_kills_every_job_process_within_a_second(tmp_path):
