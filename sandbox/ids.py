@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .limits import ConfigError, Policy
+from .namespaces import permits
 
 MAP_FILE = "uids.json"
 
@@ -96,8 +97,6 @@ def give(path: Path, ids: Ids) -> None:
 
 
 def may_read(path: str, ids: Ids) -> bool:
-    """Whether `ids` (no supplementary groups: jobs drop them) may read the file `path` itself; the
-    directories above it the job's mount namespace makes passable (see namespaces.expose_paths)."""
-    st = os.stat(path)
-    bit = 0o400 if st.st_uid == ids.uid else 0o040 if st.st_gid == ids.gid else 0o004
-    return bool(st.st_mode & bit)
+    """Whether the job may read the file `path` itself; the directories above it the job's mount
+    namespace makes passable (see namespaces.expose_paths)."""
+    return permits(path, ids.uid, ids.gid, 0o004)

@@ -228,7 +228,7 @@ class Monitor:
 
     def tick(self) -> Reading:
         reading = self.tree.read()
-        stats = self.cgroup.stats() if self.cgroup is not None else None
+        stats = self.cgroup.stats(peak=False) if self.cgroup is not None else None
         if stats is not None:  # the kernel's counters replace the polled ones where it keeps them
             reading.cpu = stats.cpu_seconds if stats.cpu_seconds is not None else reading.cpu
             reading.memory = stats.memory
@@ -251,6 +251,8 @@ class Monitor:
         if self.control is not None and self.control.cancelled and not self._breached:
             self._breach(None)
         if stats is not None and not self._breached:
+            if stats.oom_kills:  # the kernel's peak, read only when it is the evidence
+                stats = self.cgroup.stats()
             for resource, limit, value in kernel_breaches(stats, self.cgroup.limits)[:1]:
                 self._breach(Violation(at=self._epoch(), pid=None, resource=resource, limit=limit,
                                        observed=value, action="sigkill", detected_by="cgroup"))

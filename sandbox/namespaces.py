@@ -128,15 +128,20 @@ def interpreter_paths() -> list[str]:
     return [sys.base_prefix, sys.prefix, *(p for p in sys.path if p)]
 
 
+def permits(path: str, uid: int, gid: int, other_bit: int) -> bool:
+    """Whether `uid`/`gid`, with no supplementary groups (jobs drop them), hold the permission whose
+    bit for others is `other_bit` (0o004 read, 0o001 pass through) on `path`."""
+    st = os.stat(path)
+    bit = other_bit << 6 if st.st_uid == uid else other_bit << 3 if st.st_gid == gid else other_bit
+    return bool(st.st_mode & bit)
+
+
 def _first_blocked(path: str, uid: int, gid: int) -> str | None:
-    """The outermost directory above `path` that `uid`/`gid` (no supplementary groups) cannot pass."""
-    parts = path.strip("/").split("/")[:-1]
+    """The outermost directory above `path` that `uid`/`gid` cannot pass."""
     current = ""
-    for part in parts:
+    for part in path.strip("/").split("/")[:-1]:
         current += "/" + part
-        st = os.stat(current)
-        bits = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
-        if not st.st_mode & bits:
+        if not permits(current, uid, gid, 0o001):
             return current
     return None
 

@@ -6,6 +6,7 @@ Thread-safe: several threads may call `run()` at once (one I/O thread per job; o
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -83,12 +84,11 @@ class Supervisor:
         when None."""
         self.policy = policy if policy is not None else load_policy()
         self.cgroups = cgroups if cgroups is not None else discover(self.policy.settings.cgroups)
-        self._namespaces: tuple[str | None] | None = None  # (why not, or None), probed once
         self.launcher = make_launcher(launcher or self.policy.settings.launcher)
         self.audit = AuditLog(audit_log or self.policy.settings.resolved_audit_log())
         self.gpu_sampler = gpu_sampler if gpu_sampler is not None else NvmlSampler()
         self._gpu: tuple[list[GpuDevice], str | None] | None = None
-        self._facts_lock = threading.Lock()
+        self._gpu_lock = threading.Lock()
         self._launch_lock = threading.Lock()
         self._running: dict[int, str] = {}  # main pid of each running job -> its tenant key
 
@@ -107,14 +107,16 @@ class Supervisor:
         """Why jobs cannot get their own namespaces here, or None when they can."""
         if self.policy.settings.isolation == "off":
             return 'off by policy ([sandbox] isolation = "off")'
-        with self._facts_lock:
-            if self._namespaces is None:
-                self._namespaces = (namespaces.probe(),)
-            return self._namespaces[0]
+        return self._namespace_probe
+
+    @functools.cached_property
+    def _namespace_probe(self) -> str | None:
+        """namespaces.probe(), once per supervisor (it starts an interpreter)."""
+        return namespaces.probe()
 
     def gpu_facts(self) -> tuple[list[GpuDevice], str | None]:
         """(devices, why NVML is unavailable or None), read once per supervisor (opened lazily)."""
-        with self._facts_lock:
+        with self._gpu_lock:
             if self._gpu is None:
                 try:
                     self.gpu_sampler.open()
@@ -326,7 +328,9 @@ class Supervisor:
         finally:
             for fd in (out_w, err_w, ch_w):
                 os.close(fd)
-        tree = JobTree(launched.pid, members=cgroup.pids if cgroup is not None else None, wrapped=plan.isolate)
+        members = (lambda: cgroup.pids(everywhere=False)) if cgroup is not None else None
+        tree = JobTree(launched.pid, members=members, wrapped=plan.isolate,
+                       exact=cgroup is not None and plan.uid is not None)
         job = _Job(spec, limits, JobProcesses(tree, launched.pid, cgroup))
         monitor = Monitor(tree, limits, started, time.time, lambda: pump.output_bytes(),
                           lambda v: self._terminate(job, v), on_sample, gpu=prepared.gpu_watch,

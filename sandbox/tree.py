@@ -103,10 +103,13 @@ class JobTree:
     `members` (the job cgroup's process list) adds what the kernel knows to the descendants found
     in the process table: a process the job orphaned stays a member wherever it is re-parented."""
 
-    def __init__(self, root_pid: int, members: Callable[[], list[int]] | None = None, wrapped: bool = False) -> None:
+    def __init__(self, root_pid: int, members: Callable[[], list[int]] | None = None, wrapped: bool = False,
+                 exact: bool = False) -> None:
         """`wrapped`: the root and its child are the sandbox's relay and init (sandbox.namespaces):
-        idle, not the job's, so neither measured nor counted (the init is read once, to know it)."""
-        self.root_pid, self.wrapped = root_pid, wrapped
+        idle, not the job's, so neither measured nor counted (the init is read once, to know it).
+        `exact`: `members` is complete (the job cannot leave its cgroup: it is not root), so the
+        process table is not searched at all."""
+        self.root_pid, self.wrapped, self._exact = root_pid, wrapped, exact
         self._helpers: set[int] = {root_pid} if wrapped else set()
         self._members = members
         self._procs: dict[int, psutil.Process] = {}
@@ -131,6 +134,8 @@ class JobTree:
             for pid in self._members():
                 if pid not in self._procs:
                     self._adopt(pid)
+            if self._exact:
+                return
         children = PROCESS_TABLE.children(fresh)
         # From every tracked process that still exists (a zombie leader has children too); a pid
         # reused by another process fails is_running() (start time) and is not expanded.

@@ -193,11 +193,15 @@ def test_a_tenant_keeps_its_uid_across_supervisors(tmp_path):
 def test_root_jobs_without_namespaces_are_refused_unless_allowed(tmp_path):
     script = tmp_path / "who.py"
     script.write_text(WHO_AM_I)
+    secret = tmp_path / "secret"
+    secret.write_text("root only")
+    secret.chmod(0o600)
     with _tenants(tmp_path / "state", isolation="off") as sup:
-        refused = sup.run(JobSpec(kernel=str(script), argv=["/nonexistent"]))
+        refused = sup.run(JobSpec(kernel=str(script), argv=[str(secret)]))
     assert refused.verdict is Verdict.rejected and "would run as root" in refused.reason
     with _tenants(tmp_path / "state", isolation="off", allow_root=True) as sup:
-        allowed = sup.run(JobSpec(kernel=str(script), argv=["/nonexistent"]))
-    assert allowed.verdict is Verdict.ok and json.loads(allowed.stdout_tail)["uid"] == 0
+        allowed = sup.run(JobSpec(kernel=str(script), argv=[str(secret)]))
+    seen = json.loads(allowed.stdout_tail)  # the control: as root the job reads what a tenant's uid cannot
+    assert allowed.verdict is Verdict.ok and seen["uid"] == 0 and seen["secret"] == "read"
     assert any("WARNING: the job runs as root" in n for n in allowed.notes)
     assert allowed.enforcement["tenant_isolation"].level == "unavailable"

@@ -47,7 +47,6 @@ class CgroupStats:
     memory: int | None = None  # bytes charged now (anon, page cache, tmpfs, memfd, shm, kernel)
     memory_peak: int | None = None
     cpu_seconds: float | None = None  # whole tree, reaped children included
-    tasks: int | None = None
     oom_kills: int = 0
     pids_refused: int = 0  # forks and clones refused at pids.max
 
@@ -83,16 +82,15 @@ def read_keyed(path: str) -> dict[str, int]:
         return {}
 
 
-def write(path: str, value: str, expect: str | None = None) -> None:
-    """Write a cgroup file and read it back (systemd's lesson: a limit can be silently ignored).
-    `expect` is the read-back value when it differs from `value`."""
+def write(path: str, value: str) -> None:
+    """Write a cgroup file and read it back (systemd's lesson: a limit can be silently ignored)."""
     try:
         with open(path, "w") as f:
             f.write(value)
     except OSError as err:
         raise CgroupError(f"cannot write {value!r} to {path}: {err.strerror}") from None
     got = read_text(path).strip()
-    if got != (expect if expect is not None else value):
+    if got != value:
         raise CgroupError(f"{path} reads {got!r} after writing {value!r}")
 
 
@@ -122,12 +120,15 @@ class JobCgroup(ABC):
         """Where a single-threaded process writes "0" to move itself in, at the least cost."""
 
     @abstractmethod
-    def pids(self) -> list[int]:
-        """Every process in the cgroup now (exited processes leave it at once, zombies included)."""
+    def pids(self, everywhere: bool = True) -> list[int]:
+        """Every process in the cgroup now (exited processes leave it at once, zombies included).
+        On v1 `everywhere` reads every hierarchy (a root job could leave some); else one, for the
+        monitor's every tick."""
 
     @abstractmethod
-    def stats(self) -> CgroupStats:
-        """One reading of the kernel's counters."""
+    def stats(self, peak: bool = True) -> CgroupStats:
+        """One reading of the kernel's counters; `peak` False skips the peak (the monitor keeps the
+        largest reading itself; the verdict reads the kernel's)."""
 
     @abstractmethod
     def _kill_atomic(self) -> bool:
@@ -207,13 +208,12 @@ def write_pid(path: str, pid: int) -> None:
         raise CgroupError(f"cannot move pid {pid} into {os.path.dirname(path)}: {err.strerror}") from None
 
 
-def make_dir(path: str) -> bool:
-    """mkdir; True when it was created, False when it existed."""
+def make_dir(path: str) -> None:
+    """mkdir; an existing directory is fine."""
     try:
         os.mkdir(path)
-        return True
     except FileExistsError:
-        return False
+        pass
     except OSError as err:
         raise CgroupError(f"cannot create {path}: {err.strerror}") from None
 

@@ -62,27 +62,26 @@ class V1Cgroup(JobCgroup):
         with one thread, which then moves whole)."""
         return [f"{d}/tasks" for d in self._dirs()]
 
-    def pids(self) -> list[int]:
+    def pids(self, everywhere: bool = True) -> list[int]:
         members: set[int] = set()
-        for d in self._dirs():  # a process could only be in some hierarchies if it moved itself out
+        for d in self._dirs() if everywhere else self._dirs()[:1]:
             try:
                 members.update(parse_procs(read_text(f"{d}/cgroup.procs")))
             except FileNotFoundError:
                 pass
         return sorted(members)
 
-    def stats(self) -> CgroupStats:
+    def stats(self, peak: bool = True) -> CgroupStats:
         out = CgroupStats()
         memory = self.dirs.get("memory")
         if memory is not None:
             out.memory = read_int(f"{memory}/memory.usage_in_bytes")
-            out.memory_peak = read_int(f"{memory}/memory.max_usage_in_bytes")
+            out.memory_peak = read_int(f"{memory}/memory.max_usage_in_bytes") if peak else None
             out.oom_kills = read_keyed(f"{memory}/memory.oom_control").get("oom_kill", 0)
         if "cpuacct" in self.dirs:
             usage = read_int(f"{self.dirs['cpuacct']}/cpuacct.usage")
             out.cpu_seconds = usage / 1e9 if usage is not None else None
         if "pids" in self.dirs:
-            out.tasks = read_int(f"{self.dirs['pids']}/pids.current")
             out.pids_refused = read_keyed(f"{self.dirs['pids']}/pids.events").get("max", 0)
         return out
 

@@ -105,14 +105,14 @@ class V2Cgroup(JobCgroup):
     def join_files(self) -> list[str]:
         return self.procs_files()  # cgroup.threads is only for threaded cgroups
 
-    def pids(self) -> list[int]:
+    def pids(self, everywhere: bool = True) -> list[int]:
         try:
             return parse_procs(read_text(f"{self.dir}/cgroup.procs"))
         except FileNotFoundError:
             return []
 
-    def stats(self) -> CgroupStats:
-        return stats_from(self.dir, self.controllers)
+    def stats(self, peak: bool = True) -> CgroupStats:
+        return stats_from(self.dir, self.controllers, peak)
 
     def _kill_atomic(self) -> bool:
         try:
@@ -135,7 +135,7 @@ class V2Cgroup(JobCgroup):
         return True
 
 
-def stats_from(path: str, controllers: frozenset[str]) -> CgroupStats:
+def stats_from(path: str, controllers: frozenset[str], peak: bool = True) -> CgroupStats:
     """One reading of the v2 cgroup at `path` (also what tests feed captured files through)."""
     out = CgroupStats()
     cpu = read_keyed(f"{path}/cpu.stat")
@@ -143,9 +143,8 @@ def stats_from(path: str, controllers: frozenset[str]) -> CgroupStats:
         out.cpu_seconds = cpu["usage_usec"] / 1e6
     if "memory" in controllers:
         out.memory = read_int(f"{path}/memory.current")
-        out.memory_peak = read_int(f"{path}/memory.peak")
+        out.memory_peak = read_int(f"{path}/memory.peak") if peak else None
         out.oom_kills = read_keyed(f"{path}/memory.events").get("oom_kill", 0)
     if "pids" in controllers:
-        out.tasks = read_int(f"{path}/pids.current")
         out.pids_refused = read_keyed(f"{path}/pids.events").get("max", 0)
     return out
