@@ -61,11 +61,12 @@ class ChildPlan(BaseModel):
     preinit: bool = False
     isolate: bool = False  # new PID, mount, IPC, UTS (and network) namespaces: see sandbox.namespaces
     netns_fd: int | None = None  # a fresh network namespace the fork-server had ready (its fd here)
+    status_fd: int | None = None  # the fork-server relays: this is PID 1 of a new PID namespace (namespaces.enter)
     uid: int | None = None  # the tenant's ids the job runs as (only with isolate)
     gid: int | None = None
     expose: list[tuple[str, bool]] = []  # (path, writable) the job needs besides the interpreter
     network: str = "none"
-    shm_bytes: int | None = None
+    tmpfs_bytes: int | None = None
     cgroup_join: list[str] = []  # files the child writes "0" to, to join its job cgroup (JobCgroup.join_files)
 
 
@@ -210,8 +211,9 @@ def execute(plan: ChildPlan, channel_fd: int) -> None:
         confine(plan)
         if plan.isolate:
             from . import namespaces
-            namespaces.enter(plan.network, plan.shm_bytes, channel_fd, _report_leftovers, plan.netns_fd,
-                             (plan.uid, plan.gid) if plan.uid is not None else None, plan.expose)
+            namespaces.enter(plan.network, plan.tmpfs_bytes, channel_fd, _report_leftovers, plan.netns_fd,
+                             (plan.uid, plan.gid) if plan.uid is not None else None, plan.expose, plan.status_fd)
+            os.chdir(plan.workdir)  # through the new mounts: the old cwd's ".." leads to the host's /tmp
         elif plan.netns_fd is not None:
             os.close(plan.netns_fd)  # the fork-server's ready network namespace, not wanted here
         signal.signal(signal.SIGXCPU, _on_sigxcpu(channel_fd))

@@ -54,13 +54,15 @@ class IsolationFacts:
     reason: str = ""
     shared_uid: str = "not requested"
     tenant_uid: str = ""
+    user_namespace: bool = False  # inside a user namespace of its own (a supervisor that is not root)
 
 
 def _isolation(facts: IsolationFacts) -> dict[str, Enforcement]:
     if facts.namespaces:
         net = "net (none: loopback only)" if facts.network == "none" else "the host network (network = \"host\")"
-        spaces = Enforcement(level="hard", by=f"namespaces: pid (own /proc; nothing outside can be named), mount "
-                             f"(private /dev/shm), ipc, uts, {net}")
+        user = "user (the supervisor's uid alone, no capabilities), " if facts.user_namespace else ""
+        spaces = Enforcement(level="hard", by=f"namespaces: {user}pid (own /proc; nothing outside can be named), "
+                             f"mount (private /tmp, /var/tmp and /dev/shm), ipc, uts, {net}")
     else:
         spaces = Enforcement(level="unavailable", note=f"{facts.reason}: the job sees and can signal the "
                              "supervisor's processes and keeps /dev/shm and SysV objects after it ends")
@@ -202,7 +204,7 @@ def machine_report(sampler: "GpuSampler") -> dict:
                                "jobs run as the supervisor's uid (not root)" if not root else
                                f"jobs would run as root ({no_namespaces}): rejected unless allow_root",
                                "each tenant's own uid ([sandbox] uid_range, or run_as)"
-                               if root and no_namespaces is None else "")
+                               if root and no_namespaces is None else "", user_namespace=not root)
     table = {}
     for arch, found in archs.items():
         if found.usable:

@@ -6,8 +6,10 @@ can reach it (a job cannot find or connect to anything). Its stdio is /dev/null:
 own pipes. Data format, per job, on the control socket (supervisor → server):
     request: 4-byte big-endian length + ChildPlan JSON, with SCM_RIGHTS fds [stdout, stderr, channel,
              reply], the fds attached to the request's first bytes
-    on `reply` (server → supervisor): "pid <n>\n" once forked, then
-             "exit <status> <utime> <stime> <maxrss_kib>\n" when reaped.
+    on `reply` (server → supervisor): "pid <n> <helpers>\n" once forked (helpers: see
+             sandbox.tree.JobTree), then "exit <status> <utime> <stime> <maxrss_kib>\n" when reaped.
+As root, the server is the relay of isolated jobs (sandbox.namespaces): it forks each as PID 1 of a
+new PID namespace and answers with the status its init reports on a pipe.
 Requests are read without blocking and buffered, so the server never stalls reaping or watching its
 supervisor. It is a child subreaper and reaps everything. When the control socket closes (the
 supervisor died or closed the launcher) it SIGKILLs every job's process group and every descendant,
@@ -64,10 +66,13 @@ class Requests:
         return done
 
 
-NETNS_TARGET = 4  # where a forked job finds the fresh network namespace the server had ready
+# Where a forked job finds its channel, the fresh network namespace the server had ready, and the
+# pipe on which, as the init of the PID namespace the server made for it, it reports the job's status.
+CHANNEL_TARGET, NETNS_TARGET, STATUS_TARGET = 3, 4, 5
 
 
-def _become_job(payload: bytes, fds: list[int], keep_closed: list[int], netns: int | None) -> None:
+def _become_job(payload: bytes, fds: list[int], keep_closed: list[int], netns: int | None,
+                status: int | None) -> None:
     """In the forked child: wire stdio, drop the server's descriptors, run the job. Never returns."""
     try:
         signal.set_wakeup_fd(-1)
@@ -75,26 +80,55 @@ def _become_job(payload: bytes, fds: list[int], keep_closed: list[int], netns: i
             signal.signal(sig, signal.SIG_DFL)
         for fd in keep_closed:
             os.close(fd)
-        if netns is not None:  # out of the way of the descriptors moved to 0-3 below
-            netns = fcntl.fcntl(netns, fcntl.F_DUPFD, 10)
+        # out of the way of the descriptors moved to 0-5 below
+        extra = {target: fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+                 for target, fd in ((NETNS_TARGET, netns), (STATUS_TARGET, status)) if fd is not None}
         stdout_fd, stderr_fd, channel_fd, _reply = fds
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(stdout_fd, 1)
         os.dup2(stderr_fd, 2)
-        channel_target = 3
-        os.dup2(channel_fd, channel_target)
-        if netns is not None:
-            os.dup2(netns, NETNS_TARGET)
-        os.closerange(channel_target + 1 + (netns is not None), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        os.dup2(channel_fd, CHANNEL_TARGET)
+        for target in (NETNS_TARGET, STATUS_TARGET):
+            if target in extra:
+                os.dup2(extra[target], target)
+            else:
+                os.closerange(target, target + 1)
+        os.closerange(STATUS_TARGET + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         for stream in (sys.stdout, sys.stderr):
             stream.reconfigure(line_buffering=True)
         plan = child.ChildPlan.model_validate_json(payload)
         plan.parent_pid = os.getppid()
         plan.netns_fd = NETNS_TARGET if netns is not None else None
-        child.execute(plan, channel_target)
+        plan.status_fd = STATUS_TARGET if status is not None else None
+        child.execute(plan, CHANNEL_TARGET)
     finally:
         os._exit(72)
+
+
+def _fork_job(payload: bytes, fds: list[int], keep_closed: list[int], netns: int | None,
+              own_pidns: int | None) -> tuple[int, int | None, int]:
+    """Fork the job's first process: (its pid, the read end of its status pipe or None, how many
+    sandbox processes stand above the job). For an isolated job, where the server may (root,
+    `own_pidns` open), the child is born as PID 1 of a new PID namespace and the server itself is
+    the relay (sandbox.namespaces): one process fewer to fork, and to tear down, than a relay."""
+    isolate = bool(json.loads(payload).get("isolate"))
+    status_r = status_w = None
+    if isolate and own_pidns is not None:
+        status_r, status_w = os.pipe()
+        namespaces.unshare(namespaces.CLONE_NEWPID)  # only the next child goes there
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _become_job(payload, fds, [*keep_closed, *(fd for fd in (own_pidns, status_r) if fd is not None)],
+                        netns, status_w)
+    finally:
+        if status_r is not None:
+            namespaces.setns(own_pidns, namespaces.CLONE_NEWPID)  # our later children are ours again
+    if status_w is not None:
+        os.close(status_w)
+        return pid, status_r, 1
+    return pid, None, namespaces.HELPERS if isolate else 0
 
 
 def detach(pid_fd: int) -> None:
@@ -129,11 +163,13 @@ def serve(control_fd: int) -> None:
     requests = Requests()
     spare_netns = namespaces.fresh_netns()
     netns_pool = spare_netns is not None  # root: keep one ready; else jobs make their own (or none)
+    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY) if netns_pool else None  # root: relay here
+    statuses: dict[int, int] = {}  # the status pipe of each job whose init is our child
     while True:
         for key, _ in sel.select():
             if key.data == "sigchld":
                 os.read(wake_r, 4096)
-                _reap(jobs)
+                _reap(jobs, statuses)
                 continue
             try:
                 data, fds, _, _ = socket.recv_fds(control, 1 << 16, 64)
@@ -150,17 +186,18 @@ def serve(control_fd: int) -> None:
             for payload, job_fds in ready:
                 reply = socket.socket(fileno=job_fds[3])
                 reply.setblocking(False)
-                pid = os.fork()
-                if pid == 0:
-                    _become_job(payload, job_fds, [control_fd, wake_r, wake_w, *requests.fds,
-                                                   *(c.fileno() for c in jobs.values())], spare_netns)
+                pid, status_r, helpers = _fork_job(payload, job_fds, [
+                    control_fd, wake_r, wake_w, *requests.fds, *(c.fileno() for c in jobs.values()),
+                    *statuses.values()], spare_netns, own_pidns)
                 for fd in [*job_fds[:3], *([spare_netns] if spare_netns is not None else [])]:
                     os.close(fd)
                 jobs[pid] = reply
+                if status_r is not None:
+                    statuses[pid] = status_r
                 job_dirs[pid] = os.path.dirname(json.loads(payload)["workdir"])
-                _reply(reply, f"pid {pid}\n")
+                _reply(reply, f"pid {pid} {helpers}\n")
                 spare_netns = None
-        _reap(jobs)
+        _reap(jobs, statuses)
         for pid in [p for p in job_dirs if p not in jobs]:
             del job_dirs[pid]  # ended: its supervisor removes the directory
         if netns_pool and spare_netns is None:  # between requests: the next job enters it, not creates one
@@ -194,7 +231,9 @@ def _reply(conn: socket.socket, line: str) -> None:
         pass
 
 
-def _reap(jobs: dict[int, socket.socket]) -> None:
+def _reap(jobs: dict[int, socket.socket], statuses: dict[int, int]) -> None:
+    """Reap every ended child; answer each job's supervisor with its exit (for an init of ours, the
+    job's status as the init reported it: see namespaces.relayed_status)."""
     while True:
         try:
             pid, status, usage = os.wait4(-1, os.WNOHANG)
@@ -202,6 +241,15 @@ def _reap(jobs: dict[int, socket.socket]) -> None:
             return
         if pid == 0:
             return
+        status_r = statuses.pop(pid, None)
+        if status_r is not None:
+            os.set_blocking(status_r, False)
+            try:
+                report = os.read(status_r, 64)
+            except BlockingIOError:
+                report = b""
+            os.close(status_r)
+            status = namespaces.relayed_status(report, status)
         conn = jobs.pop(pid, None)
         if conn is not None:
             _reply(conn, f"exit {status} {usage.ru_utime} {usage.ru_stime} {usage.ru_maxrss}\n")
@@ -209,6 +257,8 @@ def _reap(jobs: dict[int, socket.socket]) -> None:
 
 
 if __name__ == "__main__":
+    if sys.path and sys.path[0] == os.getcwd():
+        del sys.path[0]  # `-m` put the server's own dir there: nothing is imported from it, jobs must not see it
     control_arg, pid_out = map(int, sys.argv[1:3])
     detach(pid_out)
     serve(control_arg)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from . import child, forkserver
+from . import child, forkserver, namespaces
 from .child import ChildPlan
 
 JOB_MARKER = "TAICHI_SANDBOX_JOB"
@@ -51,17 +51,19 @@ class LaunchFailed(RuntimeError):
 
 
 class Launched:
-    """A started child: its pid and a blocking `wait()`."""
+    """A started child: its pid, how many of the sandbox's own processes stand above the job
+    (`helpers`: see sandbox.tree.JobTree) and a blocking `wait()`."""
 
     pid: int
+    helpers: int = 0
 
     def wait(self) -> Exit:  # pragma: no cover - interface
         raise NotImplementedError
 
 
 class _ExecLaunched(Launched):
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.pid = proc.pid
+    def __init__(self, proc: subprocess.Popen, helpers: int) -> None:
+        self.pid, self.helpers = proc.pid, helpers
         self._proc = proc
 
     def wait(self) -> Exit:
@@ -111,7 +113,7 @@ class ExecLauncher:
         os.close(plan_r)
         with os.fdopen(plan_w, "wb") as f:
             f.write(plan.model_dump_json().encode())
-        return _ExecLaunched(proc)
+        return _ExecLaunched(proc, namespaces.HELPERS if plan.isolate else 0)  # the child relays itself
 
     def close(self) -> None:
         pass
@@ -126,12 +128,12 @@ class _ForkLaunched(Launched):
             line = self._file.readline().split()
         except OSError:
             line = []
-        if len(line) != 2 or line[0] != b"pid":
+        if len(line) != 3 or line[0] != b"pid":
             self._file.close()
             conn.close()
             raise LaunchFailed(f"the fork-server did not start the job within {timeout:g} s")
         conn.settimeout(None)
-        self.pid = int(line[1])
+        self.pid, self.helpers = int(line[1]), int(line[2])
 
     def wait(self) -> Exit:
         line = self._file.readline().split()

@@ -3,11 +3,11 @@
 Three processes, each with one task (`enter()` returns only in the third):
 
     relay  (the launcher's child, outside): unshares, makes the mounts private, mounts a private
-           /dev/shm, forks the init, waits for it, then ends the way the job ended (same exit
+           /dev/shm (tmpfs, charged to the job's cgroup), forks the init, waits for it, then ends the way the job ended (same exit
            code, or the same signal), so the launcher's wait4 sees the job's status and, having
            waited for everything, its whole rusage.
-    init   (PID 1 inside): mounts a fresh /proc, exposes what the job's uid cannot reach (see
-           `expose_paths`), forks the job, reaps orphans, and when the job's process ends SIGKILLs
+    init   (PID 1 inside): mounts a fresh /proc, a private /tmp and /var/tmp (`private_tmp`),
+           exposes what the job's uid cannot reach (`expose_paths`), forks the job, reaps orphans, and when the job's process ends SIGKILLs
            everything left in the namespace (kill(-1)), reaps it, and tells the relay the job's
            wait status and how many it killed.
     job    (PID 2 inside): becomes the tenant's uid (`drop_privileges`) when it has one; sees only
@@ -31,12 +31,15 @@ import sys
 import tempfile
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
-CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWUSER = 0x20000000, 0x40000000, 0x10000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 0x1, 0x2, 0x4, 0x8, 0x20
-MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 0x1000, 0x2000, 0x4000, 1 << 18
+MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_MOVE, MS_REC = 0x400, 0x800, 0x1000, 0x2000, 0x4000
+MS_PRIVATE, MS_RELATIME, ST_RELATIME = 1 << 18, 1 << 21, 0x1000
 PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 4, 38, 24
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 SIOCSIFFLAGS, IFF_UP = 0x8914, 0x1
 HOSTNAME = b"taichi-sandbox"
+TMP_DIRS = ("/tmp", "/var/tmp")  # world-writable: private to each job, or files outlive it and other tenants read them
 HELPERS = 2  # the relay and the init: processes in the job's cgroup that are not the job's
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -50,6 +53,10 @@ def _check(result: int, what: str) -> None:
 
 def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(fd, nstype), "setns")
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
@@ -78,54 +85,65 @@ def fresh_netns() -> int | None:
         loopback_up()
         return os.open("/proc/self/ns/net", os.O_RDONLY)
     finally:
-        _check(_libc.setns(own, CLONE_NEWNET), "setns back")
+        setns(own, CLONE_NEWNET)
         os.close(own)
 
 
-def enter(network: str, shm_bytes: int | None, channel_fd: int, on_leftovers, netns_fd: int | None = None,
-          ids: tuple[int, int] | None = None, expose: list[tuple[str, bool]] = ()) -> None:
-    """Move the calling (single-threaded, root) process's job into new namespaces. Returns only in
-    the job process; the relay and the init never return. `on_leftovers(fd, count)` is called by
-    the relay when the init had to kill processes the job left behind. `netns_fd`: a fresh network
-    namespace (see `fresh_netns`) to enter instead of creating one; closed either way. `ids`:
-    (uid, gid) the job runs as, with `expose` ((path, writable) pairs, the interpreter added) made
-    reachable for it (see `expose_paths`)."""
+def enter(network: str, tmpfs_bytes: int | None, channel_fd: int, on_leftovers, netns_fd: int | None = None,
+          ids: tuple[int, int] | None = None, expose: list[tuple[str, bool]] = (),
+          status_fd: int | None = None) -> None:
+    """Move the calling (single-threaded) process's job into new namespaces. Returns only in the
+    job process; the relay and the init never return. `on_leftovers(fd, count)` is called by the
+    init when it had to kill processes the job left behind. `netns_fd`: a fresh network namespace
+    (see `fresh_netns`) to enter instead of creating one; closed either way. `tmpfs_bytes`: the
+    size of its private /dev/shm, /tmp and /var/tmp (None: the kernel's default). `expose`: (path,
+    writable) pairs the job needs besides the interpreter, kept visible in its private /tmp and,
+    with `ids` ((uid, gid) the job runs as), made reachable for that uid. `status_fd`: the caller
+    is already PID 1 of a new PID namespace, made by its parent (the fork-server), which relays:
+    it becomes the init at once and writes the job's status there (`init_report`)."""
     fresh = netns_fd is not None and network == "none"
-    new_net = CLONE_NEWNET if network == "none" and not fresh else 0
-    unshare(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | new_net)
+    flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (CLONE_NEWNET if network == "none" and not fresh else 0)
+    flags |= CLONE_NEWPID if status_fd is None else 0
+    enter_user_namespace(flags) if os.geteuid() else unshare(flags)
     if fresh:
-        _check(_libc.setns(netns_fd, CLONE_NEWNET), "setns")
+        setns(netns_fd, CLONE_NEWNET)
     if netns_fd is not None:
         os.close(netns_fd)
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here reaches the host
     mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV,
-          "mode=1777" + (f",size={shm_bytes}" if shm_bytes else ""))
+          "mode=1777" + (f",size={tmpfs_bytes}" if tmpfs_bytes else ""))
     _check(_libc.sethostname(HOSTNAME, len(HOSTNAME)), "sethostname")
-    if network == "none" and not fresh:
+    if flags & CLONE_NEWNET:
         loopback_up()
-    status_r, status_w = os.pipe()
-    init = os.fork()
-    if init > 0:
-        os.close(status_w)
-        _relay(init, status_r, channel_fd, on_leftovers)
-    os.close(status_r)
-    _die_with_parent()
+    if status_fd is None:
+        status_r, status_fd = os.pipe()
+        init = os.fork()
+        if init > 0:
+            os.close(status_fd)
+            _relay(init, status_r, channel_fd)
+        os.close(status_r)
+        _die_with_parent()
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # shows this PID namespace only
+    needed = [*((p, False) for p in interpreter_paths()), *expose]
+    private_tmp(needed, tmpfs_bytes)
     if ids is not None:
-        expose_paths([*((p, False) for p in interpreter_paths()), *expose], *ids)
+        expose_paths(needed, *ids)
     job = os.fork()
     if job == 0:
-        os.close(status_w)
+        os.close(status_fd)
         _die_with_parent()
         if ids is not None:
             drop_privileges(*ids)
+        elif os.geteuid():
+            drop_capabilities()  # those of its user namespace: else it could unmount its private /tmp
         return
-    _init(job, status_w, channel_fd)
+    _init(job, status_fd, channel_fd, on_leftovers)
 
 
 def interpreter_paths() -> list[str]:
-    """What the job's Python needs to read: its prefixes and every import path."""
-    return [sys.base_prefix, sys.prefix, *(p for p in sys.path if p)]
+    """What the job's Python needs to read: its prefixes, every import path and this package
+    (an editable install imports it from outside sys.path)."""
+    return [sys.base_prefix, sys.prefix, *(p for p in sys.path if p), os.path.dirname(os.path.abspath(__file__))]
 
 
 def permits(path: str, uid: int, gid: int, other_bit: int) -> bool:
@@ -157,33 +175,83 @@ def expose_paths(paths: list[tuple[str, bool]], uid: int, gid: int) -> None:
         if top is not None:
             covered.setdefault(top, []).append((path, writable))
     for top, inside in covered.items():
-        stage = tempfile.mkdtemp(prefix="expose-", dir="/dev/shm")  # the job's own /dev/shm, for a moment
-        mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-        bound: list[str] = []
-        for path, writable in sorted(inside, key=lambda item: len(item[0])):
-            if any(path == outer or path.startswith(outer + "/") for outer in bound):
-                continue  # reachable through a path bound already (with that path's access)
-            bound.append(path)
-            target = stage + path[len(top):]
-            if os.path.isdir(path):
-                os.makedirs(target, 0o755, exist_ok=True)
-            else:
-                os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
-                open(target, "a").close()
-            mount(path, target, None, MS_BIND | MS_REC)
-            if not writable:
-                mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
-        mount(stage, top, None, MS_MOVE)
-        os.rmdir(stage)
+        _cover(top, inside, "mode=0755,size=1m")
+
+
+def private_tmp(paths: list[tuple[str, bool]], size: int | None) -> None:
+    """Give the job its own empty /tmp and /var/tmp (systemd's PrivateTmp): tmpfs, mode 1777, of
+    `size` bytes at most, charged to the job's memory cgroup and gone with its mount namespace.
+    Those of `paths` that live there (the job's work dir, perhaps its kernel file, cache or
+    interpreter) are bound back at the same place (read-only unless writable)."""
+    options = "mode=1777" + (f",size={size}" if size else "")
+    real = [(os.path.realpath(p), w) for p, w in paths if os.path.exists(p)]
+    for top in filter(os.path.isdir, TMP_DIRS):
+        _cover(top, [(p, w) for p, w in real if p.startswith(top + "/")], options)
+
+
+def _cover(top: str, inside: list[tuple[str, bool]], options: str) -> None:
+    """Mount a tmpfs (`options`) over the directory `top` that holds bind mounts of the paths
+    `inside` it, at the same places, read-only unless writable. Built in a staging directory in
+    the job's own /dev/shm, then moved over `top` at once."""
+    stage = tempfile.mkdtemp(prefix="cover-", dir="/dev/shm")
+    mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NODEV, options)
+    bound: list[str] = []
+    for path, writable in sorted(inside, key=lambda item: len(item[0])):
+        if any(path == outer or path.startswith(outer + "/") for outer in bound):
+            continue  # reachable through a path bound already (with that path's access)
+        bound.append(path)
+        target = stage + path[len(top):]
+        if os.path.isdir(path):
+            os.makedirs(target, 0o755, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+            open(target, "a").close()
+        mount(path, target, None, MS_BIND | MS_REC)
+        if not writable:
+            mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | _kept_flags(path))
+    mount(stage, top, None, MS_MOVE)
+    os.rmdir(stage)
+
+
+def enter_user_namespace(flags: int) -> None:
+    """For a supervisor that is not root: unshare `flags` together with a new user namespace (created
+    first, so it owns the others and this process holds every capability over them), in which this
+    process's own uid and gid are mapped to themselves and to nothing else."""
+    uid, gid = os.geteuid(), os.getegid()
+    unshare(CLONE_NEWUSER | flags)
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+
+
+def _empty_bounding_set() -> None:
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap}")
+
+
+def drop_capabilities() -> None:
+    """Keep the uid, lose every capability for good (bounding set emptied, then the effective,
+    permitted and inheritable sets), no new privileges."""
+    _empty_bounding_set()
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    _check(_libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def _kept_flags(path: str) -> int:
+    """The mount flags of `path` a read-only remount must repeat (in a user namespace the kernel
+    refuses to clear those a more privileged namespace set)."""
+    flags = os.statvfs(path).f_flag
+    kept = flags & (MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME)  # same bits in both
+    return kept | (MS_RELATIME if flags & ST_RELATIME else 0)
 
 
 def drop_privileges(uid: int, gid: int) -> None:
     """Become `uid`/`gid` for good: no supplementary groups, no capabilities (the bounding set is
     emptied first, so none can come back through exec), no new privileges."""
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        last = int(f.read())
-    for cap in range(last + 1):
-        _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap}")
+    _empty_bounding_set()
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
@@ -205,9 +273,9 @@ def _close(*fds: int) -> None:
             pass
 
 
-def _init(job: int, status_w: int, channel_fd: int) -> None:
+def _init(job: int, status_fd: int, channel_fd: int, on_leftovers) -> None:
     """PID 1: reap until the job's process ends, kill and reap the rest, report, exit."""
-    _close(0, 1, 2, channel_fd)  # the job's stdio and channel are the job's; the init holds none of them
+    _close(0, 1, 2)  # the job's stdio is the job's; the init keeps the channel only to report leftovers
     while True:
         try:
             pid, status = os.waitpid(-1, 0)
@@ -224,8 +292,21 @@ def _init(job: int, status_w: int, channel_fd: int) -> None:
                 os.waitpid(-1, 0)
             except ChildProcessError:
                 break
-    os.write(status_w, f"{status} {leftovers}\n".encode())
+        on_leftovers(channel_fd, leftovers)
+    os.write(status_fd, init_report(status))
     os._exit(0)
+
+
+def init_report(status: int) -> bytes:
+    """What the init writes to its relay: the job's wait status, one line. `relayed_status` reads it."""
+    return f"{status}\n".encode()
+
+
+def relayed_status(report: bytes, init_status: int) -> int:
+    """The job's wait status from the init's report, or the init's own when it reported nothing
+    (killed first: then the job was killed with it)."""
+    line = report.split(b"\n", 1)[0]
+    return int(line) if report.endswith(b"\n") and line.isdigit() else init_status
 
 
 def _running(pid: str) -> bool:
@@ -238,17 +319,14 @@ def _running(pid: str) -> bool:
     return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
 
 
-def _relay(init: int, status_r: int, channel_fd: int, on_leftovers) -> None:
-    """Outside: wait for the init, then end as the job ended."""
+def _relay(init: int, status_r: int, channel_fd: int) -> None:
+    """Outside: wait for the init, then end as the job ended (same exit code, or the same signal),
+    so the launcher's wait4 sees the job's status and, having waited for everything, its rusage."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # the job decides; the relay only mirrors it
-    _close(0, 1, 2)
+    _close(0, 1, 2, channel_fd)  # the job's stdio and channel
     _, init_status = os.waitpid(init, 0)
-    report = os.read(status_r, 64).split()
-    status = int(report[0]) if len(report) == 2 else init_status
-    if len(report) == 2 and int(report[1]):
-        on_leftovers(channel_fd, int(report[1]))
-    _close(channel_fd)
+    status = relayed_status(os.read(status_r, 64), init_status)
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those cannot be caught, so are not ignored
@@ -262,8 +340,23 @@ def _relay(init: int, status_r: int, channel_fd: int, on_leftovers) -> None:
 PROBE = """
 import ctypes, os
 libc = ctypes.CDLL(None, use_errno=True)
-if libc.unshare(%d) != 0:
-    raise SystemExit(os.strerror(ctypes.get_errno()))
+uid, gid, flags = os.geteuid(), os.getegid(), %d
+def fail(what):
+    raise SystemExit(what + ": " + os.strerror(ctypes.get_errno()))
+if libc.unshare(flags | (%d if uid else 0)) != 0:
+    fail("unshare" + (" with a user namespace" if uid else ""))
+if uid:
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+if libc.mount(None, b"/", None, ctypes.c_ulong(%d), None) != 0:
+    fail("making the mounts private")
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if libc.mount(b"proc", b"/proc", b"proc", ctypes.c_ulong(0), None) == 0 else ctypes.get_errno())
+status = os.waitpid(pid, 0)[1]
+if os.waitstatus_to_exitcode(status):
+    raise SystemExit("mounting /proc in a new PID namespace: " + os.strerror(os.waitstatus_to_exitcode(status)))
 """
 
 
@@ -274,11 +367,13 @@ def probe() -> str | None:
     import sys
     flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET
     try:
-        done = subprocess.run([sys.executable, "-S", "-c", PROBE % flags], capture_output=True, text=True,
-                              timeout=30)
+        done = subprocess.run([sys.executable, "-S", "-c", PROBE % (flags, CLONE_NEWUSER, MS_REC | MS_PRIVATE)],
+                              capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"namespace probe failed: {err}"
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or ["unknown error"])[-1]
-        return f"cannot create namespaces here ({why}): not root and no CAP_SYS_ADMIN"
+        who = "as root" if os.geteuid() == 0 else "without root, in a user namespace (unprivileged user namespaces " \
+            "may be disabled: user.max_user_namespaces, kernel.unprivileged_userns_clone)"
+        return f"cannot create namespaces here {who}: {why}"
     return None

@@ -203,12 +203,16 @@ class Supervisor:
         no_namespaces = self.namespaces_unavailable()
         if no_namespaces is not None and settings.isolation == "required":
             raise ConfigError(f'isolation is required ([sandbox] isolation = "required") but {no_namespaces}')
-        plan.isolate, plan.network, plan.shm_bytes = no_namespaces is None, limits.network, limits.memory
+        plan.isolate, plan.network, plan.tmpfs_bytes = no_namespaces is None, limits.network, limits.memory
         if no_namespaces is not None:
             notes.append(f"no namespaces: {no_namespaces}")
+        plan.expose = [(str(cache), True), (str(workdir), True)]
+        if plan.target.endswith(".py"):
+            plan.expose.append((plan.target, False))
         if os.geteuid() != 0:
             return IsolationFacts(plan.isolate, limits.network, no_namespaces or "",
-                                  f"jobs run as the supervisor's uid {os.geteuid()} (not root): tenants share it")
+                                  f"jobs run as the supervisor's uid {os.geteuid()} (not root): tenants share it",
+                                  user_namespace=plan.isolate)
         if settings.allow_root:
             notes.append("WARNING: the job runs as root (allow_root = true)")
             return IsolationFacts(plan.isolate, limits.network, no_namespaces or "",
@@ -224,9 +228,6 @@ class Supervisor:
             os.chown(path, ids.uid, ids.gid)
         give(cache, ids)
         plan.uid, plan.gid = ids.uid, ids.gid
-        plan.expose = [(str(cache), True), (str(workdir), True)]
-        if plan.target.endswith(".py"):
-            plan.expose.append((plan.target, False))
         return IsolationFacts(True, limits.network, "", tenant_uid=f"uid {ids.uid}")
 
     def _job_cgroup(self, job_id: str, limits: Limits, threads: int,
@@ -329,7 +330,7 @@ class Supervisor:
             for fd in (out_w, err_w, ch_w):
                 os.close(fd)
         members = (lambda: cgroup.pids(everywhere=False)) if cgroup is not None else None
-        tree = JobTree(launched.pid, members=members, wrapped=plan.isolate,
+        tree = JobTree(launched.pid, members=members, helpers=launched.helpers,
                        exact=cgroup is not None and plan.uid is not None)
         job = _Job(spec, limits, JobProcesses(tree, launched.pid, cgroup))
         monitor = Monitor(tree, limits, started, time.time, lambda: pump.output_bytes(),

@@ -103,14 +103,16 @@ class JobTree:
     `members` (the job cgroup's process list) adds what the kernel knows to the descendants found
     in the process table: a process the job orphaned stays a member wherever it is re-parented."""
 
-    def __init__(self, root_pid: int, members: Callable[[], list[int]] | None = None, wrapped: bool = False,
+    def __init__(self, root_pid: int, members: Callable[[], list[int]] | None = None, helpers: int = 0,
                  exact: bool = False) -> None:
-        """`wrapped`: the root and its child are the sandbox's relay and init (sandbox.namespaces):
-        idle, not the job's, so neither measured nor counted (the init is read once, to know it).
+        """`helpers`: how many of the sandbox's own processes (sandbox.namespaces) stand above the
+        job, idle, not the job's, so neither measured nor counted (read once, to know them): 2, the
+        root (the relay) and its child (the init); 1, the root (the init, when the fork-server is
+        the relay); 0, none.
         `exact`: `members` is complete (the job cannot leave its cgroup: it is not root), so the
         process table is not searched at all."""
-        self.root_pid, self.wrapped, self._exact = root_pid, wrapped, exact
-        self._helpers: set[int] = {root_pid} if wrapped else set()
+        self.root_pid, self.helpers, self._exact = root_pid, helpers, exact
+        self._helpers: set[int] = {root_pid} if helpers else set()
         self._members = members
         self._procs: dict[int, psutil.Process] = {}
         self._ppid: dict[int, int] = {}
@@ -176,7 +178,7 @@ class JobTree:
                 continue
             except psutil.Error:
                 continue
-            if self.wrapped and self._ppid[pid] == self.root_pid:
+            if self.helpers == 2 and self._ppid[pid] == self.root_pid:
                 self._helpers.add(pid)  # the init
                 continue
             cpu_now[pid] = times.user + times.system + times.children_user + times.children_system

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +22,19 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "kernels"
+TESTS_TMP: list[Path] = []  # where the tests' temporary directories are (see pytest_configure)
+
+
+def pytest_configure(config) -> None:
+    """Jobs in their own namespaces get a private /tmp and /var/tmp, so the test's temporary
+    directories (where tests put the scripts and files they hand jobs) live elsewhere: one per
+    checkout, under /var/lib as root, else under the user's cache."""
+    if config.option.basetemp is None:
+        base = Path("/var/lib") if os.geteuid() == 0 else Path.home() / ".cache"
+        tag = hashlib.sha256(str(ROOT).encode()).hexdigest()[:12]
+        TESTS_TMP.append(base / "taichi-sandbox-tests")
+        TESTS_TMP[0].mkdir(mode=0o755, parents=True, exist_ok=True)
+        config.option.basetemp = str(TESTS_TMP[0] / tag)
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +91,7 @@ def _jobs_may_use_tmp_path(request):
         tmp = request.getfixturevalue("tmp_path")
         tmp.chmod(0o777)
         for parent in tmp.parents:
-            if str(parent) in ("/", tempfile.gettempdir()):
+            if str(parent) in ("/", tempfile.gettempdir()) or parent in TESTS_TMP:
                 break
             parent.chmod(parent.stat().st_mode | 0o111)
 
@@ -93,17 +108,27 @@ def _alive(proc: psutil.Process) -> bool:
 
 
 def _in_other_pid_namespaces() -> list[psutil.Process]:
-    """Processes in a PID namespace other than ours: between sequential jobs, only what a job that
-    ran in its own namespaces left behind."""
+    """Processes in a PID namespace other than ours started through this checkout's interpreter:
+    between sequential jobs, only what a job that ran in its own namespaces left behind (not the
+    jobs of a test run in another checkout, which uses another venv)."""
     own = os.stat("/proc/self/ns/pid").st_ino
     found = []
     for name in os.listdir("/proc"):
         try:
-            if name.isdigit() and os.stat(f"/proc/{name}/ns/pid").st_ino != own:
+            if name.isdigit() and os.stat(f"/proc/{name}/ns/pid").st_ino != own and _ours(psutil.Process(int(name)), own):
                 found.append(psutil.Process(int(name)))
         except (OSError, psutil.Error):
             continue
     return found
+
+
+def _ours(proc: psutil.Process, own_ns: int) -> bool:
+    """Whether the nearest ancestor of `proc` in our PID namespace (its relay, or the fork-server
+    that relays) runs this interpreter; when none is found (re-parented to the host's init), yes."""
+    for parent in proc.parents():
+        if parent.pid != 1 and os.stat(f"/proc/{parent.pid}/ns/pid").st_ino == own_ns:
+            return parent.cmdline()[:1] == [sys.executable]
+    return True
 
 
 def job_processes(sup: Supervisor, job_id: str, pids=()) -> list[psutil.Process]:

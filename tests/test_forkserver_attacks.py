@@ -524,3 +524,51 @@ def test_dev_shm_files_and_sysv_segments_do_not_outlive_the_job(tmp_path):
         shmid = libc.shmget(key, 0, 0)
         if shmid >= 0:
             libc.shmctl(shmid, IPC_RMID, None)
+
+
+# --- 7. Files in /tmp and /var/tmp outlive the job, and the next tenant reads them ------------------
+
+DROP = """
+import os, sys
+name, size = sys.argv[1], int(sys.argv[2])
+for top in ("/tmp", "/var/tmp"):
+    with open(f"{top}/{name}", "wb") as f:  # world-writable on every host
+        f.write(b"x" * size)
+    os.chmod(f"{top}/{name}", 0o644)
+"""
+
+PICK_UP = """
+import json, os, sys
+found = {}
+for top in ("/tmp", "/var/tmp"):
+    try:
+        found[top] = len(open(f"{top}/{sys.argv[1]}", "rb").read())
+    except OSError as err:
+        found[top] = type(err).__name__
+st = os.statvfs("/tmp")
+print(json.dumps({"found": found, "tmp_bytes": st.f_blocks * st.f_frsize, "cwd": os.getcwd(),
+                  "up": sorted(os.listdir(".."))}))
+"""
+
+
+@needs_namespaces
+def test_tmp_files_do_not_outlive_the_job_nor_reach_the_next_tenant(tmp_path):
+    name = f"tsbx-attack-{secrets.token_hex(6)}"
+    try:
+        with _tenants_supervisor(tmp_path / "state") as sup:
+            r = sup.run(JobSpec(kernel=_script(tmp_path, "drop.py", DROP), argv=[name, str(1 << 20)],
+                                tenant="alice"))
+            assert r.verdict is Verdict.ok, (r.reason, r.stderr_tail)
+            for top in ("/tmp", "/var/tmp"):
+                assert not Path(top, name).exists(), f"the job's {top} file outlived it"
+            Path("/tmp", name).write_bytes(b"secret")  # a file of the host's, or of another tenant
+            r = sup.run(JobSpec(kernel=_script(tmp_path, "pick.py", PICK_UP), argv=[name], tenant="bob",
+                                limits=Limits(memory="512MiB")))
+        assert r.verdict is Verdict.ok, (r.reason, r.stderr_tail)
+        seen = json.loads(r.stdout_tail)
+        assert seen["found"] == {"/tmp": "FileNotFoundError", "/var/tmp": "FileNotFoundError"}
+        assert seen["tmp_bytes"] == 512 << 20  # a tmpfs the size of the job's memory limit
+        assert seen["cwd"].startswith("/tmp/tsbx-") and name not in seen["up"]  # ".." is its own /tmp
+    finally:
+        for top in ("/tmp", "/var/tmp"):
+            Path(top, name).unlink(missing_ok=True)

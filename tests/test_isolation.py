@@ -205,3 +205,74 @@ def test_root_jobs_without_namespaces_are_refused_unless_allowed(tmp_path):
     assert allowed.verdict is Verdict.ok and seen["uid"] == 0 and seen["secret"] == "read"
     assert any("WARNING: the job runs as root" in n for n in allowed.notes)
     assert allowed.enforcement["tenant_isolation"].level == "unavailable"
+
+
+# --- A supervisor that is not root: namespaces inside a user namespace ---------------------------
+
+AS_UID = """
+import os, sys
+from sandbox import namespaces
+uid, code = int(sys.argv[1]), sys.argv[2]
+namespaces.unshare(namespaces.CLONE_NEWNS)  # only to reach the interpreter under a 0700 /root
+namespaces.mount(None, "/", None, namespaces.MS_REC | namespaces.MS_PRIVATE)
+namespaces.expose_paths([(p, False) for p in namespaces.interpreter_paths()], uid, uid)
+os.setgroups([])
+os.setresgid(uid, uid, uid)
+os.setresuid(uid, uid, uid)
+os.execv(sys.executable, [sys.executable, "-c", code, *sys.argv[3:]])
+"""
+
+NOT_ROOT_SUPERVISOR = """
+import json, os, sys
+from sandbox import JobSpec, Policy, Supervisor
+from sandbox.limits import Settings
+with Supervisor(Policy(settings=Settings(state_dir=sys.argv[1], isolation=sys.argv[2]))) as sup:
+    r = sup.run(JobSpec(kernel=sys.argv[3], argv=[str(os.getpid())]))
+print(json.dumps({"verdict": r.verdict.value, "reason": r.reason, "stdout": r.stdout_tail,
+                  "stderr": r.stderr_tail[-2000:], "namespaces": r.enforcement["namespaces"].model_dump() if r.enforcement else {}}))
+"""
+
+ESCAPE = """
+import ctypes, json, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+supervisor = int(sys.argv[1])
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+try:
+    os.kill(supervisor, 0)
+    signal = "delivered"
+except OSError as err:
+    signal = type(err).__name__
+unmount = "unmounted" if libc.umount2(b"/tmp", 2) == 0 else os.strerror(ctypes.get_errno())  # MNT_DETACH
+print(json.dumps({"uid": os.getuid(), "seen": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+                  "signal": signal, "tmp": sorted(os.listdir("/tmp")), "unmount": unmount,
+                  "caps": status["CapEff"].strip(), "no_new_privs": status["NoNewPrivs"].strip()}))
+"""
+
+OPERATOR_UID = 59999  # the unprivileged user the supervisor runs as (below the tenants' uid_range)
+
+
+def _not_root_supervisor(tmp_path, isolation: str) -> dict:
+    """Run a supervisor as OPERATOR_UID (a real process of that uid) on ESCAPE; its JSON report."""
+    import subprocess
+    import sys
+    home = tmp_path / "operator"
+    home.mkdir()
+    os.chown(home, OPERATOR_UID, OPERATOR_UID)
+    script = home / "escape.py"
+    script.write_text(ESCAPE)
+    done = subprocess.run([sys.executable, "-c", AS_UID, str(OPERATOR_UID), NOT_ROOT_SUPERVISOR, str(home / "state"),
+                           isolation, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start a supervisor as another (unprivileged) uid")
+def test_a_supervisor_that_is_not_root_isolates_its_jobs_in_a_user_namespace(tmp_path):
+    report = _not_root_supervisor(tmp_path, "auto")
+    assert report["verdict"] == "ok", report
+    seen = json.loads(report["stdout"])
+    assert seen["uid"] == OPERATOR_UID and seen["seen"] == [1, 2] and seen["signal"] == "ProcessLookupError"
+    assert len(seen["tmp"]) == 1 and seen["tmp"][0].startswith("tsbx-")  # its own /tmp: only its work dir
+    assert seen["caps"] == "0000000000000000" and seen["no_new_privs"] == "1"
+    assert seen["unmount"] == "Operation not permitted"  # its private /tmp stays
+    assert report["namespaces"]["level"] == "hard" and "user (" in report["namespaces"]["by"]
