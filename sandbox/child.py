@@ -66,6 +66,7 @@ class ChildPlan(BaseModel):
     gid: int | None = None
     expose: list[tuple[str, bool]] = []  # (path, writable) the job needs besides the interpreter
     network: str = "none"
+    read_only: bool = False  # every mount but the job's own dirs, tmpfs and /proc remounted read-only
     tmpfs_bytes: int | None = None
     cgroup_join: list[str] = []  # files the child writes "0" to, to join its job cgroup (JobCgroup.join_files)
 
@@ -212,7 +213,8 @@ def execute(plan: ChildPlan, channel_fd: int) -> None:
         if plan.isolate:
             from . import namespaces
             namespaces.enter(plan.network, plan.tmpfs_bytes, channel_fd, _report_leftovers, plan.netns_fd,
-                             (plan.uid, plan.gid) if plan.uid is not None else None, plan.expose, plan.status_fd)
+                             (plan.uid, plan.gid) if plan.uid is not None else None, plan.expose, plan.status_fd,
+                             plan.read_only)
             os.chdir(plan.workdir)  # through the new mounts: the old cwd's ".." leads to the host's /tmp
         elif plan.netns_fd is not None:
             os.close(plan.netns_fd)  # the fork-server's ready network namespace, not wanted here

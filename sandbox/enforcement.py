@@ -55,14 +55,16 @@ class IsolationFacts:
     shared_uid: str = "not requested"
     tenant_uid: str = ""
     user_namespace: bool = False  # inside a user namespace of its own (a supervisor that is not root)
+    read_only: bool = False  # the filesystem beyond its own dirs is read-only ([sandbox] rootfs)
 
 
 def _isolation(facts: IsolationFacts) -> dict[str, Enforcement]:
     if facts.namespaces:
         net = "net (none: loopback only)" if facts.network == "none" else "the host network (network = \"host\")"
         user = "user (the supervisor's uid alone, no capabilities), " if facts.user_namespace else ""
+        rest = "; the rest read-only" if facts.read_only else ""
         spaces = Enforcement(level="hard", by=f"namespaces: {user}pid (own /proc; nothing outside can be named), "
-                             f"mount (private /tmp, /var/tmp and /dev/shm), ipc, uts, {net}")
+                             f"mount (private /tmp, /var/tmp and /dev/shm{rest}), ipc, uts, {net}")
     else:
         spaces = Enforcement(level="unavailable", note=f"{facts.reason}: the job sees and can signal the "
                              "supervisor's processes and keeps /dev/shm and SysV objects after it ends")

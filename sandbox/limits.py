@@ -289,6 +289,7 @@ class Settings(_Strict):
     gpu_fallback_cpu: bool = False
     cgroups: Literal["auto", "off", "required"] = "auto"
     isolation: Literal["auto", "off", "required"] = "auto"
+    rootfs: Literal["read-only", "writable"] = "read-only"  # in the job's mount namespace, beyond its own dirs
     uid_range: str = "60000-60999"
     allow_root: bool = False
 

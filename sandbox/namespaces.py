@@ -22,8 +22,10 @@ be dropped, and orphans would never be reaped. Data format on the init → relay
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
+import re
 import signal
 import socket
 import struct
@@ -91,7 +93,7 @@ def fresh_netns() -> int | None:
 
 def enter(network: str, tmpfs_bytes: int | None, channel_fd: int, on_leftovers, netns_fd: int | None = None,
           ids: tuple[int, int] | None = None, expose: list[tuple[str, bool]] = (),
-          status_fd: int | None = None) -> None:
+          status_fd: int | None = None, read_only: bool = False) -> None:
     """Move the calling (single-threaded) process's job into new namespaces. Returns only in the
     job process; the relay and the init never return. `on_leftovers(fd, count)` is called by the
     init when it had to kill processes the job left behind. `netns_fd`: a fresh network namespace
@@ -100,7 +102,8 @@ def enter(network: str, tmpfs_bytes: int | None, channel_fd: int, on_leftovers, 
     writable) pairs the job needs besides the interpreter, kept visible in its private /tmp and,
     with `ids` ((uid, gid) the job runs as), made reachable for that uid. `status_fd`: the caller
     is already PID 1 of a new PID namespace, made by its parent (the fork-server), which relays:
-    it becomes the init at once and writes the job's status there (`init_report`)."""
+    it becomes the init at once and writes the job's status there (`init_report`). `read_only`:
+    the rest of the filesystem becomes read-only for the job (`read_only_rest`)."""
     fresh = netns_fd is not None and network == "none"
     flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (CLONE_NEWNET if network == "none" and not fresh else 0)
     flags |= CLONE_NEWPID if status_fd is None else 0
@@ -128,6 +131,8 @@ def enter(network: str, tmpfs_bytes: int | None, channel_fd: int, on_leftovers, 
     private_tmp(needed, tmpfs_bytes)
     if ids is not None:
         expose_paths(needed, *ids)
+    if read_only:
+        read_only_rest([path for path, writable in expose if writable])
     job = os.fork()
     if job == 0:
         os.close(status_fd)
@@ -187,6 +192,30 @@ def private_tmp(paths: list[tuple[str, bool]], size: int | None) -> None:
     real = [(os.path.realpath(p), w) for p, w in paths if os.path.exists(p)]
     for top in filter(os.path.isdir, TMP_DIRS):
         _cover(top, [(p, w) for p, w in real if p.startswith(top + "/")], options)
+
+
+def read_only_rest(writable: list[str]) -> None:
+    """Remount read-only, in this mount namespace, every mount but /proc, the job's tmpfs (/tmp,
+    /var/tmp, /dev/shm) and the `writable` paths bound for it. Device nodes stay usable (a
+    read-only mount does not stop writes to a device: /dev/null, /dev/nvidia*, /dev/dri)."""
+    keep = {"/proc", "/dev/shm", *TMP_DIRS, *map(os.path.realpath, writable)}
+    for path in keep.difference(("/proc", "/dev/shm", *TMP_DIRS)):
+        mount(path, path, None, MS_BIND | MS_REC)  # a mount of its own, which stays writable
+    with open("/proc/self/mountinfo") as f:
+        points = [_unescape(line.split()[4]) for line in f]
+    for point in dict.fromkeys(points):  # each once, parents first
+        if point in keep or point.startswith("/proc/"):
+            continue
+        try:
+            mount(None, point, None, MS_BIND | MS_REMOUNT | MS_RDONLY | _kept_flags(point))
+        except OSError as err:
+            if err.errno not in (errno.EINVAL, errno.ENOENT):  # covered by a later mount: not a mount point here
+                raise
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path: space, tab, newline and backslash are written as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _cover(top: str, inside: list[tuple[str, bool]], options: str) -> None:

@@ -204,6 +204,7 @@ class Supervisor:
         if no_namespaces is not None and settings.isolation == "required":
             raise ConfigError(f'isolation is required ([sandbox] isolation = "required") but {no_namespaces}')
         plan.isolate, plan.network, plan.tmpfs_bytes = no_namespaces is None, limits.network, limits.memory
+        plan.read_only = plan.isolate and settings.rootfs == "read-only"
         if no_namespaces is not None:
             notes.append(f"no namespaces: {no_namespaces}")
         plan.expose = [(str(cache), True), (str(workdir), True)]
@@ -212,11 +213,12 @@ class Supervisor:
         if os.geteuid() != 0:
             return IsolationFacts(plan.isolate, limits.network, no_namespaces or "",
                                   f"jobs run as the supervisor's uid {os.geteuid()} (not root): tenants share it",
-                                  user_namespace=plan.isolate)
+                                  user_namespace=plan.isolate, read_only=plan.read_only)
         if settings.allow_root:
             notes.append("WARNING: the job runs as root (allow_root = true)")
             return IsolationFacts(plan.isolate, limits.network, no_namespaces or "",
-                                  "allow_root = true: jobs run as root and can reach everything root can")
+                                  "allow_root = true: jobs run as root and can reach everything root can",
+                                  read_only=plan.read_only)
         if not plan.isolate:
             raise ConfigError(f"the job would run as root: it can only run as its tenant's uid in its own namespaces "
                               f"({no_namespaces}); set [sandbox] allow_root = true to run it as root anyway")
@@ -228,7 +230,7 @@ class Supervisor:
             os.chown(path, ids.uid, ids.gid)
         give(cache, ids)
         plan.uid, plan.gid = ids.uid, ids.gid
-        return IsolationFacts(True, limits.network, "", tenant_uid=f"uid {ids.uid}")
+        return IsolationFacts(True, limits.network, "", tenant_uid=f"uid {ids.uid}", read_only=plan.read_only)
 
     def _job_cgroup(self, job_id: str, limits: Limits, threads: int,
                     helpers: int) -> tuple[JobCgroup | None, CgroupFacts]:

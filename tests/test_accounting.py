@@ -177,7 +177,8 @@ def sup(request, state_dir):
         if host is None:
             pytest.skip(why)
     setting = {"cgroup": "required", "polling": "off", "v2-beside-v1": "auto"}[request.param]
-    with Supervisor(make_policy(state_dir, cgroups=setting), cgroups=host,
+    # rootfs writable: the daemon below tells the test its pid through a file in tmp_path
+    with Supervisor(make_policy(state_dir, cgroups=setting, rootfs="writable"), cgroups=host,
                     audit_log=state_dir / f"audit-accounting-{request.param}.jsonl") as supervisor:
         yield supervisor
 

@@ -114,15 +114,21 @@ def _script(tmp_path: Path, name: str, text: str) -> str:
 
 
 def _supervisor(tmp_path: Path, **settings) -> Supervisor:
-    """A private supervisor: these tests damage or stall its fork-server."""
-    return Supervisor(make_policy(tmp_path / "state", **settings), audit_log=tmp_path / "state" / "audit.jsonl")
+    """A private supervisor: these tests damage or stall its fork-server. Its jobs report to the
+    test through files in tmp_path, so the filesystem stays writable for them (`rootfs`, tested in
+    test_isolation): each attack here is stopped by something else."""
+    return Supervisor(make_policy(tmp_path / "state", **{"rootfs": "writable", **settings}),
+                      audit_log=tmp_path / "state" / "audit.jsonl")
 
 
 def _cli_env(tmp_path: Path) -> dict[str, str]:
-    """The CLI of this checkout (not whatever `sandbox` the venv points at), with private state."""
+    """The CLI of this checkout (not whatever `sandbox` the venv points at), with private state and
+    the bundled policy, but a writable filesystem for its jobs (see `_supervisor`)."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    limits = tmp_path / "limits.toml"
+    limits.write_text((ROOT / "limits.toml").read_text().replace('rootfs = "read-only"', 'rootfs = "writable"'))
     return {**os.environ, "PYTHONPATH": path, "XDG_STATE_HOME": str(tmp_path / "state"),
-            "TAICHI_SANDBOX_LIMITS": str(ROOT / "limits.toml")}
+            "TAICHI_SANDBOX_LIMITS": str(limits)}
 
 
 def _wait_for(path: Path, within: float) -> str | None:
@@ -448,8 +454,10 @@ for path, mode, text in targets:
 
 
 def _tenants_supervisor(state: Path) -> Supervisor:
-    """Tenants alice and bob; the audit log at its default place, <state_dir>/audit.jsonl."""
-    return Supervisor(Policy(tenants={"alice": Tenant(), "bob": Tenant()}, settings=Settings(state_dir=str(state))))
+    """Tenants alice and bob; the audit log at its default place, <state_dir>/audit.jsonl. The
+    filesystem stays writable: what stops these attacks must be the tenant's uid alone."""
+    return Supervisor(Policy(tenants={"alice": Tenant(), "bob": Tenant()},
+                             settings=Settings(state_dir=str(state), rootfs="writable")))
 
 
 @needs_uid

@@ -276,3 +276,33 @@ def test_a_supervisor_that_is_not_root_isolates_its_jobs_in_a_user_namespace(tmp
     assert seen["caps"] == "0000000000000000" and seen["no_new_privs"] == "1"
     assert seen["unmount"] == "Operation not permitted"  # its private /tmp stays
     assert report["namespaces"]["level"] == "hard" and "user (" in report["namespaces"]["by"]
+
+
+WRITE_AROUND = """
+import json, os, sys
+found = {}
+for path in sys.argv[1:]:
+    try:
+        with open(path, "w") as f:
+            f.write("left behind")
+        found[path] = "written"
+    except OSError as err:
+        found[path] = err.strerror
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.parametrize("rootfs", ["read-only", "writable"])
+def test_outside_its_own_directories_the_job_writes_nothing_unless_rootfs_is_writable(tmp_path, rootfs):
+    drop = tmp_path / "world-writable"  # like /dev/mqueue, or a shared scratch directory
+    drop.mkdir(mode=0o777)
+    drop.chmod(0o777)
+    script = tmp_path / "write.py"
+    script.write_text(WRITE_AROUND)
+    with _tenants(tmp_path / "state", rootfs=rootfs) as sup:
+        r = sup.run(JobSpec(kernel=str(script), argv=[str(drop / "x"), "/tmp/x", "x", "/dev/shm/x", "/dev/null"]))
+    assert r.verdict is Verdict.ok, (r.reason, r.stderr_tail)
+    found = json.loads(r.stdout_tail)
+    assert found.pop(str(drop / "x")) == ("Read-only file system" if rootfs == "read-only" else "written")
+    assert found == {p: "written" for p in ("/tmp/x", "x", "/dev/shm/x", "/dev/null")}  # its own, and devices
+    assert ("read-only" in r.enforcement["namespaces"].by) is (rootfs == "read-only")

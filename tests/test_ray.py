@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 
 import psutil
@@ -103,11 +104,14 @@ def _wait_for_job_processes(minimum: int, timeout: float = 60) -> list[int]:
 
 
 def _running_job_pids() -> list[int]:
-    """Every live descendant of any fork-server on the machine (the jobs of every worker)."""
+    """Every live descendant of any fork-server of this checkout's interpreter (the jobs of every
+    worker; not those of a test run in another checkout)."""
     found = []
     for proc in psutil.process_iter():
         try:
-            if proc.status() != psutil.STATUS_ZOMBIE and any("sandbox.forkserver" in a for a in proc.cmdline()):
+            cmdline = proc.cmdline()
+            if proc.status() != psutil.STATUS_ZOMBIE and cmdline[:1] == [sys.executable] and \
+                    any("sandbox.forkserver" in a for a in cmdline):
                 found += [c.pid for c in proc.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
         except psutil.Error:
             continue
