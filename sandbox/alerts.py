@@ -1,14 +1,18 @@
 """Alert events: quota crossings (once per crossing), rejections and limit violations.
 
-Every event goes to the `sandbox.alerts` logger and the audit log, then to an optional Python hook
-and an optional command from limits.toml (`[alerts] command`, the event as JSON on its stdin).
-A failing hook or command is logged and never disturbs the executor.
+Every event goes to the `sandbox.alerts` logger at once; then, on a thread of its own, to the audit
+log, an optional Python hook and an optional command from limits.toml (`[alerts] command`, the
+event as JSON on its stdin, at most COMMAND_TIMEOUT seconds). `emit` never blocks and never does
+I/O beyond the log line, so callers may hold their scheduling lock: a slow hook or command delays
+only other alerts, and when QUEUE_SIZE events wait, new ones are dropped and counted (`dropped`,
+`on_drop`). A failing hook or command is logged and never disturbs the executor.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import subprocess
 import threading
 import time
@@ -18,32 +22,36 @@ from .audit import AuditLog
 
 log = logging.getLogger("sandbox.alerts")
 COMMAND_TIMEOUT = 10.0
+QUEUE_SIZE = 1000
 
 
 class Alerts:
-    """Delivers events; `quota()` turns usage ratios into de-duplicated crossing events."""
+    """Delivers events; `quota()` turns usage ratios into de-duplicated crossing events. Call
+    `close()` to deliver what is queued and stop the delivery thread."""
 
     def __init__(self, audit: AuditLog, levels: list[float], hook: Callable[[dict], None] | None = None,
-                 command: list[str] | None = None) -> None:
+                 command: list[str] | None = None, on_drop: Callable[[], None] | None = None) -> None:
         self.audit, self.levels, self.hook, self.command = audit, sorted(levels), hook, command or []
+        self.on_drop = on_drop
+        self.dropped = 0
         self._crossed: set[tuple[str, str, float]] = set()
         self._lock = threading.Lock()
+        self._queue: queue.Queue[dict | None] = queue.Queue(QUEUE_SIZE)
+        self._thread = threading.Thread(target=self._deliver_all, name="tsbx-alerts", daemon=True)
+        self._thread.start()
 
     def emit(self, kind: str, **fields) -> dict:
+        """Log the event and queue its delivery (dropped, and counted, when the queue is full)."""
         event = {"type": "alert", "kind": kind, "ts": time.time(), **fields}
         log.info("%s", json.dumps(event))
-        self.audit.event(event)
-        if self.hook is not None:
-            try:
-                self.hook(event)
-            except Exception:  # noqa: BLE001 - a broken hook must not break scheduling
-                log.exception("alert hook failed")
-        if self.command:
-            try:
-                subprocess.run(self.command, input=json.dumps(event).encode(), timeout=COMMAND_TIMEOUT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-            except (OSError, subprocess.SubprocessError) as err:
-                log.error("alert command %s failed: %s", self.command, err)
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            with self._lock:
+                self.dropped += 1
+            log.warning("alert queue full (%d waiting): %s alert dropped", QUEUE_SIZE, kind)
+            if self.on_drop is not None:
+                self.on_drop()
         return event
 
     def quota(self, tenant: str, resource: str, used: float, quota: float) -> None:
@@ -61,3 +69,33 @@ class Alerts:
         for level in crossed:
             self.emit("quota_crossed", tenant=tenant, resource=resource, level=level, used=used, quota=quota,
                       ratio=round(ratio, 4))
+
+    def close(self, timeout: float | None = None) -> None:
+        """Deliver the queued events and stop, within `timeout` seconds (None: however long it
+        takes); what is still queued then is logged as lost."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self._thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            log.warning("%d alert(s) not delivered within %gs of closing", self._queue.qsize(), timeout)
+
+    def _deliver_all(self) -> None:
+        while (event := self._queue.get()) is not None:
+            self._deliver(event)
+
+    def _deliver(self, event: dict) -> None:
+        self.audit.event(event)
+        if self.hook is not None:
+            try:
+                self.hook(event)
+            except Exception:  # noqa: BLE001 - a broken hook must not break delivery
+                log.exception("alert hook failed")
+        if self.command:
+            try:
+                subprocess.run(self.command, input=json.dumps(event).encode(), timeout=COMMAND_TIMEOUT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            except (OSError, subprocess.SubprocessError) as err:
+                log.error("alert command %s failed: %s", self.command, err)

@@ -12,6 +12,9 @@ free now (node capacity and the tenant's concurrency and quotas) runs next; FIFO
 Effective priority = priority + seconds waited / AGEING_SECONDS. Once the best job has waited
 RESERVE_AFTER seconds without fitting, nothing is started past it until it fits: no job waits
 longer than RESERVE_AFTER plus the time for running jobs to free its resources.
+Lock rule: `_cv` guards the queue, the tenants' state and the capacity in use, and nothing that can
+block runs under it: jobs, ledger calls (`_reserve`/`_release`, e.g. Ray's `ray.get`), quota.json
+and audit writes, and alert delivery (`Alerts.emit` only queues) all happen without it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from .supervisor import Supervisor
 
 AGEING_SECONDS = 10.0
 RESERVE_AFTER = 30.0
+LEDGER_RETRY = 0.2  # seconds before a job the ledger refused is offered to it again
+ALERTS_FLUSH = 10.0  # seconds `shutdown(wait=True)` gives queued alerts to be delivered
 DEFAULT_TENANT = "_default"
 
 
@@ -87,6 +92,7 @@ class _Entry:
     priority: int
     seq: int
     submitted: float = field(default_factory=time.monotonic)
+    retry_at: float = 0.0  # refused by a ledger outside this executor (`_reserve`): not before then
 
     def effective(self, now: float) -> float:
         return self.priority + (now - self.submitted) / AGEING_SECONDS
@@ -143,7 +149,8 @@ class SandboxExecutor:
         self.capacity = capacity
         self.max_concurrent = max_concurrent or capacity.cpu_slots
         self.metrics = metrics if metrics is not None else Metrics()
-        self.alerts = Alerts(self.supervisor.audit, self.policy.alerts.levels, alert_hook, self.policy.alerts.command)
+        self.alerts = Alerts(self.supervisor.audit, self.policy.alerts.levels, alert_hook, self.policy.alerts.command,
+                             on_drop=self.metrics.alerts_dropped.inc)
         self.state_file = Path(state_file) if state_file else self.policy.settings.resolved_state_dir() / "quota.json"
         self._cv = threading.Condition()
         self._queue: list[_Entry] = []
@@ -151,7 +158,9 @@ class SandboxExecutor:
         self._used = Demand(0, 0, 0)
         self._tenants: dict[str, _TenantState] = {}
         self._running: set[JobFuture] = set()
-        self._shutdown = False
+        self._shutdown = self._cancel_queued = False
+        self._state_lock = threading.Lock()  # orders quota.json writes; taken without holding _cv
+        self._state_seq = self._state_saved = 0
         self._workers = [threading.Thread(target=self._work, name=f"tsbx-exec-{i}", daemon=True)
                          for i in range(self.max_concurrent)]
         for worker in self._workers:
@@ -234,9 +243,7 @@ class SandboxExecutor:
                         raise QueueFull(f"tenant {name} has {state.queued} queued jobs (max_queued="
                                         f"{tenant.max_queued})")
                     self._cv.wait(remaining)
-                state.queued += 1
-                self._queue.append(_Entry(future, demand, priority, next(self._seq)))
-                self.metrics.queued.labels(name).set(state.queued)
+                self._enqueue(_Entry(future, demand, priority, next(self._seq)))
                 self._cv.notify_all()
         if rate_problem is not None:
             return self._reject(future, *rate_problem)
@@ -275,6 +282,7 @@ class SandboxExecutor:
         (verdict `cancelled`). With `wait`, returns when every started job has its verdict."""
         with self._cv:
             self._shutdown = True
+            self._cancel_queued = cancel_futures
             if cancel_futures:
                 for entry in self._queue:
                     entry.future.cancel()
@@ -288,6 +296,7 @@ class SandboxExecutor:
         if wait:
             for worker in self._workers:
                 worker.join()
+            self.alerts.close(timeout=ALERTS_FLUSH)
             if self._owns_supervisor:
                 self.supervisor.close()
 
@@ -307,27 +316,37 @@ class SandboxExecutor:
                         and state.gpu_memory + d.gpu_memory > tenant.gpu_memory_quota))
 
     def _pick(self) -> _Entry | None:
+        """The queued job to start next, taken off the queue, or None (call under _cv)."""
         now = time.monotonic()
         for entry in [e for e in self._queue if e.future.cancelled()]:
             self._queue.remove(entry)
             self._dequeued(entry)
         for position, entry in enumerate(sorted(self._queue, key=lambda e: (-e.effective(now), e.seq))):
-            if self._fits(entry) and self._reserve(entry):
+            if entry.retry_at <= now and self._fits(entry):
                 self._queue.remove(entry)
+                self._dequeued(entry)
                 return entry
             if position == 0 and now - entry.submitted >= RESERVE_AFTER:
                 return None  # reserve the node for the job that has waited longest at the top
         return None
 
     def _reserve(self, entry: _Entry) -> bool:
-        """Hook: a ledger outside this executor may refuse a job that fits here (see RayExecutor)."""
+        """Hook: a ledger outside this executor may refuse a job that fits here (see RayExecutor).
+        Called without _cv, the job's demand already counted here while it answers."""
         return True
 
     def _release(self, entry: _Entry) -> None:
-        """Hook: give back what `_reserve` took, once the job has its verdict."""
+        """Hook: give back what `_reserve` took, once the job has its verdict. Called without _cv."""
+
+    def _enqueue(self, entry: _Entry) -> None:
+        """Bookkeeping for a job joining the queue (call under _cv)."""
+        state = self._tenants[entry.future.tenant]
+        state.queued += 1
+        self._queue.append(entry)
+        self.metrics.queued.labels(entry.future.tenant).set(state.queued)
 
     def _dequeued(self, entry: _Entry) -> None:
-        """Bookkeeping for a job leaving the queue (to run, or cancelled)."""
+        """Bookkeeping for a job leaving the queue (to run, or cancelled; call under _cv)."""
         state = self._tenants[entry.future.tenant]
         state.queued -= 1
         self.metrics.queued.labels(entry.future.tenant).set(state.queued)
@@ -350,23 +369,35 @@ class SandboxExecutor:
                 self.alerts.quota(name, resource, used, quota)
 
     def _work(self) -> None:
+        """A worker: pick under _cv, ask the ledger (`_reserve`) without it, run the job."""
         while True:
             with self._cv:
                 entry = self._pick()
                 while entry is None:
                     if self._shutdown and not self._queue:
                         return
-                    self._cv.wait(timeout=1.0)
+                    self._cv.wait(timeout=LEDGER_RETRY if any(e.retry_at for e in self._queue) else 1.0)
                     entry = self._pick()
-                self._dequeued(entry)
-                if not entry.future.set_running_or_notify_cancel():
-                    self._release(entry)
-                    continue
-                self._account(entry, +1)
-                self._running.add(entry.future)
-                self._write_state()
+                self._account(entry, +1)  # held while the ledger answers, so no other worker overbooks
+            granted = self._reserve(entry)
+            started = granted and entry.future.set_running_or_notify_cancel()
+            if granted and not started:
+                self._release(entry)  # cancelled while the ledger answered
+            with self._cv:
+                if started:
+                    self._running.add(entry.future)
+                else:
+                    self._account(entry, -1)
+                    if not granted and self._cancel_queued:
+                        entry.future.cancel()
+                    elif not granted and not entry.future.cancelled():
+                        entry.retry_at = time.monotonic() + LEDGER_RETRY
+                        self._enqueue(entry)
+                state = self._snapshot()
                 self._cv.notify_all()
-            self._run(entry)
+            self._save(*state)
+            if started:
+                self._run(entry)
 
     def _run(self, entry: _Entry) -> None:
         future, name = entry.future, entry.future.tenant
@@ -382,8 +413,9 @@ class SandboxExecutor:
             self._running.discard(future)
             if result is not None:
                 self._tenants[name].violations += sum(1 for v in result.violations if v.action != "warn")
-            self._write_state()
+            state = self._snapshot()
             self._cv.notify_all()
+        self._save(*state)
         if result is None:
             future.set_exception(failure)
             return
@@ -420,13 +452,23 @@ class SandboxExecutor:
                                                  "gpu_memory": [self._used.gpu_memory, cap.gpu_memory]},
                 "tenants": tenants}
 
-    def _write_state(self) -> None:
-        """Snapshot for `taichi-sandbox quota` (atomic replace; called under the lock)."""
-        try:
-            self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.state_file.with_suffix(".tmp")
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:  # not for jobs
-                f.write(json.dumps(self._quota_state()))
-            os.replace(tmp, self.state_file)
-        except OSError:
-            pass
+    def _snapshot(self) -> tuple[int, dict]:
+        """The quota state, numbered, for `_save` (call under _cv)."""
+        self._state_seq += 1
+        return self._state_seq, self._quota_state()
+
+    def _save(self, seq: int, state: dict) -> None:
+        """Write a snapshot for `taichi-sandbox quota` (atomic replace), unless a newer one is on disk.
+        Called without _cv: file I/O never holds up scheduling."""
+        with self._state_lock:
+            if seq <= self._state_saved:
+                return
+            self._state_saved = seq
+            try:
+                self.state_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.state_file.with_suffix(".tmp")
+                with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:  # not for jobs
+                    f.write(json.dumps(state))
+                os.replace(tmp, self.state_file)
+            except OSError:
+                pass

@@ -191,12 +191,43 @@ class Limits(_Strict):
     grace: Annotated[float, BeforeValidator(lambda v: parse_duration(v) if v is not None else 2.0)] = 2.0
     poll_interval: Annotated[float, _positive(parse_duration)] = 0.05
 
+    def above(self, ceiling: "Limits") -> list[str]:
+        """Each limit of ours that is laxer than `ceiling`'s ("memory 2 GiB > 1 GiB"): unlimited
+        where it has a bound, a higher bound, the host network where it has none, or a form that
+        cannot be compared (a GPU fraction against bytes)."""
+        found = []
+        for name in ("cpu_time", "wall_time", "memory", "address_space", "gpu_memory", "max_processes",
+                     "cpu_threads", "max_output", "max_open_files", "max_file_size", "grace", "poll_interval"):
+            mine, cap = getattr(self, name), getattr(ceiling, name)
+            if cap is None or cap == "auto" or mine == cap:
+                continue
+            if name in ("address_space", "gpu_memory"):  # bytes with bytes, a fraction with a fraction
+                comparable = type(mine) is type(cap)
+            else:
+                comparable = mine is not None
+            if not comparable or mine > cap:
+                found.append(f"{name} {_shown(name, mine)} > {_shown(name, cap)}")
+        if self.network == "host" and ceiling.network == "none":
+            found.append('network "host" > "none"')
+        return found
+
     def merged(self, override: "Limits") -> "Limits":
         """These limits with every field explicitly set in `override` replacing ours."""
         changes = {name: getattr(override, name) for name in override.model_fields_set}
         merged = self.model_copy(update=changes)
         object.__setattr__(merged, "__pydantic_fields_set__", self.model_fields_set | set(changes))
         return merged
+
+
+def _shown(name: str, value: Any) -> str:
+    """A limit's value for people: bytes in MiB/GiB, seconds with "s", None as "unlimited"."""
+    if value is None:
+        return "unlimited"
+    if isinstance(value, int) and name in ("memory", "address_space", "gpu_memory", "max_output", "max_file_size"):
+        return f"{value / GiB:g} GiB" if value >= GiB else f"{value / MiB:g} MiB"
+    if name in ("cpu_time", "wall_time", "grace", "poll_interval"):
+        return f"{value:g}s"
+    return str(value)
 
 
 # Address space Taichi needs to initialise, per arch (see shared/taichi-facts.md and README):
@@ -356,7 +387,8 @@ class Policy(BaseModel):
     def resolve(self, profile: str | None = None, tenant: str | None = None,
                 overrides: Limits | None = None, job_type: str | None = None) -> Limits:
         """Limits for a job: the profile (explicit, else the job type's, else the tenant's, else
-        defaults), then overrides."""
+        defaults), then overrides. A tenant's own profile (else the defaults) is its ceiling: a job
+        may lower any limit, never raise one past it (ConfigError naming each)."""
         if tenant is not None and tenant not in self.tenants:
             raise ConfigError(f"{self.source}: tenant={tenant!r}: no such tenant")
         if job_type is not None and job_type not in self.job_types:
@@ -372,7 +404,14 @@ class Policy(BaseModel):
         else:
             known = ", ".join(sorted(self.profiles)) or "none defined"
             raise ConfigError(f"{self.source}: profile={profile!r}: no such profile (known: {known})")
-        return base.merged(overrides) if overrides is not None else base
+        limits = base.merged(overrides) if overrides is not None else base
+        if tenant is not None:
+            own = self.tenants[tenant].profile
+            above = limits.above(self.profiles[own] if own in self.profiles else self.defaults)
+            if above:
+                raise ConfigError(f"tenant {tenant!r} may lower its limits, not raise them past its profile "
+                                  f"({own or '[defaults]'}): {'; '.join(above)}")
+        return limits
 
 
 def default_policy_path() -> Path | None:

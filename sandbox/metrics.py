@@ -28,6 +28,8 @@ class Metrics:
                                     ["tenant"], buckets=DURATION_BUCKETS, registry=r)
         self.rejections = Counter("taichi_sandbox_admission_rejections", "Jobs rejected at admission by reason",
                                   ["reason", "tenant"], registry=r)
+        self.alerts_dropped = Counter("taichi_sandbox_alerts_dropped", "Alerts dropped: their delivery queue was full",
+                                      registry=r)
 
     def serve(self, port: int, addr: str = "127.0.0.1"):
         """Start the /metrics HTTP server; returns (server, thread). Port 0 picks a free port."""

@@ -171,6 +171,7 @@ def test_alerts_fire_once_per_crossing(tmp_path):
     alerts = Alerts(AuditLog(tmp_path / "a.jsonl"), [0.8, 0.9], hook=events.append)
     for used in (5, 85, 87, 95, 96, 50, 85):
         alerts.quota("a", "memory", used, 100)
+    alerts.close()
     assert [e["level"] for e in events] == [0.8, 0.9, 0.8]
     audit = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert [e["kind"] for e in audit] == ["quota_crossed"] * 3
@@ -236,3 +237,42 @@ def test_two_hundred_submissions_nothing_lost(tmp_path):
            if json.loads(line).get("type") == "job"]
     assert sorted(ids) == sorted(f.spec.job_id for f in futures)
     assert state["tenants"]["a"]["running"] == 0 and state["tenants"]["a"]["queued"] == 0
+
+
+CEILINGS = {"profiles": {"small": Limits(memory="1GiB", cpu_time="10s", wall_time="60s", max_processes=8),
+                         "big": Limits(memory="8GiB")}}
+
+
+@pytest.mark.parametrize("how,ask,named", [
+    ("a higher limit", {"limits": Limits(memory="2GiB")}, "memory 2 GiB > 1 GiB"),
+    ("no limit at all", {"limits": Limits(cpu_time=None, wall_time=None)}, "cpu_time unlimited > 10s"),
+    ("another profile", {"profile": "big"}, "max_processes unlimited > 8"),
+    ("the host network", {"limits": Limits(network="host")}, 'network "host" > "none"'),
+])
+def test_a_tenants_profile_is_a_ceiling_for_its_jobs(tmp_path, how, ask, named):
+    policy = _policy(tmp_path, tenants={"a": Tenant(profile="small")}, **CEILINGS)
+    job = JobSpec(kernel=_script(tmp_path, 0), tenant="a", **ask)
+    with SandboxExecutor(max_concurrent=1, capacity=Capacity(1, 8 * GiB, None), policy=policy) as ex:
+        raised = ex.submit(job).result(timeout=60)
+        lowered = ex.submit(JobSpec(kernel=_script(tmp_path, 0), tenant="a",
+                                    limits=Limits(memory="512MiB", cpu_time="5s"))).result(timeout=60)
+    assert raised.verdict is Verdict.rejected, f"{how}: {raised.verdict} {raised.reason}"
+    assert named in raised.reason and "tenant 'a'" in raised.reason
+    assert lowered.verdict is Verdict.ok, lowered.reason
+    assert lowered.limits.memory == 512 << 20
+
+
+def test_a_slow_alert_command_never_delays_submission_or_scheduling(tmp_path):
+    policy = _policy(tmp_path, tenants={"a": Tenant(memory_quota="1GiB")},
+                     alerts=AlertSettings(command=["sleep", "10"]))  # every alert takes 10 s to deliver
+    with SandboxExecutor(max_concurrent=1, capacity=Capacity(1, 8 * GiB, None), policy=policy) as ex:
+        t0 = time.monotonic()
+        rejected = ex.submit(JobSpec(kernel=kernel("tiny.py"), tenant="a", limits=Limits(memory="2GiB")))
+        answered = time.monotonic() - t0  # the rejection alert is on its way
+        futures = [ex.submit(JobSpec(kernel=kernel("tiny.py"), tenant="a", limits=Limits(memory="1GiB")))
+                   for _ in range(3)]  # each start crosses 80% and 90% of the quota: two alerts more
+        results = [f.result(timeout=60) for f in futures]
+        elapsed = time.monotonic() - t0
+    assert rejected.result().verdict is Verdict.rejected and answered < 1
+    assert [r.verdict for r in results] == [Verdict.ok] * 3
+    assert elapsed < 8, f"3 tiny jobs took {elapsed:.1f} s behind 7 alerts of 10 s each"

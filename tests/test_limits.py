@@ -128,5 +128,8 @@ def test_shared_node_example_is_valid():
     policy = Policy.load(ROOT / "examples" / "shared-node.toml")
     assert set(policy.tenants) == {"physics", "ml", "ci"}
     assert policy.resolve(tenant="ml").memory == 48 * GiB
-    assert policy.resolve(tenant="ci", job_type="training").cpu_time == 12 * 3600
+    assert policy.resolve(tenant="ml", job_type="training").cpu_time == 12 * 3600
+    assert policy.resolve(tenant="ci", job_type="test").cpu_time == 60
+    with pytest.raises(ConfigError, match=r"tenant 'ci' may lower .* cpu_time 43200s > 60s"):
+        policy.resolve(tenant="ci", job_type="training")  # a job type is no way past a tenant's profile
     assert policy.tenants["ci"].gpu_memory_quota == 0 and policy.tenants["physics"].rate == 0.5
