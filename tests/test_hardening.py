@@ -78,8 +78,10 @@ def test_one_gigabyte_of_output_keeps_supervisor_memory_flat(supervisor):
 
 
 def _fork_server_processes() -> set[int]:
-    """Fork-servers and everything forked from them (their command line is the server's)."""
-    return {p.pid for p in psutil.process_iter(["cmdline"]) if "sandbox.forkserver" in (p.info["cmdline"] or [])}
+    """Fork-servers of this checkout's interpreter and everything forked from them (their command
+    line is the server's; other checkouts' test runs use other venvs)."""
+    return {p.pid for p in psutil.process_iter(["cmdline"])
+            if "sandbox.forkserver" in (p.info["cmdline"] or []) and p.info["cmdline"][0] == sys.executable}
 
 
 def _orphan_check(argv: list[str], tmp_path) -> None:
