@@ -1,13 +1,19 @@
-"""Append-only audit log: one JSON line per job, per violation and per alert, each fsync'ed."""
+"""Append-only audit log: one JSON line per job, per violation and per alert, each fsync'ed.
+
+Record types: `started` (a job was launched), `job` (its verdict), `violation`, `alert`, and
+`aborted` (a job started that will have no `job` record: its supervisor died, written by whoever
+outlived it, such as its fork-server).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
-from .models import JobResult
+from .models import JobResult, JobSpec
 
 
 class AuditLog:
@@ -17,20 +23,29 @@ class AuditLog:
         self.path = Path(path)
         self._lock = threading.Lock()
 
-    def _append(self, records: list[dict]) -> None:
+    def append(self, records: list[dict], sync: bool = True) -> None:
+        """Append records in one write(); fsync'ed unless `sync` is False (a record that only has to
+        survive the process, not the machine)."""
         data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 os.write(fd, data)
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
 
     def event(self, record: dict) -> None:
         """Append one free-form record (alerts, admission decisions)."""
-        self._append([record])
+        self.append([record])
+
+    def started(self, spec: JobSpec, pid: int, launcher: str) -> None:
+        """A job was launched (not fsync'ed: it must outlive the supervisor's process, which the page
+        cache does; a machine crash ends every job anyway)."""
+        self.append([{"type": "started", "job_id": spec.job_id, "tenant": spec.tenant, "ts": time.time(),
+                      "kernel": spec.kernel, "pid": pid, "launcher": launcher, "labels": spec.labels}], sync=False)
 
     def record(self, result: JobResult, tenant: str | None) -> None:
         """One record per violation (warnings included), then the job record."""
@@ -42,4 +57,4 @@ class AuditLog:
                         "arch": result.arch, "verdict": result.verdict.value, "reason": result.reason,
                         "exit_code": result.exit_code, "signal": result.signal,
                         "usage": result.usage.model_dump(), "labels": result.labels})
-        self._append(records)
+        self.append(records)

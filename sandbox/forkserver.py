@@ -144,8 +144,8 @@ def detach(pid_fd: int) -> None:
     os.close(pid_fd)
 
 
-def serve(control_fd: int) -> None:
-    """Fork a job per request until the control socket closes."""
+def serve(control_fd: int, audit: str | None = None) -> None:
+    """Fork a job per request until the control socket closes. `audit`: the supervisor's audit log."""
     child._prctl(child.PR_SET_CHILD_SUBREAPER, 1)
     for name in PRELOAD:
         __import__(name)
@@ -159,7 +159,7 @@ def serve(control_fd: int) -> None:
     sel.register(control, selectors.EVENT_READ, "control")
     sel.register(wake_r, selectors.EVENT_READ, "sigchld")
     jobs: dict[int, socket.socket] = {}
-    job_dirs: dict[int, str] = {}  # each running job's directory, removed if the supervisor cannot
+    running: dict[int, tuple[str, str]] = {}  # each running job's id and directory, for `_shut_down`
     requests = Requests()
     spare_netns = namespaces.fresh_netns()
     netns_pool = spare_netns is not None  # root: keep one ready; else jobs make their own (or none)
@@ -178,11 +178,11 @@ def serve(control_fd: int) -> None:
             except OSError:
                 data, fds = b"", []
             if not data:  # the supervisor is gone
-                _shut_down(jobs, job_dirs, 0)
+                _shut_down(jobs, running, audit, 0)
             try:
                 ready = requests.feed(data, fds)
             except ConnectionError:  # only the supervisor writes here: a broken request is fatal
-                _shut_down(jobs, job_dirs, 1)
+                _shut_down(jobs, running, audit, 1)
             for payload, job_fds in ready:
                 reply = socket.socket(fileno=job_fds[3])
                 reply.setblocking(False)
@@ -194,21 +194,33 @@ def serve(control_fd: int) -> None:
                 jobs[pid] = reply
                 if status_r is not None:
                     statuses[pid] = status_r
-                job_dirs[pid] = os.path.dirname(json.loads(payload)["workdir"])
+                plan = json.loads(payload)
+                running[pid] = (plan["job_id"], os.path.dirname(plan["workdir"]))
                 _reply(reply, f"pid {pid} {helpers}\n")
                 spare_netns = None
         _reap(jobs, statuses)
-        for pid in [p for p in job_dirs if p not in jobs]:
-            del job_dirs[pid]  # ended: its supervisor removes the directory
+        for pid in [p for p in running if p not in jobs]:
+            del running[pid]  # ended: its supervisor removes the directory and records the verdict
         if netns_pool and spare_netns is None:  # between requests: the next job enters it, not creates one
             spare_netns = namespaces.fresh_netns()
 
 
-def _shut_down(jobs: dict[int, socket.socket], job_dirs: dict[int, str], code: int) -> None:
-    """The supervisor is gone: SIGKILL every job group and every descendant (we are their subreaper),
-    remove what a dead supervisor cannot (running jobs' directories, our own), exit."""
+def _shut_down(jobs: dict[int, socket.socket], running: dict[int, tuple[str, str]], audit: str | None,
+               code: int) -> None:
+    """The supervisor is gone: do what it cannot (append an `aborted` record per running job to its
+    audit log, before the job is gone), SIGKILL every job group and every descendant (we are their
+    subreaper), remove those jobs' directories and our own, exit."""
     import psutil
     import shutil
+    import time
+    if audit and running:
+        from .audit import AuditLog
+        try:
+            AuditLog(audit).append([{"type": "aborted", "job_id": job_id, "ts": time.time(), "by": "fork-server",
+                                     "reason": "its supervisor ended first; the fork-server killed the job"}
+                                    for job_id, _ in running.values()])
+        except OSError:
+            pass
     for pid in jobs:
         try:
             os.killpg(pid, signal.SIGKILL)
@@ -219,7 +231,7 @@ def _shut_down(jobs: dict[int, socket.socket], job_dirs: dict[int, str], code: i
             proc.kill()
         except psutil.Error:
             pass
-    for path in (*job_dirs.values(), os.getcwd()):
+    for path in (*(d for _, d in running.values()), os.getcwd()):
         shutil.rmtree(path, ignore_errors=True)
     os._exit(code)
 
@@ -261,4 +273,4 @@ if __name__ == "__main__":
         del sys.path[0]  # `-m` put the server's own dir there: nothing is imported from it, jobs must not see it
     control_arg, pid_out = map(int, sys.argv[1:3])
     detach(pid_out)
-    serve(control_arg)
+    serve(control_arg, sys.argv[3] if len(sys.argv) > 3 else None)

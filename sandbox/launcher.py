@@ -151,7 +151,10 @@ class ForkServerLauncher:
     name = "forkserver"
     start_timeout = 10.0  # seconds for the server to answer a request with the job's pid
 
-    def __init__(self) -> None:
+    def __init__(self, audit: str | None = None) -> None:
+        """`audit`: the supervisor's audit log, where the server records the jobs it kills when the
+        supervisor dies under them (`aborted`)."""
+        self.audit = audit
         self._lock = threading.Lock()
         self._server: psutil.Process | None = None
         self._dir: str | None = None  # the server's cwd and HOME; it removes it itself when it exits
@@ -175,7 +178,8 @@ class ForkServerLauncher:
         pid_r, pid_w = os.pipe()
         fds = (theirs.fileno(), pid_w)
         starter = subprocess.Popen(
-            [sys.executable, "-m", "sandbox.forkserver", *map(str, fds)], stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", "sandbox.forkserver", *map(str, fds), *([self.audit] if self.audit else [])],
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=fds,
             env={**base_env(), "HOME": self._dir}, cwd=self._dir, start_new_session=True)
         theirs.close()
@@ -243,6 +247,6 @@ class ForkServerLauncher:
             self._dir = None
 
 
-def make_launcher(name: str):
-    """'forkserver' or 'exec'."""
-    return {"forkserver": ForkServerLauncher, "exec": ExecLauncher}[name]()
+def make_launcher(name: str, audit: str | None = None):
+    """'forkserver' (recording in `audit` the jobs it kills when the supervisor dies) or 'exec'."""
+    return ForkServerLauncher(audit) if name == "forkserver" else {"exec": ExecLauncher}[name]()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import math
 import threading
+import time
 from typing import Any
 
 from .executor import Capacity, SandboxExecutor
@@ -118,12 +119,37 @@ def submit(spec: JobSpec, policy: Policy | None = None, device_memory: int | Non
     limits = policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
     options = {**resource_options(spec, limits, device_memory), **ray_options}
     task = ray.remote(run_in_task).options(name=f"taichi-sandbox:{spec.job_id}", **options)
-    return task.remote(spec.model_dump_json(), policy.model_dump_json())
+    ref = task.remote(spec.model_dump_json(), policy.model_dump_json())
+    with _submitted_lock:
+        _submitted[ref.hex()] = spec
+    return ref
+
+
+_submitted: dict[str, JobSpec] = {}  # the spec of each submitted job until `result()` has its verdict
+_submitted_lock = threading.Lock()
 
 
 def result(ref, timeout: float | None = None) -> JobResult:
-    """`ray.get` the JobResult of a `submit()`ted job."""
-    return JobResult.model_validate_json(_ray().get(ref, timeout=timeout))
+    """`ray.get` the JobResult of a `submit()`ted job. A task cancelled with `force=True`, or whose
+    worker died, has no result of its own: it gets verdict `cancelled` or `crashed` here (the job's
+    fork-server, which outlives the worker, killed the job and wrote an `aborted` audit record)."""
+    ray = _ray()
+    try:
+        value = JobResult.model_validate_json(ray.get(ref, timeout=timeout))
+    except (ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError) as err:
+        with _submitted_lock:
+            spec = _submitted.pop(ref.hex(), None)
+        if spec is None:
+            raise
+        cancelled = isinstance(err, ray.exceptions.TaskCancelledError)
+        now = time.time()
+        return JobResult(job_id=spec.job_id, kernel=spec.kernel, arch=spec.arch, labels=spec.labels,
+                         verdict=Verdict.cancelled if cancelled else Verdict.crashed, started_at=now, ended_at=now,
+                         reason="cancelled by request (Ray task cancelled)" if cancelled else
+                         f"the Ray worker running the job died ({type(err).__name__})")
+    with _submitted_lock:
+        _submitted.pop(ref.hex(), None)
+    return value
 
 
 class _RaySupervisor:
@@ -146,11 +172,7 @@ class _RaySupervisor:
             if control.cancelled and not cancel_sent:
                 ray.cancel(ref)  # soft: the task ends the job gracefully, then reports cancellation
                 cancel_sent = True
-        try:
-            return result(ref)
-        except ray.exceptions.TaskCancelledError:
-            return JobResult(job_id=spec.job_id, kernel=spec.kernel, arch=spec.arch, verdict=Verdict.cancelled,
-                             reason="cancelled by request (Ray task cancelled)", labels=spec.labels)
+        return result(ref)
 
     def close(self) -> None:
         self._local.close()

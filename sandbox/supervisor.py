@@ -84,8 +84,8 @@ class Supervisor:
         when None."""
         self.policy = policy if policy is not None else load_policy()
         self.cgroups = cgroups if cgroups is not None else discover(self.policy.settings.cgroups)
-        self.launcher = make_launcher(launcher or self.policy.settings.launcher)
         self.audit = AuditLog(audit_log or self.policy.settings.resolved_audit_log())
+        self.launcher = make_launcher(launcher or self.policy.settings.launcher, str(self.audit.path))
         self.gpu_sampler = gpu_sampler if gpu_sampler is not None else NvmlSampler()
         self._gpu: tuple[list[GpuDevice], str | None] | None = None
         self._gpu_lock = threading.Lock()
@@ -335,6 +335,10 @@ class Supervisor:
         tree = JobTree(launched.pid, members=members, helpers=launched.helpers,
                        exact=cgroup is not None and plan.uid is not None)
         job = _Job(spec, limits, JobProcesses(tree, launched.pid, cgroup))
+        try:
+            self.audit.started(spec, launched.pid, self.launcher.name)
+        except OSError as err:  # the job runs: supervise it whatever the log does
+            job.notes.append(f"audit log: no started record ({err})")
         monitor = Monitor(tree, limits, started, time.time, lambda: pump.output_bytes(),
                           lambda v: self._terminate(job, v), on_sample, gpu=prepared.gpu_watch,
                           gpu_limit=prepared.gpu_limit, control=control, cgroup=cgroup)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -110,6 +111,10 @@ def _orphan_check(argv: list[str], tmp_path) -> None:
     while os.listdir(temp) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert os.listdir(temp) == [], "the job's or the fork-server's directory outlived the supervisor"
+    audit = tmp_path / "taichi-sandbox" / "audit.jsonl"
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [r["type"] for r in records] == ["started", "aborted"], records  # the fork-server outlived it
+    assert records[0]["job_id"] == records[1]["job_id"] and records[1]["by"] == "fork-server"
 
 
 def test_sigkill_of_cli_kills_every_job_process_within_a_second(tmp_path):

@@ -128,20 +128,30 @@ def _gone(pids: list[int], within: float = 3.0) -> bool:
     return False
 
 
+def _audit_types(policy: Policy, job_id: str) -> list[str]:
+    audit = policy.settings.resolved_audit_log()
+    return [r["type"] for r in map(json.loads, audit.read_text().splitlines()) if r.get("job_id") == job_id]
+
+
 @pytest.mark.parametrize("force", [False, True])
-def test_cancel_leaves_no_job_process(cluster, force):
-    ref = sray.submit(JobSpec(kernel=kernel("spawner.py"), limits=Limits(wall_time="120s", grace="1s")), cluster)
+def test_cancel_leaves_no_job_process_and_a_verdict(cluster, force):
+    spec = JobSpec(kernel=kernel("spawner.py"), limits=Limits(wall_time="120s", grace="1s"))
+    ref = sray.submit(spec, cluster)
     pids = _wait_for_job_processes(10)
     t = time.monotonic()
     ray.cancel(ref, force=force)
-    with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError,
-                        ray.exceptions.RayTaskError)):
-        ray.get(ref, timeout=30)
+    r = sray.result(ref, timeout=30)
     assert time.monotonic() - t < 10
     assert _gone(pids)
+    if force:  # the worker is killed: its fork-server, which outlives it, records how the job ended
+        assert r.verdict in (Verdict.cancelled, Verdict.crashed), r.reason
+        assert _audit_types(cluster, spec.job_id) == ["started", "aborted"]
+    else:  # the task ends the job gracefully and records its verdict itself
+        assert r.verdict is Verdict.cancelled, r.reason
+        assert _audit_types(cluster, spec.job_id) == ["started", "job"]
 
 
-def test_worker_killed_mid_job_leaves_no_orphan(cluster):
+def test_worker_killed_mid_job_leaves_no_orphan_and_a_verdict(cluster):
     spec = JobSpec(kernel=kernel("spawner.py"), limits=Limits(wall_time="120s"))
     ref = sray.submit(spec, cluster)
     pids = _wait_for_job_processes(10)
@@ -150,8 +160,9 @@ def test_worker_killed_mid_job_leaves_no_orphan(cluster):
                  if f"taichi-sandbox:{spec.job_id}" in " ".join(p.info["cmdline"] or [])]
     worker.kill()
     assert _gone(pids)
-    with pytest.raises(Exception):
-        ray.get(ref, timeout=30)
+    r = sray.result(ref, timeout=30)
+    assert r.verdict is Verdict.crashed and "worker" in r.reason, r.reason
+    assert _audit_types(cluster, spec.job_id) == ["started", "aborted"]
 
 
 def test_ray_executor_same_surface(cluster, tmp_path):
