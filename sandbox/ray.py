@@ -22,11 +22,11 @@ from __future__ import annotations
 import atexit
 import math
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from .executor import Capacity, SandboxExecutor
 from .limits import Limits, Policy
-from .models import JobResult, JobSpec, Verdict
+from .models import JobResult, JobSpec, Verdict, as_spec
 from .monitor import JobControl
 from .supervisor import Supervisor
 
@@ -108,12 +108,15 @@ def run_in_task(spec_json: str, policy_json: str) -> str:
     return outcome["result"].model_dump_json()
 
 
-def submit(spec: JobSpec, policy: Policy | None = None, device_memory: int | None = None, **ray_options):
-    """Start `spec` as a Ray task; returns an ObjectRef to the JobResult's JSON (use `result()`).
+def submit(spec: JobSpec | Callable, policy: Policy | None = None, device_memory: int | None = None,
+           **ray_options):
+    """Start `spec` (or a callable, shipped to the job: see sandbox.shipping) as a Ray task; returns an
+    ObjectRef to the JobResult's JSON (use `result()`, which keeps numpy arrays in the return value).
 
     `ray_options` override the mapping from limits (e.g. `num_gpus=1`, `scheduling_strategy=...`).
     """
     ray = _ray()
+    spec = as_spec(spec)
     policy = policy if policy is not None else Policy()
     limits = policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
     options = {**resource_options(spec, limits, device_memory), **ray_options}
