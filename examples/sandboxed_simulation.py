@@ -1,9 +1,9 @@
 """A simulation function run in the sandbox with `sandboxed`, returning its final field as an array.
 
-`diffuse` is an ordinary function of this script: calling it ships it (and this file's source, which
-Taichi compiles the kernel from) to a sandboxed child under the limits given to the decorator; its
-final temperature field comes back as a numpy array. A second call with too little memory shows
-SandboxError carrying the verdict.
+`bounce` is an ordinary function of this script: calling it ships it (and this file's source, which
+Taichi compiles the kernels from) to a sandboxed child under the limits given to the decorator; the
+final positions of its particles come back as a numpy array. A second function that asks for more
+memory than its limit shows SandboxError carrying the verdict.
 
     .venv/bin/python examples/sandboxed_simulation.py
 """
@@ -15,30 +15,31 @@ from sandbox import SandboxError, sandboxed
 
 
 @sandboxed(memory="1GiB", cpu_time="30s", wall_time="60s")
-def diffuse(n: int, steps: int, alpha: float = 0.2) -> np.ndarray:
-    """Explicit heat diffusion on an n x n plate with a hot square in the middle."""
-    u = ti.field(ti.f32, shape=(n, n))
-    v = ti.field(ti.f32, shape=(n, n))
+def bounce(n: int, steps: int, dt: float = 0.005) -> np.ndarray:
+    """n particles falling in a unit box, bouncing off its walls with damping: their final positions."""
+    x = ti.Vector.field(2, ti.f32, shape=n)
+    v = ti.Vector.field(2, ti.f32, shape=n)
 
     @ti.kernel
-    def heat_square():
-        for i, j in u:
-            u[i, j] = 100.0 if abs(i - n // 2) < n // 8 and abs(j - n // 2) < n // 8 else 0.0
+    def scatter():
+        for i in x:
+            x[i] = ti.Vector([ti.random(), ti.random()])
+            v[i] = ti.Vector([ti.random() - 0.5, 0.0])
 
     @ti.kernel
-    def step():
-        for i, j in u:
-            if 0 < i < n - 1 and 0 < j < n - 1:
-                v[i, j] = u[i, j] + alpha * (u[i + 1, j] + u[i - 1, j] + u[i, j + 1] + u[i, j - 1] - 4 * u[i, j])
-            else:
-                v[i, j] = 0.0
-        for i, j in u:
-            u[i, j] = v[i, j]
+    def advance():
+        for i in x:
+            v[i].y -= 9.8 * dt
+            x[i] += v[i] * dt
+            for d in ti.static(range(2)):
+                if x[i][d] < 0.0 or x[i][d] > 1.0:
+                    x[i][d] = ti.min(ti.max(x[i][d], 0.0), 1.0)
+                    v[i][d] *= -0.8
 
-    heat_square()
+    scatter()
     for _ in range(steps):
-        step()
-    return u.to_numpy()
+        advance()
+    return x.to_numpy()
 
 
 @sandboxed(memory="200MiB")
@@ -47,13 +48,16 @@ def too_big() -> np.ndarray:
 
 
 def main() -> None:
-    field = diffuse(256, 500)
-    print(f"final field: {field.dtype} {field.shape}, total heat {field.sum():.1f}, peak {field.max():.2f}")
+    positions = bounce(10_000, 400)
+    inside = bool(((positions >= 0) & (positions <= 1)).all())
+    print(f"final positions: {positions.dtype} {positions.shape}, mean height {positions[:, 1].mean():.3f}, "
+          f"all inside the box: {inside}")
     try:
         too_big()
     except SandboxError as err:
         print(f"SandboxError: {err}")
-        print(f"  verdict {err.result.verdict.value}, peak memory {err.result.usage.peak_rss >> 20} MiB")
+        usage = err.result.usage
+        print(f"  verdict {err.result.verdict.value}, peak memory {(usage.peak_memory or usage.peak_rss) >> 20} MiB")
 
 
 if __name__ == "__main__":

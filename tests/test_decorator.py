@@ -116,4 +116,5 @@ def test_example_returns_the_final_field(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "examples" / "sandboxed_simulation.py")], capture_output=True,
                        text=True, env=env, cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "final field: float32 (256, 256)" in p.stdout and "verdict memory" in p.stdout
+    assert "final positions: float32 (10000, 2)" in p.stdout and "all inside the box: True" in p.stdout
+    assert "verdict memory" in p.stdout
