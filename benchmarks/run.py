@@ -17,6 +17,8 @@ cgroup create + join + remove per job                                           
 Same tiny job with job cgroups ÷ with cgroups off                                  report
 Namespaces (relay, init, mounts) added to a tiny job                               median ≤ 10 ms
 Offline kernel cache: a job with an empty per-tenant cache ÷ one with a warm cache   report
+A 1024×1024 float32 return value added to a job (result files written and read)   median ≤ 20 ms
+A shipped callable added to a job, versus the same function as `file.py:function`  median ≤ 5 ms
 """
 
 from __future__ import annotations
@@ -54,6 +56,15 @@ jump = np.ones(256 << 18, dtype=np.float32)
 time.sleep(60)
 """
 SLEEP = "import time\ntime.sleep({s})\n"
+FIELD = """
+import numpy as np
+
+
+def field(keep):
+    a = np.ones((1024, 1024), np.float32)
+    return a if keep else None
+"""
+ANSWER = "def answer():\n    return 42\n"
 JOIN_SELF = """
 import sys, time
 t = time.perf_counter()
@@ -67,6 +78,21 @@ print((time.perf_counter() - t) * 1000)
 def pct(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def answer():
+    """The shipped callable of the callable row (defined in __main__: shipped by value, with this file's
+    source), the same as ANSWER."""
+    return 42
+
+
+def paired(a, b, n: int) -> tuple[list[float], list[float]]:
+    """Times of `a` and `b`, alternated so that drift on a shared machine hits both alike."""
+    out_a, out_b = [], []
+    for _ in range(n):
+        out_a += timed(a, 1)
+        out_b += timed(b, 1)
+    return out_a, out_b
 
 
 def timed(fn, n: int) -> list[float]:
@@ -237,6 +263,27 @@ class Bench:
         added = (statistics.median(on) - statistics.median(off)) * 1000
         self.add("namespaces per job: median with − without (ms)", on, added, "≤ 10", added <= 10, "ms")
 
+    def result_cost(self, sup: Supervisor, tmp: Path) -> None:
+        """The same job function returning a 1024×1024 float32 array, or None."""
+        script = tmp / "field.py"
+        script.write_text(FIELD)
+        spec = lambda keep: JobSpec(kernel=f"{script}:field", args=[keep])  # noqa: E731
+        assert sup.run(spec(True)).return_value.shape == (1024, 1024)
+        on, off = paired(lambda: sup.run(spec(True)), lambda: sup.run(spec(False)), self.n)
+        added = (statistics.median(on) - statistics.median(off)) * 1000
+        self.add("1024×1024 float32 result: median with − without (ms)", on, added, "≤ 20", added <= 20, "ms")
+
+    def callable_cost(self, sup: Supervisor, tmp: Path) -> None:
+        """A callable shipped from __main__ (dill, source, unpickling in the child) versus the same
+        function as `file.py:function` (imported from its file in the child)."""
+        script = tmp / "answer.py"
+        script.write_text(ANSWER)
+        assert sup.run(JobSpec(kernel=answer)).return_value == 42
+        shipped, by_file = paired(lambda: sup.run(JobSpec(kernel=answer)),
+                                  lambda: sup.run(JobSpec(kernel=f"{script}:answer")), self.n)
+        added = (statistics.median(shipped) - statistics.median(by_file)) * 1000
+        self.add("shipped callable: median − file.py:function (ms)", shipped, added, "≤ 5", added <= 5, "ms")
+
     def cli_cold(self) -> None:
         env = {**os.environ, "XDG_STATE_HOME": self.state}
         cli = timed(lambda: subprocess.run([sys.executable, "-m", "sandbox", "run", TINY, "--json"], env=env,
@@ -261,6 +308,8 @@ def main() -> None:
             bench.p5(sup, Path(state))
             bench.cgroups_on_off(sup, polling)
             bench.namespaces_cost(sup)
+            bench.result_cost(sup, Path(state))
+            bench.callable_cost(sup, Path(state))
         bench.cgroup_lifecycle()
         bench.offline_cache()
         bench.cli_cold()

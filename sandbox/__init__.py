@@ -11,7 +11,7 @@ import importlib
 _EXPORTS = {
     "ConfigError": "limits", "Limits": "limits", "Policy": "limits", "load_policy": "limits",
     "JobResult": "models", "JobSpec": "models", "Verdict": "models", "Violation": "models",
-    "Supervisor": "supervisor", "run_kernel": "api",
+    "Supervisor": "supervisor", "run_kernel": "api", "SandboxError": "decorator", "sandboxed": "decorator",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import atexit
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from .limits import Limits
 from .models import JobResult, JobSpec
@@ -24,14 +24,16 @@ def default_supervisor() -> Supervisor:
         return _default
 
 
-def run_kernel(kernel: str, arch: str = "cpu", limits: Limits | dict | None = None, *,
+def run_kernel(kernel: str | Callable, arch: str = "cpu", limits: Limits | dict | None = None, *,
                profile: str | None = None, tenant: str | None = None,
                supervisor: Supervisor | None = None, **spec: Any) -> JobResult:
     """Run one Taichi job to its verdict (blocking).
 
-    `kernel` is a script path (run as __main__) or `file.py:function` / `module:function` (called with
-    `args=[...]`, `kwargs={...}`). `limits` override the profile from limits.toml.
-    Raises ConfigError for an invalid spec; everything the job does becomes the verdict.
+    `kernel` is a script path (run as __main__), `file.py:function` / `module:function` (called with
+    `args=[...]`, `kwargs={...}`: JSON values and numpy arrays), or any callable (its args and kwargs
+    anything picklable). `limits` override the profile from limits.toml. The return value comes back
+    in `return_value`. Raises ConfigError for an invalid spec or a callable that cannot be shipped;
+    everything the job does becomes the verdict.
     """
     if isinstance(limits, dict):
         limits = Limits(**limits)

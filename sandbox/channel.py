@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Literal, Union
+from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -36,7 +36,7 @@ class RlimitMessage(_Message):
 class ResultMessage(_Message):
     type: Literal["result"]
     status: Literal["ok", "error"]
-    return_value: Any = None
+    result_bytes: int | None = Field(default=None, ge=0)  # size of the result files (sandbox.results)
     exit_code: int = 0
     error_type: str | None = Field(default=None, max_length=200)
     error_message: str | None = Field(default=None, max_length=8000)
@@ -56,19 +56,12 @@ _MESSAGE = TypeAdapter(Message)
 
 def send(fd: int, message: dict) -> None:
     """Child side: write one JSON line. Best effort: a closed channel is not the job's failure."""
-    data = (json.dumps(message, default=jsonable, allow_nan=False) + "\n").encode()
+    data = (json.dumps(message, allow_nan=False) + "\n").encode()
     try:
         while data:
             data = data[os.write(fd, data):]
     except OSError:
         pass
-
-
-def jsonable(value: Any) -> Any:
-    """JSON fallback for numpy scalars/arrays; anything else is an error the child reports."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"return value of type {type(value).__name__} is not JSON serializable")
 
 
 class ChannelReader:

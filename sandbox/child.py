@@ -3,7 +3,8 @@
 Order matters and is the contract: join the job cgroup (before anything else runs, so everything the
 job does is counted) → die with the parent (PR_SET_PDEATHSIG) → own session → subreaper → rlimits
 → scrubbed environment and private directories → with isolation, new namespaces, a relay outside,
-an init inside and the tenant's uid (sandbox.namespaces) → guarded `ti.init` → run the job → report
+an init inside and the tenant's uid (sandbox.namespaces) → guarded `ti.init` → run the job (a shipped
+callable is unpickled here, sandbox.shipping) → write its return value (sandbox.results) → report
 one JSON result on the channel → `ti.reset()` (writes the offline cache) → `os._exit`.
 
 Everything here helps honest jobs and reports truthfully; a hostile job can undo any of it, which is
@@ -13,7 +14,6 @@ why every limit is also enforced from the supervisor.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import resource
 import signal
@@ -24,7 +24,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from . import channel
+from . import channel, results
+from .shipping import Shipped, receive
+from .values import wire
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -49,8 +51,9 @@ class ChildPlan(BaseModel):
     job_id: str
     target: str
     function: str | None = None
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
+    shipped: Shipped | None = None  # a callable with its args (then target/function only name it)
+    args: wire(list[Any], check=False) = []
+    kwargs: wire(dict[str, Any], check=False) = {}
     argv: list[str] = []
     ti_arch: str
     ti_caps: dict[str, Any] = {}
@@ -69,6 +72,7 @@ class ChildPlan(BaseModel):
     read_only: bool = False  # every mount but the job's own dirs, tmpfs and /proc remounted read-only
     tmpfs_bytes: int | None = None
     cgroup_join: list[str] = []  # files the child writes "0" to, to join its job cgroup (JobCgroup.join_files)
+    max_result: int | None = None  # bytes of result files (sandbox.results)
 
 
 def _prctl(option: int, value: int) -> None:
@@ -167,9 +171,12 @@ def _on_sigxcpu(channel_fd: int):
 
 def _run_job(plan: ChildPlan) -> Any:
     import runpy
-    if plan.preinit:
+    if plan.preinit or plan.shipped is not None:
         import taichi as ti
         ti.init()
+    if plan.shipped is not None:
+        func, args, kwargs = receive(plan.shipped)
+        return func(*args, **kwargs)
     if plan.function is None:
         sys.argv = [plan.target, *plan.argv]
         runpy.run_path(plan.target, run_name="__main__")
@@ -226,8 +233,8 @@ def execute(plan: ChildPlan, channel_fd: int) -> None:
     exit_code = 0
     try:
         value = _run_job(plan)
-        message = {"type": "result", "status": "ok", "return_value": value}
-        json.dumps(value, default=channel.jsonable, allow_nan=False)
+        message = {"type": "result", "status": "ok",
+                   "result_bytes": results.write(value, plan.workdir, plan.max_result)}
     except SystemExit as err:
         code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
         if code == 0:

@@ -193,7 +193,7 @@ def profiles(limits_file: Optional[Path] = typer.Option(None, help="limits.toml 
 def _show(value, name: str) -> str:
     if value is None:
         return "-"
-    if name in ("memory", "max_output", "max_file_size") or (name in ("address_space", "gpu_memory")
+    if name in ("memory", "max_output", "max_file_size", "max_result") or (name in ("address_space", "gpu_memory")
                                                               and isinstance(value, int)):
         return _size(value)
     if name in ("cpu_time", "wall_time", "grace", "poll_interval"):

@@ -154,11 +154,12 @@ def enforcement_for(limits: Limits, arch: str, address_space: int | None, gpu: G
         "output": Enforcement(level="watched", by="I/O thread byte count"),
         "open_files": Enforcement(level="hard", by="RLIMIT_NOFILE"),
         "file_size": Enforcement(level="hard", by="RLIMIT_FSIZE"),
+        "result": Enforcement(level="hard", by="the supervisor reads at most max_result bytes of result files"),
     }
     unset = {"cpu_time": limits.cpu_time, "wall_time": limits.wall_time, "memory": limits.memory,
              "gpu_memory": limits.gpu_memory, "processes": limits.max_processes, "cpu_threads": limits.cpu_threads,
              "output": limits.max_output,
-             "open_files": limits.max_open_files, "file_size": limits.max_file_size}
+             "open_files": limits.max_open_files, "file_size": limits.max_file_size, "result": limits.max_result}
     for name, value in unset.items():
         if value is None and out[name].level != "unavailable":
             out[name] = Enforcement(level="off", note="no limit set")

@@ -35,7 +35,7 @@ import psutil
 from .alerts import Alerts
 from .limits import ConfigError, Limits, Policy, Tenant
 from .metrics import Metrics
-from .models import JobResult, JobSpec, Verdict
+from .models import JobResult, JobSpec, Verdict, as_spec
 from .monitor import JobControl
 from .supervisor import Supervisor
 
@@ -210,10 +210,13 @@ class SandboxExecutor:
                                         f"by {_size(demand.gpu_memory - tenant.gpu_memory_quota)}")
         return None
 
-    def submit(self, spec: JobSpec, *, block: bool = False, timeout: float | None = None) -> JobFuture:
-        """Queue `spec`. Returns a future that may already hold a `rejected` result. Raises QueueFull
-        when the tenant's queue is full (after waiting up to `timeout` when `block`), and
-        RuntimeError after shutdown."""
+    def submit(self, spec: JobSpec | Callable, *, block: bool = False, timeout: float | None = None) -> JobFuture:
+        """Queue `spec` (a JobSpec, or a callable to run without arguments: use JobSpec(kernel=fn,
+        args=...) or functools.partial for arguments). Returns a future that may already hold a
+        `rejected` result. Raises QueueFull when the tenant's queue is full (after waiting up to
+        `timeout` when `block`), ConfigError for a callable that cannot be shipped, and RuntimeError
+        after shutdown."""
+        spec = as_spec(spec)
         future = JobFuture(spec)
         name = future.tenant
         try:
@@ -267,8 +270,9 @@ class SandboxExecutor:
         future.set_result(result)
         return future
 
-    def map(self, specs: Iterable[JobSpec], timeout: float | None = None) -> Iterator[JobResult]:
-        """Submit every spec, then yield results in submission order (blocking on queue bounds)."""
+    def map(self, specs: Iterable[JobSpec | Callable], timeout: float | None = None) -> Iterator[JobResult]:
+        """Submit every spec (or callable), then yield results in submission order (blocking on queue
+        bounds)."""
         futures = [self.submit(spec, block=True) for spec in specs]
         deadline = None if timeout is None else time.monotonic() + timeout
 

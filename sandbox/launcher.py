@@ -22,6 +22,7 @@ import psutil
 
 from . import child, forkserver, namespaces
 from .child import ChildPlan
+from .limits import ConfigError
 
 JOB_MARKER = "TAICHI_SANDBOX_JOB"
 
@@ -247,6 +248,16 @@ class ForkServerLauncher:
             self._dir = None
 
 
+class NestedSandbox(ConfigError):
+    """A sandbox was started inside a sandboxed job."""
+
+
 def make_launcher(name: str, audit: str | None = None):
-    """'forkserver' (recording in `audit` the jobs it kills when the supervisor dies) or 'exec'."""
+    """'forkserver' (recording in `audit` the jobs it kills when the supervisor dies) or 'exec'.
+    Raises NestedSandbox inside a job (its environment has JOB_MARKER): a script run as
+    `file.py:function` runs its top level again in the job, and one without a main guard would
+    start sandboxes inside sandboxes."""
+    if os.environ.get(JOB_MARKER):
+        raise NestedSandbox(f"a sandbox cannot be started inside a sandboxed job ({JOB_MARKER} is set): put the "
+                            "script's top-level code that runs jobs under `if __name__ == '__main__':`")
     return ForkServerLauncher(audit) if name == "forkserver" else {"exec": ExecLauncher}[name]()

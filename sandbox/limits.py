@@ -187,6 +187,7 @@ class Limits(_Strict):
     max_output: Bytes = None
     max_open_files: Count = None
     max_file_size: Bytes = None
+    max_result: Bytes = 64 * MiB  # bytes of a job's return value (its result files, see sandbox.results)
     network: Literal["none", "host"] = "none"
     grace: Annotated[float, BeforeValidator(lambda v: parse_duration(v) if v is not None else 2.0)] = 2.0
     poll_interval: Annotated[float, _positive(parse_duration)] = 0.05

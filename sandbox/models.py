@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 import uuid
 from enum import Enum
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .enforcement import Enforcement
 from .limits import ConfigError, Limits, _Strict
+from .shipping import Shipped, prepare
+from .values import decode_json_fields, wire
 
 TIMELINE_MAX = 600
 TAIL_BYTES = 16 * 1024
@@ -28,6 +30,7 @@ class Verdict(str, Enum):
     gpu_memory = "gpu_memory"
     processes = "processes"
     output = "output"
+    result = "result"
     crashed = "crashed"
     rejected = "rejected"
     cancelled = "cancelled"
@@ -39,6 +42,7 @@ class Verdict(str, Enum):
 # Exit codes of `taichi-sandbox run`, in the spirit of timeout(1): 124 wall time, 125 internal error.
 EXIT_CODES = {
     Verdict.ok: 0, Verdict.error: 1, Verdict.rejected: 3, Verdict.crashed: 4, Verdict.cancelled: 5,
+    Verdict.result: 117,
     Verdict.output: 118, Verdict.processes: 119, Verdict.gpu_memory: 120, Verdict.address_space: 121,
     Verdict.memory: 122, Verdict.cpu_time: 123, Verdict.wall_time: 124,
 }
@@ -53,8 +57,9 @@ class JobSpec(_Strict):
     """One job: what to run, where, and under which limits.
 
     `kernel` is a Python file run as `__main__` (unmodified Taichi scripts work), or `file.py:function`
-    / `package.module:function`, called with `args`/`kwargs` (JSON values); its JSON return value
-    comes back in the result.
+    / `package.module:function`, called with `args`/`kwargs` (JSON values and numpy arrays), or any
+    callable (also "__main__:function"), shipped with its args and kwargs (sandbox.shipping); then
+    `kernel` becomes its name. Its return value comes back in the result (sandbox.results).
     """
 
     kernel: str
@@ -64,12 +69,20 @@ class JobSpec(_Strict):
     tenant: str | None = None
     job_type: str | None = None
     priority: int | None = None
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
+    args: wire(list[Any], check=True) = []
+    kwargs: wire(dict[str, Any], check=True) = {}
+    shipped: Shipped | None = None
     argv: list[str] = []
     env: dict[str, str] = {}
     labels: dict[str, str] = {}
     job_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _prepare(cls, data: Any, handler, info) -> "JobSpec":
+        """A callable kernel is shipped (sandbox.shipping). From JSON, args and kwargs are decoded
+        here: pydantic validates JSON through the custom __init__, in Python mode."""
+        return handler(prepare(decode_json_fields(data, ("args", "kwargs")) if info.mode == "json" else data))
 
     @field_validator("kernel")
     @classmethod
@@ -100,6 +113,11 @@ class JobSpec(_Strict):
         if m is None:  # pragma: no cover - the pattern matches any non-empty string
             raise ConfigError(f"JobSpec: kernel={self.kernel!r}: not FILE[:FUNCTION] or MODULE:FUNCTION")
         return m.group("target"), m.group("func")
+
+
+def as_spec(job: "JobSpec | Callable") -> "JobSpec":
+    """`job` itself, or a JobSpec running the callable `job` with no arguments."""
+    return job if isinstance(job, JobSpec) else JobSpec(kernel=job)
 
 
 class Violation(BaseModel):
@@ -169,7 +187,7 @@ class JobResult(BaseModel):
     rlimits: dict[str, int | None] = {}
     enforcement: dict[str, Enforcement] = {}
     notes: list[str] = []
-    return_value: Any = None
+    return_value: wire(Any, check=False) = None
     error_type: str | None = None
     error_message: str | None = None
     traceback: str | None = None

@@ -23,11 +23,11 @@ import atexit
 import math
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from .executor import Capacity, SandboxExecutor
 from .limits import Limits, Policy
-from .models import JobResult, JobSpec, Verdict
+from .models import JobResult, JobSpec, Verdict, as_spec
 from .monitor import JobControl
 from .supervisor import Supervisor
 
@@ -109,23 +109,27 @@ def run_in_task(spec_json: str, policy_json: str) -> str:
     return outcome["result"].model_dump_json()
 
 
-def submit(spec: JobSpec, policy: Policy | None = None, device_memory: int | None = None, **ray_options):
-    """Start `spec` as a Ray task; returns an ObjectRef to the JobResult's JSON (use `result()`).
+def submit(spec: JobSpec | Callable, policy: Policy | None = None, device_memory: int | None = None,
+           **ray_options):
+    """Start `spec` (or a callable, shipped to the job: see sandbox.shipping) as a Ray task; returns an
+    ObjectRef to the JobResult's JSON (use `result()`, which keeps numpy arrays in the return value).
 
     `ray_options` override the mapping from limits (e.g. `num_gpus=1`, `scheduling_strategy=...`).
     """
     ray = _ray()
+    spec = as_spec(spec)
     policy = policy if policy is not None else Policy()
     limits = policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
     options = {**resource_options(spec, limits, device_memory), **ray_options}
     task = ray.remote(run_in_task).options(name=f"taichi-sandbox:{spec.job_id}", **options)
     ref = task.remote(spec.model_dump_json(), policy.model_dump_json())
     with _submitted_lock:
-        _submitted[ref.hex()] = spec
+        _submitted[ref.hex()] = {"job_id": spec.job_id, "kernel": spec.kernel, "arch": spec.arch,
+                                 "labels": spec.labels}
     return ref
 
 
-_submitted: dict[str, JobSpec] = {}  # the spec of each submitted job until `result()` has its verdict
+_submitted: dict[str, dict] = {}  # what a result needs of each submitted job until `result()` has its verdict
 _submitted_lock = threading.Lock()
 
 
@@ -143,8 +147,8 @@ def result(ref, timeout: float | None = None) -> JobResult:
             raise
         cancelled = isinstance(err, ray.exceptions.TaskCancelledError)
         now = time.time()
-        return JobResult(job_id=spec.job_id, kernel=spec.kernel, arch=spec.arch, labels=spec.labels,
-                         verdict=Verdict.cancelled if cancelled else Verdict.crashed, started_at=now, ended_at=now,
+        return JobResult(**spec, verdict=Verdict.cancelled if cancelled else Verdict.crashed,
+                         started_at=now, ended_at=now,
                          reason="cancelled by request (Ray task cancelled)" if cancelled else
                          f"the Ray worker running the job died ({type(err).__name__})")
     with _submitted_lock:

@@ -128,7 +128,7 @@ class Supervisor:
     def _prepare(self, spec: JobSpec, limits: Limits, arch: str, workdir: Path) -> _Prepared:
         """Everything the child needs, decided here once: rlimits, env, dirs, Taichi caps, GPU watch."""
         target, function = spec.target()
-        if function is None or target.endswith(".py"):
+        if spec.shipped is None and (function is None or target.endswith(".py")):
             path = Path(target)
             if not path.is_file():
                 raise ConfigError(f"kernel file not found: {target}")
@@ -176,9 +176,9 @@ class Supervisor:
             notes.append(f"gpu_memory hard-capped by NVIDIA MPS ({mps_dir})")
         facts = GpuFacts(nvml_error=nvml_error, mps=mps_dir is not None)
         watch = GpuWatch(self.gpu_sampler, visible) if facts.nvml_error is None and visible else None
-        plan = ChildPlan(job_id=spec.job_id, target=target, function=function, args=spec.args,
-                         kwargs=spec.kwargs, argv=spec.argv, ti_arch=arch, ti_caps=caps, rlimits=rlimits,
-                         env=env, workdir=str(work), parent_pid=0, preinit=function is not None)
+        plan = ChildPlan(job_id=spec.job_id, target=target, function=function, shipped=spec.shipped, args=spec.args,
+                         kwargs=spec.kwargs, argv=spec.argv, ti_arch=arch, ti_caps=caps, rlimits=rlimits, env=env,
+                         workdir=str(work), parent_pid=0, preinit=function is not None, max_result=limits.max_result)
         if len(plan.model_dump_json()) > MAX_PLAN_BYTES:
             raise ConfigError(f"job too large: its args, kwargs, argv and env exceed {MAX_PLAN_BYTES} bytes")
         isolation = self._isolate(plan, tenant_key(spec), limits, workdir, cache, notes)

@@ -1,5 +1,6 @@
-"""Deciding a job's verdict from the evidence: violations, the exit status, the channel, the kernel's
-final counters. Pure: reads what the supervisor collected and builds the JobResult, acts on nothing.
+"""Deciding a job's verdict from the evidence: violations, the exit status, the channel, the job's
+result files, the kernel's final counters. Reads what the supervisor collected and the result files
+(as hostile input, sandbox.results), builds the JobResult, acts on nothing.
 
 The first non-warning violation decides; then cancellation; then the job's own report (`ok` also
 needs exit status 0); then how the process ended.
@@ -20,6 +21,7 @@ from .limits import Limits
 from .models import JobResult, JobSpec, Sample, Termination, Usage, Verdict, Violation
 from .monitor import kernel_breaches
 from .pump import Pump
+from .results import load as load_result
 from .tree import Reading
 
 AS_ERROR_MARKERS = ("memory allocation", "cannot allocate memory", "out of memory")
@@ -66,6 +68,14 @@ def decide(ev: Evidence) -> JobResult:
     final = results[-1] if results else None
     violations = ev.violations + _kernel_violations(ev)
     limits, exit_, notes = ev.limits, ev.exit, list(ev.notes)
+    reported_ok = final is not None and final.status == "ok" and exit_.code == 0
+    loaded = load_result(ev.plan.workdir, final.result_bytes if reported_ok else None, limits.max_result)
+    if loaded.over_limit is not None:
+        violations.append(Violation(at=time.time(), pid=None, resource="result", limit=limits.max_result,
+                                    observed=loaded.size, action="none", detected_by=loaded.over_limit))
+    if loaded.error is not None:
+        final = final.model_copy(update={"status": "error", "error_type": "ResultError",
+                                         "error_message": loaded.error})
     kernel_cpu = ev.cgroup_final.cpu_seconds if ev.cgroup_final is not None else None
     cpu = max(ev.peak.cpu, exit_.cpu_seconds, kernel_cpu or 0.0)
 
@@ -121,7 +131,7 @@ def decide(ev: Evidence) -> JobResult:
         exit_code=exit_.code, signal=signame,
         violations=sorted(violations + ev.warnings, key=lambda v: v.at),
         usage=usage, limits=limits, notes=notes,
-        return_value=final.return_value if final is not None and verdict is Verdict.ok else None,
+        return_value=loaded.value if verdict is Verdict.ok else None,
         error_type=final.error_type if final else None, error_message=final.error_message if final else None,
         traceback=final.traceback if final else None,
         stdout_tail=pump.tail("stdout"), stderr_tail=pump.tail("stderr"),
@@ -135,6 +145,9 @@ def _breach_reason(v: Violation) -> str:
     if v.detected_by == "cgroup" and v.resource == "memory":
         return f"memory limit {_fmt('memory', v.limit)} reached: the kernel OOM-killed the job " \
                f"(cgroup peak {_fmt('memory', v.observed)})"
+    if v.resource == "result":
+        return f"result limit {_fmt('result', v.limit)} exceeded: the return value takes at least " \
+               f"{_fmt('result', v.observed)} ({v.detected_by}); raise max_result or return less"
     if v.detected_by == "cgroup" and v.resource == "processes":
         return f"processes limit reached: the kernel refused a fork at pids.max = {v.limit:g} tasks (cgroup)"
     return f"{v.resource} limit {_fmt(v.resource, v.limit)} exceeded: " \
@@ -153,7 +166,7 @@ def _after(final: ResultMessage | None) -> str:
 
 
 def _fmt(resource: str, value: float) -> str:
-    if resource in ("memory", "address_space", "gpu_memory", "output"):
+    if resource in ("memory", "address_space", "gpu_memory", "output", "result"):
         return f"{value / (1 << 20):.1f} MiB"
     if resource in ("cpu_time", "wall_time"):
         return f"{value:.2f}s"

@@ -51,7 +51,7 @@ def test_huge_message_is_capped(any_supervisor, tmp_path):
 
 
 def test_forged_ok_then_nonzero_exit_is_not_ok(any_supervisor, tmp_path):
-    forged = 'b\'{"type": "result", "status": "ok", "return_value": 42}\\n\''
+    forged = 'b\'{"type": "result", "status": "ok", "result_bytes": 2}\\n\''
     r = _hostile(any_supervisor, tmp_path, forged, code=3)
     assert r.verdict is Verdict.error
     assert r.reason == "exited with status 3 after reporting success"
@@ -74,6 +74,6 @@ def test_reader_rejects_off_schema_messages(line):
 
 def test_reader_accepts_valid_result():
     reader = ChannelReader()
-    reader.feed(b'{"type": "result", "status": "ok", "return_value": [1, 2.5, "x"]}\n')
+    reader.feed(b'{"type": "result", "status": "ok", "result_bytes": 120}\n')
     (message,), errors = reader.messages()
-    assert isinstance(message, ResultMessage) and message.return_value == [1, 2.5, "x"] and errors == []
+    assert isinstance(message, ResultMessage) and message.result_bytes == 120 and errors == []

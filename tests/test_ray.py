@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import sys
 import time
 
+import numpy as np
 import psutil
 import pytest
 
@@ -66,6 +68,16 @@ def test_ok_and_limit_verdicts_come_back_with_ray_labels(cluster):
     labels = results["ok"].labels
     assert labels["ray_node_id"] == ray.nodes()[0]["NodeID"] and labels["ray_task_id"]
     assert "CPU=1" in labels["ray_resources"]
+
+
+def test_callable_with_array_result_through_ray(cluster):
+    weights = np.array([1.0, np.nan], np.float32)
+    r = sray.result(sray.submit(JobSpec(kernel=lambda k: {"w": weights * k}, args=[2]), cluster), timeout=120)
+    assert r.verdict is Verdict.ok, r.reason
+    w = r.return_value["w"]
+    assert w.dtype == np.float32 and w[0] == 2.0 and np.isnan(w[1])
+    r = sray.result(sray.submit(functools.partial(np.arange, 3, dtype=np.int16), cluster), timeout=120)
+    assert r.ok and r.return_value.dtype == np.int16 and r.return_value.tolist() == [0, 1, 2]
 
 
 def test_resource_mapping():
