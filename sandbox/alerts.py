@@ -37,6 +37,8 @@ class Alerts:
         self._crossed: set[tuple[str, str, float]] = set()
         self._lock = threading.Lock()
         self._queue: queue.Queue[dict | None] = queue.Queue(QUEUE_SIZE)
+        self._command: subprocess.Popen | None = None  # the command delivering an event now
+        self._abandoned = False  # closing took too long: deliver nothing more
         self._thread = threading.Thread(target=self._deliver_all, name="tsbx-alerts", daemon=True)
         self._thread.start()
 
@@ -72,7 +74,7 @@ class Alerts:
 
     def close(self, timeout: float | None = None) -> None:
         """Deliver the queued events and stop, within `timeout` seconds (None: however long it
-        takes); what is still queued then is logged as lost."""
+        takes); then the command running is killed and what is still queued is logged as lost."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             self._queue.put(None, timeout=timeout)
@@ -81,9 +83,14 @@ class Alerts:
         self._thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if self._thread.is_alive():
             log.warning("%d alert(s) not delivered within %gs of closing", self._queue.qsize(), timeout)
+            with self._lock:
+                self._abandoned = True
+                if self._command is not None:
+                    self._command.kill()
+            self._thread.join()
 
     def _deliver_all(self) -> None:
-        while (event := self._queue.get()) is not None:
+        while (event := self._queue.get()) is not None and not self._abandoned:
             self._deliver(event)
 
     def _deliver(self, event: dict) -> None:
@@ -95,7 +102,19 @@ class Alerts:
                 log.exception("alert hook failed")
         if self.command:
             try:
-                subprocess.run(self.command, input=json.dumps(event).encode(), timeout=COMMAND_TIMEOUT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-            except (OSError, subprocess.SubprocessError) as err:
+                with self._lock:
+                    if self._abandoned:
+                        return
+                    self._command = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                                     stderr=subprocess.DEVNULL)
+                try:
+                    self._command.communicate(json.dumps(event).encode(), timeout=COMMAND_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    self._command.kill()
+                    self._command.wait()
+                    log.error("alert command %s took more than %gs: killed", self.command, COMMAND_TIMEOUT)
+            except OSError as err:
                 log.error("alert command %s failed: %s", self.command, err)
+            finally:
+                with self._lock:
+                    self._command = None
