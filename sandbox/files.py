@@ -27,6 +27,7 @@ from .namespaces import permits  # the isolation module's one rule for permissio
 MAX_OUTPUT_FILES = 1000
 MAX_OUTPUT_BYTES = 4 << 30
 MAX_DEPTH = 32
+MAX_SCANNED = 100_000
 _NOTED = 5  # skipped entries named in a note; the rest are counted
 
 
@@ -77,19 +78,31 @@ def stage(inputs: list[str], output_dir: str | None, workdir: str, reader: tuple
 
 
 class _Walk:
-    """The regular files of one directory tree, found without following symlinks."""
+    """The regular files of one directory tree, found without following symlinks. `owner`: only
+    files of this uid count (None: any); `exclude`: relative paths passed over silently. Stops
+    looking after MAX_SCANNED entries, so a job that made millions cannot stall the supervisor."""
 
-    def __init__(self, owner: int | None) -> None:
-        self.owner = owner
+    def __init__(self, owner: int | None, exclude: set[str]) -> None:
+        self.owner, self.exclude = owner, exclude
         self.skipped: list[str] = []
+        self.scanned = 0
 
     def files(self, dirfd: int, prefix: str, depth: int = 0):
-        """(relative path, directory fd, name) of each regular file, sorted, depth first."""
-        for name in sorted(os.listdir(dirfd)):
+        """(relative path, directory fd, name) of each regular file, sorted per directory, depth first."""
+        names = []
+        with os.scandir(dirfd) as entries:
+            for entry in entries:
+                self.scanned += 1
+                if self.scanned > MAX_SCANNED:
+                    break
+                names.append(entry.name)
+        for name in sorted(names):
             rel = prefix + name
             try:
                 st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
             except OSError:
+                continue
+            if rel in self.exclude:
                 continue
             if stat.S_ISDIR(st.st_mode) and depth < MAX_DEPTH:
                 try:
@@ -116,14 +129,14 @@ def collect(patterns: list[str], workdir: str, output_dir: str, owner: int | Non
     `exclude`: relative paths not to copy (the inputs). Returns (copied paths, notes)."""
     copied: list[str] = []
     notes: list[str] = []
-    walk, total, capped = _Walk(owner), 0, 0
+    walk, total, capped = _Walk(owner, exclude), 0, 0
     try:
         top = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as err:
         return [], [f"outputs: cannot read the job's dir: {err.strerror}"]
     try:
         for rel, dirfd, name in walk.files(top, ""):
-            if rel in exclude or not any(fnmatch.fnmatchcase(rel, p) for p in patterns):
+            if not any(fnmatch.fnmatchcase(rel, p) for p in patterns):
                 continue
             if len(copied) >= max_files or total >= max_bytes:
                 capped += 1
@@ -138,6 +151,8 @@ def collect(patterns: list[str], workdir: str, output_dir: str, owner: int | Non
                 continue
             total += size
             copied.append(str(Path(output_dir, rel)))
+    except OSError as err:  # a directory that cannot be listed
+        notes.append(f"outputs: stopped looking: {err.strerror or err}")
     finally:
         os.close(top)
     matched = [s for s in walk.skipped if any(fnmatch.fnmatchcase(s.rstrip("/"), p) for p in patterns)]
@@ -145,6 +160,8 @@ def collect(patterns: list[str], workdir: str, output_dir: str, owner: int | Non
         shown = ", ".join(matched[:_NOTED]) + (f" and {len(matched) - _NOTED} more" if len(matched) > _NOTED else "")
         notes.append(f"outputs: skipped {len(matched)} entries that are not regular files of the job "
                      f"(symlinks, devices, other owners' files, too deep): {shown}")
+    if walk.scanned > MAX_SCANNED:
+        notes.append(f"outputs: stopped looking after {MAX_SCANNED} directory entries")
     if capped:
         notes.append(f"outputs: {capped} matching file(s) not copied: the cap is {max_files} files and "
                      f"{max_bytes} bytes per job")
