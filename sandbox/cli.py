@@ -76,7 +76,8 @@ def run(
     arch: str = typer.Option("cpu", help="cpu | vulkan | cuda | opengl | metal | gpu"),
     profile: Optional[str] = typer.Option(None, help="Profile from the limits file."),
     tenant: Optional[str] = typer.Option(None, help="Tenant from the limits file."),
-    limits_file: Optional[Path] = typer.Option(None, help="limits.toml (default: $TAICHI_SANDBOX_LIMITS or ./limits.toml)."),
+    limits_file: Optional[Path] = typer.Option(None, help="limits.toml (default: $TAICHI_SANDBOX_LIMITS, else "
+                                                          "./limits.toml, else the bundled one)."),
     cpu_time: Optional[str] = typer.Option(None, help="e.g. 2s, 1.5, 500ms"),
     wall_time: Optional[str] = typer.Option(None, help="e.g. 10s, 2m"),
     memory: Optional[str] = typer.Option(None, help="memory of the whole job (its cgroup; RSS without one), e.g. 1GiB"),
@@ -196,7 +197,8 @@ def batch(
     tenant: Optional[str] = typer.Option(None, help="Tenant for jobs that do not name one."),
     profile: Optional[str] = typer.Option(None, help="Profile for jobs that do not name one."),
     arch: str = typer.Option("cpu", help="Arch for jobs that do not name one."),
-    limits_file: Optional[Path] = typer.Option(None, help="limits.toml (default: $TAICHI_SANDBOX_LIMITS or ./limits.toml)."),
+    limits_file: Optional[Path] = typer.Option(None, help="limits.toml (default: $TAICHI_SANDBOX_LIMITS, else "
+                                                          "./limits.toml, else the bundled one)."),
     metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus /metrics on 127.0.0.1:PORT."),
     metrics_textfile: Optional[Path] = typer.Option(None, help="Write Prometheus metrics to this file at the end."),
     as_json: bool = typer.Option(False, "--json", help="One JobResult JSON per line, nothing else."),
