@@ -122,7 +122,7 @@ def run(
     live_view = err.is_terminal and not as_json
     control = JobControl()
     try:
-        with Supervisor(policy, launcher=launcher) as supervisor, Interrupts(control.cancel, err) as interrupts:
+        with Interrupts(control.cancel, err) as interrupts, Supervisor(policy, launcher=launcher) as supervisor:
             run_job = functools.partial(supervisor.run, spec, control=control, on_output=Echo(to_stderr=as_json))
             if live_view:
                 with Live(_live_table(kernel, effective, None), console=err, refresh_per_second=8,
