@@ -1,14 +1,19 @@
 """`taichi-sandbox`: run kernel files under limits, run batches, list profiles, check a limits.toml,
 probe the machine, show quota usage.
 
-Exit codes (see README): the verdict's code for `run` (0 ok, 1 error, 3 rejected, 4 crashed,
-118-124 one per limit, 124 = wall time as in timeout(1)); 2 usage/config error; 125 internal error.
+`run` streams the job's stdout/stderr live, then prints the summary on stderr. Exit codes (see
+README): 0 ok, 1 error, 2 usage/config error, 3-113 the job's own exit status, 114 result limit,
+115 cancelled, 116 crashed, 117 rejected, 118-124 one per limit (124 = wall time as in timeout(1)), 125 internal
+error, 130/143 after Ctrl-C/SIGTERM (the jobs are cancelled, their results printed and audited).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+import time
+from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import List, Optional
 
@@ -19,16 +24,16 @@ from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
-from .limits import ConfigError, Limits, Policy, load_policy, read_file, tomllib
+from .display import VERDICT_STYLE, secs, size, summary, usage_rows
+from .limits import BUNDLED_POLICY, ConfigError, Limits, Policy, load_policy, read_file, tomllib
 from .models import EXIT_INTERNAL, EXIT_USAGE, JobResult, JobSpec, Sample, Verdict
+from .monitor import JobControl
 from .supervisor import Supervisor
+from .terminal import Echo, Interrupts
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run Taichi kernel jobs in supervised, resource-limited child processes.")
 err = Console(stderr=True)
-
-VERDICT_STYLE = {Verdict.ok: "bold green", Verdict.error: "bold red", Verdict.crashed: "bold red",
-                 Verdict.rejected: "bold yellow"}
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
@@ -36,26 +41,11 @@ def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _size(value: float | None) -> str:
-    if value is None:
-        return "-"
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if value >= scale:
-            return f"{value / scale:.1f} {unit}"
-    return f"{value:.0f} B"
-
-
-def _secs(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}s"
-
-
-def _usage_rows(limits: Limits, cpu: float, wall: float, rss: int, vms: int, procs: int, output: int):
-    yield "cpu time", _secs(cpu), _secs(limits.cpu_time)
-    yield "wall time", _secs(wall), _secs(limits.wall_time)
-    yield "memory (RSS, tree)", _size(rss), _size(limits.memory)
-    yield "virtual memory", _size(vms), "auto" if limits.address_space == "auto" else _size(limits.address_space)
-    yield "processes", str(procs), "-" if limits.max_processes is None else str(limits.max_processes)
-    yield "output", _size(output), _size(limits.max_output)
+def _policy_label(policy: Policy) -> str:
+    """Which policy file was used, for people."""
+    if policy.source == str(BUNDLED_POLICY):
+        return f"{policy.source} (bundled: no $TAICHI_SANDBOX_LIMITS, no ./limits.toml)"
+    return policy.source if policy.source != "<built-in>" else "none (built-in: nothing limited)"
 
 
 def _live_table(kernel: str, limits: Limits, sample: Sample | None) -> Table:
@@ -63,44 +53,10 @@ def _live_table(kernel: str, limits: Limits, sample: Sample | None) -> Table:
     for column in ("resource", "used", "limit"):
         table.add_column(column)
     if sample is not None:
-        for row in _usage_rows(limits, sample.cpu, sample.t, sample.rss, sample.vms, sample.processes,
+        for row in usage_rows(limits, sample.cpu, sample.t, sample.rss, sample.vms, sample.processes,
                                sample.output):
             table.add_row(*row)
     return table
-
-
-def render_summary(result: JobResult, console: Console) -> None:
-    """Verdict, usage against each limit, violations, and the tail of stderr / the traceback."""
-    style = VERDICT_STYLE.get(result.verdict, "bold magenta")
-    console.print(Text.assemble(("verdict: ", "bold"), (result.verdict.value, style),
-                                (f"  {result.reason}" if result.reason else "", "")))
-    u = result.usage
-    table = Table(show_header=True, title=f"job {result.job_id} · {result.kernel} · arch {result.arch}")
-    for column in ("resource", "used (peak)", "limit"):
-        table.add_column(column)
-    for row in _usage_rows(result.limits, u.cpu_seconds, u.wall_seconds, u.peak_rss, u.peak_vms,
-                           u.peak_processes, u.output_bytes):
-        table.add_row(*row)
-    console.print(table)
-    if result.violations:
-        vt = Table(title="violations", show_header=True)
-        for column in ("resource", "limit", "observed", "action", "detected by", "pid"):
-            vt.add_column(column)
-        for v in result.violations:
-            fmt = _size if v.resource in ("memory", "address_space", "output", "gpu_memory") else (
-                _secs if v.resource.endswith("_time") else (lambda x: f"{x:g}"))
-            vt.add_row(v.resource, fmt(v.limit), fmt(v.observed), v.action, v.detected_by, str(v.pid))
-        console.print(vt)
-    if result.termination is not None:
-        t = result.termination
-        grace = (f", SIGKILL {t.sigkill_at - t.sigterm_at:.2f}s after SIGTERM"
-                 if t.sigterm_at and t.sigkill_at else "")
-        sent = "SIGTERM" if t.sigterm_at else "SIGKILL"
-        console.print(f"terminated: {sent} to the process tree{grace}", highlight=False)
-    if result.verdict is not Verdict.ok:
-        tail = (result.traceback or result.stderr_tail).strip().splitlines()[-15:]
-        if tail:
-            console.print(Text("\n".join(tail), style="dim"))
 
 
 def _parse_entry_args(extra: list[str]) -> list:
@@ -120,7 +76,8 @@ def run(
     arch: str = typer.Option("cpu", help="cpu | vulkan | cuda | opengl | metal | gpu"),
     profile: Optional[str] = typer.Option(None, help="Profile from the limits file."),
     tenant: Optional[str] = typer.Option(None, help="Tenant from the limits file."),
-    limits_file: Optional[Path] = typer.Option(None, help="limits.toml (default: $TAICHI_SANDBOX_LIMITS or ./limits.toml)."),
+    limits_file: Optional[Path] = typer.Option(None, help="limits.toml (default: $TAICHI_SANDBOX_LIMITS, else "
+                                                          "./limits.toml, else the bundled one)."),
     cpu_time: Optional[str] = typer.Option(None, help="e.g. 2s, 1.5, 500ms"),
     wall_time: Optional[str] = typer.Option(None, help="e.g. 10s, 2m"),
     memory: Optional[str] = typer.Option(None, help="memory of the whole job (its cgroup; RSS without one), e.g. 1GiB"),
@@ -130,9 +87,15 @@ def run(
     max_output: Optional[str] = typer.Option(None, help="stdout+stderr bytes, e.g. 10MiB"),
     grace: Optional[str] = typer.Option(None, help="SIGTERM -> SIGKILL delay, e.g. 2s"),
     launcher: Optional[str] = typer.Option(None, help="forkserver | exec"),
-    as_json: bool = typer.Option(False, "--json", help="Print the JobResult as JSON, nothing else."),
+    inputs: Optional[List[str]] = typer.Option(None, "--input", help="File copied read-only into the job's dir "
+                                               "at this relative path (an absolute one by its name); repeatable."),
+    output_dir: Optional[str] = typer.Option(None, help="Copy the files the job writes in its dir here."),
+    outputs: Optional[List[str]] = typer.Option(None, "--output", help="Which files to copy to --output-dir "
+                                                "(glob, '*' also matches '/'; repeatable; default '*')."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JobResult as JSON on stdout, nothing else "
+                                 "(the job's output goes to stderr)."),
 ) -> None:
-    """Run one Taichi job and print its verdict."""
+    """Run one Taichi job: its output streams live, then its verdict (on stderr)."""
     overrides = {k: v for k, v in dict(cpu_time=cpu_time, wall_time=wall_time, memory=memory,
                                         address_space=address_space, gpu_memory=gpu_memory,
                                         max_processes=max_processes, max_output=max_output,
@@ -145,32 +108,36 @@ def run(
         target = kernel.rsplit(":", 1)[0] if ":" in kernel else kernel
         if target.endswith(".py") and not Path(target).is_file():
             raise ConfigError(f"kernel file not found: {target}")
+        if outputs and output_dir is None:
+            raise ConfigError("--output needs --output-dir")
         spec = JobSpec(kernel=kernel, arch=arch, limits=limits, profile=profile, tenant=tenant,
                        args=_parse_entry_args(extra) if ":" in kernel else [],
-                       argv=[] if ":" in kernel else extra)
+                       argv=[] if ":" in kernel else extra, inputs=inputs or [],
+                       outputs=(outputs or ["*"]) if output_dir is not None else [], output_dir=output_dir)
         effective = policy.resolve(profile, tenant, limits)
         if launcher is not None and launcher not in ("forkserver", "exec"):
             raise ConfigError(f"launcher={launcher!r}: expected forkserver or exec")
     except ConfigError as e:
         raise _fail(str(e))
-    out = Console()
-    live_view = out.is_terminal and not as_json
+    live_view = err.is_terminal and not as_json
+    control = JobControl()
     try:
-        with Supervisor(policy, launcher=launcher) as supervisor:
+        with Interrupts(control.cancel, err) as interrupts, Supervisor(policy, launcher=launcher) as supervisor:
+            run_job = functools.partial(supervisor.run, spec, control=control, on_output=Echo(to_stderr=as_json))
             if live_view:
-                with Live(_live_table(kernel, effective, None), console=out, refresh_per_second=8,
+                with Live(_live_table(kernel, effective, None), console=err, refresh_per_second=8,
                           transient=True) as live:
-                    result = supervisor.run(spec, on_sample=lambda s: live.update(
-                        _live_table(kernel, effective, s)))
+                    result = run_job(on_sample=lambda s: live.update(_live_table(kernel, effective, s)))
             else:
-                result = supervisor.run(spec)
+                result = run_job()
     except Exception as e:  # noqa: BLE001 - the sandbox itself failed, not the job
         raise _fail(f"internal error: {type(e).__name__}: {e}", EXIT_INTERNAL)
     if as_json:
         sys.stdout.write(result.model_dump_json() + "\n")
     else:
-        render_summary(result, out)
-    raise typer.Exit(result.exit_status)
+        err.print(summary(result, stderr_tail=False))
+        err.print(f"policy: {_policy_label(policy)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(interrupts.exit_code or result.exit_status)
 
 
 @app.command()
@@ -180,7 +147,7 @@ def profiles(limits_file: Optional[Path] = typer.Option(None, help="limits.toml 
         policy = load_policy(limits_file)
     except ConfigError as e:
         raise _fail(str(e))
-    table = Table(title=f"profiles in {policy.source}")
+    table = Table(title=f"profiles in {_policy_label(policy)}")
     columns = {"[defaults]": policy.defaults, **policy.profiles}
     table.add_column("limit")
     for name in columns:
@@ -195,9 +162,9 @@ def _show(value, name: str) -> str:
         return "-"
     if name in ("memory", "max_output", "max_file_size", "max_result") or (name in ("address_space", "gpu_memory")
                                                               and isinstance(value, int)):
-        return _size(value)
+        return size(value)
     if name in ("cpu_time", "wall_time", "grace", "poll_interval"):
-        return _secs(value)
+        return secs(value)
     return str(value)
 
 
@@ -230,7 +197,8 @@ def batch(
     tenant: Optional[str] = typer.Option(None, help="Tenant for jobs that do not name one."),
     profile: Optional[str] = typer.Option(None, help="Profile for jobs that do not name one."),
     arch: str = typer.Option("cpu", help="Arch for jobs that do not name one."),
-    limits_file: Optional[Path] = typer.Option(None, help="limits.toml (default: $TAICHI_SANDBOX_LIMITS or ./limits.toml)."),
+    limits_file: Optional[Path] = typer.Option(None, help="limits.toml (default: $TAICHI_SANDBOX_LIMITS, else "
+                                                          "./limits.toml, else the bundled one)."),
     metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus /metrics on 127.0.0.1:PORT."),
     metrics_textfile: Optional[Path] = typer.Option(None, help="Write Prometheus metrics to this file at the end."),
     as_json: bool = typer.Option(False, "--json", help="One JobResult JSON per line, nothing else."),
@@ -257,18 +225,26 @@ def batch(
     from .executor import SandboxExecutor  # imported here: `run` should not pay for prometheus-client
 
     out = Console()
-    with SandboxExecutor(max_concurrent=concurrency, policy=policy) as executor:
+    with SandboxExecutor(max_concurrent=concurrency, policy=policy) as executor, Interrupts(
+            functools.partial(executor.shutdown, wait=False, cancel_futures=True, cancel_running=True), err,
+            "the batch") as interrupts:
         if metrics_port is not None:
             executor.metrics.serve(metrics_port)
-        futures = [executor.submit(spec, block=True) for spec in specs]
+        futures = []
+        for spec in specs:
+            try:
+                futures.append(executor.submit(spec, block=True))
+            except RuntimeError:  # shut down by Ctrl-C/SIGTERM: the rest are cancelled
+                break
         if out.is_terminal and not as_json:
             with Progress(*Progress.get_default_columns(), console=out, transient=True) as progress:
                 task = progress.add_task("jobs", total=len(futures))
                 for future in futures:
                     future.add_done_callback(lambda _: progress.advance(task))
-                results = [f.result() for f in futures]
+                results = [_outcome(executor, spec, f) for spec, f in zip(specs, futures)]
         else:
-            results = [f.result() for f in futures]
+            results = [_outcome(executor, spec, f) for spec, f in zip(specs, futures)]
+        results += [_outcome(executor, spec, None) for spec in specs[len(futures):]]
         if metrics_textfile is not None:
             executor.metrics.write_textfile(str(metrics_textfile))
     if as_json:
@@ -280,10 +256,22 @@ def batch(
             table.add_column(column)
         for spec, r in zip(specs, results):
             table.add_row(r.job_id, spec.kernel, spec.tenant or "-",
-                          Text(r.verdict.value, VERDICT_STYLE.get(r.verdict, "bold magenta")),
+                          Text(r.verdict.value, VERDICT_STYLE.get(r.verdict.value, "bold magenta")),
                           str(r.exit_status), f"{r.usage.wall_seconds:.2f}", r.reason)
         out.print(table)
-    raise typer.Exit(0 if all(r.verdict is Verdict.ok for r in results) else 1)
+    raise typer.Exit(interrupts.exit_code or (0 if all(r.verdict is Verdict.ok for r in results) else 1))
+
+
+def _outcome(executor, spec: JobSpec, future) -> JobResult:
+    """The job's result; a job cancelled before it started (Ctrl-C/SIGTERM) gets a `cancelled` one,
+    audited like any other."""
+    try:
+        if future is not None:
+            return future.result()
+    except CancelledError:
+        pass
+    return executor.supervisor._not_run(spec, "cancelled before it started (the batch was interrupted)",
+                                        time.time(), Verdict.cancelled)
 
 
 @app.command()
@@ -309,7 +297,7 @@ def quota(state: Optional[Path] = typer.Option(None, help="quota.json written by
         return f"{fmt(entry['used'])} / {fmt(quota_value) if quota_value else '-'}"
     for name, t in data["tenants"].items():
         table.add_row(name, str(t["running"]), str(t["queued"]), used(t["concurrency"], str),
-                      used(t["memory"], _size), used(t["gpu_memory"], _size), str(t["rejections"]),
+                      used(t["memory"], size), used(t["gpu_memory"], size), str(t["rejections"]),
                       str(t["violations"]))
     Console().print(table)
 
@@ -340,7 +328,7 @@ def probe(as_json: bool = typer.Option(False, "--json", help="Print the report a
     if nvml["available"]:
         out.print(f"NVML: driver {nvml['driver']}", highlight=False)
         for d in nvml["devices"]:
-            out.print(f"  GPU {d['index']}: {d['name']} {_size(d['memory_total'])} {d['uuid']}", highlight=False)
+            out.print(f"  GPU {d['index']}: {d['name']} {size(d['memory_total'])} {d['uuid']}", highlight=False)
     else:
         out.print(f"NVML: unavailable ({nvml['reason']})", highlight=False)
     mps = report["mps"]

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer, ValidationError
 
 try:
     import tomllib
@@ -118,8 +118,31 @@ def _positive(parser):
     return BeforeValidator(check)
 
 
+def _plausible(parser, floor: float, hint: str):
+    """`_positive(parser)` that also rejects a value below `floor` written without a unit: most likely
+    a typo (a bare number is bytes or seconds), explained by `hint`."""
+    positive = _positive(parser).func
+
+    def check(value: Any):
+        parsed = positive(value)
+        has_unit = isinstance(value, str) and bool(_NUMBER_UNIT.match(value).group(2))
+        if parsed is not None and parsed < floor and not has_unit:
+            raise ValueError(f"{value!r} without a unit is {hint}")
+        return parsed
+    return BeforeValidator(check)
+
+
 Seconds = Annotated[Union[float, None], _positive(parse_duration)]
 Bytes = Annotated[Union[int, None], _positive(parse_size)]
+# A bare number under 10 ms or 1 MiB is almost always a forgotten unit (`--memory 1 GiB` unquoted is `1`).
+# Such a value, when meant, is serialized with its unit so that it survives a JSON round trip.
+PlausibleSeconds = Annotated[Union[float, None], _plausible(
+    parse_duration, 0.01, "seconds, under 10 ms: likely a typo; give the unit, e.g. '10ms', '2s' or '1m'"),
+    PlainSerializer(lambda v: f"{v * 1000:g}ms" if v is not None and v < 0.01 else v)]
+PlausibleBytes = Annotated[Union[int, None], _plausible(
+    parse_size, MiB, "bytes, under 1 MiB: likely a typo; give the unit, e.g. '512MiB' or '2GiB' (on a command "
+    "line without a space, or quoted: '1 GiB'), or '100KiB' if you mean that little"),
+    PlainSerializer(lambda v: f"{v}B" if v is not None and v < MiB else v)]
 Count = Annotated[Union[int, None], _positive(_count)]
 Quota = Annotated[Union[int, None], BeforeValidator(parse_size)]  # bytes; 0 allowed ("none of it")
 
@@ -177,9 +200,9 @@ class _Strict(BaseModel):
 class Limits(_Strict):
     """Resource limits for one job. None means unlimited. Unset fields inherit when merged."""
 
-    cpu_time: Seconds = None
-    wall_time: Seconds = None
-    memory: Bytes = None
+    cpu_time: PlausibleSeconds = None
+    wall_time: PlausibleSeconds = None
+    memory: PlausibleBytes = None
     address_space: Annotated[Union[int, Literal["auto"], None], _positive(parse_address_space)] = "auto"
     gpu_memory: Annotated[Union[int, float, None], _positive(parse_gpu_memory)] = None
     max_processes: Count = None
@@ -415,13 +438,19 @@ class Policy(BaseModel):
         return limits
 
 
+BUNDLED_POLICY = Path(__file__).with_name("limits.toml")  # the repository's limits.toml, shipped as package data
+
+
 def default_policy_path() -> Path | None:
-    """$TAICHI_SANDBOX_LIMITS, else ./limits.toml when present, else None (built-in defaults)."""
+    """$TAICHI_SANDBOX_LIMITS, else ./limits.toml when present, else the bundled limits.toml (None only
+    when an install lacks it: then nothing is limited)."""
     env = os.environ.get("TAICHI_SANDBOX_LIMITS")
     if env:
         return Path(env)
     local = Path("limits.toml")
-    return local if local.is_file() else None
+    if local.is_file():
+        return local
+    return BUNDLED_POLICY if BUNDLED_POLICY.is_file() else None
 
 
 def load_policy(path: str | os.PathLike | None = None) -> Policy:

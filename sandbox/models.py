@@ -10,6 +10,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .enforcement import Enforcement
+from .files import input_name, output_destination
 from .limits import ConfigError, Limits, _Strict
 from .shipping import Shipped, prepare
 from .values import decode_json_fields, wire
@@ -39,13 +40,16 @@ class Verdict(str, Enum):
         return self.value
 
 
-# Exit codes of `taichi-sandbox run`, in the spirit of timeout(1): 124 wall time, 125 internal error.
+# Exit codes of `taichi-sandbox run`, in the spirit of timeout(1): the sandbox's own codes are 2 and
+# 114-125 (124 wall time, 125 internal error); a job's own exit status 3-113 passes through (see
+# JobResult.exit_status); 130/143 after Ctrl-C/SIGTERM on the CLI.
 EXIT_CODES = {
-    Verdict.ok: 0, Verdict.error: 1, Verdict.rejected: 3, Verdict.crashed: 4, Verdict.cancelled: 5,
-    Verdict.result: 117,
+    Verdict.ok: 0, Verdict.error: 1, Verdict.result: 114, Verdict.cancelled: 115, Verdict.crashed: 116,
+    Verdict.rejected: 117,
     Verdict.output: 118, Verdict.processes: 119, Verdict.gpu_memory: 120, Verdict.address_space: 121,
     Verdict.memory: 122, Verdict.cpu_time: 123, Verdict.wall_time: 124,
 }
+JOB_EXIT_STATUSES = range(3, 114)  # a job's own exit status that the CLI passes through unchanged
 EXIT_USAGE = 2
 EXIT_INTERNAL = 125
 
@@ -60,6 +64,11 @@ class JobSpec(_Strict):
     / `package.module:function`, called with `args`/`kwargs` (JSON values and numpy arrays), or any
     callable (also "__main__:function"), shipped with its args and kwargs (sandbox.shipping); then
     `kernel` becomes its name. Its return value comes back in the result (sandbox.results).
+
+    `inputs`: files copied read-only into the job's cwd before it starts, at the relative path
+    given (relative to the caller's cwd; an absolute path by its name). `outputs`: fnmatch patterns
+    of files in the job's cwd copied to `output_dir` (absolute, or relative to the caller's cwd)
+    after it ends and listed in `JobResult.outputs` (see sandbox.files).
     """
 
     kernel: str
@@ -75,6 +84,9 @@ class JobSpec(_Strict):
     argv: list[str] = []
     env: dict[str, str] = {}
     labels: dict[str, str] = {}
+    inputs: list[str] = []
+    outputs: list[str] = []
+    output_dir: str | None = None
     job_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @model_validator(mode="wrap")
@@ -106,6 +118,24 @@ class JobSpec(_Strict):
             if not name or "=" in name or "\0" in name or "\0" in value[name]:
                 raise ValueError(f"invalid environment variable {name!r}")
         return value
+
+    @field_validator("inputs")
+    @classmethod
+    def _input_paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            input_name(path)
+        return value
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_absolute(cls, value: str | None) -> str | None:
+        return output_destination(value) if value is not None else None
+
+    @model_validator(mode="after")
+    def _outputs_have_a_destination(self) -> "JobSpec":
+        if self.outputs and self.output_dir is None:
+            raise ValueError("outputs need an output_dir to copy them to")
+        return self
 
     def target(self) -> tuple[str, str | None]:
         """(file or module, function or None)."""
@@ -187,6 +217,7 @@ class JobResult(BaseModel):
     rlimits: dict[str, int | None] = {}
     enforcement: dict[str, Enforcement] = {}
     notes: list[str] = []
+    outputs: list[str] = []
     return_value: wire(Any, check=False) = None
     error_type: str | None = None
     error_message: str | None = None
@@ -209,5 +240,16 @@ class JobResult(BaseModel):
 
     @property
     def exit_status(self) -> int:
-        """The CLI exit code for this verdict (see README)."""
+        """The CLI exit code: the verdict's (see README), or for verdict `error` the job's own exit
+        status where it is in JOB_EXIT_STATUSES (never one of the sandbox's codes)."""
+        if self.verdict is Verdict.error and self.exit_code in JOB_EXIT_STATUSES:
+            return self.exit_code
         return EXIT_CODES[self.verdict]
+
+    def __rich__(self):
+        from .display import summary
+        return summary(self)
+
+    def _repr_html_(self) -> str:
+        from .display import to_html
+        return to_html(self)

@@ -13,12 +13,16 @@ from .models import TAIL_BYTES
 
 
 class Pump(threading.Thread):
-    """Reads stdout, stderr and the channel until EOF; keeps bounded tails and exact byte counts."""
+    """Reads stdout, stderr and the channel until EOF; keeps bounded tails and exact byte counts.
+    `on_output(name, data)` sees every chunk of stdout/stderr as it arrives (e.g. to echo it); if it
+    raises it is not called again, and the pump goes on."""
 
     def __init__(self, stdout_r: int, stderr_r: int, channel_r: int, output_limit: int | None,
-                 on_output_limit: Callable[[], None]) -> None:
+                 on_output_limit: Callable[[], None],
+                 on_output: Callable[[str, bytes], None] | None = None) -> None:
         super().__init__(name="tsbx-io", daemon=True)
         self._output_limit, self._on_output_limit = output_limit, on_output_limit
+        self._on_output = on_output
         self.fds = {stdout_r: "stdout", stderr_r: "stderr", channel_r: "channel"}
         self.tails = {"stdout": collections.deque(), "stderr": collections.deque()}
         self.tail_sizes = {"stdout": 0, "stderr": 0}
@@ -39,6 +43,13 @@ class Pump(threading.Thread):
     def tail(self, name: str) -> str:
         return b"".join(self.tails[name])[-TAIL_BYTES:].decode("utf-8", "replace")
 
+    def _echo(self, name: str, data: bytes) -> None:
+        if self._on_output is not None:
+            try:
+                self._on_output(name, data)
+            except Exception:  # noqa: BLE001 - a broken echo must not stop the accounting
+                self._on_output = None
+
     def run(self) -> None:
         sel = selectors.DefaultSelector()
         for fd in self.fds:
@@ -56,6 +67,7 @@ class Pump(threading.Thread):
                 else:
                     self.counts[name] += len(data)
                     self._keep(name, data)
+                    self._echo(name, data)
                     if self._output_limit is not None and self.output_bytes() > self._output_limit:
                         self._on_output_limit()
                         self._output_limit = None

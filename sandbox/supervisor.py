@@ -10,7 +10,6 @@ import functools
 import math
 import os
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -23,6 +22,7 @@ from .cgroup import CgroupError, CgroupHost, CgroupLimits, JobCgroup, discover, 
 from .child import ChildPlan
 from . import namespaces
 from .enforcement import CgroupFacts, Enforcement, GpuFacts, IsolationFacts, cgroup_facts, enforcement_for
+from .files import collect_job, stage
 from .ids import give, may_read, tenant_ids
 from .forkserver import MAX_PLAN_BYTES
 from .gpu import (ArchUnavailable, GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, mps_env,
@@ -32,7 +32,7 @@ from .limits import DEFAULT_ENV_ALLOW, GiB, ConfigError, Limits, Policy, address
 from .models import JobResult, JobSpec, Sample, Termination, Verdict, Violation
 from .monitor import JobControl, Monitor
 from .pump import Pump
-from .terminate import JobProcesses
+from .terminate import JobProcesses, end_job
 from .tree import JobTree
 from .verdict import Evidence, decide
 
@@ -182,6 +182,7 @@ class Supervisor:
         if len(plan.model_dump_json()) > MAX_PLAN_BYTES:
             raise ConfigError(f"job too large: its args, kwargs, argv and env exceed {MAX_PLAN_BYTES} bytes")
         isolation = self._isolate(plan, tenant_key(spec), limits, workdir, cache, notes)
+        stage(spec.inputs, spec.output_dir, plan.workdir, (plan.uid, plan.gid) if plan.uid is not None else None)
         # The cgroup comes last: nothing after it may raise, or it would be left behind.
         cgroup, cgroup_known = self._job_cgroup(spec.job_id, limits, caps["cpu_max_num_threads"],
                                                 helpers=namespaces.HELPERS if plan.isolate else 0)
@@ -283,10 +284,10 @@ class Supervisor:
     # --- running ---------------------------------------------------------------------------------
 
     def run(self, spec: JobSpec, on_sample: Callable[[Sample], None] | None = None,
-            control: JobControl | None = None) -> JobResult:
+            control: JobControl | None = None, on_output: Callable[[str, bytes], None] | None = None) -> JobResult:
         """Run one job to its verdict. Never raises for anything the job does; returns `rejected`
         for a spec that cannot run (unknown profile, missing kernel file, unusable arch).
-        `control.cancel()` ends the job with verdict `cancelled`."""
+        `control.cancel()` ends the job with verdict `cancelled`; `on_output` see `Pump`."""
         started_epoch = time.time()
         workdir = None
         try:
@@ -301,7 +302,8 @@ class Supervisor:
                 return self._not_run(spec, str(err), started_epoch)
             raise
         try:
-            result = self._supervise(spec, limits, prepared, on_sample, control, started_epoch)
+            result = self._supervise(spec, limits, prepared, on_sample, control, started_epoch, on_output)
+            collect_job(spec, prepared.plan, result)
         except LaunchFailed as err:
             return self._not_run(spec, str(err), started_epoch, Verdict.crashed)
         finally:
@@ -316,7 +318,7 @@ class Supervisor:
         return result
 
     def _supervise(self, spec: JobSpec, limits: Limits, prepared: _Prepared, on_sample: Callable[[Sample], None] | None,
-                   control: JobControl | None, started_epoch: float) -> JobResult:
+                   control: JobControl | None, started_epoch: float, on_output=None) -> JobResult:
         plan, cgroup = prepared.plan, prepared.cgroup
         (out_r, out_w), (err_r, err_w), (ch_r, ch_w) = os.pipe(), os.pipe(), os.pipe()
         try:
@@ -340,9 +342,9 @@ class Supervisor:
         except OSError as err:  # the job runs: supervise it whatever the log does
             job.notes.append(f"audit log: no started record ({err})")
         monitor = Monitor(tree, limits, started, time.time, lambda: pump.output_bytes(),
-                          lambda v: self._terminate(job, v), on_sample, gpu=prepared.gpu_watch,
+                          lambda v: end_job(job, v), on_sample, gpu=prepared.gpu_watch,
                           gpu_limit=prepared.gpu_limit, control=control, cgroup=cgroup)
-        pump = Pump(out_r, err_r, ch_r, limits.max_output, monitor.wake)
+        pump = Pump(out_r, err_r, ch_r, limits.max_output, monitor.wake, on_output)
         try:
             pump.start()
             monitor.start()
@@ -371,25 +373,6 @@ class Supervisor:
             started_epoch=started_epoch, launcher=self.launcher.name, root_pid=launched.pid,
             cgroup_limits=cgroup.limits if cgroup is not None else None,
             cgroup_final=cgroup.stats() if cgroup is not None else None))
-
-    def _terminate(self, job: _Job, violation: Violation | None) -> None:
-        """SIGTERM the whole job, wait `grace`, then kill what is left (or kill at once).
-        `violation` None means the job was cancelled."""
-        with job.lock:
-            if violation is not None:
-                job.violations.append(violation)
-            job.termination = Termination(reason=violation.resource if violation is not None else "cancelled")
-        term = job.termination
-        if violation is None or violation.action != "sigkill":
-            term.terminated_pids = job.procs.signal(signal.SIGTERM)
-            term.sigterm_at = time.time()
-            deadline = time.monotonic() + job.limits.grace
-            while time.monotonic() < deadline and job.procs.alive():
-                time.sleep(min(0.01, max(deadline - time.monotonic(), 0)))
-            if not job.procs.alive():
-                return
-        term.sigkill_at = time.time()
-        term.killed_pids = job.procs.kill()
 
     def _reap_leftovers(self, job: _Job, pgid: int) -> None:
         """After the main process ended: kill whatever of the job still lives. With a cgroup that is

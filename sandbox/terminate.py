@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Callable
 
 import psutil
 
 from .cgroup import JobCgroup
+from .models import Termination, Violation
 from .tree import JobTree
 
 STOP_ROUNDS = 200  # fresh scans at most; each finds the children forked before the last SIGSTOP
@@ -80,3 +82,23 @@ class JobProcesses:
         if self.cgroup is not None:
             self.outside_cgroup += rest
         return sorted(set(in_cgroup) | set(rest))
+
+
+def end_job(job, violation: Violation | None) -> None:
+    """SIGTERM the whole job (the supervisor's `_Job`), wait its grace, then kill what is left
+    (or kill at once for a `sigkill` violation). `violation` None means the job was cancelled."""
+    with job.lock:
+        if violation is not None:
+            job.violations.append(violation)
+        job.termination = Termination(reason=violation.resource if violation is not None else "cancelled")
+    term = job.termination
+    if violation is None or violation.action != "sigkill":
+        term.terminated_pids = job.procs.signal(signal.SIGTERM)
+        term.sigterm_at = time.time()
+        deadline = time.monotonic() + job.limits.grace
+        while time.monotonic() < deadline and job.procs.alive():
+            time.sleep(min(0.01, max(deadline - time.monotonic(), 0)))
+        if not job.procs.alive():
+            return
+    term.sigkill_at = time.time()
+    term.killed_pids = job.procs.kill()

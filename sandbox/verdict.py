@@ -112,6 +112,8 @@ def decide(ev: Evidence) -> JobResult:
         notes.append("no result message: the job left through os._exit(0)")
     else:
         verdict, reason = Verdict.error, f"exited with status {exit_.code} {_after(final)}"
+    ti_init = [m.model_dump(exclude={"type"}) for m in messages if isinstance(m, TiInitMessage)]
+    notes.extend(filter(None, [arch_override(ti_init, ev.plan.ti_arch)]))
     for m in messages:
         if isinstance(m, LeftoversMessage):
             notes.append(f"killed {m.count} leftover process(es) after the main process ended (the job's "
@@ -136,9 +138,20 @@ def decide(ev: Evidence) -> JobResult:
         traceback=final.traceback if final else None,
         stdout_tail=pump.tail("stdout"), stderr_tail=pump.tail("stderr"),
         stdout_bytes=pump.counts["stdout"], stderr_bytes=pump.counts["stderr"],
-        ti_init=[m.model_dump(exclude={"type"}) for m in messages if isinstance(m, TiInitMessage)],
+        ti_init=ti_init,
         timeline=ev.timeline, termination=ev.termination, launcher=ev.launcher,
         labels=ev.spec.labels, started_at=ev.started_epoch, ended_at=time.time())
+
+
+def arch_override(ti_init: list[dict], ran_on: str) -> str | None:
+    """A warning when the job's own ti.init asked for another arch than the sandbox gave it."""
+    asked = [m["requested"].get("arch", "") for m in ti_init if "arch" in m["clamped"]]
+    if not asked:
+        return None
+    wanted = "gpu" if asked[0].startswith("[") else asked[0].removeprefix("Arch.")
+    wanted = {"x64": "cpu", "arm64": "cpu"}.get(wanted, wanted)
+    return (f"WARNING: the job's ti.init asked for arch={wanted} but it ran on {ran_on}, the arch the sandbox "
+            f"was given; run it with arch={wanted} (CLI: --arch {wanted}) to get that arch")
 
 
 def _breach_reason(v: Violation) -> str:

@@ -180,7 +180,7 @@ def test_read_only_cgroupfs_falls_back_to_polling_or_rejects_with_the_reason(tmp
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     r = json.loads(p.stdout)
     if setting == "required":
-        assert p.returncode == 3 and r["verdict"] == "rejected"
+        assert p.returncode == 117 and r["verdict"] == "rejected"
         assert "mounted read-only" in r["reason"], r["reason"]
     else:
         assert p.returncode == 0 and r["verdict"] == "ok"

@@ -28,12 +28,12 @@ def test_cpu_hog_json_verdict_and_exit_code(tmp_path):
 def test_ok_summary_and_exit_zero(tmp_path):
     p = cli("run", kernel("saxpy.py"), tmp_path=tmp_path)
     assert p.returncode == 0, p.stderr
-    assert "verdict: ok" in p.stdout and "cpu time" in p.stdout
+    assert "verdict: ok" in p.stderr and "cpu time" in p.stderr
 
 
 def test_wall_time_is_124_like_timeout(tmp_path):
     p = cli("run", kernel("sleeper.py"), "--wall-time", "1s", tmp_path=tmp_path)
-    assert p.returncode == 124 and "verdict: wall_time" in p.stdout
+    assert p.returncode == 124 and "verdict: wall_time" in p.stderr
 
 
 def test_entry_function_with_json_args(tmp_path):
@@ -110,7 +110,7 @@ def test_run_with_arch_gpu_says_where_it_ran(tmp_path):
     p = cli("run", kernel("saxpy.py"), "--arch", "gpu", "--json", tmp_path=tmp_path)
     result = json.loads(p.stdout)
     if result["verdict"] == "rejected":
-        assert "no GPU backend usable" in result["reason"] and p.returncode == 3
+        assert "no GPU backend usable" in result["reason"] and p.returncode == 117
     else:
         assert result["verdict"] == "ok" and result["arch"] in ("cuda", "vulkan", "opengl")
         assert f"gpu resolved to {result['arch']}" in result["notes"]

@@ -152,7 +152,7 @@ def test_cancel_running_and_queued_jobs(tmp_path, supervisor):
         with pytest.raises(CancelledError):
             queued.result()
     assert r.verdict is Verdict.cancelled and r.signal == "SIGKILL" and r.termination.reason == "cancelled"
-    assert r.exit_status == 5
+    assert r.exit_status == 115
     assert_no_survivors(supervisor, r.job_id)
 
 

@@ -86,7 +86,7 @@ def test_256x256_float32_and_max_result(any_supervisor):
     assert r.verdict is Verdict.ok, r.reason
     assert r.return_value.shape == (256, 256) and r.return_value.dtype == np.float32
     r = any_supervisor.run(JobSpec(kernel=big_field, args=[1024], limits=Limits(max_result="1MiB")))
-    assert r.verdict is Verdict.result and r.exit_status == 117, r.reason
+    assert r.verdict is Verdict.result and r.exit_status == 114, r.reason
     assert "result limit 1.0 MiB exceeded" in r.reason and "max_result" in r.reason
     (v,) = [v for v in r.violations if v.action != "warn"]
     assert v.resource == "result" and v.detected_by == "child" and v.observed >= 4 * MiB and r.return_value is None

@@ -1,0 +1,203 @@
+"""Files in and out of a job: `JobSpec.inputs` placed in its dir, `JobSpec.outputs` copied out.
+
+Inputs (trusted: the caller's own files) are copied into the job's working directory before it
+starts, root-owned and mode 0444 when the supervisor is root, at the relative path the caller gave
+(an absolute path by its name), so the job opens them by that relative path from its cwd. A root
+supervisor only copies what the tenant's uid could read itself.
+
+Outputs (untrusted: the job controls its dir) are copied after every process of the job has ended:
+regular files only, opened without following symlinks (relative to an already opened directory, so
+no path component is followed either), owned by the job's uid when it had one of its own, at most
+MAX_OUTPUT_FILES files and MAX_OUTPUT_BYTES bytes. Destination names are the directory entries' own
+names, which cannot contain "/" or be "..", so nothing lands outside the destination. Whatever is
+skipped is named in a note; copying never raises.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import stat
+from pathlib import Path, PurePosixPath
+
+from .limits import ConfigError
+from .namespaces import permits  # the isolation module's one rule for permission bits
+
+MAX_OUTPUT_FILES = 1000
+MAX_OUTPUT_BYTES = 4 << 30
+MAX_DEPTH = 32
+MAX_SCANNED = 100_000
+_NOTED = 5  # skipped entries named in a note; the rest are counted
+
+
+def input_name(path: str) -> str:
+    """Where input `path` appears relative to the job's cwd: the path itself when relative (without
+    '..'), else its file name. Raises ValueError for a path that names no file."""
+    pure = PurePosixPath(path)
+    name = pure.name if pure.is_absolute() else os.path.normpath(path)
+    if not name or name in (".", "..") or ".." in PurePosixPath(name).parts:
+        raise ValueError(f"{path!r}: not a file path inside the caller's directory (no '..')")
+    return name
+
+
+def output_destination(path: str) -> str:
+    """`JobSpec.output_dir` made absolute against the caller's working directory."""
+    if not path.strip():
+        raise ValueError("empty output_dir")
+    return str(Path(path).expanduser().absolute())
+
+
+def stage(inputs: list[str], output_dir: str | None, workdir: str, reader: tuple[int, int] | None) -> None:
+    """Copy `inputs` into `workdir` (the job's cwd) read-only and create `output_dir`. `reader`:
+    the (uid, gid) the job runs as, when that is not the supervisor's; an input it could not read
+    itself is refused. Raises ConfigError (one line) for a missing, unreadable or clashing input."""
+    placed: dict[str, str] = {}
+    for path in inputs:
+        name, source = input_name(path), Path(path).absolute()
+        if name in placed:
+            raise ConfigError(f"inputs: {path!r} and {placed[name]!r} would both be {name!r} in the job's dir")
+        placed[name] = path
+        if not source.is_file():
+            raise ConfigError(f"inputs: {path}: {'not a regular file' if source.exists() else 'not found'}")
+        if reader is not None and not permits(str(source), *reader, 0o004):
+            raise ConfigError(f"inputs: {path} is not readable by the job's uid {reader[0]}: make it readable "
+                              "by others, or give the tenant its owner's uid (run_as)")
+        target = Path(workdir, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copyfile(source, target)
+        except OSError as err:
+            raise ConfigError(f"inputs: cannot copy {path}: {err.strerror or err}") from None
+        target.chmod(0o444)
+    if output_dir is not None:
+        try:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"output_dir {output_dir}: cannot create it: {err.strerror or err}") from None
+
+
+class _Walk:
+    """The regular files of one directory tree, found without following symlinks. `owner`: only
+    files of this uid count (None: any); `exclude`: relative paths passed over silently. Stops
+    looking after MAX_SCANNED entries, so a job that made millions cannot stall the supervisor."""
+
+    def __init__(self, owner: int | None, exclude: set[str]) -> None:
+        self.owner, self.exclude = owner, exclude
+        self.skipped: list[str] = []
+        self.scanned = 0
+
+    def files(self, dirfd: int, prefix: str, depth: int = 0):
+        """(relative path, directory fd, name) of each regular file, sorted per directory, depth first."""
+        names = []
+        with os.scandir(dirfd) as entries:
+            for entry in entries:
+                self.scanned += 1
+                if self.scanned > MAX_SCANNED:
+                    break
+                names.append(entry.name)
+        for name in sorted(names):
+            rel = prefix + name
+            try:
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            except OSError:
+                continue
+            if rel in self.exclude:
+                continue
+            if stat.S_ISDIR(st.st_mode) and depth < MAX_DEPTH:
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+                except OSError:
+                    self.skipped.append(rel + "/")
+                    continue
+                try:
+                    yield from self.files(fd, rel + "/", depth + 1)
+                finally:
+                    os.close(fd)
+            elif stat.S_ISREG(st.st_mode) and self.owner in (None, st.st_uid):
+                yield rel, dirfd, name
+            else:
+                self.skipped.append(rel)
+
+
+def collect(patterns: list[str], workdir: str, output_dir: str, owner: int | None,
+            exclude: set[str] = frozenset(), max_files: int = MAX_OUTPUT_FILES,
+            max_bytes: int = MAX_OUTPUT_BYTES) -> tuple[list[str], list[str]]:
+    """Copy the files under `workdir` whose relative path matches one of `patterns` (fnmatch; `*`
+    also matches '/') into `output_dir`, keeping relative paths. `owner`: the uid the job ran as
+    when it was not the supervisor's (other owners' files, e.g. hard links, are skipped);
+    `exclude`: relative paths not to copy (the inputs). Returns (copied paths, notes)."""
+    copied: list[str] = []
+    notes: list[str] = []
+    walk, total, capped = _Walk(owner, exclude), 0, 0
+    try:
+        top = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        return [], [f"outputs: cannot read the job's dir: {err.strerror}"]
+    try:
+        for rel, dirfd, name in walk.files(top, ""):
+            if not any(fnmatch.fnmatchcase(rel, p) for p in patterns):
+                continue
+            if len(copied) >= max_files or total >= max_bytes:
+                capped += 1
+                continue
+            try:
+                size = _copy(dirfd, name, owner, Path(output_dir, rel), max_bytes - total)
+            except OSError as err:
+                notes.append(f"outputs: {rel} not copied: {err.strerror or err}")
+                continue
+            if size is None:
+                capped += 1
+                continue
+            total += size
+            copied.append(str(Path(output_dir, rel)))
+    except OSError as err:  # a directory that cannot be listed
+        notes.append(f"outputs: stopped looking: {err.strerror or err}")
+    finally:
+        os.close(top)
+    matched = [s for s in walk.skipped if any(fnmatch.fnmatchcase(s.rstrip("/"), p) for p in patterns)]
+    if matched:
+        shown = ", ".join(matched[:_NOTED]) + (f" and {len(matched) - _NOTED} more" if len(matched) > _NOTED else "")
+        notes.append(f"outputs: skipped {len(matched)} entries that are not regular files of the job "
+                     f"(symlinks, devices, other owners' files, too deep): {shown}")
+    if walk.scanned > MAX_SCANNED:
+        notes.append(f"outputs: stopped looking after {MAX_SCANNED} directory entries")
+    if capped:
+        notes.append(f"outputs: {capped} matching file(s) not copied: the cap is {max_files} files and "
+                     f"{max_bytes} bytes per job")
+    return copied, notes
+
+
+def collect_job(spec, plan, result) -> None:
+    """`collect` for a finished job (its JobSpec and ChildPlan): the copies in `result.outputs`,
+    the notes added to `result.notes`."""
+    if spec.outputs:
+        result.outputs, notes = collect(spec.outputs, plan.workdir, spec.output_dir, plan.uid,
+                                        {input_name(p) for p in spec.inputs})
+        result.notes.extend(notes)
+
+
+def _copy(dirfd: int, name: str, owner: int | None, target: Path, budget: int) -> int | None:
+    """Copy one file (opened without following links) to `target`; its size, or None when it is
+    larger than `budget` bytes (nothing is written then)."""
+    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        st = os.fstat(src)
+        if not stat.S_ISREG(st.st_mode) or owner not in (None, st.st_uid):
+            raise OSError(0, "no longer a regular file of the job")
+        if st.st_size > budget:
+            return None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            written = 0
+            while written < st.st_size:
+                sent = os.sendfile(dst, src, written, st.st_size - written)
+                if sent == 0:
+                    break
+                written += sent
+        finally:
+            os.close(dst)
+        return written
+    finally:
+        os.close(src)
