@@ -23,8 +23,10 @@ def write(tmp_path, name: str, body: str) -> str:
 
 
 def audit_records(tmp_path) -> list[dict]:
+    """The audit log's job records (one per verdict)."""
     path = tmp_path / "taichi-sandbox" / "audit.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in records if r["type"] == "job"]
 
 
 def test_job_output_streams_to_our_stdout_and_the_summary_to_stderr(tmp_path):
