@@ -281,7 +281,7 @@ def test_fork_bomb_is_stopped_at_max_processes(sup, tmp_path):
 def test_fork_bomb_meets_pids_max_when_the_monitor_looks_away(sup, tmp_path):
     kernel_only(sup, "processes", "a refused fork")
     # The bomb starts after the monitor's first look, so only the kernel sees it before the next.
-    limits = Limits(max_processes=4, cpu_threads=1, poll_interval="1s", wall_time="20s")
+    limits = Limits(max_processes=4, cpu_threads=1, poll_interval="2s", wall_time="20s")
     r = run_job(sup, tmp_path, "import time\ntime.sleep(0.3)\n" + FORK_BOMB, limits)
     assert r.verdict is Verdict.processes, r.reason
     v = breach(r)
