@@ -16,9 +16,11 @@ class Pump(threading.Thread):
     """Reads stdout, stderr and the channel until EOF; keeps bounded tails and exact byte counts."""
 
     def __init__(self, stdout_r: int, stderr_r: int, channel_r: int, output_limit: int | None,
-                 on_output_limit: Callable[[], None]) -> None:
+                 on_output_limit: Callable[[], None],
+                 on_output: Callable[[str, bytes], None] | None = None) -> None:
+        """`on_output(stream, data)`: each chunk of stdout/stderr as read (it must not block)."""
         super().__init__(name="tsbx-io", daemon=True)
-        self._output_limit, self._on_output_limit = output_limit, on_output_limit
+        self._output_limit, self._on_output_limit, self._on_output = output_limit, on_output_limit, on_output
         self.fds = {stdout_r: "stdout", stderr_r: "stderr", channel_r: "channel"}
         self.tails = {"stdout": collections.deque(), "stderr": collections.deque()}
         self.tail_sizes = {"stdout": 0, "stderr": 0}
@@ -56,6 +58,8 @@ class Pump(threading.Thread):
                 else:
                     self.counts[name] += len(data)
                     self._keep(name, data)
+                    if self._on_output is not None:
+                        self._on_output(name, data)
                     if self._output_limit is not None and self.output_bytes() > self._output_limit:
                         self._on_output_limit()
                         self._output_limit = None

@@ -125,10 +125,21 @@ class Supervisor:
                     self._gpu = ([], str(err))
             return self._gpu
 
-    def _prepare(self, spec: JobSpec, limits: Limits, arch: str, workdir: Path) -> _Prepared:
-        """Everything the child needs, decided here once: rlimits, env, dirs, Taichi caps, GPU watch."""
+    def _prepare(self, spec: JobSpec, limits: Limits, arch: str, workdir: Path,
+                 kernel_source: bytes | None = None) -> _Prepared:
+        """Everything the child needs, decided here once: rlimits, env, dirs, Taichi caps, GPU watch.
+        `kernel_source`: the kernel file's contents (read by a client with its own permissions),
+        written into the job's own work dir under the file's name, so the supervisor never opens the
+        client's path."""
         target, function = spec.target()
-        if function is None or target.endswith(".py"):
+        home, tmp, work = workdir / "home", workdir / "tmp", workdir / "work"
+        for d in (home, tmp, work):
+            d.mkdir()
+        if kernel_source is not None:
+            path = work / Path(target).name
+            path.write_bytes(kernel_source)
+            target = str(path)
+        elif function is None or target.endswith(".py"):
             path = Path(target)
             if not path.is_file():
                 raise ConfigError(f"kernel file not found: {target}")
@@ -146,9 +157,6 @@ class Supervisor:
             rlimits["fsize"] = (limits.max_file_size, limits.max_file_size)
         env = {name: os.environ[name] for name in (*DEFAULT_ENV_ALLOW, *self.policy.settings.env_allow)
                if name in os.environ}
-        home, tmp, work = workdir / "home", workdir / "tmp", workdir / "work"
-        for d in (home, tmp, work):
-            d.mkdir()
         env.update(base_env())
         env.update({"HOME": str(home), "TMPDIR": str(tmp), "OPENBLAS_NUM_THREADS": "1",
                     "MALLOC_ARENA_MAX": "2", JOB_MARKER: spec.job_id})
@@ -280,17 +288,19 @@ class Supervisor:
     # --- running ---------------------------------------------------------------------------------
 
     def run(self, spec: JobSpec, on_sample: Callable[[Sample], None] | None = None,
-            control: JobControl | None = None) -> JobResult:
+            control: JobControl | None = None, *, kernel_source: bytes | None = None,
+            on_output: Callable[[str, bytes], None] | None = None) -> JobResult:
         """Run one job to its verdict. Never raises for anything the job does; returns `rejected`
         for a spec that cannot run (unknown profile, missing kernel file, unusable arch).
-        `control.cancel()` ends the job with verdict `cancelled`."""
+        `control.cancel()` ends the job with verdict `cancelled`. `kernel_source`: see `_prepare`;
+        `on_output(stream, data)`: the job's stdout/stderr as it comes (from its I/O thread)."""
         started_epoch = time.time()
         workdir = None
         try:
             limits = self.policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
             arch, arch_note = resolve_arch(spec.arch, self.policy.settings.gpu_fallback_cpu)
             workdir = Path(tempfile.mkdtemp(prefix=f"tsbx-{spec.job_id}-"))
-            prepared = self._prepare(spec, limits, arch, workdir)
+            prepared = self._prepare(spec, limits, arch, workdir, kernel_source)
         except BaseException as err:
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -298,7 +308,7 @@ class Supervisor:
                 return self._not_run(spec, str(err), started_epoch)
             raise
         try:
-            result = self._supervise(spec, limits, prepared, on_sample, control, started_epoch)
+            result = self._supervise(spec, limits, prepared, on_sample, control, started_epoch, on_output)
         except LaunchFailed as err:
             return self._not_run(spec, str(err), started_epoch, Verdict.crashed)
         finally:
@@ -313,7 +323,8 @@ class Supervisor:
         return result
 
     def _supervise(self, spec: JobSpec, limits: Limits, prepared: _Prepared, on_sample: Callable[[Sample], None] | None,
-                   control: JobControl | None, started_epoch: float) -> JobResult:
+                   control: JobControl | None, started_epoch: float,
+                   on_output: Callable[[str, bytes], None] | None = None) -> JobResult:
         plan, cgroup = prepared.plan, prepared.cgroup
         (out_r, out_w), (err_r, err_w), (ch_r, ch_w) = os.pipe(), os.pipe(), os.pipe()
         try:
@@ -335,7 +346,7 @@ class Supervisor:
         monitor = Monitor(tree, limits, started, time.time, lambda: pump.output_bytes(),
                           lambda v: self._terminate(job, v), on_sample, gpu=prepared.gpu_watch,
                           gpu_limit=prepared.gpu_limit, control=control, cgroup=cgroup)
-        pump = Pump(out_r, err_r, ch_r, limits.max_output, monitor.wake)
+        pump = Pump(out_r, err_r, ch_r, limits.max_output, monitor.wake, on_output)
         try:
             pump.start()
             monitor.start()
