@@ -19,6 +19,7 @@ from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
+from .client import entry_args as _parse_entry_args
 from .limits import ConfigError, Limits, Policy, load_policy, read_file, tomllib
 from .models import EXIT_INTERNAL, EXIT_USAGE, JobResult, JobSpec, Sample, Verdict
 from .supervisor import Supervisor
@@ -101,15 +102,6 @@ def render_summary(result: JobResult, console: Console) -> None:
         tail = (result.traceback or result.stderr_tail).strip().splitlines()[-15:]
         if tail:
             console.print(Text("\n".join(tail), style="dim"))
-
-
-def _parse_entry_args(extra: list[str]) -> list:
-    def value(text: str):
-        try:
-            return json.loads(text)
-        except ValueError:
-            return text
-    return [value(a) for a in extra]
 
 
 @app.command()

@@ -37,19 +37,20 @@ class ClientError(Exception):
         self.code = code
 
 
-def choose_socket(explicit: str | None) -> tuple[Path | None, bool]:
-    """(socket path or None for in-process, whether it was asked for explicitly)."""
+def choose_socket(explicit: str | None) -> Path | None:
+    """The service's socket: the one named (--socket, $TAICHI_SANDBOX_SOCKET), else the default one
+    when a service answers there; None: run in-process."""
     named = explicit or os.environ.get("TAICHI_SANDBOX_SOCKET")
     if named:
-        return Path(named), True
+        return Path(named)
     default = frames.default_socket()
     if default is None or not default.is_socket():
-        return None, False
+        return None
     try:
         connect(default).close()
     except ClientError:
-        return None, False  # left by a service that is gone: run in-process
-    return default, False
+        return None  # left by a service that is gone
+    return default
 
 
 def connect(path: Path) -> socket.socket:
@@ -300,9 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     if command in SERVICE_COMMANDS or (command in EITHER_COMMANDS and "--local" not in argv):
         explicit = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--socket"), None)
         explicit = explicit or next((a.split("=", 1)[1] for a in argv if a.startswith("--socket=")), None)
-        path, named = choose_socket(explicit)
+        path = choose_socket(explicit)
         if path is not None or command in SERVICE_COMMANDS:
-            sys.exit(_remote(path, named, argv))
+            sys.exit(_remote(path, argv))
     from .cli import main as local
     sys.argv = [sys.argv[0], *[a for a in argv if a != "--local"]]
     if command in (None, "--help", "-h"):
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     local()
 
 
-def _remote(path: Path | None, named: bool, argv: list[str]) -> int:
+def _remote(path: Path | None, argv: list[str]) -> int:
     try:
         if path is None:
             raise ClientError("no node service: give --socket or $TAICHI_SANDBOX_SOCKET, or start "

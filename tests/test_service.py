@@ -51,6 +51,7 @@ max_concurrent = 4
 [tenants.alice]
 users = ["{alice}"]
 max_concurrent = 1
+max_queued = 1
 [tenants.bob]
 users = ["{bob}"]
 max_concurrent = 2
@@ -88,8 +89,8 @@ class Node:
         ready.bind(str(notify))
         ready.settimeout(60)
         self.proc = subprocess.Popen([sys.executable, "-m", "sandbox", "serve", "--limits-file", str(self.limits)],
-                                     env={**os.environ, "NOTIFY_SOCKET": str(notify)}, stderr=subprocess.PIPE,
-                                     text=True)
+                                     env={**os.environ, "NOTIFY_SOCKET": str(notify)},
+                                     stderr=open(self.root / "service.log", "a"))
         try:
             assert ready.recv(100) == b"READY=1"
         finally:
@@ -187,6 +188,22 @@ def test_a_tenants_concurrency_quota_holds_across_clients(node, tmp_path):
     assert results[0]["ended_at"] <= results[1]["started_at"], "alice's max_concurrent = 1 was exceeded"
 
 
+def test_a_full_queue_is_answered_queue_full_naming_the_bound(node):
+    job = {"kernel": "s.py", "source": SLEEP, "argv": ["60"], "tenant": "alice"}
+    first = node.ask({"op": "submit", "jobs": [job]})[0]["jobs"]
+    deadline = time.monotonic() + 60
+    while [j["state"] for j in node.ask({"op": "ps"})[0]["jobs"]] != ["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    answer = node.ask({"op": "submit", "jobs": [job, job]})[0]["jobs"]
+    try:
+        assert [j["state"] for j in answer] == ["queued", "refused"], answer
+        assert answer[1]["code"] == "QueueFull" and answer[1]["reason"] == "tenant alice has 1 queued jobs (max_queued=1)"
+    finally:
+        for job in first + answer[:1]:
+            assert node.ask({"op": "cancel", "job_id": job["job_id"]})[0]["type"] == "cancelled"
+
+
 FLOOD = """
 import json, select, socket, sys, time
 from sandbox.node import frames
@@ -275,12 +292,17 @@ def test_garbage_truncated_oversized_and_slow_frames_get_an_error_answer(node):
         frame(b"\xff\xfe not json"): "BadFrame",
         frame(b"[1, 2]"): "BadFrame",
         frame(json.dumps({"op": "launch_missiles"}).encode()): "BadRequest",
-        frame(json.dumps({"op": "submit", "jobs": [{"kernel": "x.py", "source": "1", "job_id": "x"}]}).encode()): "BadRequest",
+        frame(json.dumps({"op": "submit", "jobs": []}).encode()): "BadRequest",
+        frame(json.dumps({"op": "submit", "jobs": [{"kernel": "x.py", "source": 5}]}).encode()): "BadRequest",
     }
     for data, code in cases.items():
         answer = _raw(node, data)
         assert answer["type"] == "error" and answer["code"] == code, (data[:40], answer)
         assert "\n" not in answer["message"]
+    named = node.ask({"op": "submit", "jobs": [{"kernel": "x.py", "source": "1", "job_id": "mine"}]})[0]["jobs"][0]
+    assert named["state"] == "refused" and named["reason"] == "job 1: job_id: the service names jobs"
+    typo = node.ask({"op": "submit", "jobs": [{"kernel": "x.py", "source": "1", "limits": {"memroy": "1GiB"}}]})
+    assert typo[0]["jobs"][0]["reason"].startswith("job 1: ") and "unknown key 'memroy'" in typo[0]["jobs"][0]["reason"]
     truncated = _raw(node, frame(b'{"op": "ps"}')[:8], shut=True)
     assert truncated["code"] == "Truncated" and "4 of 12 bytes" in truncated["message"], truncated
     slow = _raw(node, frame(b'{"op": "ps"}')[:8])  # and nothing more: request_timeout is 1 s

@@ -15,7 +15,7 @@ against a closed schema before anything acts on it. Replies are plain JSON objec
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -38,27 +38,21 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class JobRequest(_Request):
-    """A JobSpec's fields, less `job_id` (the service names jobs), plus the kernel file's contents."""
+class JobRequest(BaseModel):
+    """A JobSpec's fields (validated by JobSpec itself), less `job_id`: the service names jobs;
+    plus `source`, the kernel file's contents. `tenant` is the one asked for (see auth)."""
 
-    kernel: str = Field(max_length=4096)
+    model_config = ConfigDict(extra="allow", frozen=True)
+
     source: str | None = Field(default=None, max_length=MAX_SOURCE)
-    arch: str = "cpu"
-    limits: dict[str, Any] = {}
-    profile: str | None = None
-    tenant: str | None = None
-    job_type: str | None = None
-    priority: int | None = None
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
-    argv: list[str] = []
-    env: dict[str, str] = {}
-    labels: dict[str, str] = {}
+    tenant: str | None = Field(default=None, max_length=64)
 
     def spec(self, tenant: str | None, number: int) -> JobSpec:
         """The JobSpec for `tenant` (the one authentication chose). Raises ConfigError or
         ProtocolError with a one-line reason."""
-        fields = self.model_dump(exclude={"source"}, exclude_defaults=True)
+        fields = dict(self.model_extra or {})
+        if "job_id" in fields:
+            raise ProtocolError("BadRequest", f"job {number}: job_id: the service names jobs")
         spec = JobSpec.parse({**fields, "tenant": tenant}, f"job {number}")
         target, function = spec.target()
         if self.source is not None:

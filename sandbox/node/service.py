@@ -147,6 +147,10 @@ class Service:
                     self._answer(conn, err.code, str(err))
         except OSError:
             pass  # the client went away or stopped reading
+        except Exception as err:  # noqa: BLE001 - a bug here must not reach the client as a traceback
+            print(f"taichi-sandbox: internal error serving uid {peer.uid}: {type(err).__name__}: {err}",
+                  file=sys.stderr, flush=True)
+            self._answer(conn, "Internal", f"internal error: {type(err).__name__}: {err}")
         finally:
             conn.close()
             with self._lock:
