@@ -27,6 +27,7 @@ EITHER_COMMANDS = {"run", "batch", "quota"}
 LIMIT_OPTIONS = ("cpu_time", "wall_time", "memory", "address_space", "gpu_memory", "max_processes", "max_output",
                  "grace")
 EXIT_USAGE, EXIT_INTERNAL = 2, 125
+MAX_BATCH = 1000  # jobs per request (sandbox.node.protocol.MAX_JOBS_PER_REQUEST)
 
 
 class ClientError(Exception):
@@ -181,6 +182,8 @@ def batch(path: Path, args: argparse.Namespace) -> int:
     entries += [{"kernel": f} for f in args.files]
     if not entries:
         raise ClientError("no jobs: give kernel files or --manifest")
+    if len(entries) > MAX_BATCH:
+        raise ClientError(f"{len(entries)} jobs: at most {MAX_BATCH} per batch through the service")
     jobs = []
     for entry in entries:
         entry = {"arch": args.arch, "tenant": args.tenant, "profile": args.profile, **entry}

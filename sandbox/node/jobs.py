@@ -23,7 +23,8 @@ from ..models import JobResult, JobSpec, Sample, Verdict
 from ..supervisor import Supervisor
 from .auth import Peer
 
-OUTPUT_KEEP = 1 << 20  # characters of output kept per job for `logs` and slow followers
+OUTPUT_KEEP = 1 << 20  # characters of output kept per running job for `logs` and slow followers
+FINISHED_OUTPUT_KEEP = 64 << 10  # ... and per finished job
 KEEP_FINISHED = 1000  # finished jobs kept for `ps`, `logs` and `cancel` answers
 EVENTS_BACKLOG = 10000  # events buffered per `events` client; older ones are dropped (and counted)
 
@@ -37,8 +38,13 @@ class OutputLog:
         self._decoders: dict[str, codecs.IncrementalDecoder] = {}
         self._kept = 0
         self.end = 0
-        self.closed = False
         self._lock = threading.Lock()
+
+    def trim(self, keep: int) -> None:
+        """Keep only about the last `keep` characters."""
+        with self._lock:
+            while self._chunks and self._kept - len(self._chunks[0][2]) >= keep:
+                self._kept -= len(self._chunks.popleft()[2])
 
     def write(self, stream: str, data: bytes) -> None:
         if stream not in self._decoders:
@@ -50,8 +56,7 @@ class OutputLog:
             self._chunks.append((self.end, stream, text))
             self.end += len(text)
             self._kept += len(text)
-            while self._kept - len(self._chunks[0][2]) >= OUTPUT_KEEP:
-                self._kept -= len(self._chunks.popleft()[2])
+        self.trim(OUTPUT_KEEP)
 
     def read(self, offset: int) -> tuple[list[tuple[str, str]], int, int]:
         """(chunks from `offset` on, the new offset, characters dropped before them)."""
@@ -166,7 +171,7 @@ class Jobs:
     def finish(self, record: JobRecord, result: JobResult, exit_status: int) -> None:
         """Record the verdict, wake its followers, publish it, and forget the oldest finished job."""
         record.result, record.state = result, "done"
-        record.output.closed = True
+        record.output.trim(FINISHED_OUTPUT_KEEP)
         record.notify()
         self.hub.publish({"type": "verdict", "job_id": result.job_id, "tenant": record.spec.tenant,
                           "uid": record.peer.uid, "user": record.peer.user, "verdict": result.verdict.value,

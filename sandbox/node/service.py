@@ -52,7 +52,6 @@ class Service:
         self._lock = threading.Lock()
         self._connections: dict[int, int] = {}
         self._buckets: dict[int, _TenantState] = {}
-        self.refused: dict[str, int] = {}  # error code -> count, for operators and tests
         self._threads: set[threading.Thread] = set()
         self._stop = threading.Event()
         self.draining = False
@@ -107,8 +106,7 @@ class Service:
         thread.start()
 
     def _answer(self, conn: socket.socket, code: str, message: str) -> None:
-        """An error answer (counted by code); best effort: the client may be gone."""
-        self.refused[code] = self.refused.get(code, 0) + 1
+        """An error answer; best effort: the client may be gone."""
         try:
             frames.send(conn, protocol.error(code, message))
         except OSError:
@@ -197,7 +195,6 @@ class Service:
                 record = self._admit(peer, job, number)
             except (Refused, ConfigError, protocol.ProtocolError, QueueFull) as err:
                 code = getattr(err, "code", type(err).__name__)
-                self.refused[code] = self.refused.get(code, 0) + 1
                 answers.append({"job_id": None, "state": "refused", "code": code, "reason": str(err)})
                 continue
             records.append(record)
