@@ -383,8 +383,16 @@ def test_sigkill_of_the_service_leaves_no_job_alive_and_a_restart_records_it_abo
         node.stop(signal.SIGKILL)
 
 
-def test_sigterm_drains_finishes_running_jobs_then_cancels_the_rest(tmp_path):
+@pytest.fixture
+def draining(tmp_path):
     node = Node(tmp_path / "node", extra='drain_timeout = "3s"')
+    yield node
+    if node.proc.poll() is None:
+        node.stop(signal.SIGKILL)
+
+
+def test_sigterm_drains_finishes_running_jobs_then_cancels_the_rest(draining):
+    node = draining
     job = {"kernel": "s.py", "source": SLEEP}
     first = node.ask({"op": "submit", "jobs": [{**job, "argv": ["60"], "tenant": "alice"}]})[0]["jobs"][0]["job_id"]
     deadline = time.monotonic() + 60

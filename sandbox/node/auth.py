@@ -8,6 +8,7 @@ any tenant. Naming none, it gets the first tenant that lists it; a client no ten
 
 from __future__ import annotations
 
+import functools
 import grp
 import os
 import pwd
@@ -40,12 +41,27 @@ class Peer:
 
 def peer_of(conn: socket.socket) -> Peer:
     pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    user, groups = _identity(uid, gid)
+    return Peer(pid, uid, gid, user, groups)
+
+
+@functools.lru_cache(maxsize=4096)
+def _identity(uid: int, gid: int) -> tuple[str, frozenset[int]]:
+    """(user name, groups) from the user database, looked up once per uid and gid while the service
+    runs (a flood of connections costs no lookups; membership changes apply at its restart)."""
     try:
         entry = pwd.getpwuid(uid)
-        user, groups = entry.pw_name, frozenset(os.getgrouplist(entry.pw_name, gid))
+        return entry.pw_name, frozenset(os.getgrouplist(entry.pw_name, gid)) | {gid}
     except KeyError:
-        user, groups = str(uid), frozenset()
-    return Peer(pid, uid, gid, user, groups | {gid})
+        return str(uid), frozenset({gid})
+
+
+@functools.lru_cache(maxsize=4096)
+def _group_name(gid: int) -> str | None:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return None
 
 
 def _listed(peer: Peer, users: list, groups: list) -> bool:
@@ -53,15 +69,7 @@ def _listed(peer: Peer, users: list, groups: list) -> bool:
     if str(peer.uid) in names or peer.user in names:
         return True
     wanted = {str(g) for g in groups}
-    for gid in peer.groups:
-        if str(gid) in wanted:
-            return True
-        try:
-            if grp.getgrgid(gid).gr_name in wanted:
-                return True
-        except KeyError:
-            continue
-    return False
+    return any(str(gid) in wanted or _group_name(gid) in wanted for gid in peer.groups)
 
 
 def may_use(policy: Policy, peer: Peer, tenant: str) -> bool:

@@ -39,6 +39,7 @@ from .auth import Peer, Refused, check_names, may_use, peer_of, tenant_for
 from .jobs import Hub, JobRecord, Jobs, NodeSupervisor, outcome, reconcile
 from .systemd import gid_of, listen, sd_notify, socket_path
 
+
 class Service:
     """The node service over one policy. `serve()` blocks until SIGTERM/SIGINT, then drains."""
 
@@ -241,8 +242,7 @@ class Service:
         for record in records:
             record.watchers.add(wake)
         try:
-            while pending:
-                wake.wait(1.0)
+            while True:
                 wake.clear()
                 for record in list(pending):
                     job_id, result = record.spec.job_id, record.result  # the result first: output precedes it
@@ -255,6 +255,9 @@ class Service:
                         self._send(conn, {"type": "result", "job_id": job_id, "exit_status": EXIT_CODES[result.verdict],
                                           "result": result.model_dump(mode="json")})
                         pending.remove(record)
+                if not pending:
+                    break
+                wake.wait(1.0)
             self._send(conn, {"type": "end"})
         finally:
             for record in records:
@@ -275,12 +278,12 @@ class Service:
         offset = 0
         try:
             while True:
+                wake.clear()
                 done = record.result is not None
                 offset = self._send_output(conn, record, offset)
                 if done or not follow:
                     break
                 wake.wait(1.0)
-                wake.clear()
             self._send(conn, {"type": "end", "state": record.state})
         finally:
             record.watchers.discard(wake)
