@@ -125,8 +125,8 @@ class Node:
         return [r for r in map(json.loads, self.audit.read_text().splitlines()) if r["type"] == kind]
 
 
-def as_uid(uid: int, *args: str) -> list[str]:
-    return [sys.executable, "-c", AS_CLIENT, str(uid), str(SOCKET_GID), *args]
+def as_uid(uid: int, *args: str, gid: int = SOCKET_GID) -> list[str]:
+    return [sys.executable, "-c", AS_CLIENT, str(uid), str(gid), *args]
 
 
 def client_dir(tmp: Path, uid: int, **files: str) -> Path:
@@ -172,6 +172,10 @@ def test_the_tenant_comes_from_the_peers_credentials(node, tmp_path):
     tenants = {uid: [r["tenant"] for r in node.records("job") if r["job_id"] == json.loads(done.stdout)["job_id"]][0]
                for uid, done in ran.items()}
     assert tenants == {ALICE: "alice", BOB: "bob", MALLORY: "default"}
+    outsider = subprocess.run(as_uid(MALLORY, "-m", "sandbox", "ps", "--socket", str(node.socket), gid=MALLORY),
+                              capture_output=True, text=True, timeout=60)
+    assert outsider.returncode == 2 and outsider.stderr == (f"taichi-sandbox: error: cannot reach the node service at "
+                                                            f"{node.socket}: Permission denied\n")  # 0660, not its group
     impostor = node.cli(MALLORY, "run", "t.py", "--tenant", "alice", cwd=tmp_path / f"u{MALLORY}")
     assert impostor.returncode == 2
     assert impostor.stderr.strip().splitlines() == [
