@@ -112,13 +112,16 @@ def entry_args(extra: list[str]) -> list:
     return [value(a) for a in extra]
 
 
-def _follow(path: Path, message: dict, on_output: bool) -> tuple[dict, list[dict]]:
-    """Submit and follow: (the `submitted` answer, results in order of arrival)."""
+def _follow(path: Path, message: dict, on_output: bool, seen: list | None = None) -> tuple[dict, list[dict]]:
+    """Submit and follow: (the `submitted` answer, results in order of arrival). The `submitted`
+    answer is also appended to `seen` as soon as it comes."""
     submitted, results = None, []
     for answer in request(path, message):
         kind = answer.get("type")
         if kind == "submitted":
             submitted = answer
+            if seen is not None:
+                seen.append(answer)
             refused = [j for j in answer["jobs"] if j["state"] == "refused"]
             if len(refused) == len(answer["jobs"]) and len(refused) == 1:
                 raise ClientError(f"{refused[0]['code']}: {refused[0]['reason']}")
@@ -156,10 +159,14 @@ def run(path: Path, args: argparse.Namespace) -> int:
                       args=entry_args(args.extra) if ":" in kernel else [],
                       argv=[] if ":" in kernel else args.extra)
     message = {"op": "submit", "jobs": [job], "follow": True, "output": not args.json, "samples": not args.json}
+    seen: list[dict] = []
     try:
-        submitted, results = _follow(path, message, not args.json)
+        submitted, results = _follow(path, message, not args.json, seen)
     except KeyboardInterrupt:
-        raise ClientError("interrupted: the job goes on in the service (`taichi-sandbox cancel JOB`)", 130) from None
+        job_id = seen[0]["jobs"][0]["job_id"] if seen else None
+        if job_id is not None:
+            one(path, {"op": "cancel", "job_id": job_id})
+        raise ClientError(f"interrupted: job {job_id} cancelled", 130) from None
     if not results:
         raise ClientError("the node service ended before the job's verdict", EXIT_INTERNAL)
     result = results[0]
