@@ -174,8 +174,9 @@ def test_the_tenant_comes_from_the_peers_credentials(node, tmp_path):
     assert tenants == {ALICE: "alice", BOB: "bob", MALLORY: "default"}
     outsider = subprocess.run(as_uid(MALLORY, "-m", "sandbox", "ps", "--socket", str(node.socket), gid=MALLORY),
                               capture_output=True, text=True, timeout=60)
-    assert outsider.returncode == 2 and outsider.stderr == (f"taichi-sandbox: error: cannot reach the node service at "
-                                                            f"{node.socket}: Permission denied\n")  # 0660, not its group
+    assert outsider.returncode == 2  # the socket is 0660 and the uid is not in its group
+    assert outsider.stderr == f"taichi-sandbox: error: cannot reach the node service at {node.socket}: " \
+                              "Permission denied\n"
     impostor = node.cli(MALLORY, "run", "t.py", "--tenant", "alice", cwd=tmp_path / f"u{MALLORY}")
     assert impostor.returncode == 2
     assert impostor.stderr.strip().splitlines() == [
@@ -185,8 +186,8 @@ def test_the_tenant_comes_from_the_peers_credentials(node, tmp_path):
 
 def test_a_tenants_concurrency_quota_holds_across_clients(node, tmp_path):
     home = client_dir(tmp_path, ALICE, **{"sleep.py": SLEEP})
-    clients = [subprocess.Popen(as_uid(ALICE, "-m", "sandbox", "run", "sleep.py", "--json", "--socket", str(node.socket),
-                                       "--", "1"), cwd=home, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    command = as_uid(ALICE, "-m", "sandbox", "run", "sleep.py", "--json", "--socket", str(node.socket), "--", "1")
+    clients = [subprocess.Popen(command, cwd=home, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     results = sorted((json.loads(c.communicate(timeout=120)[0]) for c in clients), key=lambda r: r["started_at"])
     assert [r["verdict"] for r in results] == ["ok", "ok"]
     assert results[0]["ended_at"] <= results[1]["started_at"], "alice's max_concurrent = 1 was exceeded"
@@ -202,7 +203,8 @@ def test_a_full_queue_is_answered_queue_full_naming_the_bound(node):
     answer = node.ask({"op": "submit", "jobs": [job, job]})[0]["jobs"]
     try:
         assert [j["state"] for j in answer] == ["queued", "refused"], answer
-        assert answer[1]["code"] == "QueueFull" and answer[1]["reason"] == "tenant alice has 1 queued jobs (max_queued=1)"
+        assert answer[1]["code"] == "QueueFull"
+        assert answer[1]["reason"] == "tenant alice has 1 queued jobs (max_queued=1)"
     finally:
         for job in first + answer[:1]:
             assert node.ask({"op": "cancel", "job_id": job["job_id"]})[0]["type"] == "cancelled"
@@ -362,7 +364,8 @@ def _job_processes(job_id: str) -> list[int]:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if f"/tsbx-{job_id}-" in os.readlink(f"/proc/{pid}/cwd") and "Z" not in open(f"/proc/{pid}/stat").read().split(")")[1][:3]:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if f"/tsbx-{job_id}-" in os.readlink(f"/proc/{pid}/cwd") and state != "Z":
                 found.append(int(pid))
         except OSError:
             continue

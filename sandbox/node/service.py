@@ -289,7 +289,8 @@ class Service:
             record.watchers.discard(wake)
 
     def _events(self, conn: socket.socket, peer: Peer) -> None:
-        sub = self.hub.subscribe(lambda e: e.get("uid") == peer.uid or may_use(self.policy, peer, e.get("tenant") or ""))
+        sub = self.hub.subscribe(lambda event: event.get("uid") == peer.uid
+                                 or may_use(self.policy, peer, event.get("tenant") or ""))
         try:
             while not self._stop.is_set():
                 sub.ready.wait(1.0)
