@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -141,9 +142,15 @@ def client_dir(tmp: Path, uid: int, **files: str) -> Path:
     return home
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    n = Node(tmp_path_factory.mktemp("node"))
+    n = Node(tmp_path_factory.mktemp("node"), extra=f"metrics_port = {free_port()}")
     yield n
     assert n.stop() == 0
 
@@ -163,6 +170,15 @@ def test_run_reads_the_kernel_as_the_client_and_streams_output_and_verdict(node,
     assert started and started[0]["uid"] == ALICE and started[0]["user"] == str(ALICE) and started[0]["host"]
     job = [r for r in node.records("job") if r["job_id"] == result["job_id"]][0]
     assert job["uid"] == ALICE and job["tenant"] == "alice" and job["client_pid"] > 0
+
+
+def test_the_node_serves_one_metrics_endpoint_that_outlives_every_client(node):
+    done = node.ask({"op": "submit", "jobs": [{"kernel": "m.py", "source": "print(1)\n", "tenant": "bob"}],
+                     "follow": True, "output": False})
+    assert [a["result"]["verdict"] for a in done if a["type"] == "result"] == ["ok"]
+    port = int(node.limits.read_text().split("metrics_port = ")[1].split()[0])
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'taichi_sandbox_jobs_total{tenant="bob",verdict="ok"}' in text
 
 
 def test_the_tenant_comes_from_the_peers_credentials(node, tmp_path):
