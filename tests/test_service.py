@@ -111,7 +111,7 @@ class Node:
             frames.send(sock, message)
             answers = []
             while True:
-                answer = frames.recv(sock)
+                answer = frames.recv(sock, idle=120, within=120)
                 if answer is None:
                     return answers
                 answers.append(answer)
@@ -244,9 +244,9 @@ end = time.monotonic() + seconds
 while time.monotonic() < end:
     for s in list(held):
         try:
-            s.settimeout(0.5)
+            s.settimeout(5)
             frames.send(s, {"op": "ps"})
-            answer = frames.recv(s)
+            answer = frames.recv(s, idle=5, within=5)
         except (OSError, frames.FrameError):
             held.remove(s)
             continue
@@ -301,8 +301,7 @@ def _raw(node: Node, data: bytes, shut: bool = False, wait: float = 5.0) -> dict
         sock.sendall(data)
         if shut:
             sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(wait)
-        return frames.recv(sock)
+        return frames.recv(sock, idle=wait, within=wait)
 
 
 def test_garbage_truncated_oversized_and_slow_frames_get_an_error_answer(node):
@@ -358,10 +357,9 @@ def test_events_ps_logs_and_cancel_across_users(node, tmp_path):
     assert node.cli(BOB, "cancel", job["job_id"], cwd=home).returncode == 0
     out, err = run.communicate(timeout=60)
     assert run.returncode == 5 and "started" in out and "verdict: cancelled" in out, err
-    events.settimeout(30)
-    seen = frames.recv(events)["event"]
+    seen = frames.recv(events, idle=30, within=30)["event"]
     while seen.get("job_id") != job["job_id"]:
-        seen = frames.recv(events)["event"]
+        seen = frames.recv(events, idle=30, within=30)["event"]
     events.close()
     assert seen["type"] == "verdict" and seen["verdict"] == "cancelled" and seen["uid"] == BOB
 
@@ -464,3 +462,32 @@ def test_serve_check_validates_the_configuration(tmp_path):
         bad = subprocess.run([sys.executable, "-m", "sandbox", "serve", "--check", "--limits-file", str(limits)],
                              capture_output=True, text=True)
         assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and message in bad.stderr, bad.stderr
+
+
+def test_a_socket_passed_by_systemd_is_used_as_is(tmp_path):
+    """Socket activation (deploy/taichi-sandbox.socket): systemd listens, then passes fd 3 with
+    LISTEN_FDS=1 and LISTEN_PID=the service's pid; clients that connected before the service started
+    are served."""
+    node = Node.__new__(Node)
+    node.root, node.socket = tmp_path, tmp_path / "activated.sock"
+    limits = tmp_path / "limits.toml"
+    limits.write_text(f'[sandbox]\nstate_dir = "{tmp_path / "state"}"\n[service]\nsocket = "{tmp_path / "unused.sock"}"\n')
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(node.socket))
+    listener.listen(8)
+    early = node.connect()  # queued in the backlog before the service exists
+    frames.send(early, {"op": "ps"})
+    activate = (f"import os, sys; os.dup2({listener.fileno()}, 3); os.environ.update(LISTEN_PID=str(os.getpid()), "
+                f"LISTEN_FDS='1'); os.execv(sys.executable, [sys.executable, '-m', 'sandbox', 'serve', "
+                f"'--limits-file', {str(limits)!r}])")
+    proc = subprocess.Popen([sys.executable, "-c", activate], pass_fds=(listener.fileno(),),
+                            stderr=open(tmp_path / "service.log", "w"))
+    try:
+        assert frames.recv(early, idle=60, within=60) == {"type": "ps", "jobs": []}
+        assert not (tmp_path / "unused.sock").exists()
+    finally:
+        early.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        listener.close()
+    assert node.socket.exists()  # systemd's socket, not the service's to remove
