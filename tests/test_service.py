@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.models import EXIT_CODES, Verdict
 from sandbox.node import frames
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run clients as other uids "
@@ -356,7 +357,7 @@ def test_events_ps_logs_and_cancel_across_users(node, tmp_path):
         time.sleep(0.1)
     assert node.cli(BOB, "cancel", job["job_id"], cwd=home).returncode == 0
     out, err = run.communicate(timeout=60)
-    assert run.returncode == 5 and "started" in out and "verdict: cancelled" in out, err
+    assert run.returncode == EXIT_CODES[Verdict.cancelled] and "started" in out and "verdict: cancelled" in out, err
     seen = frames.recv(events, idle=30, within=30)["event"]
     while seen.get("job_id") != job["job_id"]:
         seen = frames.recv(events, idle=30, within=30)["event"]
@@ -471,7 +472,8 @@ def test_a_socket_passed_by_systemd_is_used_as_is(tmp_path):
     node = Node.__new__(Node)
     node.root, node.socket = tmp_path, tmp_path / "activated.sock"
     limits = tmp_path / "limits.toml"
-    limits.write_text(f'[sandbox]\nstate_dir = "{tmp_path / "state"}"\n[service]\nsocket = "{tmp_path / "unused.sock"}"\n')
+    limits.write_text(f'[sandbox]\nstate_dir = "{tmp_path / "state"}"\n'
+                      f'[service]\nsocket = "{tmp_path / "unused.sock"}"\n')
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(node.socket))
     listener.listen(8)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..executor import QueueFull, SandboxExecutor, _take_token, _TenantState
 from ..limits import ConfigError, Policy, load_policy
-from ..models import EXIT_CODES, EXIT_USAGE
+from ..models import EXIT_USAGE
 from . import frames, protocol
 from .auth import Peer, Refused, check_names, may_use, peer_of, tenant_for
 from .jobs import Hub, JobRecord, Jobs, NodeSupervisor, outcome, reconcile
@@ -231,7 +231,7 @@ class Service:
         result, unrecorded = outcome(record, future, self.supervisor.launcher.name, self._cancel_reason)
         if unrecorded:
             self.supervisor.audit.record(result, record.spec.tenant)
-        self.jobs.finish(record, result, EXIT_CODES[result.verdict])
+        self.jobs.finish(record, result, result.exit_status)
 
     def _follow(self, conn: socket.socket, records: list[JobRecord], output: bool, samples: bool) -> None:
         """Stream each job's output, usage and verdict until every job has one, then `end`."""
@@ -252,7 +252,7 @@ class Service:
                         last_sample[job_id] = record.sample
                         self._send(conn, {"type": "sample", "job_id": job_id, "sample": record.sample.model_dump()})
                     if result is not None:
-                        self._send(conn, {"type": "result", "job_id": job_id, "exit_status": EXIT_CODES[result.verdict],
+                        self._send(conn, {"type": "result", "job_id": job_id, "exit_status": result.exit_status,
                                           "result": result.model_dump(mode="json")})
                         pending.remove(record)
                 if not pending:
