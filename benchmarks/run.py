@@ -19,6 +19,9 @@ Namespaces (relay, init, mounts) added to a tiny job                            
 Offline kernel cache: a job with an empty per-tenant cache ÷ one with a warm cache   report
 A 1024×1024 float32 return value added to a job (result files written and read)   median ≤ 20 ms
 A shipped callable added to a job, versus the same function as `file.py:function`  median ≤ 5 ms
+S1  `taichi-sandbox run tiny.py --json` through a running node service ÷ plain      ≤ 0.6
+S2  10 000 jobs queued on the service by 50 tenants: admission latency              p99 ≤ 5 ms
+S3  ... and the service's RSS with them queued                                      ≤ 150 MiB
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +48,7 @@ from sandbox.cgroup import CgroupLimits, discover
 from sandbox.executor import Capacity, SandboxExecutor
 from sandbox.launcher import base_env
 from sandbox.limits import GiB, Settings, Tenant
+from sandbox.node import frames
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "kernels" / "tiny.py")
@@ -72,6 +77,22 @@ for path in sys.argv[1:]:
     with open(path, "w") as f:
         f.write("0")
 print((time.perf_counter() - t) * 1000)
+"""
+
+
+NODE_POLICY = """
+[defaults]
+memory = "1GiB"
+[node]
+cpu_slots = 1  # the first job holds the only slot: the rest stay queued
+{tenants}
+[sandbox]
+state_dir = "{state}"
+[service]
+socket = "{socket}"
+request_rate = "unlimited"
+max_queued = 20000
+drain_timeout = "10ms"
 """
 
 
@@ -284,6 +305,49 @@ class Bench:
         added = (statistics.median(shipped) - statistics.median(by_file)) * 1000
         self.add("shipped callable: median − file.py:function (ms)", shipped, added, "≤ 5", added <= 5, "ms")
 
+    def node_service(self) -> None:
+        """S1-S3 against a real `taichi-sandbox serve` process."""
+        root = Path(self.state) / "node"
+        root.mkdir()
+        sock, limits, ready_path = root / "s.sock", root / "limits.toml", root / "notify"
+        tenants = "".join(f"[tenants.t{i}]\nmax_queued = 1000\n" for i in range(50))
+        limits.write_text(NODE_POLICY.format(tenants=tenants, state=self.state, socket=sock))
+        ready = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        ready.bind(str(ready_path))
+        ready.settimeout(60)
+        service = subprocess.Popen([sys.executable, "-m", "sandbox", "serve", "--limits-file", str(limits)],
+                                   env={**os.environ, "NOTIFY_SOCKET": str(ready_path)}, stderr=subprocess.DEVNULL)
+        try:
+            assert ready.recv(64) == b"READY=1"
+            client = [sys.executable, "-m", "sandbox", "run", TINY, "--json", "--socket", str(sock)]
+            subprocess.run(client, capture_output=True, check=True)  # warm: fork-server up, kernel cache filled
+            through = timed(lambda: subprocess.run(client, capture_output=True, check=True), self.n)
+            plain = timed(self.plain, self.n)
+            ratio = statistics.median(through) / statistics.median(plain)
+            self.add("S1 `run tiny.py --json` via the node service ÷ plain", through, ratio, "≤ 0.6", ratio <= 0.6)
+            source = Path(TINY).read_text()
+            latencies = []
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.connect(str(sock))
+                for i in range(10_000):
+                    job = {"kernel": "tiny.py", "source": source, "tenant": f"t{i % 50}"}
+                    if i == 0:
+                        job.update(kernel="sleep.py", source=SLEEP.format(s=600))
+                    t = time.perf_counter()
+                    frames.send(conn, {"op": "submit", "jobs": [job]})
+                    answer = frames.recv(conn)
+                    latencies.append((time.perf_counter() - t) * 1000)
+                    assert answer["jobs"][0]["state"] == "queued", answer
+            rss = psutil.Process(service.pid).memory_info().rss / 2**20
+            p99 = pct(latencies, 0.99)
+            self.add("S2 admission, 10 000 jobs queued by 50 tenants (ms)", latencies, p99,
+                     "p99 ≤ 5", p99 <= 5, "ms")
+            self.add("S3 service RSS with 10 000 jobs queued (MiB)", None, rss, "≤ 150", rss <= 150, "MiB")
+        finally:
+            service.terminate()  # drain_timeout 10 ms: every job is cancelled with its verdict
+            service.wait(120)
+            ready.close()
+
     def cli_cold(self) -> None:
         env = {**os.environ, "XDG_STATE_HOME": self.state}
         cli = timed(lambda: subprocess.run([sys.executable, "-m", "sandbox", "run", TINY, "--json"], env=env,
@@ -313,6 +377,7 @@ def main() -> None:
         bench.cgroup_lifecycle()
         bench.offline_cache()
         bench.cli_cold()
+        bench.node_service()
     machine = (f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
                f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
                f"{platform.system()} {platform.release()}")

@@ -24,6 +24,7 @@ from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
+from .client import entry_args as _parse_entry_args
 from .display import VERDICT_STYLE, secs, size, summary, usage_rows
 from .limits import BUNDLED_POLICY, ConfigError, Limits, Policy, load_policy, read_file, tomllib
 from .models import EXIT_INTERNAL, EXIT_USAGE, JobResult, JobSpec, Sample, Verdict
@@ -59,13 +60,6 @@ def _live_table(kernel: str, limits: Limits, sample: Sample | None) -> Table:
     return table
 
 
-def _parse_entry_args(extra: list[str]) -> list:
-    def value(text: str):
-        try:
-            return json.loads(text)
-        except ValueError:
-            return text
-    return [value(a) for a in extra]
 
 
 @app.command()

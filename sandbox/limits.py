@@ -303,6 +303,8 @@ class Tenant(_Strict):
     burst: Count = None
     max_queued: Count = None
     run_as: str | None = None  # a user name, "UID" or "UID:GID" (default: one from [sandbox] uid_range)
+    users: list[Union[str, int]] = []  # who may submit as this tenant to the node service (names or uids)
+    groups: list[Union[str, int]] = []  # ... or members of these groups (names or gids)
 
 
 class JobType(_Strict):
@@ -357,6 +359,24 @@ class Settings(_Strict):
         return Path(self.audit_log).expanduser() if self.audit_log else self.resolved_state_dir() / "audit.jsonl"
 
 
+class Service(_Strict):
+    """The `[service]` table: the node service's socket, who may use it, and how it protects itself
+    (see sandbox.node.service)."""
+
+    socket: str | None = None  # default: /run/taichi-sandbox/sandbox.sock as root, else $XDG_RUNTIME_DIR
+    group: str | None = None  # group owning the socket (mode 0660); default: the service's own
+    unknown_users: Literal["default", "refuse"] = "default"  # clients no tenant lists
+    drain_timeout: Seconds = 30.0  # SIGTERM: running jobs may finish this long, then are cancelled
+    max_connections_per_uid: Count = 16
+    max_request_bytes: Bytes = 8 * MiB
+    request_rate: Annotated[Union[float, None], _positive(parse_rate)] = 50.0  # requests per uid
+    request_burst: Count = 100
+    request_timeout: Seconds = 10.0  # to send a whole request once it started
+    idle_timeout: Seconds = 300.0  # between requests
+    max_queued: Count = 20000  # jobs queued on the node, all tenants together
+    metrics_port: Count = None  # Prometheus /metrics on 127.0.0.1:PORT
+
+
 class Policy(BaseModel):
     """A parsed limits.toml: defaults, named profiles, tenants and sandbox settings."""
 
@@ -369,6 +389,7 @@ class Policy(BaseModel):
     node: Node = Node()
     alerts: Alerts = Alerts()
     settings: Settings = Settings()
+    service: Service = Service()
     source: str = "<built-in>"
 
     @classmethod
@@ -378,7 +399,7 @@ class Policy(BaseModel):
 
     @classmethod
     def from_dict(cls, data: dict, source: str) -> "Policy":
-        known = {"defaults", "profiles", "tenants", "job_types", "node", "alerts", "sandbox"}
+        known = {"defaults", "profiles", "tenants", "job_types", "node", "alerts", "sandbox", "service"}
         for key in data:
             if key not in known:
                 raise ConfigError(f"{source}: unknown table [{_key(key)}] (known: {', '.join(sorted(known))})")
@@ -406,7 +427,8 @@ class Policy(BaseModel):
         return cls(defaults=defaults, profiles=profiles, tenants=tenants, job_types=job_types,
                    node=Node.parse(data.get("node", {}), f"{source} [node]"),
                    alerts=Alerts.parse(data.get("alerts", {}), f"{source} [alerts]"),
-                   settings=Settings.parse(data.get("sandbox", {}), f"{source} [sandbox]"), source=source)
+                   settings=Settings.parse(data.get("sandbox", {}), f"{source} [sandbox]"),
+                   service=Service.parse(data.get("service", {}), f"{source} [service]"), source=source)
 
     def resolve(self, profile: str | None = None, tenant: str | None = None,
                 overrides: Limits | None = None, job_type: str | None = None) -> Limits:

@@ -20,6 +20,8 @@ class Pump(threading.Thread):
     def __init__(self, stdout_r: int, stderr_r: int, channel_r: int, output_limit: int | None,
                  on_output_limit: Callable[[], None],
                  on_output: Callable[[str, bytes], None] | None = None) -> None:
+        """`on_output(stream, data)`: each chunk of stdout/stderr as read (it must not block; one that
+        raises is dropped, the accounting goes on)."""
         super().__init__(name="tsbx-io", daemon=True)
         self._output_limit, self._on_output_limit = output_limit, on_output_limit
         self._on_output = on_output

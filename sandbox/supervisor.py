@@ -125,10 +125,21 @@ class Supervisor:
                     self._gpu = ([], str(err))
             return self._gpu
 
-    def _prepare(self, spec: JobSpec, limits: Limits, arch: str, workdir: Path) -> _Prepared:
-        """Everything the child needs, decided here once: rlimits, env, dirs, Taichi caps, GPU watch."""
+    def _prepare(self, spec: JobSpec, limits: Limits, arch: str, workdir: Path,
+                 kernel_source: bytes | None = None) -> _Prepared:
+        """Everything the child needs, decided here once: rlimits, env, dirs, Taichi caps, GPU watch.
+        `kernel_source`: the kernel file's contents (read by a client with its own permissions),
+        written into the job's own work dir under the file's name, so the supervisor never opens the
+        client's path."""
         target, function = spec.target()
-        if spec.shipped is None and (function is None or target.endswith(".py")):
+        home, tmp, work = workdir / "home", workdir / "tmp", workdir / "work"
+        for d in (home, tmp, work):
+            d.mkdir()
+        if kernel_source is not None:
+            path = work / Path(target).name
+            path.write_bytes(kernel_source)
+            target = str(path)
+        elif spec.shipped is None and (function is None or target.endswith(".py")):
             path = Path(target)
             if not path.is_file():
                 raise ConfigError(f"kernel file not found: {target}")
@@ -146,9 +157,6 @@ class Supervisor:
             rlimits["fsize"] = (limits.max_file_size, limits.max_file_size)
         env = {name: os.environ[name] for name in (*DEFAULT_ENV_ALLOW, *self.policy.settings.env_allow)
                if name in os.environ}
-        home, tmp, work = workdir / "home", workdir / "tmp", workdir / "work"
-        for d in (home, tmp, work):
-            d.mkdir()
         env.update(base_env())
         env.update({"HOME": str(home), "TMPDIR": str(tmp), "OPENBLAS_NUM_THREADS": "1",
                     "MALLOC_ARENA_MAX": "2", JOB_MARKER: spec.job_id})
@@ -284,17 +292,19 @@ class Supervisor:
     # --- running ---------------------------------------------------------------------------------
 
     def run(self, spec: JobSpec, on_sample: Callable[[Sample], None] | None = None,
-            control: JobControl | None = None, on_output: Callable[[str, bytes], None] | None = None) -> JobResult:
+            control: JobControl | None = None, *, kernel_source: bytes | None = None,
+            on_output: Callable[[str, bytes], None] | None = None) -> JobResult:
         """Run one job to its verdict. Never raises for anything the job does; returns `rejected`
         for a spec that cannot run (unknown profile, missing kernel file, unusable arch).
-        `control.cancel()` ends the job with verdict `cancelled`; `on_output` see `Pump`."""
+        `control.cancel()` ends the job with verdict `cancelled`. `kernel_source`: see `_prepare`;
+        `on_output(stream, data)`: the job's stdout/stderr as it comes (from its I/O thread)."""
         started_epoch = time.time()
         workdir = None
         try:
             limits = self.policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
             arch, arch_note = resolve_arch(spec.arch, self.policy.settings.gpu_fallback_cpu)
             workdir = Path(tempfile.mkdtemp(prefix=f"tsbx-{spec.job_id}-"))
-            prepared = self._prepare(spec, limits, arch, workdir)
+            prepared = self._prepare(spec, limits, arch, workdir, kernel_source)
         except BaseException as err:
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -318,7 +328,8 @@ class Supervisor:
         return result
 
     def _supervise(self, spec: JobSpec, limits: Limits, prepared: _Prepared, on_sample: Callable[[Sample], None] | None,
-                   control: JobControl | None, started_epoch: float, on_output=None) -> JobResult:
+                   control: JobControl | None, started_epoch: float,
+                   on_output: Callable[[str, bytes], None] | None = None) -> JobResult:
         plan, cgroup = prepared.plan, prepared.cgroup
         (out_r, out_w), (err_r, err_w), (ch_r, ch_w) = os.pipe(), os.pipe(), os.pipe()
         try:

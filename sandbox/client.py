@@ -1,0 +1,341 @@
+"""The `taichi-sandbox` entry point, and the thin client of the node service (`taichi-sandbox serve`).
+
+`run`, `batch` and `quota` talk to the service when `--socket` or $TAICHI_SANDBOX_SOCKET names
+one, or the default socket exists (see `frames.default_socket`); `--local` (or no service at the
+default socket) runs them in-process as `sandbox.cli` does. `ps`, `cancel`, `logs` and `events`
+always talk to a service. Kernel files are read here, with the client's own permissions, and their
+contents are sent: the service never opens a client's path. Only the standard library is imported
+on the way to the service (pydantic and rich only to draw a human-readable verdict).
+
+Exit codes as `sandbox.cli`: the verdict's code for `run`; 2 for a usage error or a refused
+request; 125 when the service went away before the verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+from .node import frames
+
+SERVICE_COMMANDS = {"ps", "cancel", "logs", "events"}
+EITHER_COMMANDS = {"run", "batch", "quota"}
+LIMIT_OPTIONS = ("cpu_time", "wall_time", "memory", "address_space", "gpu_memory", "max_processes", "max_output",
+                 "grace")
+EXIT_USAGE, EXIT_INTERNAL = 2, 125
+MAX_BATCH = 1000  # jobs per request (sandbox.node.protocol.MAX_JOBS_PER_REQUEST)
+
+
+class ClientError(Exception):
+    """A one-line error for the user; `code` is the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def choose_socket(explicit: str | None) -> Path | None:
+    """The service's socket: the one named (--socket, $TAICHI_SANDBOX_SOCKET), else the default one
+    when a service answers there; None: run in-process."""
+    named = explicit or os.environ.get("TAICHI_SANDBOX_SOCKET")
+    if named:
+        return Path(named)
+    default = frames.default_socket()
+    if default is None or not default.is_socket():
+        return None
+    try:
+        connect(default).close()
+    except ClientError:
+        return None  # left by a service that is gone
+    return default
+
+
+def connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError as err:
+        sock.close()
+        raise ClientError(f"cannot reach the node service at {path}: {err.strerror or err}") from None
+    return sock
+
+
+def request(path: Path, message: dict):
+    """Send one request; yield the answers until the service says `end` (or closes). An error answer
+    raises ClientError."""
+    with connect(path) as sock:
+        try:
+            frames.send(sock, message)
+            while True:
+                answer = frames.recv(sock)
+                if answer is None or answer.get("type") == "end":
+                    return
+                if answer.get("type") == "error":
+                    raise ClientError(f"{answer.get('code')}: {answer.get('message')}")
+                yield answer
+        except (OSError, frames.FrameError) as err:
+            raise ClientError(f"lost the node service at {path}: {err}", EXIT_INTERNAL) from None
+
+
+def one(path: Path, message: dict) -> dict:
+    for answer in request(path, message):
+        return answer
+    raise ClientError(f"the node service at {path} closed the connection without answering", EXIT_INTERNAL)
+
+
+def job_request(kernel: str, **fields) -> dict:
+    """A job for the service: a kernel file's contents travel with its name only."""
+    target, _, function = kernel.rpartition(":") if ":" in kernel else (kernel, "", "")
+    job = {key: value for key, value in fields.items() if value not in (None, [], {})}
+    if target.endswith(".py") or not function:
+        try:
+            job["source"] = Path(target).read_text()
+        except FileNotFoundError:
+            raise ClientError(f"kernel file not found: {target}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ClientError(f"cannot read kernel file {target}: {err}") from None
+        kernel = Path(target).name + (f":{function}" if function else "")
+    return {"kernel": kernel, **job}
+
+
+def entry_args(extra: list[str]) -> list:
+    """Arguments for FILE:FUNCTION: each a JSON value, else the string itself."""
+    def value(text: str):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return [value(a) for a in extra]
+
+
+def _follow(path: Path, message: dict, on_output: bool, seen: list | None = None) -> tuple[dict, list[dict]]:
+    """Submit and follow: (the `submitted` answer, results in order of arrival). The `submitted`
+    answer is also appended to `seen` as soon as it comes."""
+    submitted, results = None, []
+    for answer in request(path, message):
+        kind = answer.get("type")
+        if kind == "submitted":
+            submitted = answer
+            if seen is not None:
+                seen.append(answer)
+            refused = [j for j in answer["jobs"] if j["state"] == "refused"]
+            if len(refused) == len(answer["jobs"]) and len(refused) == 1:
+                raise ClientError(f"{refused[0]['code']}: {refused[0]['reason']}")
+        elif kind == "output" and on_output:
+            stream = sys.stdout if answer.get("stream") == "stdout" else sys.stderr
+            stream.write(answer.get("data", ""))
+            stream.flush()
+        elif kind == "sample" and sys.stderr.isatty():
+            s = answer["sample"]
+            sys.stderr.write(f"\r\033[2K{s['t']:.1f}s  cpu {s['cpu']:.2f}s  rss {s['rss'] / 2**20:.0f} MiB  "
+                             f"processes {s['processes']}")
+            sys.stderr.flush()
+        elif kind == "result":
+            results.append(answer)
+    if submitted is None:
+        raise ClientError(f"the node service at {path} closed the connection without answering", EXIT_INTERNAL)
+    return submitted, results
+
+
+def _render(result: dict) -> None:
+    """The human-readable verdict, as the in-process CLI draws it."""
+    from rich.console import Console
+
+    from .display import summary
+    from .models import JobResult
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[2K")
+    Console(stderr=True).print(summary(JobResult.model_validate(result), stderr_tail=False))
+
+
+def run(path: Path, args: argparse.Namespace) -> int:
+    kernel = f"{args.file}:{args.entry}" if args.entry else args.file
+    limits = {name: getattr(args, name) for name in LIMIT_OPTIONS if getattr(args, name) is not None}
+    job = job_request(kernel, arch=args.arch, profile=args.profile, tenant=args.tenant, limits=limits,
+                      args=entry_args(args.extra) if ":" in kernel else [],
+                      argv=[] if ":" in kernel else args.extra)
+    message = {"op": "submit", "jobs": [job], "follow": True, "output": not args.json, "samples": not args.json}
+    seen: list[dict] = []
+    try:
+        submitted, results = _follow(path, message, not args.json, seen)
+    except KeyboardInterrupt:
+        job_id = seen[0]["jobs"][0]["job_id"] if seen else None
+        if job_id is not None:
+            one(path, {"op": "cancel", "job_id": job_id})
+        raise ClientError(f"interrupted: job {job_id} cancelled", 130) from None
+    if not results:
+        raise ClientError("the node service ended before the job's verdict", EXIT_INTERNAL)
+    result = results[0]
+    if args.json:
+        sys.stdout.write(json.dumps(result["result"]) + "\n")
+    else:
+        _render(result["result"])
+    return result["exit_status"]
+
+
+def batch(path: Path, args: argparse.Namespace) -> int:
+    entries = []
+    if args.manifest:
+        from .cli import _manifest  # only for a manifest: it validates the TOML as the local CLI does
+        from .limits import ConfigError
+        try:
+            entries = _manifest(Path(args.manifest))
+        except ConfigError as err:
+            raise ClientError(str(err)) from None
+    entries += [{"kernel": f} for f in args.files]
+    if not entries:
+        raise ClientError("no jobs: give kernel files or --manifest")
+    if len(entries) > MAX_BATCH:
+        raise ClientError(f"{len(entries)} jobs: at most {MAX_BATCH} per batch through the service")
+    jobs = []
+    for entry in entries:
+        entry = {"arch": args.arch, "tenant": args.tenant, "profile": args.profile, **entry}
+        jobs.append(job_request(**entry))
+    submitted, results = _follow(path, {"op": "submit", "jobs": jobs, "follow": True, "output": False}, False)
+    refused = [j for j in submitted["jobs"] if j["state"] == "refused"]
+    for number, job in enumerate(submitted["jobs"], 1):
+        if job["state"] == "refused":
+            sys.stderr.write(f"taichi-sandbox: job {number} refused: {job['code']}: {job['reason']}\n")
+    for answer in results:
+        r = answer["result"]
+        if args.json:
+            sys.stdout.write(json.dumps(r) + "\n")
+        else:
+            sys.stdout.write(f"{r['job_id']}  {r['kernel']}  {r['verdict']}  exit {answer['exit_status']}  "
+                             f"{r['usage']['wall_seconds']:.2f}s  {r['reason']}\n")
+    return 0 if not refused and all(a["result"]["verdict"] == "ok" for a in results) else 1
+
+
+def _size(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f}MiB"
+
+
+def ps(path: Path, args: argparse.Namespace) -> int:
+    jobs = one(path, {"op": "ps"})["jobs"]
+    if args.json:
+        sys.stdout.write(json.dumps(jobs) + "\n")
+        return 0
+    print(f"{'JOB':14} {'TENANT':12} {'USER':10} {'STATE':8} {'CPU':>7} {'WALL':>7} {'RSS':>8}  KERNEL")
+    for j in jobs:
+        u = j["usage"] or {}
+        print(f"{j['job_id']:14} {str(j['tenant']):12} {j['user']:10} {j['state']:8} "
+              f"{u.get('cpu', 0):7.2f} {u.get('wall', 0):7.2f} {_size(u.get('rss')):>8}  {j['kernel']}")
+    return 0
+
+
+def quota(path: Path, args: argparse.Namespace) -> int:
+    state = one(path, {"op": "quota"})["state"]
+    if args.json:
+        sys.stdout.write(json.dumps(state, indent=2) + "\n")
+        return 0
+    print(f"{'TENANT':16} {'RUNNING':>7} {'QUEUED':>7} {'CONCURRENCY':>11} {'MEMORY':>16} {'REJECTED':>8}")
+    for name, t in state["tenants"].items():
+        conc, mem = t["concurrency"], t["memory"]
+        print(f"{name:16} {t['running']:7} {t['queued']:7} {str(conc['used']) + '/' + str(conc['quota'] or '-'):>11} "
+              f"{_size(mem['used']) + '/' + _size(mem['quota']):>16} {t['rejections']:8}")
+    return 0
+
+
+def cancel(path: Path, args: argparse.Namespace) -> int:
+    answer = one(path, {"op": "cancel", "job_id": args.job})
+    print(f"cancel {args.job}: it was {answer['state']}")
+    return 0
+
+
+def logs(path: Path, args: argparse.Namespace) -> int:
+    for answer in request(path, {"op": "logs", "job_id": args.job, "follow": args.follow}):
+        if answer.get("type") == "output":
+            stream = sys.stdout if answer.get("stream") == "stdout" else sys.stderr
+            stream.write(answer.get("data", ""))
+            stream.flush()
+    return 0
+
+
+def events(path: Path, args: argparse.Namespace) -> int:
+    try:
+        for answer in request(path, {"op": "events"}):
+            sys.stdout.write(json.dumps(answer["event"]) + "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="taichi-sandbox", description="Client of the taichi-sandbox node service.")
+    commands = top.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--socket", help="the service's socket (default: $TAICHI_SANDBOX_SOCKET, else the "
+                                          "default socket when it exists)")
+        sub.add_argument("--json", action="store_true", help="JSON output")
+        return sub
+    r = command("run", "Run one job through the node service and print its verdict.")
+    r.add_argument("file")
+    r.add_argument("extra", nargs="*")
+    for name in ("entry", "profile", "tenant", *LIMIT_OPTIONS):
+        r.add_argument(f"--{name.replace('_', '-')}", dest=name)
+    r.add_argument("--arch", default="cpu")
+    b = command("batch", "Run many jobs through the node service.")
+    b.add_argument("files", nargs="*")
+    for name in ("manifest", "tenant", "profile"):
+        b.add_argument(f"--{name}", dest=name)
+    b.add_argument("--arch", default="cpu")
+    command("ps", "Running and queued jobs you may see: id, tenant, user, state, usage.")
+    for name, help_text in (("cancel", "Cancel a queued or running job."), ("logs", "A job's output.")):
+        sub = command(name, help_text)
+        sub.add_argument("job")
+        if name == "logs":
+            sub.add_argument("--follow", "-f", action="store_true", help="until the job ends")
+    command("events", "Verdicts and alerts as they happen (JSON lines).")
+    command("quota", "Tenants' usage against their quotas, from the service.")
+    return top
+
+
+HANDLERS = {"run": run, "batch": batch, "ps": ps, "quota": quota, "cancel": cancel, "logs": logs, "events": events}
+LOCAL_ONLY = ("--limits-file", "--launcher", "--concurrency", "--metrics-port", "--metrics-textfile", "--state",
+              "--input", "--output-dir", "--output")  # files through the service: not yet
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatch: `serve` to the service, node commands to a service, everything else to sandbox.cli."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv else None
+    if command == "serve":
+        from .node.service import main as serve
+        sys.exit(serve(argv[1:]))
+    if command in SERVICE_COMMANDS or (command in EITHER_COMMANDS and "--local" not in argv):
+        explicit = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--socket"), None)
+        explicit = explicit or next((a.split("=", 1)[1] for a in argv if a.startswith("--socket=")), None)
+        path = choose_socket(explicit)
+        if path is not None or command in SERVICE_COMMANDS:
+            sys.exit(_remote(path, argv))
+    from .cli import main as local
+    sys.argv = [sys.argv[0], *[a for a in argv if a != "--local"]]
+    if command in (None, "--help", "-h"):
+        print("Node service: taichi-sandbox serve | ps | cancel JOB | logs JOB [--follow] | events "
+              "(run, batch and quota use a running service unless --local).")
+    local()
+
+
+def _remote(path: Path | None, argv: list[str]) -> int:
+    try:
+        if path is None:
+            raise ClientError("no node service: give --socket or $TAICHI_SANDBOX_SOCKET, or start "
+                              "`taichi-sandbox serve`")
+        local_only = [a.split("=")[0] for a in argv if a.split("=")[0] in LOCAL_ONLY]
+        if local_only:
+            raise ClientError(f"{local_only[0]} applies only in-process: add --local")
+        cut = argv.index("--") if "--" in argv else len(argv)
+        args = parser().parse_args(argv[:cut])
+        if args.command == "run":
+            args.extra += argv[cut + 1:]
+        return HANDLERS[args.command](path, args)
+    except ClientError as err:
+        print(f"taichi-sandbox: error: {err}", file=sys.stderr)
+        return err.code

@@ -1,0 +1,263 @@
+"""The node service's jobs: who submitted each, its state, its output and live usage for clients
+that follow it, the events stream, the audit context, and reconciliation after a restart.
+
+Lock rules: `Jobs._lock` guards only the job table; `OutputLog` and `Hub` have their own locks.
+None of them is held while calling the executor, the audit log or a client socket, and the
+callbacks from jobs (`write`, `on_sample`, `finish`) never block on a client.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import json
+import threading
+import time
+from concurrent.futures import CancelledError
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..audit import AuditLog
+from ..models import JobResult, JobSpec, Sample, Verdict
+from ..supervisor import Supervisor
+from .auth import Peer
+
+OUTPUT_KEEP = 1 << 20  # characters of output kept per running job for `logs` and slow followers
+FINISHED_OUTPUT_KEEP = 64 << 10  # ... and per finished job
+KEEP_FINISHED = 1000  # finished jobs kept for `ps`, `logs` and `cancel` answers
+EVENTS_BACKLOG = 10000  # events buffered per `events` client; older ones are dropped (and counted)
+
+
+class OutputLog:
+    """A job's stdout/stderr as text (UTF-8, invalid bytes replaced), the last OUTPUT_KEEP
+    characters of it; readers follow by offset and learn how much they missed."""
+
+    def __init__(self) -> None:
+        self._chunks: collections.deque[tuple[int, str, str]] = collections.deque()
+        self._decoders: dict[str, codecs.IncrementalDecoder] = {}
+        self._kept = 0
+        self.end = 0
+        self._lock = threading.Lock()
+
+    def trim(self, keep: int) -> None:
+        """Keep only about the last `keep` characters."""
+        with self._lock:
+            while self._chunks and self._kept - len(self._chunks[0][2]) >= keep:
+                self._kept -= len(self._chunks.popleft()[2])
+
+    def write(self, stream: str, data: bytes) -> None:
+        if stream not in self._decoders:
+            self._decoders[stream] = codecs.getincrementaldecoder("utf-8")("replace")
+        text = self._decoders[stream].decode(data)
+        if not text:
+            return
+        with self._lock:
+            self._chunks.append((self.end, stream, text))
+            self.end += len(text)
+            self._kept += len(text)
+        self.trim(OUTPUT_KEEP)
+
+    def read(self, offset: int) -> tuple[list[tuple[str, str]], int, int]:
+        """(chunks from `offset` on, the new offset, characters dropped before them)."""
+        with self._lock:
+            first = self._chunks[0][0] if self._chunks else self.end
+            dropped = max(0, first - offset)
+            out = [(stream, text[max(0, offset - start):]) for start, stream, text in self._chunks
+                   if start + len(text) > offset]
+            return out, self.end, dropped
+
+
+@dataclass(eq=False)
+class JobRecord:
+    """One job the service admitted (or refused at admission), and who submitted it."""
+
+    spec: JobSpec
+    peer: Peer
+    source: bytes | None
+    submitted: float = field(default_factory=time.time)
+    state: str = "queued"  # queued, running, done
+    sample: Sample | None = None
+    result: JobResult | None = None
+    output: OutputLog = field(default_factory=OutputLog)
+    future: Any = None  # the executor's JobFuture
+    watchers: set[threading.Event] = field(default_factory=set)
+
+    def notify(self) -> None:
+        for event in list(self.watchers):
+            event.set()
+
+    def row(self) -> dict:
+        """The job for `ps`: id, tenant, user, state, usage."""
+        s = self.sample
+        usage = {"cpu": s.cpu, "wall": s.t, "rss": s.rss, "memory": s.memory, "processes": s.processes,
+                 "output": s.output} if s is not None else None
+        return {"job_id": self.spec.job_id, "tenant": self.spec.tenant, "user": self.peer.user,
+                "uid": self.peer.uid, "state": self.state, "kernel": self.spec.kernel, "usage": usage,
+                "submitted": self.submitted}
+
+
+class Subscriber:
+    """One `events` client's backlog."""
+
+    def __init__(self, accepts: Callable[[dict], bool]) -> None:
+        self.accepts, self.ready = accepts, threading.Event()
+        self.backlog: collections.deque[dict] = collections.deque(maxlen=EVENTS_BACKLOG)
+        self.dropped = 0
+
+
+class Hub:
+    """Verdicts and alerts as they happen, to every subscribed `events` client that may see them."""
+
+    def __init__(self) -> None:
+        self._subscribers: set[Subscriber] = set()
+        self._lock = threading.Lock()
+
+    def subscribe(self, accepts: Callable[[dict], bool]) -> Subscriber:
+        sub = Subscriber(accepts)
+        with self._lock:
+            self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        with self._lock:
+            self._subscribers.discard(sub)
+
+    def publish(self, event: dict) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for sub in subscribers:
+            if sub.accepts(event):
+                if len(sub.backlog) == sub.backlog.maxlen:
+                    sub.dropped += 1
+                sub.backlog.append(event)
+                sub.ready.set()
+
+
+class Jobs:
+    """The service's job table: queued and running jobs, and the last KEEP_FINISHED finished ones."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self._table: dict[str, JobRecord] = {}
+        self._finished: collections.deque[str] = collections.deque()
+        self._lock = threading.Lock()
+
+    def add(self, record: JobRecord) -> None:
+        with self._lock:
+            self._table[record.spec.job_id] = record
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            return self._table.get(job_id)
+
+    def all(self) -> list[JobRecord]:
+        with self._lock:
+            return list(self._table.values())
+
+    def discard(self, record: JobRecord) -> None:
+        with self._lock:
+            self._table.pop(record.spec.job_id, None)
+
+    def active(self) -> int:
+        """Jobs queued or running."""
+        with self._lock:
+            return len(self._table) - len(self._finished)
+
+    def audit_context(self, job_id: str | None) -> dict:
+        record = self.get(job_id) if job_id else None
+        return record.peer.audit() if record is not None else {}
+
+    def finish(self, record: JobRecord, result: JobResult, exit_status: int) -> None:
+        """Record the verdict, wake its followers, publish it, and forget the oldest finished job."""
+        record.result, record.state = result, "done"
+        record.output.trim(FINISHED_OUTPUT_KEEP)
+        record.notify()
+        self.hub.publish({"type": "verdict", "job_id": result.job_id, "tenant": record.spec.tenant,
+                          "uid": record.peer.uid, "user": record.peer.user, "verdict": result.verdict.value,
+                          "reason": result.reason, "exit_status": exit_status, "ts": time.time()})
+        with self._lock:
+            self._finished.append(record.spec.job_id)
+            while len(self._finished) > KEEP_FINISHED:
+                self._table.pop(self._finished.popleft(), None)
+
+
+def outcome(record: JobRecord, future, launcher: str, cancelled: str) -> tuple[JobResult, bool]:
+    """The result of a finished executor future, and whether it still needs an audit record (a job
+    cancelled in the queue, or a supervisor failure, has none yet). `cancelled`: why a queued job
+    was cancelled."""
+    spec = record.spec
+    try:
+        return future.result(), False
+    except CancelledError:
+        verdict, reason = Verdict.cancelled, cancelled
+    except Exception as err:  # noqa: BLE001 - the sandbox failed, not the job: a verdict all the same
+        verdict, reason = Verdict.crashed, f"internal error: {type(err).__name__}: {err}"
+    now = time.time()
+    return JobResult(job_id=spec.job_id, kernel=spec.kernel, arch=spec.arch, verdict=verdict, reason=reason,
+                     labels=spec.labels, started_at=now, ended_at=now, launcher=launcher), True
+
+
+class NodeAudit(AuditLog):
+    """The audit log, with who submitted the job (uid, user, host, client pid) in every record about it."""
+
+    def __init__(self, path: str | Path, context: Callable[[str | None], dict]) -> None:
+        super().__init__(path)
+        self._context = context
+
+    def append(self, records: list[dict], sync: bool = True) -> None:
+        super().append([{**r, **self._context(r.get("job_id"))} for r in records], sync)
+
+
+class NodeSupervisor(Supervisor):
+    """The Supervisor of the service's executor: runs a service job with the client's kernel file
+    contents and streams its output and usage to its record (its audit records, `started` included,
+    carry who submitted it)."""
+
+    def __init__(self, jobs: Jobs, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.jobs = jobs
+        self.audit = NodeAudit(self.audit.path, jobs.audit_context)
+
+    def run(self, spec: JobSpec, on_sample=None, control=None, **kwargs) -> JobResult:
+        record = self.jobs.get(spec.job_id)
+        if record is None:
+            return super().run(spec, on_sample, control, **kwargs)
+        record.state = "running"
+        record.notify()
+
+        def sampled(sample: Sample) -> None:
+            record.sample = sample
+            record.notify()
+
+        def output(stream: str, data: bytes) -> None:
+            record.output.write(stream, data)
+            record.notify()
+        return super().run(spec, sampled, control, kernel_source=record.source, on_output=output)
+
+
+def reconcile(audit: AuditLog) -> list[dict]:
+    """Append an `aborted` record for every job the audit log shows started but never finished
+    (the service was killed or crashed while it ran); returns them."""
+    started: dict[str, dict] = {}
+    try:
+        with open(audit.path, "rb") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                kind, job_id = record.get("type"), record.get("job_id")
+                if kind == "started":
+                    started[job_id] = record
+                elif kind in ("job", "aborted"):
+                    started.pop(job_id, None)
+    except FileNotFoundError:
+        return []
+    aborted = [{**{k: v for k, v in record.items() if k not in ("type", "ts")}, "type": "aborted",
+                "ts": time.time(), "started_at": record.get("ts"),
+                "reason": "the node service ended (killed or crashed) while the job ran; found at its restart"}
+               for record in started.values()]
+    for record in aborted:
+        audit.event(record)
+    return aborted

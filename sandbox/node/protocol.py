@@ -1,0 +1,114 @@
+"""The requests the node service accepts: one JSON object per frame (see `frames`), validated here
+against a closed schema before anything acts on it. Replies are plain JSON objects with a `type`:
+
+- submit  → {"type": "submitted", "jobs": [{"job_id", "tenant", "state": queued|rejected|refused, "reason"}]}
+            then, with `follow`, for each job "output" {job_id, stream, data}, "sample" {job_id, sample}
+            and "result" {job_id, result, exit_status} frames, and finally {"type": "end"}
+- ps      → {"type": "ps", "jobs": [{job_id, tenant, user, uid, state, kernel, usage}]}
+- cancel  → {"type": "cancelled", "job_id"}
+- logs    → "output" frames (with `follow`, until the job ends), then {"type": "end"}
+- events  → {"type": "event", "event": {...}} frames (verdicts and alerts) until the client leaves
+- quota   → {"type": "quota", "state": {...}} (SandboxExecutor.quota_state)
+- any     → {"type": "error", "code", "message"} (one line) when the request cannot be served
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from ..models import JobSpec
+
+MAX_JOBS_PER_REQUEST = 1000
+MAX_SOURCE = 4 << 20
+_FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\.py")
+
+
+class ProtocolError(ValueError):
+    """A request the service refuses; `code` for the error answer, the message is one line."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JobRequest(BaseModel):
+    """A JobSpec's fields (validated by JobSpec itself), less `job_id`: the service names jobs;
+    plus `source`, the kernel file's contents. `tenant` is the one asked for (see auth)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    source: str | None = Field(default=None, max_length=MAX_SOURCE)
+    tenant: str | None = Field(default=None, max_length=64)
+
+    def spec(self, tenant: str | None, number: int) -> JobSpec:
+        """The JobSpec for `tenant` (the one authentication chose). Raises ConfigError or
+        ProtocolError with a one-line reason."""
+        fields = dict(self.model_extra or {})
+        if "job_id" in fields:
+            raise ProtocolError("BadRequest", f"job {number}: job_id: the service names jobs")
+        spec = JobSpec.parse({**fields, "tenant": tenant}, f"job {number}")
+        target, function = spec.target()
+        if self.source is not None:
+            if not _FILE_NAME.fullmatch(target):
+                raise ProtocolError("BadRequest", f"job {number}: kernel {target!r}: with the file's contents, name "
+                                                  "the file only (NAME.py)")
+        elif function is None or target.endswith(".py"):
+            raise ProtocolError("BadRequest", f"job {number}: kernel {target!r}: send the file's contents; the "
+                                              "service never opens a client's path")
+        return spec
+
+
+class Submit(_Request):
+    op: Literal["submit"]
+    jobs: list[JobRequest] = Field(min_length=1, max_length=MAX_JOBS_PER_REQUEST)
+    follow: bool = False  # stream output, usage and verdicts until every job has one
+    output: bool = True  # with follow: the jobs' stdout/stderr
+    samples: bool = False  # with follow: live usage
+
+
+class Ps(_Request):
+    op: Literal["ps"]
+
+
+class Cancel(_Request):
+    op: Literal["cancel"]
+    job_id: str = Field(max_length=64)
+
+
+class Logs(_Request):
+    op: Literal["logs"]
+    job_id: str = Field(max_length=64)
+    follow: bool = False
+
+
+class Events(_Request):
+    op: Literal["events"]
+
+
+class Quota(_Request):
+    op: Literal["quota"]
+
+
+Request = Annotated[Union[Submit, Ps, Cancel, Logs, Events, Quota], Field(discriminator="op")]
+_REQUEST = TypeAdapter(Request)
+
+
+def parse(message: dict) -> Submit | Ps | Cancel | Logs | Events | Quota:
+    """The validated request, or ProtocolError("BadRequest", one line naming the field)."""
+    try:
+        return _REQUEST.validate_python(message)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "request"
+        raise ProtocolError("BadRequest", f"{where}: {first['msg']}"[:300]) from None
+
+
+def error(code: str, message: str) -> dict:
+    return {"type": "error", "code": code, "message": message}
