@@ -163,7 +163,7 @@ def test_run_reads_the_kernel_as_the_client_and_streams_output_and_verdict(node,
     result = json.loads(done.stdout)
     assert result["verdict"] == "ok" and result["stdout_tail"].startswith("uid 6")  # the tenant's uid, not alice's
     human = node.cli(ALICE, "run", "mine.py", cwd=home)
-    assert human.returncode == 0 and human.stdout.startswith("uid 6") and "verdict: ok" in human.stdout
+    assert human.returncode == 0 and human.stdout.startswith("uid 6") and "verdict: ok" in human.stderr
     # A path alone is never opened by the service (it would open it as root).
     refused = node.ask({"op": "submit", "jobs": [{"kernel": str(home / "mine.py")}]})[0]
     assert refused["jobs"][0]["state"] == "refused" and "send the file's contents" in refused["jobs"][0]["reason"]
@@ -357,7 +357,7 @@ def test_events_ps_logs_and_cancel_across_users(node, tmp_path):
         time.sleep(0.1)
     assert node.cli(BOB, "cancel", job["job_id"], cwd=home).returncode == 0
     out, err = run.communicate(timeout=60)
-    assert run.returncode == EXIT_CODES[Verdict.cancelled] and "started" in out and "verdict: cancelled" in out, err
+    assert run.returncode == EXIT_CODES[Verdict.cancelled] and "started" in out and "verdict: cancelled" in err, err
     seen = frames.recv(events, idle=30, within=30)["event"]
     while seen.get("job_id") != job["job_id"]:
         seen = frames.recv(events, idle=30, within=30)["event"]
@@ -400,9 +400,18 @@ def test_sigkill_of_the_service_leaves_no_job_alive_and_a_restart_records_it_abo
         while _job_processes(job_id) and time.monotonic() < deadline + 5:
             time.sleep(0.05)
         assert _job_processes(job_id) == []
-        node.start()
+        started = [r for r in node.records("started") if r["job_id"] == job_id]
         aborted = [r for r in node.records("aborted") if r["job_id"] == job_id]
-        assert len(aborted) == 1 and aborted[0]["uid"] == 0 and "killed or crashed" in aborted[0]["reason"]
+        assert len(started) == 1 and started[0]["uid"] == 0  # who submitted it
+        assert len(aborted) == 1 and aborted[0]["by"] == "fork-server"  # it outlived the service
+        # A job whose fork-server died too (simulated: a started record and nothing after it) is
+        # found at the restart.
+        with node.audit.open("a") as f:
+            f.write(json.dumps({**started[0], "job_id": "lost-job"}) + "\n")
+        node.start()
+        aborted = [r for r in node.records("aborted") if r["job_id"] in (job_id, "lost-job")]
+        assert [r["job_id"] for r in aborted] == [job_id, "lost-job"]
+        assert aborted[1]["uid"] == 0 and "killed or crashed" in aborted[1]["reason"]
     finally:
         node.stop(signal.SIGKILL)
 
