@@ -105,14 +105,16 @@ def test_twenty_jobs_in_parallel_nothing_lost(cluster):
     assert all(r.verdict is Verdict.ok for r in results)
 
 
-def _wait_for_job_processes(minimum: int, timeout: float = 60) -> list[int]:
+def _wait_for_job_processes(minimum: int, before: set[int], timeout: float = 60) -> list[int]:
+    """At least `minimum` job processes that were not there `before` (what earlier tests' fork-servers
+    still hold is not this job's)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pids = _running_job_pids()
+        pids = [p for p in _running_job_pids() if p not in before]
         if len(pids) >= minimum:
             return pids
         time.sleep(0.2)
-    raise AssertionError("job processes did not appear")
+    raise AssertionError(f"job processes did not appear (already there: {sorted(before)})")
 
 
 def _running_job_pids() -> list[int]:
@@ -148,8 +150,9 @@ def _audit_types(policy: Policy, job_id: str) -> list[str]:
 @pytest.mark.parametrize("force", [False, True])
 def test_cancel_leaves_no_job_process_and_a_verdict(cluster, force):
     spec = JobSpec(kernel=kernel("spawner.py"), limits=Limits(wall_time="120s", grace="1s"))
+    before = set(_running_job_pids())
     ref = sray.submit(spec, cluster)
-    pids = _wait_for_job_processes(10)
+    pids = _wait_for_job_processes(10, before)
     t = time.monotonic()
     ray.cancel(ref, force=force)
     r = sray.result(ref, timeout=30)
@@ -165,8 +168,9 @@ def test_cancel_leaves_no_job_process_and_a_verdict(cluster, force):
 
 def test_worker_killed_mid_job_leaves_no_orphan_and_a_verdict(cluster):
     spec = JobSpec(kernel=kernel("spawner.py"), limits=Limits(wall_time="120s"))
+    before = set(_running_job_pids())
     ref = sray.submit(spec, cluster)
-    pids = _wait_for_job_processes(10)
+    pids = _wait_for_job_processes(10, before)
     # Ray titles a busy worker "ray::<task name>"; the task is named after the job.
     (worker,) = [p for p in psutil.process_iter(["cmdline"])
                  if f"taichi-sandbox:{spec.job_id}" in " ".join(p.info["cmdline"] or [])]
@@ -180,8 +184,9 @@ def test_worker_killed_mid_job_leaves_no_orphan_and_a_verdict(cluster):
 def test_ray_executor_same_surface(cluster, tmp_path):
     with sray.RayExecutor(max_concurrent=2, capacity=Capacity(2, 8 * GiB, None), policy=cluster) as ex:
         results = list(ex.map([JobSpec(kernel=kernel("tiny.py"), limits=Limits(memory="1GiB")) for _ in range(4)]))
+        before = set(_running_job_pids())
         running = ex.submit(JobSpec(kernel=kernel("sleeper.py"), limits=Limits(memory="1GiB", wall_time="60s")))
-        _wait_for_job_processes(1)
+        _wait_for_job_processes(1, before)
         running.cancel()
         cancelled = running.result(timeout=30)
     assert [r.verdict for r in results] == [Verdict.ok] * 4
