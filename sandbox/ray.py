@@ -31,6 +31,7 @@ from .models import JobResult, JobSpec, Verdict, as_spec
 from .monitor import JobControl
 from .supervisor import Supervisor
 
+CANCEL_RESEND = 2.0  # seconds between soft cancels of a task that has not ended
 WAIT_SLICE = 0.05
 _worker_supervisors: dict[str, Supervisor] = {}
 _worker_lock = threading.Lock()
@@ -171,11 +172,13 @@ class _RaySupervisor:
         """The job's result from its Ray task (whose supervisor writes the audit record)."""
         ray = _ray()
         ref = submit(spec, self.policy, self.device_memory, **self.ray_options)
-        cancel_sent = False
+        cancel_sent = 0.0
         while not ray.wait([ref], timeout=WAIT_SLICE)[0]:
-            if control.cancelled and not cancel_sent:
-                ray.cancel(ref)  # soft: the task ends the job gracefully, then reports cancellation
-                cancel_sent = True
+            if control.cancelled and time.monotonic() - cancel_sent > CANCEL_RESEND:
+                # soft: the task ends the job gracefully, then reports cancellation; sent again
+                # while unanswered (Ray drops one that reaches a worker still starting the task)
+                ray.cancel(ref)
+                cancel_sent = time.monotonic()
         return result(ref)
 
     def close(self) -> None:
