@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import signal
 import threading
 import time
 from typing import Any, Callable
@@ -86,6 +87,9 @@ def run_in_task(spec_json: str, policy_json: str) -> str:
     """
     spec = JobSpec.model_validate_json(spec_json)
     spec = spec.model_copy(update={"labels": {**spec.labels, **_labels()}})
+    if threading.current_thread() is threading.main_thread():
+        # Ray's soft cancel is SIGINT; a worker started from a background shell inherits it ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     supervisor = _worker_supervisor(policy_json)
     control = JobControl()
     outcome: dict[str, Any] = {}

@@ -60,8 +60,10 @@ def test_sandbox_verdict_codes_stay_apart_from_job_statuses(tmp_path):
 
 def _start(tmp_path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path), "TAICHI_SANDBOX_LIMITS": str(ROOT / "limits.toml")}
+    # SIGINT as an interactive shell leaves it (a background shell starts everything with it ignored)
     return subprocess.Popen([sys.executable, "-m", "sandbox", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
