@@ -1,22 +1,27 @@
 """The job side of isolation: new PID, mount, IPC, UTS and (optionally) network namespaces.
 
-Three processes, each with one task (`enter()` returns only in the third):
+Three roles, each with one task (`enter()` returns only in the job):
 
-    relay  (the launcher's child, outside): unshares, makes the mounts private, mounts a private
-           /dev/shm (tmpfs, charged to the job's cgroup), forks the init, waits for it, then ends the way the job ended (same exit
-           code, or the same signal), so the launcher's wait4 sees the job's status and, having
-           waited for everything, its whole rusage.
-    init   (PID 1 inside): mounts a fresh /proc, a private /tmp and /var/tmp (`private_tmp`),
-           exposes what the job's uid cannot reach (`expose_paths`), forks the job, reaps orphans, and when the job's process ends SIGKILLs
-           everything left in the namespace (kill(-1)), reaps it, and tells the relay the job's
-           wait status and how many it killed.
-    job    (PID 2 inside): becomes the tenant's uid (`drop_privileges`) when it has one; sees only
-           its own tree: the supervisor, the fork-server, other jobs and host services are not in
-           its /proc and cannot be named by kill().
+    relay  (outside): waits for the init, then ends the way the job ended (same exit code, or the
+           same signal), so the launcher's wait4 sees the job's status and, having waited for
+           everything, its whole rusage. A root fork-server is the relay itself (it forks the init
+           straight into a new PID namespace and reads the status pipe); otherwise the launcher's
+           child unshares, forks the init and relays (`_relay`).
+    init   (PID 1 inside): makes the mounts private and mounts a private /dev/shm (a relaying child
+           does those two before it forks the init), then a fresh /proc and a
+           private /tmp and /var/tmp (`private_tmp`; tmpfs charged to the job's cgroup), exposes what
+           the job's uid cannot reach (`expose_paths`), optionally makes the rest read-only
+           (`read_only_rest`), forks the job, reaps orphans, and when the job's process ends
+           SIGKILLs everything left in the namespace (kill(-1)), reaps it, reports how many on the
+           channel and writes the job's wait status to the relay.
+    job    (PID 2 inside): becomes the tenant's uid (`drop_privileges`) when it has one, or drops
+           its capabilities in a user namespace (`drop_capabilities`); sees only its own tree: the
+           supervisor, the fork-server, other jobs and host services are not in its /proc and
+           cannot be named by kill().
 
 An init is needed because PID 1 gets no default signal actions: a SIGTERM from the supervisor would
 be dropped, and orphans would never be reaped. Data format on the init → relay pipe:
-"<wait status> <leftovers>\\n". Pickle is not used.
+"<wait status>\n" (`init_report`, `relayed_status`). Pickle is not used.
 """
 
 from __future__ import annotations
@@ -113,8 +118,7 @@ def enter(network: str, tmpfs_bytes: int | None, channel_fd: int, on_leftovers, 
     if netns_fd is not None:
         os.close(netns_fd)
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here reaches the host
-    mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV,
-          "mode=1777" + (f",size={tmpfs_bytes}" if tmpfs_bytes else ""))
+    mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, _shared_tmpfs(tmpfs_bytes))
     _check(_libc.sethostname(HOSTNAME, len(HOSTNAME)), "sethostname")
     if flags & CLONE_NEWNET:
         loopback_up()
@@ -188,7 +192,7 @@ def private_tmp(paths: list[tuple[str, bool]], size: int | None) -> None:
     `size` bytes at most, charged to the job's memory cgroup and gone with its mount namespace.
     Those of `paths` that live there (the job's work dir, perhaps its kernel file, cache or
     interpreter) are bound back at the same place (read-only unless writable)."""
-    options = "mode=1777" + (f",size={size}" if size else "")
+    options = _shared_tmpfs(size)
     real = [(os.path.realpath(p), w) for p, w in paths if os.path.exists(p)]
     for top in filter(os.path.isdir, TMP_DIRS):
         _cover(top, [(p, w) for p, w in real if p.startswith(top + "/")], options)
@@ -216,6 +220,11 @@ def read_only_rest(writable: list[str]) -> None:
 def _unescape(field: str) -> str:
     """A mountinfo path: space, tab, newline and backslash are written as octal escapes."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _shared_tmpfs(size: int | None) -> str:
+    """Mount options of a world-writable (sticky) tmpfs of at most `size` bytes."""
+    return "mode=1777" + (f",size={size}" if size else "")
 
 
 def _cover(top: str, inside: list[tuple[str, bool]], options: str) -> None:
