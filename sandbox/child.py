@@ -177,12 +177,13 @@ def _run_job(plan: ChildPlan) -> Any:
     if plan.shipped is not None:
         func, args, kwargs = receive(plan.shipped)
         return func(*args, **kwargs)
+    if plan.function is None or plan.target.endswith(".py"):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(plan.target)))  # as `python FILE` does
     if plan.function is None:
         sys.argv = [plan.target, *plan.argv]
         runpy.run_path(plan.target, run_name="__main__")
         return None
     if plan.target.endswith(".py"):
-        sys.path.insert(0, os.path.dirname(os.path.abspath(plan.target)))
         namespace = runpy.run_path(plan.target, run_name="__sandbox_job__")
     else:
         import importlib

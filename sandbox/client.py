@@ -3,9 +3,11 @@
 `run`, `batch` and `quota` talk to the service when `--socket` or $TAICHI_SANDBOX_SOCKET names
 one, or the default socket exists (see `frames.default_socket`); `--local` (or no service at the
 default socket) runs them in-process as `sandbox.cli` does. `ps`, `cancel`, `logs` and `events`
-always talk to a service. Kernel files are read here, with the client's own permissions, and their
-contents are sent: the service never opens a client's path. Only the standard library is imported
-on the way to the service (pydantic and rich only to draw a human-readable verdict).
+always talk to a service. Files are opened here, with the client's own permissions: a kernel file's
+contents and the inputs' open descriptors are sent, and output files come back as descriptors that
+this process copies into its output dir; the service never opens a client's path. Only the standard
+library is imported on the way to the service (pydantic and rich only to draw a human-readable
+verdict). `submit_and_follow` is the Python face of it (sandbox.ray uses it).
 
 Exit codes as `sandbox.cli`: the verdict's code for `run`; 2 for a usage error or a refused
 request; 125 when the service went away before the verdict.
@@ -16,9 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator
 
 from .node import frames
 
@@ -64,14 +68,20 @@ def connect(path: Path) -> socket.socket:
     return sock
 
 
-def request(path: Path, message: dict):
-    """Send one request; yield the answers until the service says `end` (or closes). An error answer
-    raises ClientError."""
+def request(path: Path, message: dict, fds: list[int] = ()) -> Iterator[dict]:
+    """Send one request (with `fds`); yield the answers until the service says `end` (or closes).
+    A "file" answer holds its descriptor as "fd" (the caller closes it). An error answer raises
+    ClientError."""
     with connect(path) as sock:
         try:
-            frames.send(sock, message)
+            frames.send(sock, message, fds)
             while True:
-                answer = frames.recv(sock)
+                received: list[int] = []
+                answer = frames.recv(sock, fds=received)
+                if answer is not None and answer.get("type") == "file" and received:
+                    answer["fd"] = received.pop(0)
+                for fd in received:
+                    os.close(fd)
                 if answer is None or answer.get("type") == "end":
                     return
                 if answer.get("type") == "error":
@@ -87,19 +97,68 @@ def one(path: Path, message: dict) -> dict:
     raise ClientError(f"the node service at {path} closed the connection without answering", EXIT_INTERNAL)
 
 
-def job_request(kernel: str, **fields) -> dict:
-    """A job for the service: a kernel file's contents travel with its name only."""
-    target, _, function = kernel.rpartition(":") if ":" in kernel else (kernel, "", "")
-    job = {key: value for key, value in fields.items() if value not in (None, [], {})}
-    if target.endswith(".py") or not function:
+class Job:
+    """One job on its way to the service: the request's fields (a kernel file's contents travel with
+    its name only; each input as its name in the job's dir), the inputs' open descriptors, and where
+    its output files go (the client's own directory). `close()` the descriptors once sent."""
+
+    def __init__(self, kernel: str, inputs: list[str] | None = None, output_dir: str | None = None,
+                 outputs: list[str] | None = None, **fields) -> None:
+        target, _, function = kernel.rpartition(":") if ":" in kernel else (kernel, "", "")
+        self.fields = {key: value for key, value in fields.items() if value not in (None, [], {})}
+        if target.endswith(".py") or not function:
+            try:
+                self.fields["source"] = Path(target).read_text()
+            except FileNotFoundError:
+                raise ClientError(f"kernel file not found: {target}") from None
+            except (OSError, UnicodeDecodeError) as err:
+                raise ClientError(f"cannot read kernel file {target}: {err}") from None
+            kernel = Path(target).name + (f":{function}" if function else "")
+        if outputs and output_dir is None:
+            raise ClientError("outputs need an output dir to copy them to")
+        self.fields["kernel"] = kernel
+        self.output_dir = None if output_dir is None else str(Path(output_dir).expanduser().absolute())
+        if output_dir is not None:
+            self.fields["outputs"] = outputs or ["*"]
+        self.fds: list[int] = []
+        names = []
         try:
-            job["source"] = Path(target).read_text()
-        except FileNotFoundError:
-            raise ClientError(f"kernel file not found: {target}") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise ClientError(f"cannot read kernel file {target}: {err}") from None
-        kernel = Path(target).name + (f":{function}" if function else "")
-    return {"kernel": kernel, **job}
+            for path in inputs or []:
+                names.append(PurePosixPath(path).name if path.startswith("/") else path)
+                try:
+                    self.fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK))
+                except OSError as err:
+                    raise ClientError(f"input {path}: {err.strerror or err}") from None
+        except BaseException:
+            self.close()
+            raise
+        if names:
+            self.fields["inputs"] = names
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def save_file(output_dir: str | None, answer: dict) -> str:
+    """Copy the output file of a "file" answer (its descriptor, closed here) to `output_dir`, at
+    its relative name; the copy's path. Raises OSError, or ClientError for a name outside the dir."""
+    fd = answer.pop("fd", None)
+    try:
+        name = str(answer.get("name", ""))
+        parts = PurePosixPath(name).parts
+        if fd is None or output_dir is None or not parts or name.startswith("/") or ".." in parts:
+            raise ClientError(f"the service sent an output file without its descriptor or a usable name: {name!r}")
+        target = Path(output_dir, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "rb", closefd=False) as source, os.fdopen(out, "wb") as sink:
+            shutil.copyfileobj(source, sink, 1 << 20)
+        return str(target)
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def entry_args(extra: list[str]) -> list:
@@ -112,20 +171,58 @@ def entry_args(extra: list[str]) -> list:
     return [value(a) for a in extra]
 
 
-def _follow(path: Path, message: dict, on_output: bool, seen: list | None = None) -> tuple[dict, list[dict]]:
-    """Submit and follow: (the `submitted` answer, results in order of arrival). The `submitted`
-    answer is also appended to `seen` as soon as it comes."""
-    submitted, results = None, []
-    for answer in request(path, message):
+def submit_and_follow(path: Path, jobs: list[Job], output: bool = True, samples: bool = False,
+                      on_answer: Callable[[dict], None] | None = None) -> tuple[dict, list[dict]]:
+    """Submit `jobs` and follow them to their verdicts: (the `submitted` answer, the "result"
+    answers in order of arrival). Output files are copied into each job's output dir as they come;
+    a result's `outputs` lists those copies. `on_answer` sees the other answers as they come (the
+    `submitted` one first). A job this client stops following is cancelled by the service."""
+    message = {"op": "submit", "jobs": [job.fields for job in jobs], "follow": True, "output": output,
+               "samples": samples}
+    submitted, results, dirs, saved, notes = None, [], {}, {}, {}
+    try:
+        for answer in request(path, message, [fd for job in jobs for fd in job.fds]):
+            kind, job_id = answer.get("type"), answer.get("job_id")
+            if kind == "submitted":
+                submitted = answer
+                for job in jobs:
+                    job.close()  # sent: the service holds its own copies of the descriptors
+                dirs = {a["job_id"]: job.output_dir for a, job in zip(answer["jobs"], jobs) if a["job_id"]}
+            elif kind == "file":
+                try:
+                    saved.setdefault(job_id, []).append(save_file(dirs.get(job_id), answer))
+                except (OSError, ClientError) as err:
+                    notes.setdefault(job_id, []).append(f"outputs: {answer.get('name')} not saved here: {err}")
+                continue
+            elif kind == "result":
+                answer["result"]["outputs"] = saved.pop(job_id, [])
+                answer["result"]["notes"] += notes.pop(job_id, [])
+                results.append(answer)
+            if on_answer is not None:
+                on_answer(answer)
+    finally:
+        for job in jobs:
+            job.close()
+    if submitted is None:
+        raise ClientError(f"the node service at {path} closed the connection without answering", EXIT_INTERNAL)
+    return submitted, results
+
+
+class _Show:
+    """`on_answer` for the CLI: a lone refused job is an error; output is echoed; usage is drawn on
+    a terminal; the `submitted` answer is kept (for a cancel on Ctrl-C)."""
+
+    def __init__(self, echo: bool) -> None:
+        self.echo, self.submitted = echo, None
+
+    def __call__(self, answer: dict) -> None:
         kind = answer.get("type")
         if kind == "submitted":
-            submitted = answer
-            if seen is not None:
-                seen.append(answer)
+            self.submitted = answer
             refused = [j for j in answer["jobs"] if j["state"] == "refused"]
-            if len(refused) == len(answer["jobs"]) and len(refused) == 1:
+            if len(refused) == len(answer["jobs"]) == 1:
                 raise ClientError(f"{refused[0]['code']}: {refused[0]['reason']}")
-        elif kind == "output" and on_output:
+        elif kind == "output" and self.echo:
             stream = sys.stdout if answer.get("stream") == "stdout" else sys.stderr
             stream.write(answer.get("data", ""))
             stream.flush()
@@ -134,11 +231,6 @@ def _follow(path: Path, message: dict, on_output: bool, seen: list | None = None
             sys.stderr.write(f"\r\033[2K{s['t']:.1f}s  cpu {s['cpu']:.2f}s  rss {s['rss'] / 2**20:.0f} MiB  "
                              f"processes {s['processes']}")
             sys.stderr.flush()
-        elif kind == "result":
-            results.append(answer)
-    if submitted is None:
-        raise ClientError(f"the node service at {path} closed the connection without answering", EXIT_INTERNAL)
-    return submitted, results
 
 
 def _render(result: dict) -> None:
@@ -155,15 +247,16 @@ def _render(result: dict) -> None:
 def run(path: Path, args: argparse.Namespace) -> int:
     kernel = f"{args.file}:{args.entry}" if args.entry else args.file
     limits = {name: getattr(args, name) for name in LIMIT_OPTIONS if getattr(args, name) is not None}
-    job = job_request(kernel, arch=args.arch, profile=args.profile, tenant=args.tenant, limits=limits,
-                      args=entry_args(args.extra) if ":" in kernel else [],
-                      argv=[] if ":" in kernel else args.extra)
-    message = {"op": "submit", "jobs": [job], "follow": True, "output": not args.json, "samples": not args.json}
-    seen: list[dict] = []
+    if args.outputs and args.output_dir is None:
+        raise ClientError("--output needs --output-dir")
+    job = Job(kernel, inputs=args.inputs, output_dir=args.output_dir, outputs=args.outputs, arch=args.arch,
+              profile=args.profile, tenant=args.tenant, limits=limits,
+              args=entry_args(args.extra) if ":" in kernel else [], argv=[] if ":" in kernel else args.extra)
+    show = _Show(echo=not args.json)
     try:
-        submitted, results = _follow(path, message, not args.json, seen)
+        _, results = submit_and_follow(path, [job], output=not args.json, samples=not args.json, on_answer=show)
     except KeyboardInterrupt:
-        job_id = seen[0]["jobs"][0]["job_id"] if seen else None
+        job_id = show.submitted["jobs"][0]["job_id"] if show.submitted else None
         if job_id is not None:
             one(path, {"op": "cancel", "job_id": job_id})
         raise ClientError(f"interrupted: job {job_id} cancelled", 130) from None
@@ -191,11 +284,15 @@ def batch(path: Path, args: argparse.Namespace) -> int:
         raise ClientError("no jobs: give kernel files or --manifest")
     if len(entries) > MAX_BATCH:
         raise ClientError(f"{len(entries)} jobs: at most {MAX_BATCH} per batch through the service")
-    jobs = []
-    for entry in entries:
-        entry = {"arch": args.arch, "tenant": args.tenant, "profile": args.profile, **entry}
-        jobs.append(job_request(**entry))
-    submitted, results = _follow(path, {"op": "submit", "jobs": jobs, "follow": True, "output": False}, False)
+    jobs: list[Job] = []
+    try:
+        for entry in entries:
+            jobs.append(Job(**{"arch": args.arch, "tenant": args.tenant, "profile": args.profile, **entry}))
+    except BaseException:
+        for job in jobs:
+            job.close()
+        raise
+    submitted, results = submit_and_follow(path, jobs, output=False)
     refused = [j for j in submitted["jobs"] if j["state"] == "refused"]
     for number, job in enumerate(submitted["jobs"], 1):
         if job["state"] == "refused":
@@ -278,8 +375,10 @@ def parser() -> argparse.ArgumentParser:
     r = command("run", "Run one job through the node service and print its verdict.")
     r.add_argument("file")
     r.add_argument("extra", nargs="*")
-    for name in ("entry", "profile", "tenant", *LIMIT_OPTIONS):
+    for name in ("entry", "profile", "tenant", "output_dir", *LIMIT_OPTIONS):
         r.add_argument(f"--{name.replace('_', '-')}", dest=name)
+    r.add_argument("--input", dest="inputs", action="append", help="a file the job gets in its dir (repeatable)")
+    r.add_argument("--output", dest="outputs", action="append", help="which files to copy to --output-dir")
     r.add_argument("--arch", default="cpu")
     b = command("batch", "Run many jobs through the node service.")
     b.add_argument("files", nargs="*")
@@ -298,8 +397,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 HANDLERS = {"run": run, "batch": batch, "ps": ps, "quota": quota, "cancel": cancel, "logs": logs, "events": events}
-LOCAL_ONLY = ("--limits-file", "--launcher", "--concurrency", "--metrics-port", "--metrics-textfile", "--state",
-              "--input", "--output-dir", "--output")  # files through the service: not yet
+LOCAL_ONLY = ("--limits-file", "--launcher", "--concurrency", "--metrics-port", "--metrics-textfile", "--state")
 
 
 def main(argv: list[str] | None = None) -> None:

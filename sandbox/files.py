@@ -3,7 +3,9 @@
 Inputs (trusted: the caller's own files) are copied into the job's working directory before it
 starts, root-owned and mode 0444 when the supervisor is root, at the relative path the caller gave
 (an absolute path by its name), so the job opens them by that relative path from its cwd. A root
-supervisor only copies what the tenant's uid could read itself.
+supervisor only copies what the tenant's uid could read itself. A client of the node service sends
+open descriptors instead (`Sent`): it opened them with its own permissions, and the service checks
+only that each is a readable regular file of at most MAX_INPUT_BYTES (`check_sent_input`).
 
 Outputs (untrusted: the job controls its dir) are copied after every process of the job has ended:
 regular files only, opened without following symlinks (relative to an already opened directory, so
@@ -15,10 +17,12 @@ skipped is named in a note; copying never raises.
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import os
 import shutil
 import stat
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .limits import ConfigError
@@ -28,6 +32,8 @@ MAX_OUTPUT_FILES = 1000
 MAX_OUTPUT_BYTES = 4 << 30
 MAX_DEPTH = 32
 MAX_SCANNED = 100_000
+MAX_INPUTS = 64  # per job through the node service (each is an open descriptor until the job starts)
+MAX_INPUT_BYTES = 4 << 30  # per input sent to the node service
 _NOTED = 5  # skipped entries named in a note; the rest are counted
 
 
@@ -48,25 +54,50 @@ def output_destination(path: str) -> str:
     return str(Path(path).expanduser().absolute())
 
 
-def stage(inputs: list[str], output_dir: str | None, workdir: str, reader: tuple[int, int] | None) -> None:
+@dataclass(frozen=True)
+class Sent:
+    """What a node service client sent with a job, read with its own permissions: the kernel
+    file's contents, and one open descriptor per `JobSpec.inputs` name (owned by the caller)."""
+
+    source: bytes | None = None
+    inputs: tuple[int, ...] = ()
+
+
+def check_sent_input(name: str, fd: int) -> None:
+    """Raise ConfigError unless `fd` is a regular file open for reading, of at most MAX_INPUT_BYTES."""
+    st, flags = os.fstat(fd), fcntl.fcntl(fd, fcntl.F_GETFL)
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"inputs: {name}: not a regular file")
+    if flags & getattr(os, "O_PATH", 0) or flags & os.O_ACCMODE == os.O_WRONLY:
+        raise ConfigError(f"inputs: {name}: the descriptor is not open for reading")
+    if st.st_size > MAX_INPUT_BYTES:
+        raise ConfigError(f"inputs: {name}: {st.st_size} bytes, more than {MAX_INPUT_BYTES} per input")
+
+
+def stage(inputs: list[str], output_dir: str | None, workdir: str, reader: tuple[int, int] | None,
+          fds: tuple[int, ...] | None = None) -> None:
     """Copy `inputs` into `workdir` (the job's cwd) read-only and create `output_dir`. `reader`:
     the (uid, gid) the job runs as, when that is not the supervisor's; an input it could not read
-    itself is refused. Raises ConfigError (one line) for a missing, unreadable or clashing input."""
+    itself is refused. `fds`: the inputs' open descriptors (sent by a client), read instead of their
+    paths. Raises ConfigError (one line) for a missing, unreadable or clashing input."""
     placed: dict[str, str] = {}
-    for path in inputs:
+    for number, path in enumerate(inputs):
         name, source = input_name(path), Path(path).absolute()
         if name in placed:
             raise ConfigError(f"inputs: {path!r} and {placed[name]!r} would both be {name!r} in the job's dir")
         placed[name] = path
-        if not source.is_file():
+        if fds is None and not source.is_file():
             raise ConfigError(f"inputs: {path}: {'not a regular file' if source.exists() else 'not found'}")
-        if reader is not None and not permits(str(source), *reader, 0o004):
+        if fds is None and reader is not None and not permits(str(source), *reader, 0o004):
             raise ConfigError(f"inputs: {path} is not readable by the job's uid {reader[0]}: make it readable "
                               "by others, or give the tenant its owner's uid (run_as)")
         target = Path(workdir, name)
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            shutil.copyfile(source, target)
+            if fds is None:
+                shutil.copyfile(source, target)
+            else:
+                _copy_fd(fds[number], target, MAX_INPUT_BYTES)
         except OSError as err:
             raise ConfigError(f"inputs: cannot copy {path}: {err.strerror or err}") from None
         target.chmod(0o444)
@@ -170,10 +201,11 @@ def collect(patterns: list[str], workdir: str, output_dir: str, owner: int | Non
 
 def collect_job(spec, plan, result) -> None:
     """`collect` for a finished job (its JobSpec and ChildPlan): the copies in `result.outputs`,
-    the notes added to `result.notes`."""
+    the notes added to `result.notes`. Its inputs, and its kernel file when it was sent into its
+    dir, are not outputs."""
     if spec.outputs:
-        result.outputs, notes = collect(spec.outputs, plan.workdir, spec.output_dir, plan.uid,
-                                        {input_name(p) for p in spec.inputs})
+        placed = {input_name(p) for p in spec.inputs} | {os.path.relpath(plan.target, plan.workdir)}
+        result.outputs, notes = collect(spec.outputs, plan.workdir, spec.output_dir, plan.uid, placed)
         result.notes.extend(notes)
 
 
@@ -188,16 +220,23 @@ def _copy(dirfd: int, name: str, owner: int | None, target: Path, budget: int) -
         if st.st_size > budget:
             return None
         target.parent.mkdir(parents=True, exist_ok=True)
-        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            written = 0
-            while written < st.st_size:
-                sent = os.sendfile(dst, src, written, st.st_size - written)
-                if sent == 0:
-                    break
-                written += sent
-        finally:
-            os.close(dst)
-        return written
+        return _copy_fd(src, target, st.st_size)
     finally:
         os.close(src)
+
+
+def _copy_fd(src: int, target: Path, most: int) -> int:
+    """Copy the regular file open as `src` (from its start, leaving its offset alone) to a new
+    `target`, at most `most` bytes of it; the bytes written."""
+    size = min(os.fstat(src).st_size, most)
+    dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        written = 0
+        while written < size:
+            sent = os.sendfile(dst, src, written, size - written)
+            if sent == 0:
+                break
+            written += sent
+    finally:
+        os.close(dst)
+    return written

@@ -368,6 +368,7 @@ class Service(_Strict):
     unknown_users: Literal["default", "refuse"] = "default"  # clients no tenant lists
     drain_timeout: Seconds = 30.0  # SIGTERM: running jobs may finish this long, then are cancelled
     max_connections_per_uid: Count = 16
+    max_connections: Count = 512  # all uids together (each is a thread of the service)
     max_request_bytes: Bytes = 8 * MiB
     request_rate: Annotated[Union[float, None], _positive(parse_rate)] = 50.0  # requests per uid
     request_burst: Count = 100

@@ -22,7 +22,7 @@ from .cgroup import CgroupError, CgroupHost, CgroupLimits, JobCgroup, discover, 
 from .child import ChildPlan
 from . import namespaces
 from .enforcement import CgroupFacts, Enforcement, GpuFacts, IsolationFacts, cgroup_facts, enforcement_for
-from .files import collect_job, stage
+from .files import Sent, collect_job, stage
 from .ids import give, may_read, tenant_ids
 from .forkserver import MAX_PLAN_BYTES
 from .gpu import (ArchUnavailable, GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, mps_env,
@@ -126,18 +126,18 @@ class Supervisor:
             return self._gpu
 
     def _prepare(self, spec: JobSpec, limits: Limits, arch: str, workdir: Path,
-                 kernel_source: bytes | None = None) -> _Prepared:
+                 sent: Sent | None = None) -> _Prepared:
         """Everything the child needs, decided here once: rlimits, env, dirs, Taichi caps, GPU watch.
-        `kernel_source`: the kernel file's contents (read by a client with its own permissions),
-        written into the job's own work dir under the file's name, so the supervisor never opens the
-        client's path."""
+        `sent`: what a client sent with the job (read with its own permissions): the kernel file's
+        contents, written into the job's work dir under the file's name, and its inputs' descriptors,
+        so the supervisor never opens the client's paths."""
         target, function = spec.target()
         home, tmp, work = workdir / "home", workdir / "tmp", workdir / "work"
         for d in (home, tmp, work):
             d.mkdir()
-        if kernel_source is not None:
+        if sent is not None and sent.source is not None:
             path = work / Path(target).name
-            path.write_bytes(kernel_source)
+            path.write_bytes(sent.source)
             target = str(path)
         elif spec.shipped is None and (function is None or target.endswith(".py")):
             path = Path(target)
@@ -190,7 +190,8 @@ class Supervisor:
         if len(plan.model_dump_json()) > MAX_PLAN_BYTES:
             raise ConfigError(f"job too large: its args, kwargs, argv and env exceed {MAX_PLAN_BYTES} bytes")
         isolation = self._isolate(plan, tenant_key(spec), limits, workdir, cache, notes)
-        stage(spec.inputs, spec.output_dir, plan.workdir, (plan.uid, plan.gid) if plan.uid is not None else None)
+        stage(spec.inputs, spec.output_dir, plan.workdir, (plan.uid, plan.gid) if plan.uid is not None else None,
+              sent.inputs if sent is not None else None)
         # The cgroup comes last: nothing after it may raise, or it would be left behind.
         cgroup, cgroup_known = self._job_cgroup(spec.job_id, limits, caps["cpu_max_num_threads"],
                                                 helpers=namespaces.HELPERS if plan.isolate else 0)
@@ -292,11 +293,11 @@ class Supervisor:
     # --- running ---------------------------------------------------------------------------------
 
     def run(self, spec: JobSpec, on_sample: Callable[[Sample], None] | None = None,
-            control: JobControl | None = None, *, kernel_source: bytes | None = None,
+            control: JobControl | None = None, *, sent: Sent | None = None,
             on_output: Callable[[str, bytes], None] | None = None) -> JobResult:
         """Run one job to its verdict. Never raises for anything the job does; returns `rejected`
         for a spec that cannot run (unknown profile, missing kernel file, unusable arch).
-        `control.cancel()` ends the job with verdict `cancelled`. `kernel_source`: see `_prepare`;
+        `control.cancel()` ends the job with verdict `cancelled`. `sent`: see `_prepare`;
         `on_output(stream, data)`: the job's stdout/stderr as it comes (from its I/O thread)."""
         started_epoch = time.time()
         workdir = None
@@ -304,7 +305,7 @@ class Supervisor:
             limits = self.policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
             arch, arch_note = resolve_arch(spec.arch, self.policy.settings.gpu_fallback_cpu)
             workdir = Path(tempfile.mkdtemp(prefix=f"tsbx-{spec.job_id}-"))
-            prepared = self._prepare(spec, limits, arch, workdir, kernel_source)
+            prepared = self._prepare(spec, limits, arch, workdir, sent)
         except BaseException as err:
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)

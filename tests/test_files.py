@@ -160,6 +160,12 @@ def test_outputs_without_a_destination_are_a_config_error():
         JobSpec(kernel="k.py", outputs=["*.ply"])
 
 
+def test_a_script_imports_the_modules_beside_it_as_python_does(tmp_path, supervisor):
+    (tmp_path / "helper.py").write_text("def double(x):\n    return 2 * x\n")
+    result = run_spec(supervisor, kernel=script(tmp_path, "import helper\nprint(helper.double(21))\n"))
+    assert result.verdict is Verdict.ok and result.stdout_tail == "42\n", result.reason
+
+
 def test_cli_input_and_output_dir(tmp_path):
     (tmp_path / "init.txt").write_text("7")
     job = script(tmp_path, """

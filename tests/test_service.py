@@ -365,6 +365,118 @@ def test_events_ps_logs_and_cancel_across_users(node, tmp_path):
     assert seen["type"] == "verdict" and seen["verdict"] == "cancelled" and seen["uid"] == BOB
 
 
+ASK_AS = """
+import json, socket, sys
+from sandbox.node import frames
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+frames.send(s, json.loads(sys.argv[2]))
+while (answer := frames.recv(s, idle=120, within=120)) is not None:
+    print(json.dumps(answer), flush=True)
+    if answer["type"] in ("end", "error"):
+        break
+"""
+
+
+def ask_as(node: Node, uid: int, message: dict) -> list[dict]:
+    """`message` sent as a raw frame by a process of `uid`; its answers."""
+    done = subprocess.run(as_uid(uid, "-c", ASK_AS, str(node.socket), json.dumps(message)), capture_output=True,
+                          text=True, timeout=120, cwd="/")
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_a_client_cannot_make_the_service_open_paths_of_its_choosing(node, tmp_path):
+    """The service runs as root: a path in a request (an input to read, an output dir to write)
+    would be opened with root's permissions, or the job's, never the client's."""
+    vault = tmp_path / "vault"
+    vault.mkdir(mode=0o711)  # root's: clients may pass through, not list or write
+    secret = vault / "secret"
+    secret.write_text("not for mallory\n")
+    os.chown(secret, 0, MALLORY)
+    secret.chmod(0o604)  # her group may not read it; other uids (the job's) may
+    plant = {"kernel": "w.py", "source": "open('planted', 'w').write('x')\n", "outputs": ["*"],
+             "output_dir": str(vault)}
+    steal = {"kernel": "r.py", "source": "print(open('secret').read())\n", "inputs": [str(secret)]}
+    for job, field in ((plant, "output_dir"), (steal, "inputs")):
+        answers = ask_as(node, MALLORY, {"op": "submit", "jobs": [job], "follow": True, "output": False})
+        assert not (vault / "planted").exists(), "the service wrote a job's file into a root-only directory"
+        assert not any("not for mallory" in a["result"]["stdout_tail"] for a in answers if a["type"] == "result")
+        refusal = answers[0]["message"] if answers[0]["type"] == "error" else answers[0]["jobs"][0]["reason"]
+        assert field in refusal and "path" in refusal, answers[0]
+
+
+MULTI_FILE = """
+import os, helper
+os.makedirs("out", exist_ok=True)
+open("out/answer.txt", "w").write(str(helper.double(int(open("data.txt").read()))))
+os.symlink("/etc/shadow", "out/shadow")
+print("uid", os.getuid())
+"""
+
+
+def test_inputs_and_outputs_travel_as_descriptors_with_the_clients_permissions(node, tmp_path):
+    """A kernel of several files, with data, through the service: alice's 0600 files, which the
+    job's uid could not open, reach the job; its output files come back into her directory, written
+    by her client; the symlink it planted does not."""
+    home = client_dir(tmp_path, ALICE, **{"main.py": MULTI_FILE, "helper.py": "def double(x):\n    return 2 * x\n",
+                                          "data.txt": "21\n"})
+    done = node.cli(ALICE, "run", "main.py", "--input", "helper.py", "--input", str(home / "data.txt"),
+                    "--output-dir", "results", "--json", cwd=home)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["verdict"] == "ok" and result["stdout_tail"].startswith("uid 6"), result
+    answer = home / "results" / "out" / "answer.txt"
+    assert answer.read_text() == "42" and answer.stat().st_uid == ALICE
+    assert result["outputs"] == [str(answer)]  # not the kernel, not the inputs, not the symlink
+    assert sorted(p.name for p in (home / "results").rglob("*")) == ["answer.txt", "out"]
+    assert any("skipped 1 entries" in note and "out/shadow" in note for note in result["notes"]), result["notes"]
+    assert not list((node.root / "state" / "spool").iterdir())  # the service's copies are gone
+    unreadable = node.cli(ALICE, "run", "main.py", "--input", "/etc/shadow", cwd=home)
+    assert unreadable.returncode == 2
+    assert unreadable.stderr == "taichi-sandbox: error: input /etc/shadow: Permission denied\n"
+
+
+SEND_FDS = """
+import json, os, socket, sys
+from sandbox.node import frames
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+read_end, _ = os.pipe()
+job = {"kernel": "t.py", "source": "print(1)", "inputs": ["a.txt"]}
+frames.send(s, {"op": "submit", "jobs": [job]}, [read_end])
+print(json.dumps(frames.recv(s, idle=60, within=60)))
+frames.send(s, {"op": "submit", "jobs": [job]}, [read_end, read_end])
+print(json.dumps(frames.recv(s, idle=60, within=60)))
+"""
+
+
+def test_input_descriptors_must_be_readable_regular_files_one_per_input(node):
+    done = subprocess.run(as_uid(BOB, "-c", SEND_FDS, str(node.socket)), capture_output=True, text=True, timeout=60,
+                          cwd="/")
+    pipe, extra = map(json.loads, done.stdout.splitlines())
+    assert pipe["jobs"][0]["state"] == "refused" and pipe["jobs"][0]["reason"] == "inputs: a.txt: not a regular file"
+    assert extra["code"] == "BadRequest" and extra["message"].startswith("1 inputs named, 2 file descriptors")
+    assert len(os.listdir(f"/proc/{node.proc.pid}/fd")) < 64  # none kept
+
+
+def test_a_job_whose_client_goes_away_is_cancelled(node, tmp_path):
+    home = client_dir(tmp_path, BOB, **{"sleep.py": SLEEP})
+    client = subprocess.Popen(as_uid(BOB, "-m", "sandbox", "run", "sleep.py", "--socket", str(node.socket), "--",
+                                     "60"), cwd=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (jobs := [j for j in node.ask({"op": "ps"})[0]["jobs"] if j["user"] == str(BOB)
+                        and j["state"] == "running"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    client.kill()
+    client.communicate()
+    while not (ended := [r for r in node.records("job") if r["job_id"] == jobs[0]["job_id"]]):
+        assert time.monotonic() < deadline, "the job outlived its client"
+        time.sleep(0.1)
+    assert ended[0]["verdict"] == "cancelled" and ended[0]["usage"]["wall_seconds"] < 30
+
+
 def test_the_client_imports_little(node, tmp_path):
     (tmp_path / "t.py").write_text("print(1)\n")
     done = subprocess.run([sys.executable, "-X", "importtime", "-m", "sandbox", "run", "t.py", "--json", "--socket",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import codecs
 import collections
 import json
+import os
+import shutil
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..audit import AuditLog
+from ..files import Sent
 from ..models import JobResult, JobSpec, Sample, Verdict
 from ..supervisor import Supervisor
 from .auth import Peer
@@ -68,13 +71,53 @@ class OutputLog:
             return out, self.end, dropped
 
 
+class Descriptors:
+    """Open descriptors a job holds for a while: a client's inputs until the job starts, or the
+    service's copies of its output files until its client takes them. Taken or closed once, under a
+    lock: the worker, the client's connection and the executor's callbacks may race for them."""
+
+    def __init__(self, items: list | None = None) -> None:
+        self._items, self._closed, self._lock = list(items or []), False, threading.Lock()
+
+    def put(self, items: list) -> None:
+        """Hold `items` ((..., fd) tuples or fds), or close them at once when already closed."""
+        with self._lock:
+            if not self._closed:
+                self._items.extend(items)
+                return
+        close_fds(items)
+
+    def take(self) -> list:
+        with self._lock:
+            items, self._items = self._items, []
+            return items
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        close_fds(self.take())
+
+
+def close_fds(items: list) -> None:
+    """Close each descriptor (or the last element of each tuple); never raises."""
+    for item in items:
+        try:
+            os.close(item[-1] if isinstance(item, tuple) else item)
+        except OSError:
+            pass
+
+
 @dataclass(eq=False)
 class JobRecord:
-    """One job the service admitted (or refused at admission), and who submitted it."""
+    """One job the service admitted (or refused at admission), and who submitted it. `inputs`: the
+    descriptors the client sent (closed once the job started); `files`: (name, fd, size) of each
+    output file, for the client that follows the job."""
 
     spec: JobSpec
     peer: Peer
     source: bytes | None
+    inputs: Descriptors = field(default_factory=Descriptors)
+    files: Descriptors = field(default_factory=Descriptors)
     submitted: float = field(default_factory=time.time)
     state: str = "queued"  # queued, running, done
     sample: Sample | None = None
@@ -210,14 +253,18 @@ class NodeAudit(AuditLog):
 
 
 class NodeSupervisor(Supervisor):
-    """The Supervisor of the service's executor: runs a service job with the client's kernel file
-    contents and streams its output and usage to its record (its audit records, `started` included,
-    carry who submitted it)."""
+    """The Supervisor of the service's executor: runs a service job with what its client sent (the
+    kernel file's contents, input descriptors) and streams its output and usage to its record (its
+    audit records, `started` included, carry who submitted it). Output files are collected into
+    `spool` (root's alone), opened for the client, and unlinked."""
 
     def __init__(self, jobs: Jobs, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.jobs = jobs
         self.audit = NodeAudit(self.audit.path, jobs.audit_context)
+        self.spool = self.policy.settings.resolved_state_dir() / "spool"
+        self.spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.spool.chmod(0o700)
 
     def run(self, spec: JobSpec, on_sample=None, control=None, **kwargs) -> JobResult:
         record = self.jobs.get(spec.job_id)
@@ -233,7 +280,29 @@ class NodeSupervisor(Supervisor):
         def output(stream: str, data: bytes) -> None:
             record.output.write(stream, data)
             record.notify()
-        return super().run(spec, sampled, control, kernel_source=record.source, on_output=output)
+        inputs = record.inputs.take()
+        try:
+            result = super().run(spec, sampled, control, sent=Sent(record.source, tuple(inputs)), on_output=output)
+            if spec.output_dir is not None:
+                record.files.put(self._hand_over(Path(spec.output_dir), result.outputs))
+            return result
+        finally:
+            close_fds(inputs)
+            record.inputs.close()
+            if spec.output_dir is not None:
+                shutil.rmtree(spec.output_dir, ignore_errors=True)
+
+    @staticmethod
+    def _hand_over(spool: Path, copies: list[str]) -> list[tuple[str, int, int]]:
+        """(name relative to `spool`, open fd, size) of each copy in `spool`."""
+        files = []
+        for copy in copies:
+            try:
+                fd = os.open(copy, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue  # the result still lists it; the client says it did not come
+            files.append((os.path.relpath(copy, spool), fd, os.fstat(fd).st_size))
+        return files
 
 
 def reconcile(audit: AuditLog) -> list[dict]:

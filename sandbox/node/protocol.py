@@ -2,8 +2,10 @@
 against a closed schema before anything acts on it. Replies are plain JSON objects with a `type`:
 
 - submit  → {"type": "submitted", "jobs": [{"job_id", "tenant", "state": queued|rejected|refused, "reason"}]}
-            then, with `follow`, for each job "output" {job_id, stream, data}, "sample" {job_id, sample}
-            and "result" {job_id, result, exit_status} frames, and finally {"type": "end"}
+            then, with `follow`, for each job "output" {job_id, stream, data}, "sample" {job_id, sample},
+            "file" {job_id, name, size} (one output file; its descriptor comes with the frame) and
+            "result" {job_id, result, exit_status} frames, and finally {"type": "end"}. A followed job
+            whose client goes away is cancelled.
 - ps      → {"type": "ps", "jobs": [{job_id, tenant, user, uid, state, kernel, usage}]}
 - cancel  → {"type": "cancelled", "job_id"}
 - logs    → "output" frames (with `follow`, until the job ends), then {"type": "end"}
@@ -15,9 +17,11 @@ against a closed schema before anything acts on it. Replies are plain JSON objec
 from __future__ import annotations
 
 import re
+import uuid
+from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from ..models import JobSpec
 
@@ -40,20 +44,38 @@ class _Request(BaseModel):
 
 class JobRequest(BaseModel):
     """A JobSpec's fields (validated by JobSpec itself), less `job_id`: the service names jobs;
-    plus `source`, the kernel file's contents. `tenant` is the one asked for (see auth)."""
+    plus `source`, the kernel file's contents. `tenant` is the one asked for (see auth).
+
+    `inputs` are the names the files get in the job's dir; their open descriptors come with the
+    frame, in order (job after job). `outputs` are patterns: the files come back as "file" frames
+    (so only with `follow`); `output_dir` is the client's business. The service never opens a path
+    a client names."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     source: str | None = Field(default=None, max_length=MAX_SOURCE)
     tenant: str | None = Field(default=None, max_length=64)
 
-    def spec(self, tenant: str | None, number: int) -> JobSpec:
-        """The JobSpec for `tenant` (the one authentication chose). Raises ConfigError or
-        ProtocolError with a one-line reason."""
+    def input_names(self) -> list:
+        inputs = (self.model_extra or {}).get("inputs", [])
+        return inputs if isinstance(inputs, list) else []
+
+    def spec(self, tenant: str | None, number: int, spool: Path) -> JobSpec:
+        """The JobSpec for `tenant` (the one authentication chose), named here; its outputs are
+        collected into spool/JOB_ID. Raises ConfigError or ProtocolError with a one-line reason."""
         fields = dict(self.model_extra or {})
         if "job_id" in fields:
             raise ProtocolError("BadRequest", f"job {number}: job_id: the service names jobs")
-        spec = JobSpec.parse({**fields, "tenant": tenant}, f"job {number}")
+        if "output_dir" in fields:
+            raise ProtocolError("BadRequest", f"job {number}: output_dir: the service never writes a client's "
+                                              "path; give `outputs` and `follow`, and the files come back")
+        for name in self.input_names():
+            if not isinstance(name, str) or name.startswith("/"):
+                raise ProtocolError("BadRequest", f"job {number}: inputs: {name!r}: the file's name in the job's "
+                                                  "dir, its descriptor sent with the frame, never a path to open")
+        job_id = uuid.uuid4().hex[:12]
+        spec = JobSpec.parse({**fields, "tenant": tenant, "job_id": job_id,
+                              "output_dir": str(spool / job_id) if fields.get("outputs") else None}, f"job {number}")
         target, function = spec.target()
         if self.source is not None:
             if not _FILE_NAME.fullmatch(target):
@@ -68,9 +90,15 @@ class JobRequest(BaseModel):
 class Submit(_Request):
     op: Literal["submit"]
     jobs: list[JobRequest] = Field(min_length=1, max_length=MAX_JOBS_PER_REQUEST)
-    follow: bool = False  # stream output, usage and verdicts until every job has one
+    follow: bool = False  # stream output, usage, output files and verdicts until every job has one
     output: bool = True  # with follow: the jobs' stdout/stderr
     samples: bool = False  # with follow: live usage
+
+    @model_validator(mode="after")
+    def _outputs_come_back_to_a_follower(self) -> "Submit":
+        if not self.follow and any((job.model_extra or {}).get("outputs") for job in self.jobs):
+            raise ValueError("outputs come back on the connection: they need follow")
+        return self
 
 
 class Ps(_Request):

@@ -6,11 +6,14 @@ Contract:
   passed by systemd (LISTEN_FDS) is used as is. READY=1 goes to $NOTIFY_SOCKET once it listens.
 - Each client is its kernel credentials (SO_PEERCRED, see `auth`); requests are frames (`frames`)
   validated by `protocol`; a bad frame gets an error answer, never a traceback, and the service
-  stays up. Per uid: at most `max_connections_per_uid` connections (more are answered TooManyConnections
-  and closed), a request token bucket (`request_rate`, `request_burst`; RateLimited). A request
+  stays up. At most `max_connections` connections in all and `max_connections_per_uid` per uid (more
+  are answered TooManyConnections and closed); per uid a request token bucket (`request_rate`, `request_burst`; RateLimited). A request
   must arrive whole within `request_timeout` and begin within `idle_timeout`; a client that does
   not read its answers for `request_timeout` is dropped. At most `max_queued` jobs are queued or
   running (QueueFull), besides each tenant's own `max_queued`.
+- Files: input files come as descriptors the client opened (checked: readable regular files, see
+  `files.check_sent_input`); output files are collected into the service's spool and handed to the
+  following client as descriptors. A followed job whose client goes away is cancelled.
 - SIGTERM/SIGINT drain: stop admitting, cancel queued jobs, let running ones finish for
   `drain_timeout`, cancel the rest (verdict `cancelled`), then exit 0. Jobs die with the service
   even on SIGKILL (the fork-server kills them when its control socket closes). On start, jobs the
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import selectors
 import signal
 import socket
@@ -32,12 +36,33 @@ import time
 from pathlib import Path
 
 from ..executor import QueueFull, SandboxExecutor, _take_token, _TenantState
+from ..files import MAX_INPUTS, check_sent_input
 from ..limits import ConfigError, Policy, load_policy
 from ..models import EXIT_USAGE
 from . import frames, protocol
 from .auth import Peer, Refused, check_names, may_use, peer_of, tenant_for
-from .jobs import Hub, JobRecord, Jobs, NodeSupervisor, outcome, reconcile
+from .jobs import Descriptors, Hub, JobRecord, Jobs, NodeSupervisor, close_fds, outcome, reconcile
 from .systemd import gid_of, listen, sd_notify, socket_path
+
+
+FOLLOW_CHECK = 0.5  # seconds between checks that a following client is still there
+
+
+def _gone(conn: socket.socket) -> bool:
+    """Whether the client hung up (or shut its side down) on a connection it only reads from."""
+    poller = select.poll()
+    poller.register(conn, select.POLLIN | select.POLLRDHUP)
+    events = poller.poll(0)
+    if not events:
+        return False
+    if events[0][1] & (select.POLLHUP | select.POLLRDHUP | select.POLLERR):
+        return True
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 class Service:
@@ -91,14 +116,17 @@ class Service:
             conn.close()
             return
         with self._lock:
-            count = self._connections.get(peer.uid, 0)
-            admitted = count < (self.settings.max_connections_per_uid or 1 << 30)
-            if admitted:
+            count, total = self._connections.get(peer.uid, 0), sum(self._connections.values())
+            if count >= (self.settings.max_connections_per_uid or 1 << 30):
+                refusal = f"uid {peer.uid} already has {count} connections ([service] max_connections_per_uid)"
+            elif total >= (self.settings.max_connections or 1 << 30):
+                refusal = f"the service already has {total} connections ([service] max_connections)"
+            else:
+                refusal = None
                 self._connections[peer.uid] = count + 1
-        if not admitted:
+        if refusal is not None:
             conn.setblocking(False)
-            self._answer(conn, "TooManyConnections", f"uid {peer.uid} already has {count} connections "
-                                                     "([service] max_connections_per_uid)")
+            self._answer(conn, "TooManyConnections", refusal)
             conn.close()
             return
         thread = threading.Thread(target=self._serve_connection, args=(conn, peer), daemon=True,
@@ -123,11 +151,15 @@ class Service:
             return _take_token(bucket, rate, burst)
 
     def _serve_connection(self, conn: socket.socket, peer: Peer) -> None:
+        fds: list[int] = []  # descriptors that came with the current request; closed unless a job took them
         try:
             while not self._stop.is_set():
+                close_fds(fds)
+                fds.clear()
                 try:
                     message = frames.recv(conn, self.settings.max_request_bytes or 1 << 30,
-                                          idle=self.settings.idle_timeout, within=self.settings.request_timeout)
+                                          idle=self.settings.idle_timeout, within=self.settings.request_timeout,
+                                          fds=fds)
                 except frames.FrameError as err:
                     self._answer(conn, err.code, err.message)
                     if err.code != "BadFrame":
@@ -141,7 +173,7 @@ class Service:
                     continue
                 try:
                     request = protocol.parse(message)
-                    self._dispatch(conn, peer, request)
+                    self._dispatch(conn, peer, request, fds)
                 except protocol.ProtocolError as err:
                     self._answer(conn, err.code, str(err))
         except OSError:
@@ -151,20 +183,21 @@ class Service:
                   file=sys.stderr, flush=True)
             self._answer(conn, "Internal", f"internal error: {type(err).__name__}: {err}")
         finally:
+            close_fds(fds)
             conn.close()
             with self._lock:
                 self._connections[peer.uid] -= 1
             self._threads.discard(threading.current_thread())
 
-    def _send(self, conn: socket.socket, message: dict) -> None:
+    def _send(self, conn: socket.socket, message: dict, fds: list[int] | tuple[int, ...] = ()) -> None:
         conn.settimeout(self.settings.request_timeout)
-        frames.send(conn, message)
+        frames.send(conn, message, fds)
 
     # --- requests --------------------------------------------------------------------------------
 
-    def _dispatch(self, conn: socket.socket, peer: Peer, request) -> None:
+    def _dispatch(self, conn: socket.socket, peer: Peer, request, fds: list[int]) -> None:
         if isinstance(request, protocol.Submit):
-            self._submit(conn, peer, request)
+            self._submit(conn, peer, request, fds)
         elif isinstance(request, protocol.Ps):
             rows = [r.row() for r in self.jobs.all() if r.state != "done" and self._may_see(peer, r)]
             self._send(conn, {"type": "ps", "jobs": sorted(rows, key=lambda row: row["submitted"])})
@@ -189,12 +222,21 @@ class Service:
             raise protocol.ProtocolError("NotFound", f"job {job_id!r}: no such job (or not yours)")
         return record
 
-    def _submit(self, conn: socket.socket, peer: Peer, request: protocol.Submit) -> None:
+    def _submit(self, conn: socket.socket, peer: Peer, request: protocol.Submit, fds: list[int]) -> None:
+        """Admit each job, answer `submitted`, then follow them if asked. The jobs take `fds` (their
+        inputs' descriptors, in order); those of refused jobs are closed."""
+        wanted = sum(len(job.input_names()) for job in request.jobs)
+        if wanted != len(fds):
+            raise protocol.ProtocolError("BadRequest", f"{wanted} inputs named, {len(fds)} file descriptors came with "
+                                                       "the request: send each input's open descriptor, never a path")
         answers, records = [], []
         for number, job in enumerate(request.jobs, 1):
+            mine = fds[:len(job.input_names())]
+            del fds[:len(mine)]
             try:
-                record = self._admit(peer, job, number)
+                record = self._admit(peer, job, number, mine)
             except (Refused, ConfigError, protocol.ProtocolError, QueueFull) as err:
+                close_fds(mine)
                 code = getattr(err, "code", type(err).__name__)
                 answers.append({"job_id": None, "state": "refused", "code": code, "reason": str(err)})
                 continue
@@ -207,14 +249,19 @@ class Service:
         if request.follow:
             self._follow(conn, records, request.output, request.samples)
 
-    def _admit(self, peer: Peer, job: protocol.JobRequest, number: int) -> JobRecord:
+    def _admit(self, peer: Peer, job: protocol.JobRequest, number: int, inputs: list[int]) -> JobRecord:
+        """The admitted job's record, which then owns `inputs`; raises (leaving them) when refused."""
         if self.draining:
             raise protocol.ProtocolError("Draining", "the service is shutting down: no new jobs")
-        spec = job.spec(tenant_for(self.policy, peer, job.tenant), number)
+        spec = job.spec(tenant_for(self.policy, peer, job.tenant), number, self.supervisor.spool)
+        if len(inputs) > MAX_INPUTS:
+            raise ConfigError(f"job {number}: {len(inputs)} inputs, more than {MAX_INPUTS} per job")
+        for name, fd in zip(spec.inputs, inputs):
+            check_sent_input(name, fd)
         if self.settings.max_queued is not None and self.jobs.active() >= self.settings.max_queued:
             raise QueueFull(f"the node has {self.jobs.active()} jobs queued or running ([service] max_queued="
                             f"{self.settings.max_queued})")
-        record = JobRecord(spec, peer, job.source.encode() if job.source is not None else None)
+        record = JobRecord(spec, peer, job.source.encode() if job.source is not None else None, Descriptors(inputs))
         self.jobs.add(record)  # before submit: a worker may start it at once
         try:
             record.future = self.executor.submit(spec)
@@ -228,13 +275,15 @@ class Service:
         return record
 
     def _finished(self, record: JobRecord, future) -> None:
+        record.inputs.close()  # a job cancelled in the queue never took them
         result, unrecorded = outcome(record, future, self.supervisor.launcher.name, self._cancel_reason)
         if unrecorded:
             self.supervisor.audit.record(result, record.spec.tenant)
         self.jobs.finish(record, result, result.exit_status)
 
     def _follow(self, conn: socket.socket, records: list[JobRecord], output: bool, samples: bool) -> None:
-        """Stream each job's output, usage and verdict until every job has one, then `end`."""
+        """Stream each job's output, usage, output files and verdict until every job has one, then
+        `end`. When the client goes away first, its jobs still pending are cancelled."""
         wake = threading.Event()
         offsets = {r.spec.job_id: 0 for r in records}
         last_sample = {}
@@ -242,7 +291,7 @@ class Service:
         for record in records:
             record.watchers.add(wake)
         try:
-            while True:
+            while not _gone(conn):
                 wake.clear()
                 for record in list(pending):
                     job_id, result = record.spec.job_id, record.result  # the result first: output precedes it
@@ -252,16 +301,32 @@ class Service:
                         last_sample[job_id] = record.sample
                         self._send(conn, {"type": "sample", "job_id": job_id, "sample": record.sample.model_dump()})
                     if result is not None:
+                        self._send_files(conn, record)
                         self._send(conn, {"type": "result", "job_id": job_id, "exit_status": result.exit_status,
                                           "result": result.model_dump(mode="json")})
                         pending.remove(record)
                 if not pending:
-                    break
-                wake.wait(1.0)
-            self._send(conn, {"type": "end"})
+                    self._send(conn, {"type": "end"})
+                    return
+                wake.wait(FOLLOW_CHECK)
         finally:
             for record in records:
                 record.watchers.discard(wake)
+                record.files.close()
+            for record in pending:
+                if record.future is not None:
+                    record.future.cancel()
+
+    def _send_files(self, conn: socket.socket, record: JobRecord) -> None:
+        """Each output file as a "file" frame carrying its descriptor (closed once sent)."""
+        files = record.files.take()
+        try:
+            while files:
+                name, fd, size = files[0]
+                self._send(conn, {"type": "file", "job_id": record.spec.job_id, "name": name, "size": size}, [fd])
+                os.close(files.pop(0)[1])
+        finally:
+            close_fds(files)
 
     def _send_output(self, conn: socket.socket, record: JobRecord, offset: int) -> int:
         chunks, offset, dropped = record.output.read(offset)
