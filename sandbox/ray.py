@@ -15,17 +15,27 @@ resources through `.options()`:
 `ray.cancel(ref)` ends the job gracefully (SIGTERM, grace, SIGKILL) and returns promptly even while
 a kernel runs; `force=True` or a killed worker closes the fork-server's control socket, which makes it
 SIGKILL every job process.
+
+On a node with a running node service (`taichi-sandbox serve`), a task submits its job there instead
+(`service="auto"`, the default: $TAICHI_SANDBOX_SOCKET on the worker, else the default socket when a
+service answers; or a socket path; or None for never). Then the node's policy, admission and quotas
+apply to Ray jobs and local users alike, and the tenant is authenticated from the worker's uid; the
+`policy` given here only sizes the Ray resources. The task reads the kernel file and inputs with the
+worker's permissions and writes the outputs itself; a cancelled task cancels its job, and a killed
+worker's job is cancelled when its connection closes.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import math
 import signal
 import threading
 import time
 from typing import Any, Callable
 
+from . import client
 from .executor import Capacity, SandboxExecutor
 from .limits import Limits, Policy
 from .models import JobResult, JobSpec, Verdict, as_spec
@@ -78,48 +88,103 @@ def _labels() -> dict[str, str]:
             "ray_resources": ",".join(f"{k}={v:g}" for k, v in sorted(resources.items()))}
 
 
-def run_in_task(spec_json: str, policy_json: str) -> str:
-    """The Ray task body: supervise one job; return its JobResult as JSON.
+def run_in_task(spec_json: str, policy_json: str, service: str | None = "auto") -> str:
+    """The Ray task body: supervise one job here, or have the node service run it (see the module
+    docstring); return its JobResult as JSON.
 
     The job runs in a helper thread while this (the task's main) thread waits in short slices, so
-    Ray's soft cancel (KeyboardInterrupt) arrives at once; it becomes `JobControl.cancel()` and the
-    task waits for the graceful termination before re-raising.
+    Ray's soft cancel (KeyboardInterrupt) arrives at once; it cancels the job and the task waits for
+    the graceful termination before re-raising.
     """
     spec = JobSpec.model_validate_json(spec_json)
     spec = spec.model_copy(update={"labels": {**spec.labels, **_labels()}})
     if threading.current_thread() is threading.main_thread():
         # Ray's soft cancel is SIGINT; a worker started from a background shell inherits it ignored
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    socket_path = None if service is None else client.choose_socket(None if service == "auto" else service)
+    if socket_path is not None:
+        return _through_service(socket_path, spec)
     supervisor = _worker_supervisor(policy_json)
     control = JobControl()
+    return _cancellable(lambda: supervisor.run(spec, control=control).model_dump_json(), control.cancel,
+                        spec.job_id)
+
+
+def _cancellable(body: Callable[[], str], cancel: Callable[[], None], job_id: str) -> str:
+    """`body()` in a helper thread; a KeyboardInterrupt here calls `cancel()`, waits for `body` to
+    end and is re-raised."""
     outcome: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            outcome["result"] = supervisor.run(spec, control=control)
+            outcome["result"] = body()
         except BaseException as err:  # noqa: BLE001 - re-raised in the task thread
             outcome["error"] = err
 
-    thread = threading.Thread(target=target, name=f"tsbx-ray-{spec.job_id}", daemon=True)
+    thread = threading.Thread(target=target, name=f"tsbx-ray-{job_id}", daemon=True)
     thread.start()
     try:
         while thread.is_alive():
             thread.join(WAIT_SLICE)
     except KeyboardInterrupt:
-        control.cancel()
+        cancel()
         thread.join()
         raise
     if "error" in outcome:
         raise outcome["error"]
-    return outcome["result"].model_dump_json()
+    return outcome["result"]
+
+
+def _through_service(path, spec: JobSpec) -> str:
+    """Run `spec` through the node service at `path`, following it to its verdict (JSON). A job the
+    service refuses, or a service that cannot be reached, is verdict `rejected`; one lost mid-way
+    (the service went away) is `crashed`."""
+    fields = spec.model_dump(mode="json", exclude_defaults=True,
+                             exclude={"job_id", "kernel", "inputs", "outputs", "output_dir", "shipped"})
+    if spec.shipped is not None:
+        fields["shipped"] = spec.shipped.model_dump()
+    submitted: dict[str, Any] = {}
+    started = time.time()
+
+    def follow() -> str:
+        job = client.Job(spec.kernel, inputs=spec.inputs, output_dir=spec.output_dir, outputs=spec.outputs,
+                         **fields)
+        try:
+            answer, results = client.submit_and_follow(
+                path, [job], output=False,
+                on_answer=lambda a: submitted.update(a["jobs"][0]) if a["type"] == "submitted" else None)
+        except client.ClientError as err:
+            lost = err.code == client.EXIT_INTERNAL
+            return _unran(spec, Verdict.crashed if lost else Verdict.rejected, str(err), started)
+        if not results:
+            return _unran(spec, Verdict.rejected, f"the node service refused the job: {answer['jobs'][0].get('code')}: "
+                                                  f"{answer['jobs'][0].get('reason')}", started)
+        return json.dumps(results[0]["result"])
+
+    def cancel() -> None:
+        deadline = time.monotonic() + CANCEL_RESEND
+        while not submitted.get("job_id") and time.monotonic() < deadline:
+            time.sleep(WAIT_SLICE)  # not yet admitted: a moment, then the connection's end cancels it
+        if submitted.get("job_id"):
+            try:
+                client.one(path, {"op": "cancel", "job_id": submitted["job_id"]})
+            except client.ClientError:
+                pass  # the job ended meanwhile, or the service is gone with it
+    return _cancellable(follow, cancel, spec.job_id)
+
+
+def _unran(spec: JobSpec, verdict: Verdict, reason: str, started: float) -> str:
+    return JobResult(job_id=spec.job_id, kernel=spec.kernel, arch=spec.arch, verdict=verdict, reason=reason,
+                     labels=spec.labels, started_at=started, ended_at=time.time()).model_dump_json()
 
 
 def submit(spec: JobSpec | Callable, policy: Policy | None = None, device_memory: int | None = None,
-           **ray_options):
+           service: str | None = "auto", **ray_options):
     """Start `spec` (or a callable, shipped to the job: see sandbox.shipping) as a Ray task; returns an
     ObjectRef to the JobResult's JSON (use `result()`, which keeps numpy arrays in the return value).
 
-    `ray_options` override the mapping from limits (e.g. `num_gpus=1`, `scheduling_strategy=...`).
+    `service`: the node service socket the task submits through ("auto", a path, or None: never; see
+    the module docstring). `ray_options` override the mapping from limits (e.g. `num_gpus=1`).
     """
     ray = _ray()
     spec = as_spec(spec)
@@ -127,7 +192,7 @@ def submit(spec: JobSpec | Callable, policy: Policy | None = None, device_memory
     limits = policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
     options = {**resource_options(spec, limits, device_memory), **ray_options}
     task = ray.remote(run_in_task).options(name=f"taichi-sandbox:{spec.job_id}", **options)
-    ref = task.remote(spec.model_dump_json(), policy.model_dump_json())
+    ref = task.remote(spec.model_dump_json(), policy.model_dump_json(), service)
     with _submitted_lock:
         _submitted[ref.hex()] = {"job_id": spec.job_id, "kernel": spec.kernel, "arch": spec.arch,
                                  "labels": spec.labels}
@@ -159,6 +224,21 @@ def result(ref, timeout: float | None = None) -> JobResult:
     with _submitted_lock:
         _submitted.pop(ref.hex(), None)
     return value
+
+
+def cancel(ref, force: bool = False, timeout: float = 30.0) -> JobResult:
+    """Cancel a `submit()`ted job and return its verdict. The cancel is sent again every
+    CANCEL_RESEND seconds until the task ends: Ray drops a soft cancel that reaches a worker still
+    starting the task. Raises TimeoutError when the task outlives `timeout`."""
+    ray = _ray()
+    deadline = time.monotonic() + timeout
+    while True:
+        ray.cancel(ref, force=force)
+        try:
+            return result(ref, timeout=min(CANCEL_RESEND, max(0.0, deadline - time.monotonic())))
+        except ray.exceptions.GetTimeoutError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the task ignored every cancel for {timeout:g} s") from None
 
 
 class _RaySupervisor:

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -18,7 +19,7 @@ ray = pytest.importorskip("ray")
 from sandbox import JobSpec, Limits, Policy, Verdict  # noqa: E402
 from sandbox import ray as sray  # noqa: E402
 from sandbox.executor import Capacity  # noqa: E402
-from sandbox.limits import GiB, Settings  # noqa: E402
+from sandbox.limits import GiB, Settings, load_policy  # noqa: E402
 
 from .conftest import kernel  # noqa: E402
 
@@ -160,7 +161,7 @@ def test_cancel_leaves_no_job_process_and_a_verdict(cluster, force):
     ref = sray.submit(spec, cluster)
     pids = _wait_for_job_processes(10, before)
     t = time.monotonic()
-    r = _cancel(ref, force)
+    r = sray.cancel(ref, force)
     assert time.monotonic() - t < 10
     assert _gone(pids)
     if force:  # the worker is killed: its fork-server, which outlives it, records how the job ended
@@ -169,18 +170,6 @@ def test_cancel_leaves_no_job_process_and_a_verdict(cluster, force):
     else:  # the task ends the job gracefully and records its verdict itself (Ray answers before)
         assert r.verdict is Verdict.cancelled, r.reason
         assert _audit_types(cluster, spec.job_id, 2) == ["started", "job"]
-
-
-def _cancel(ref, force: bool):
-    """ray.cancel until the result is there: a soft cancel that reaches a worker still starting the
-    task is dropped by Ray (seen under load), so it is sent again, as RayExecutor does."""
-    deadline = time.monotonic() + 30
-    while True:
-        ray.cancel(ref, force=force)
-        try:
-            return sray.result(ref, timeout=2)
-        except ray.exceptions.GetTimeoutError:
-            assert time.monotonic() < deadline, "the task ignored every cancel for 30 s"
 
 
 def test_worker_killed_mid_job_leaves_no_orphan_and_a_verdict(cluster):
@@ -286,3 +275,52 @@ def test_a_job_in_a_ray_task_can_neither_see_the_raylet_nor_reach_the_gcs(cluste
     # Without namespaces the job sees the raylet (its command line names the GCS address) and connects.
     assert [json.loads(r.stdout_tail) for r in results] == [{"raylet": True, "gcs": "connected"},
                                                             {"raylet": False, "gcs": "ConnectionRefusedError"}]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the node service's clients as other uids")
+def test_ray_tasks_and_local_clients_share_one_node_service(cluster, tmp_path):
+    """A Ray task on a node with a running service submits through it: the node's quotas hold across
+    a local client and the task, the task's files travel as its own, and a cancelled task cancels
+    its job there."""
+    from .test_service import ALICE, SLEEP, Node, as_uid, client_dir
+    node = Node(tmp_path / "node")
+    try:
+        home = client_dir(tmp_path, ALICE, **{"sleep.py": SLEEP})
+        local = subprocess.Popen(as_uid(ALICE, "-m", "sandbox", "run", "sleep.py", "--json", "--socket",
+                                        str(node.socket), "--", "3"), cwd=home, stdout=subprocess.PIPE, text=True)
+        _wait_for_service_job(node, ALICE)
+        (tmp_path / "data.txt").write_text("7")
+        job = tmp_path / "copy.py"
+        job.write_text("import os\nopen('out.txt', 'w').write(open('data.txt').read())\nprint(os.getuid())\n")
+        spec = JobSpec(kernel=str(job), tenant="alice", inputs=[str(tmp_path / "data.txt")],
+                       output_dir=str(tmp_path / "out"), outputs=["*.txt"])
+        policy = load_policy(str(node.limits))  # the node's: the driver sizes Ray resources by it
+        r = sray.result(sray.submit(spec, policy, service=str(node.socket)), timeout=120)
+        theirs = json.loads(local.communicate(timeout=60)[0])
+        assert r.verdict is Verdict.ok and theirs["verdict"] == "ok", (r.reason, r.traceback)
+        assert r.started_at >= theirs["ended_at"], "alice's max_concurrent = 1 did not hold for the Ray task"
+        assert (tmp_path / "out" / "out.txt").read_text() == "7" and r.outputs == [str(tmp_path / "out" / "out.txt")]
+        (record,) = [rec for rec in node.records("job") if rec["job_id"] == r.job_id]
+        assert record["tenant"] == "alice" and record["uid"] == 0 and record["labels"]["ray_task_id"]
+        (tmp_path / "sleep.py").write_text(SLEEP)
+        for force in (False, True):  # a forced cancel kills the worker: its connection's end cancels the job
+            ref = sray.submit(JobSpec(kernel=str(tmp_path / "sleep.py"), argv=["60"]), policy,
+                              service=str(node.socket))
+            running = _wait_for_service_job(node, 0)
+            assert sray.cancel(ref, force).verdict in ((Verdict.cancelled, Verdict.crashed) if force else
+                                                      (Verdict.cancelled,))
+            deadline = time.monotonic() + 30
+            while not (ended := [rec for rec in node.records("job") if rec["job_id"] == running["job_id"]]):
+                assert time.monotonic() < deadline, f"the service's job outlived its cancelled task ({force=})"
+                time.sleep(0.1)
+            assert ended[0]["verdict"] == "cancelled" and ended[0]["usage"]["wall_seconds"] < 30
+    finally:
+        assert node.stop() == 0
+
+
+def _wait_for_service_job(node, uid: int) -> dict:
+    deadline = time.monotonic() + 60
+    while not (jobs := [j for j in node.ask({"op": "ps"})[0]["jobs"] if j["uid"] == uid and j["state"] == "running"]):
+        assert time.monotonic() < deadline, f"no job of uid {uid} ever ran"
+        time.sleep(0.1)
+    return jobs[0]

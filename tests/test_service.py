@@ -297,6 +297,36 @@ def test_a_flood_from_one_uid_leaves_another_uids_submissions_answered(node, tmp
     assert attack["codes"].get("RateLimited", 0) > attack["codes"].get("ps", 0) > 0
 
 
+HOLD = """
+import json, select, socket, sys, time
+held = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    held.append(s)
+time.sleep(0.5)
+refused = select.select(held, [], [], 0.5)[0]  # answered before asking anything: refused
+from sandbox.node import frames
+print(json.dumps([frames.recv(s)["message"] for s in refused]), flush=True)
+sys.stdin.read()  # hold the rest until told
+"""
+
+
+def test_connections_of_all_uids_together_are_bounded(tmp_path):
+    node = Node(tmp_path / "node", extra="max_connections = 6")
+    try:
+        holders = []
+        for uid in (ALICE, BOB):
+            holders.append(subprocess.Popen(as_uid(uid, "-c", HOLD, str(node.socket), "4"), stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, text=True))
+            refusals = json.loads(holders[-1].stdout.readline())
+        assert refusals == ["the service already has 6 connections ([service] max_connections)"] * 2
+        for holder in holders:
+            holder.communicate("", timeout=30)
+    finally:
+        assert node.stop() == 0
+
+
 def _raw(node: Node, data: bytes, shut: bool = False, wait: float = 5.0) -> dict | None:
     with node.connect() as sock:
         sock.sendall(data)

@@ -24,6 +24,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from ..models import JobSpec
+from ..values import decode_json_fields
 
 MAX_JOBS_PER_REQUEST = 1000
 MAX_SOURCE = 4 << 20
@@ -74,10 +75,16 @@ class JobRequest(BaseModel):
                 raise ProtocolError("BadRequest", f"job {number}: inputs: {name!r}: the file's name in the job's "
                                                   "dir, its descriptor sent with the frame, never a path to open")
         job_id = uuid.uuid4().hex[:12]
+        try:
+            fields = decode_json_fields(fields, ("args", "kwargs"))  # arrays come as tagged JSON (sandbox.values)
+        except (ValueError, RecursionError) as err:
+            raise ProtocolError("BadRequest", f"job {number}: args/kwargs: {str(err)[:200]}") from None
         spec = JobSpec.parse({**fields, "tenant": tenant, "job_id": job_id,
                               "output_dir": str(spool / job_id) if fields.get("outputs") else None}, f"job {number}")
         target, function = spec.target()
-        if self.source is not None:
+        if spec.shipped is not None:
+            pass  # a callable: its code travels in the request, no file to send
+        elif self.source is not None:
             if not _FILE_NAME.fullmatch(target):
                 raise ProtocolError("BadRequest", f"job {number}: kernel {target!r}: with the file's contents, name "
                                                   "the file only (NAME.py)")
