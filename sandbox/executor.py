@@ -37,6 +37,7 @@ from .limits import ConfigError, Limits, Policy, Tenant
 from .metrics import Metrics
 from .models import JobResult, JobSpec, Verdict, as_spec
 from .monitor import JobControl
+from .ratelimit import TokenBucket
 from .supervisor import Supervisor
 
 AGEING_SECONDS = 10.0
@@ -106,19 +107,7 @@ class _TenantState:
     queued: int = 0
     rejections: int = 0
     violations: int = 0
-    tokens: float = 0.0
-    refilled: float = field(default_factory=time.monotonic)
-
-
-def _take_token(state: _TenantState, rate: float, burst: int) -> bool:
-    """Token bucket: refill at `rate` per second up to `burst`, then take one token if there is one."""
-    now = time.monotonic()
-    state.tokens = min(float(burst), state.tokens + (now - state.refilled) * rate)
-    state.refilled = now
-    if state.tokens >= 1.0:
-        state.tokens -= 1.0
-        return True
-    return False
+    bucket: TokenBucket | None = None  # submissions, when the tenant has a `rate`
 
 
 def node_capacity(policy: Policy, gpu_total: int | None) -> Capacity:
@@ -235,8 +224,10 @@ class SandboxExecutor:
         with self._cv:
             if self._shutdown:
                 raise RuntimeError("cannot submit after shutdown")
-            state = self._tenants.setdefault(name, _TenantState(tokens=float(self._burst(tenant))))
-            if tenant.rate is not None and not _take_token(state, tenant.rate, self._burst(tenant)):
+            state = self._tenants.setdefault(name, _TenantState())
+            if tenant.rate is not None and state.bucket is None:
+                state.bucket = TokenBucket(tenant.rate, self._burst(tenant))
+            if state.bucket is not None and not state.bucket.take():
                 rate_problem = ("rate", f"tenant {name} submission rate {tenant.rate:g}/s exceeded")
             else:
                 rate_problem = None

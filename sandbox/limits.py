@@ -1,4 +1,4 @@
-"""Limits, human units, and the limits.toml policy (defaults, profiles, tenants).
+"""Limits and the limits.toml policy (defaults, profiles, tenants); the units are `units`.
 
 Contract: every bad value raises `ConfigError` whose message is one line naming where the value came
 from, the key and the value. Nothing here starts processes or touches the job.
@@ -7,21 +7,20 @@ from, the key and the value. Nothing here starts processes or touches the job.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-GiB = 1 << 30
-MiB = 1 << 20
+from .units import (GiB, MiB, Bytes, Count, PlausibleBytes, PlausibleSeconds, Quota, Seconds, parse_address_space,
+                    parse_duration, parse_gpu_memory, parse_rate, positive)
 
 
 class ConfigError(ValueError):
@@ -35,116 +34,7 @@ class ConfigError(ValueError):
         self.detail = detail if detail is not None else message
 
 
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-    "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-}
-_TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "m": 60.0, "min": 60.0, "h": 3600.0}
-_NUMBER_UNIT = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z%]*)\s*$")
-_UNLIMITED = {"none", "unlimited", "off"}
 _TENANT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")  # also a directory name
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError("expected a number")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError("must be a finite number >= 0")
-    return float(value)
-
-
-def _split(value: str, units: dict) -> tuple[float, float]:
-    m = _NUMBER_UNIT.match(value)
-    if not m or m.group(2).lower() not in units:
-        raise ValueError(f"expected a number with a unit ({', '.join(u for u in units if u)})")
-    return _number(float(m.group(1))), units[m.group(2).lower()]
-
-
-def parse_size(value: Any) -> int | None:
-    """Bytes from 1024, '512MiB', '2GiB', '1.5G'; None for 'unlimited'/'none'."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in _UNLIMITED):
-        return None
-    if isinstance(value, str):
-        number, scale = _split(value, _SIZE_UNITS)
-        return int(number * scale)
-    return int(_number(value))
-
-
-def parse_duration(value: Any) -> float | None:
-    """Seconds from 1.5, '250ms', '2s', '1m'; None for 'unlimited'/'none'."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in _UNLIMITED):
-        return None
-    if isinstance(value, str):
-        number, scale = _split(value, _TIME_UNITS)
-        return number * scale
-    return _number(value)
-
-
-def parse_gpu_memory(value: Any) -> int | float | None:
-    """Bytes (int or size string) or a fraction of the device: a float in (0, 1] or 'NN%'."""
-    if isinstance(value, str) and value.strip().endswith("%"):
-        fraction = float(value.strip()[:-1]) / 100
-        if not 0 < fraction <= 1:
-            raise ValueError("a percentage must be in (0%, 100%]")
-        return fraction
-    if isinstance(value, float) and 0 < value <= 1:
-        return value
-    return parse_size(value)
-
-
-def parse_address_space(value: Any) -> int | str | None:
-    """'auto' (Taichi-aware, see `address_space_for`) or a size."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    return parse_size(value)
-
-
-def _count(value: Any) -> int | None:
-    if value is None or (isinstance(value, str) and value.strip().lower() in _UNLIMITED):
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError("expected a whole number")
-    return value
-
-
-def _positive(parser):
-    def check(value: Any):
-        parsed = parser(value)
-        if parsed is not None and not isinstance(parsed, str) and parsed <= 0:
-            raise ValueError("must be greater than zero")
-        return parsed
-    return BeforeValidator(check)
-
-
-def _plausible(parser, floor: float, hint: str):
-    """`_positive(parser)` that also rejects a value below `floor` written without a unit: most likely
-    a typo (a bare number is bytes or seconds), explained by `hint`."""
-    positive = _positive(parser).func
-
-    def check(value: Any):
-        parsed = positive(value)
-        has_unit = isinstance(value, str) and bool(_NUMBER_UNIT.match(value).group(2))
-        if parsed is not None and parsed < floor and not has_unit:
-            raise ValueError(f"{value!r} without a unit is {hint}")
-        return parsed
-    return BeforeValidator(check)
-
-
-Seconds = Annotated[Union[float, None], _positive(parse_duration)]
-Bytes = Annotated[Union[int, None], _positive(parse_size)]
-# A bare number under 10 ms or 1 MiB is almost always a forgotten unit (`--memory 1 GiB` unquoted is `1`).
-# Such a value, when meant, is serialized with its unit so that it survives a JSON round trip.
-PlausibleSeconds = Annotated[Union[float, None], _plausible(
-    parse_duration, 0.01, "seconds, under 10 ms: likely a typo; give the unit, e.g. '10ms', '2s' or '1m'"),
-    PlainSerializer(lambda v: f"{v * 1000:g}ms" if v is not None and v < 0.01 else v)]
-PlausibleBytes = Annotated[Union[int, None], _plausible(
-    parse_size, MiB, "bytes, under 1 MiB: likely a typo; give the unit, e.g. '512MiB' or '2GiB' (on a command "
-    "line without a space, or quoted: '1 GiB'), or '100KiB' if you mean that little"),
-    PlainSerializer(lambda v: f"{v}B" if v is not None and v < MiB else v)]
-Count = Annotated[Union[int, None], _positive(_count)]
-Quota = Annotated[Union[int, None], BeforeValidator(parse_size)]  # bytes; 0 allowed ("none of it")
 
 
 def read_file(path: str | os.PathLike, what: str, parse: Callable[[str], Any]) -> Any:
@@ -203,8 +93,8 @@ class Limits(_Strict):
     cpu_time: PlausibleSeconds = None
     wall_time: PlausibleSeconds = None
     memory: PlausibleBytes = None
-    address_space: Annotated[Union[int, Literal["auto"], None], _positive(parse_address_space)] = "auto"
-    gpu_memory: Annotated[Union[int, float, None], _positive(parse_gpu_memory)] = None
+    address_space: Annotated[Union[int, Literal["auto"], None], positive(parse_address_space)] = "auto"
+    gpu_memory: Annotated[Union[int, float, None], positive(parse_gpu_memory)] = None
     max_processes: Count = None
     cpu_threads: Count = None
     max_output: Bytes = None
@@ -213,7 +103,7 @@ class Limits(_Strict):
     max_result: Bytes = 64 * MiB  # bytes of a job's return value (its result files, see sandbox.results)
     network: Literal["none", "host"] = "none"
     grace: Annotated[float, BeforeValidator(lambda v: parse_duration(v) if v is not None else 2.0)] = 2.0
-    poll_interval: Annotated[float, _positive(parse_duration)] = 0.05
+    poll_interval: Annotated[float, positive(parse_duration)] = 0.05
 
     def above(self, ceiling: "Limits") -> list[str]:
         """Each limit of ours that is laxer than `ceiling`'s ("memory 2 GiB > 1 GiB"): unlimited
@@ -278,19 +168,6 @@ def address_space_for(limits: Limits, arch: str) -> tuple[int | None, str]:
     return limits.address_space, note
 
 
-def parse_rate(value: Any) -> float | None:
-    """Jobs per second from 2, '2/s', '120/m', '1000/h'; None for 'unlimited'."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in _UNLIMITED):
-        return None
-    if isinstance(value, str):
-        count, _, per = value.partition("/")
-        per_seconds = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}.get(per.strip().lower())
-        if per_seconds is None:
-            raise ValueError("expected a rate like '2/s', '120/m' or '1000/h'")
-        return _number(float(count)) / per_seconds
-    return _number(value)
-
-
 class Tenant(_Strict):
     """A tenant: its profile, and quotas the executor enforces across its running and queued jobs."""
 
@@ -299,7 +176,7 @@ class Tenant(_Strict):
     max_concurrent: Count = None
     memory_quota: Quota = None
     gpu_memory_quota: Quota = None
-    rate: Annotated[Union[float, None], _positive(parse_rate)] = None
+    rate: Annotated[Union[float, None], positive(parse_rate)] = None
     burst: Count = None
     max_queued: Count = None
     run_as: str | None = None  # a user name, "UID" or "UID:GID" (default: one from [sandbox] uid_range)
@@ -370,7 +247,7 @@ class Service(_Strict):
     max_connections_per_uid: Count = 16
     max_connections: Count = 512  # all uids together (each is a thread of the service)
     max_request_bytes: Bytes = 8 * MiB
-    request_rate: Annotated[Union[float, None], _positive(parse_rate)] = 50.0  # requests per uid
+    request_rate: Annotated[Union[float, None], positive(parse_rate)] = 50.0  # requests per uid
     request_burst: Count = 100
     request_timeout: Seconds = 10.0  # to send a whole request once it started
     idle_timeout: Seconds = 300.0  # between requests

@@ -35,9 +35,10 @@ import threading
 import time
 from pathlib import Path
 
-from ..executor import QueueFull, SandboxExecutor, _take_token, _TenantState
+from ..executor import QueueFull, SandboxExecutor
 from ..files import MAX_INPUTS, check_sent_input
 from ..limits import ConfigError, Policy, load_policy
+from ..ratelimit import TokenBucket
 from ..models import EXIT_USAGE
 from . import frames, protocol
 from .auth import Peer, Refused, check_names, may_use, peer_of, tenant_for
@@ -77,7 +78,7 @@ class Service:
         self.executor = SandboxExecutor(supervisor=self.supervisor, alert_hook=self.hub.publish)
         self._lock = threading.Lock()
         self._connections: dict[int, int] = {}
-        self._buckets: dict[int, _TenantState] = {}
+        self._buckets: dict[int, TokenBucket] = {}
         self._threads: set[threading.Thread] = set()
         self._stop = threading.Event()
         self.draining = False
@@ -147,8 +148,7 @@ class Service:
             return True
         burst = self.settings.request_burst or max(1, int(rate))
         with self._lock:
-            bucket = self._buckets.setdefault(uid, _TenantState(tokens=float(burst)))
-            return _take_token(bucket, rate, burst)
+            return self._buckets.setdefault(uid, TokenBucket(rate, burst)).take()
 
     def _serve_connection(self, conn: socket.socket, peer: Peer) -> None:
         fds: list[int] = []  # descriptors that came with the current request; closed unless a job took them

@@ -1,0 +1,137 @@
+"""Human units in limits.toml, the CLI and JobSpecs: sizes, durations, counts, rates, and the
+pydantic types that parse them. Each parser raises ValueError with a short reason."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Union
+
+from pydantic import BeforeValidator, PlainSerializer
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+    "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+}
+_TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "m": 60.0, "min": 60.0, "h": 3600.0}
+_NUMBER_UNIT = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z%]*)\s*$")
+_UNLIMITED = {"none", "unlimited", "off"}
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("expected a number")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a finite number >= 0")
+    return float(value)
+
+
+def _split(value: str, units: dict) -> tuple[float, float]:
+    m = _NUMBER_UNIT.match(value)
+    if not m or m.group(2).lower() not in units:
+        raise ValueError(f"expected a number with a unit ({', '.join(u for u in units if u)})")
+    return _number(float(m.group(1))), units[m.group(2).lower()]
+
+
+def parse_size(value: Any) -> int | None:
+    """Bytes from 1024, '512MiB', '2GiB', '1.5G'; None for 'unlimited'/'none'."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in _UNLIMITED):
+        return None
+    if isinstance(value, str):
+        number, scale = _split(value, _SIZE_UNITS)
+        return int(number * scale)
+    return int(_number(value))
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds from 1.5, '250ms', '2s', '1m'; None for 'unlimited'/'none'."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in _UNLIMITED):
+        return None
+    if isinstance(value, str):
+        number, scale = _split(value, _TIME_UNITS)
+        return number * scale
+    return _number(value)
+
+
+def parse_gpu_memory(value: Any) -> int | float | None:
+    """Bytes (int or size string) or a fraction of the device: a float in (0, 1] or 'NN%'."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        fraction = float(value.strip()[:-1]) / 100
+        if not 0 < fraction <= 1:
+            raise ValueError("a percentage must be in (0%, 100%]")
+        return fraction
+    if isinstance(value, float) and 0 < value <= 1:
+        return value
+    return parse_size(value)
+
+
+def parse_address_space(value: Any) -> int | str | None:
+    """'auto' (Taichi-aware, see `address_space_for`) or a size."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return parse_size(value)
+
+
+def _count(value: Any) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in _UNLIMITED):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("expected a whole number")
+    return value
+
+
+def positive(parser):
+    """A pydantic validator: `parser`'s value, which must be greater than zero (or None or a word)."""
+    def check(value: Any):
+        parsed = parser(value)
+        if parsed is not None and not isinstance(parsed, str) and parsed <= 0:
+            raise ValueError("must be greater than zero")
+        return parsed
+    return BeforeValidator(check)
+
+
+def _plausible(parser, floor: float, hint: str):
+    """`positive(parser)` that also rejects a value below `floor` written without a unit: most likely
+    a typo (a bare number is bytes or seconds), explained by `hint`."""
+    checked = positive(parser).func
+
+    def check(value: Any):
+        parsed = checked(value)
+        has_unit = isinstance(value, str) and bool(_NUMBER_UNIT.match(value).group(2))
+        if parsed is not None and parsed < floor and not has_unit:
+            raise ValueError(f"{value!r} without a unit is {hint}")
+        return parsed
+    return BeforeValidator(check)
+
+
+Seconds = Annotated[Union[float, None], positive(parse_duration)]
+Bytes = Annotated[Union[int, None], positive(parse_size)]
+# A bare number under 10 ms or 1 MiB is almost always a forgotten unit (`--memory 1 GiB` unquoted is `1`).
+# Such a value, when meant, is serialized with its unit so that it survives a JSON round trip.
+PlausibleSeconds = Annotated[Union[float, None], _plausible(
+    parse_duration, 0.01, "seconds, under 10 ms: likely a typo; give the unit, e.g. '10ms', '2s' or '1m'"),
+    PlainSerializer(lambda v: f"{v * 1000:g}ms" if v is not None and v < 0.01 else v)]
+PlausibleBytes = Annotated[Union[int, None], _plausible(
+    parse_size, MiB, "bytes, under 1 MiB: likely a typo; give the unit, e.g. '512MiB' or '2GiB' (on a command "
+    "line without a space, or quoted: '1 GiB'), or '100KiB' if you mean that little"),
+    PlainSerializer(lambda v: f"{v}B" if v is not None and v < MiB else v)]
+Count = Annotated[Union[int, None], positive(_count)]
+Quota = Annotated[Union[int, None], BeforeValidator(parse_size)]  # bytes; 0 allowed ("none of it")
+
+
+def parse_rate(value: Any) -> float | None:
+    """Jobs per second from 2, '2/s', '120/m', '1000/h'; None for 'unlimited'."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in _UNLIMITED):
+        return None
+    if isinstance(value, str):
+        count, _, per = value.partition("/")
+        per_seconds = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}.get(per.strip().lower())
+        if per_seconds is None:
+            raise ValueError("expected a rate like '2/s', '120/m' or '1000/h'")
+        return _number(float(count)) / per_seconds
+    return _number(value)
