@@ -32,6 +32,7 @@ LIMIT_OPTIONS = ("cpu_time", "wall_time", "memory", "address_space", "gpu_memory
                  "grace")
 EXIT_USAGE, EXIT_INTERNAL = 2, 125
 MAX_BATCH = 1000  # jobs per request (sandbox.node.protocol.MAX_JOBS_PER_REQUEST)
+MAX_CONNECTIONS = 8  # requests one batch follows at once (below [service] max_connections_per_uid)
 
 
 class ClientError(Exception):
@@ -120,6 +121,8 @@ class Job:
         self.output_dir = None if output_dir is None else str(Path(output_dir).expanduser().absolute())
         if output_dir is not None:
             self.fields["outputs"] = outputs or ["*"]
+        if len(inputs or []) > frames.MAX_FDS:
+            raise ClientError(f"{len(inputs)} inputs: at most {frames.MAX_FDS} descriptors go with one request")
         self.fds: list[int] = []
         names = []
         try:
@@ -282,19 +285,16 @@ def batch(path: Path, args: argparse.Namespace) -> int:
     entries += [{"kernel": f} for f in args.files]
     if not entries:
         raise ClientError("no jobs: give kernel files or --manifest")
-    if len(entries) > MAX_BATCH:
-        raise ClientError(f"{len(entries)} jobs: at most {MAX_BATCH} per batch through the service")
     jobs: list[Job] = []
     try:
         for entry in entries:
             jobs.append(Job(**{"arch": args.arch, "tenant": args.tenant, "profile": args.profile, **entry}))
-    except BaseException:
+        submitted, results = _in_requests(path, jobs)
+    finally:
         for job in jobs:
             job.close()
-        raise
-    submitted, results = submit_and_follow(path, jobs, output=False)
-    refused = [j for j in submitted["jobs"] if j["state"] == "refused"]
-    for number, job in enumerate(submitted["jobs"], 1):
+    refused = [j for j in submitted if j["state"] == "refused"]
+    for number, job in enumerate(submitted, 1):
         if job["state"] == "refused":
             sys.stderr.write(f"taichi-sandbox: job {number} refused: {job['code']}: {job['reason']}\n")
     for answer in results:
@@ -305,6 +305,47 @@ def batch(path: Path, args: argparse.Namespace) -> int:
             sys.stdout.write(f"{r['job_id']}  {r['kernel']}  {r['verdict']}  exit {answer['exit_status']}  "
                              f"{r['usage']['wall_seconds']:.2f}s  {r['reason']}\n")
     return 0 if not refused and all(a["result"]["verdict"] == "ok" for a in results) else 1
+
+
+def _requests(jobs: list[Job]) -> list[list[Job]]:
+    """`jobs` cut into requests of at most MAX_BATCH jobs and frames.MAX_FDS descriptors."""
+    requests: list[list[Job]] = [[]]
+    fds = 0
+    for job in jobs:
+        if len(requests[-1]) == MAX_BATCH or fds + len(job.fds) > frames.MAX_FDS:
+            requests.append([])
+            fds = 0
+        requests[-1].append(job)
+        fds += len(job.fds)
+    return requests
+
+
+def _in_requests(path: Path, jobs: list[Job]) -> tuple[list[dict], list[dict]]:
+    """Submit `jobs` in as many requests as they need, followed at once over as many connections;
+    (each job's `submitted` entry in order, the results). On Ctrl-C the process may simply exit:
+    the service cancels the jobs of connections that close."""
+    import threading
+    requests = _requests(jobs)
+    if len(requests) > MAX_CONNECTIONS:
+        raise ClientError(f"{len(jobs)} jobs need {len(requests)} requests (at most {MAX_BATCH} jobs and "
+                          f"{frames.MAX_FDS} inputs each); one batch may use {MAX_CONNECTIONS}: split it")
+    answers: list = [None] * len(requests)
+
+    def follow(number: int) -> None:
+        try:
+            answers[number] = submit_and_follow(path, requests[number], output=False)
+        except ClientError as err:
+            answers[number] = err
+    threads = [threading.Thread(target=follow, args=(n,), daemon=True) for n in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.2)
+    for answer in answers:
+        if isinstance(answer, ClientError):
+            raise answer
+    return [j for submitted, _ in answers for j in submitted["jobs"]], [r for _, results in answers for r in results]
 
 
 def _size(n: float | None) -> str:
@@ -437,3 +478,6 @@ def _remote(path: Path | None, argv: list[str]) -> int:
     except ClientError as err:
         print(f"taichi-sandbox: error: {err}", file=sys.stderr)
         return err.code
+    except KeyboardInterrupt:  # the service cancels the jobs this client followed when it leaves
+        print("taichi-sandbox: interrupted: the service cancels the jobs this client followed", file=sys.stderr)
+        return 130

@@ -246,6 +246,7 @@ class Service(_Strict):
     drain_timeout: Seconds = 30.0  # SIGTERM: running jobs may finish this long, then are cancelled
     max_connections_per_uid: Count = 16
     max_connections: Count = 512  # all uids together (each is a thread of the service)
+    max_input_files_per_uid: Count = 1024  # descriptors of inputs held for a uid's unfinished jobs
     max_request_bytes: Bytes = 8 * MiB
     request_rate: Annotated[Union[float, None], positive(parse_rate)] = 50.0  # requests per uid
     request_burst: Count = 100

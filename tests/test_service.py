@@ -47,7 +47,7 @@ POLICY = """
 [defaults]
 memory = "1GiB"  # without a memory limit a job reserves the whole node
 [node]
-cpu_slots = 4
+cpu_slots = {cpu_slots}
 [tenants.default]
 max_concurrent = 4
 [tenants.alice]
@@ -74,13 +74,13 @@ idle_timeout = "3s"
 class Node:
     """A service process on a temporary socket; started ready (sd_notify READY=1 received)."""
 
-    def __init__(self, root: Path, extra: str = "") -> None:
+    def __init__(self, root: Path, extra: str = "", cpu_slots: int = 4) -> None:
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o755)
         self.root, self.socket = root, root / "s.sock"
         self.limits = root / "limits.toml"
         self.limits.write_text(POLICY.format(alice=ALICE, bob=BOB, state=root / "state", socket=self.socket,
-                                             gid=SOCKET_GID, extra=extra))
+                                             gid=SOCKET_GID, extra=extra, cpu_slots=cpu_slots))
         self.audit = root / "state" / "audit.jsonl"
         self.start()
 
@@ -327,6 +327,50 @@ def test_connections_of_all_uids_together_are_bounded(tmp_path):
         assert node.stop() == 0
 
 
+HOARD = """
+import collections, json, os, socket, sys, time
+from sandbox.node import frames
+fd = os.open("/etc/passwd", os.O_RDONLY)  # any file she may read, sent again and again
+job = {"kernel": "s.py", "source": "import time\\ntime.sleep(60)\\n", "inputs": [f"i{n}" for n in range(64)]}
+codes = collections.Counter()
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.settimeout(30)
+end = time.monotonic() + 60
+while codes["queued"] * 64 < int(sys.argv[2]) and time.monotonic() < end:
+    frames.send(s, {"op": "submit", "jobs": [job] * 3}, [fd] * 192)
+    answer = frames.recv(s, idle=30, within=30)
+    if answer["type"] == "error":
+        codes[answer["code"]] += 1
+        time.sleep(0.05)
+        if answer["code"] != "RateLimited":
+            break
+        continue
+    codes.update(j["state"] if j["state"] != "refused" else j["code"] for j in answer["jobs"])
+    if codes["QueueFull"]:
+        break
+print(json.dumps(codes))
+"""
+
+
+def test_input_descriptors_held_for_queued_jobs_cannot_exhaust_the_services_files(tmp_path):
+    """Each queued job holds its inputs' descriptors: one uid queueing jobs with many inputs must not
+    use up the service's file table, which would leave it unable to accept anyone or start a job."""
+    node = Node(tmp_path / "node", extra='drain_timeout = "1s"', cpu_slots=8)  # her 4 running jobs leave 4
+    try:
+        nofile = int(Path(f"/proc/{node.proc.pid}/limits").read_text().split("Max open files")[1].split()[0])
+        hoard = subprocess.run(as_uid(MALLORY, "-c", HOARD, str(node.socket), str(nofile + 1000)),
+                               capture_output=True, text=True, timeout=120, cwd="/")
+        assert hoard.returncode == 0, hoard.stderr
+        codes = json.loads(hoard.stdout)
+        home = client_dir(tmp_path, BOB, **{"t.py": "print('served')\n"})
+        served = node.cli(BOB, "run", "t.py", cwd=home, timeout=60)
+        assert served.returncode == 0 and served.stdout == "served\n", (codes, served.stderr)
+        assert codes.get("QueueFull") and codes["queued"] * 64 <= 1024, codes
+    finally:
+        assert node.stop() == 0
+
+
 def _raw(node: Node, data: bytes, shut: bool = False, wait: float = 5.0) -> dict | None:
     with node.connect() as sock:
         sock.sendall(data)
@@ -465,6 +509,19 @@ def test_inputs_and_outputs_travel_as_descriptors_with_the_clients_permissions(n
     unreadable = node.cli(ALICE, "run", "main.py", "--input", "/etc/shadow", cwd=home)
     assert unreadable.returncode == 2
     assert unreadable.stderr == "taichi-sandbox: error: input /etc/shadow: Permission denied\n"
+
+
+def test_a_batch_goes_in_as_many_requests_as_its_jobs_and_inputs_need(node, tmp_path):
+    from sandbox.client import Job, _requests
+    assert [len(r) for r in _requests([Job("m:f") for _ in range(2500)])] == [1000, 1000, 500]
+    files = {f"in{n}.txt": str(n) for n in range(60)}
+    inputs = ", ".join(f'"in{n}.txt"' for n in range(60))
+    manifest = f'[[job]]\nkernel = "count.py"\ninputs = [{inputs}]\n' * 5  # 300 descriptors: two requests
+    home = client_dir(tmp_path, BOB, **files, **{"count.py": "import glob\nprint(len(glob.glob('in*.txt')))\n",
+                                                "jobs.toml": manifest})
+    done = node.cli(BOB, "batch", "--manifest", "jobs.toml", "--json", cwd=home)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["stdout_tail"] for line in done.stdout.splitlines()] == ["60\n"] * 5
 
 
 SEND_FDS = """

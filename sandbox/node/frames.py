@@ -24,7 +24,7 @@ HEADER = struct.Struct("!I")
 CLIENT_MAX_FRAME = 1 << 27  # what a client accepts from the service
 SYSTEM_SOCKET = Path("/run/taichi-sandbox/sandbox.sock")
 USER_SOCKET = "taichi-sandbox.sock"
-MAX_FDS = 256  # descriptors accepted with one frame
+MAX_FDS = 253  # descriptors with one frame: the kernel's SCM_MAX_FD
 
 
 def default_socket() -> Path | None:

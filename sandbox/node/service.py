@@ -12,20 +12,25 @@ Contract:
   not read its answers for `request_timeout` is dropped. At most `max_queued` jobs are queued or
   running (QueueFull), besides each tenant's own `max_queued`.
 - Files: input files come as descriptors the client opened (checked: readable regular files, see
-  `files.check_sent_input`); output files are collected into the service's spool and handed to the
-  following client as descriptors. A followed job whose client goes away is cancelled.
+  `files.check_sent_input`), held until the job ends: at most `max_input_files_per_uid` per uid and
+  half the service's RLIMIT_NOFILE (raised to its hard limit at start) in all, so no uid can use up
+  the file table. Output files are collected into the service's spool and handed to the following
+  client as descriptors. A followed job whose client goes away is cancelled.
 - SIGTERM/SIGINT drain: stop admitting, cancel queued jobs, let running ones finish for
   `drain_timeout`, cancel the rest (verdict `cancelled`), then exit 0. Jobs die with the service
   even on SIGKILL (the fork-server kills them when its control socket closes). On start, jobs the
   audit log shows started but never finished get an `aborted` record.
 Threads: the main thread accepts; one thread per connection; the executor's workers run jobs.
-Lock rule: `_lock` guards the per-uid counters only, and nothing is called while holding it.
+Lock rule: `_lock` guards the per-uid counters only (connections, buckets, held descriptors), and
+nothing is called while holding it.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import resource
 import select
 import selectors
 import signal
@@ -79,6 +84,11 @@ class Service:
         self._lock = threading.Lock()
         self._connections: dict[int, int] = {}
         self._buckets: dict[int, TokenBucket] = {}
+        self._held: dict[int, int] = {}  # input descriptors held for each uid's unfinished jobs
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        self._held_cap = max(MAX_INPUTS, hard // 2)
         self._threads: set[threading.Thread] = set()
         self._stop = threading.Event()
         self.draining = False
@@ -109,7 +119,9 @@ class Service:
     def _accept(self, listener: socket.socket) -> None:
         try:
             conn, _ = listener.accept()
-        except OSError:
+        except OSError as err:
+            if err.errno in (errno.EMFILE, errno.ENFILE):
+                time.sleep(0.1)  # no descriptor to accept with: wait for one rather than spin
             return
         try:
             peer = peer_of(conn)
@@ -262,20 +274,39 @@ class Service:
             raise QueueFull(f"the node has {self.jobs.active()} jobs queued or running ([service] max_queued="
                             f"{self.settings.max_queued})")
         record = JobRecord(spec, peer, job.source.encode() if job.source is not None else None, Descriptors(inputs))
+        self._hold(peer.uid, len(inputs))
         self.jobs.add(record)  # before submit: a worker may start it at once
         try:
             record.future = self.executor.submit(spec)
-        except QueueFull:
+        except (QueueFull, RuntimeError) as err:
             self.jobs.discard(record)
-            raise
-        except RuntimeError:  # the executor shut down under us
-            self.jobs.discard(record)
+            self._hold(peer.uid, -len(inputs))
+            if isinstance(err, QueueFull):
+                raise
             raise protocol.ProtocolError("Draining", "the service is shutting down: no new jobs") from None
         record.future.add_done_callback(lambda future: self._finished(record, future))
         return record
 
+    def _hold(self, uid: int, count: int) -> None:
+        """Count `count` more (or, negative, fewer) input descriptors held for `uid`'s jobs; raises
+        QueueFull past `max_input_files_per_uid` or the node's share of the file table."""
+        per_uid = self.settings.max_input_files_per_uid or 1 << 30
+        with self._lock:
+            mine, total = self._held.get(uid, 0), sum(self._held.values())
+            if count > 0 and mine + count > per_uid:
+                refusal = (f"uid {uid} holds {mine} input files for its unfinished jobs "
+                           f"([service] max_input_files_per_uid={per_uid})")
+            elif count > 0 and total + count > self._held_cap:
+                refusal = f"the node holds {total} input files for unfinished jobs (half its open-file limit)"
+            else:
+                refusal = None
+                self._held[uid] = mine + count
+        if refusal is not None:
+            raise QueueFull(refusal)
+
     def _finished(self, record: JobRecord, future) -> None:
         record.inputs.close()  # a job cancelled in the queue never took them
+        self._hold(record.peer.uid, -len(record.spec.inputs))
         result, unrecorded = outcome(record, future, self.supervisor.launcher.name, self._cancel_reason)
         if unrecorded:
             self.supervisor.audit.record(result, record.spec.tenant)
