@@ -20,7 +20,6 @@ and audit writes, and alert delivery (`Alerts.emit` only queues) all happen with
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import threading
@@ -30,13 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-import psutil
-
 from .alerts import Alerts
-from .limits import ConfigError, Limits, Policy, Tenant
+from .limits import ConfigError, Policy, Tenant
 from .metrics import Metrics
 from .models import JobResult, JobSpec, Verdict, as_spec
 from .monitor import JobControl
+from .quotas import (Capacity, Demand, QuotaFile, TenantUsage, admission_problem, demand, fits, node_capacity,
+                     report)
 from .ratelimit import TokenBucket
 from .supervisor import Supervisor
 
@@ -49,22 +48,6 @@ DEFAULT_TENANT = "_default"
 
 class QueueFull(Exception):
     """The tenant's (or executor's) queue is at its bound; the message says which."""
-
-
-@dataclass(frozen=True)
-class Demand:
-    """What one job reserves while it runs."""
-
-    cpu: int
-    memory: int
-    gpu_memory: int
-
-
-@dataclass(frozen=True)
-class Capacity:
-    cpu_slots: int
-    memory: int
-    gpu_memory: int | None  # None: not accounted (no GPU known)
 
 
 class JobFuture(Future):
@@ -99,29 +82,6 @@ class _Entry:
         return self.priority + (now - self.submitted) / AGEING_SECONDS
 
 
-@dataclass
-class _TenantState:
-    running: int = 0
-    memory: int = 0
-    gpu_memory: int = 0
-    queued: int = 0
-    rejections: int = 0
-    violations: int = 0
-    bucket: TokenBucket | None = None  # submissions, when the tenant has a `rate`
-
-
-def node_capacity(policy: Policy, gpu_total: int | None) -> Capacity:
-    """[node] from limits.toml, defaulting to what psutil and NVML report."""
-    node = policy.node
-    return Capacity(cpu_slots=node.cpu_slots or os.cpu_count() or 1,
-                    memory=node.memory or psutil.virtual_memory().total,
-                    gpu_memory=node.gpu_memory if node.gpu_memory is not None else gpu_total)
-
-
-def _size(n: float) -> str:
-    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
-
-
 class SandboxExecutor:
     """Runs JobSpecs on this node through one Supervisor. Thread-safe; use as a context manager."""
 
@@ -140,16 +100,15 @@ class SandboxExecutor:
         self.metrics = metrics if metrics is not None else Metrics()
         self.alerts = Alerts(self.supervisor.audit, self.policy.alerts.levels, alert_hook, self.policy.alerts.command,
                              on_drop=self.metrics.alerts_dropped.inc)
-        self.state_file = Path(state_file) if state_file else self.policy.settings.resolved_state_dir() / "quota.json"
+        self.quota_file = QuotaFile(Path(state_file) if state_file else
+                                    self.policy.settings.resolved_state_dir() / "quota.json")
         self._cv = threading.Condition()
         self._queue: list[_Entry] = []
         self._seq = itertools.count()
         self._used = Demand(0, 0, 0)
-        self._tenants: dict[str, _TenantState] = {}
+        self._tenants: dict[str, TenantUsage] = {}
         self._running: set[JobFuture] = set()
         self._shutdown = self._cancel_queued = False
-        self._state_lock = threading.Lock()  # orders quota.json writes; taken without holding _cv
-        self._state_seq = self._state_saved = 0
         self._workers = [threading.Thread(target=self._work, name=f"tsbx-exec-{i}", daemon=True)
                          for i in range(self.max_concurrent)]
         for worker in self._workers:
@@ -166,39 +125,6 @@ class SandboxExecutor:
     def _tenant(self, name: str) -> Tenant:
         return self.policy.tenants.get(name) or Tenant()
 
-    def demand(self, spec: JobSpec, limits: Limits) -> Demand:
-        """Memory unlimited reserves the whole node; a GPU job without a gpu_memory limit, the whole
-        device; a fractional limit, that fraction of the device."""
-        gpu = 0
-        if spec.arch != "cpu" and self.capacity.gpu_memory is not None:
-            if limits.gpu_memory is None:
-                gpu = self.capacity.gpu_memory
-            elif isinstance(limits.gpu_memory, float):
-                gpu = int(limits.gpu_memory * self.capacity.gpu_memory)
-            else:
-                gpu = limits.gpu_memory
-        return Demand(cpu=limits.cpu_threads or 1, memory=limits.memory or self.capacity.memory, gpu_memory=gpu)
-
-    def _admission_problem(self, spec: JobSpec, demand: Demand, tenant: Tenant) -> tuple[str, str] | None:
-        """(reason code, message) when the job can never run here, else None."""
-        cap = self.capacity
-        if demand.cpu > cap.cpu_slots:
-            return "capacity_cpu", f"needs {demand.cpu} CPU slots; node has {cap.cpu_slots}"
-        if demand.memory > cap.memory:
-            return "capacity_memory", (f"memory {_size(demand.memory)} exceeds node capacity {_size(cap.memory)} "
-                                       f"by {_size(demand.memory - cap.memory)}")
-        if cap.gpu_memory is not None and demand.gpu_memory > cap.gpu_memory:
-            return "capacity_gpu_memory", (f"gpu_memory {_size(demand.gpu_memory)} exceeds node capacity "
-                                           f"{_size(cap.gpu_memory)} by {_size(demand.gpu_memory - cap.gpu_memory)}")
-        name = spec.tenant or DEFAULT_TENANT
-        if tenant.memory_quota is not None and demand.memory > tenant.memory_quota:
-            return "quota_memory", (f"tenant {name} memory quota {_size(tenant.memory_quota)} exceeded by "
-                                    f"{_size(demand.memory - tenant.memory_quota)}")
-        if tenant.gpu_memory_quota is not None and demand.gpu_memory > tenant.gpu_memory_quota:
-            return "quota_gpu_memory", (f"tenant {name} gpu_memory quota {_size(tenant.gpu_memory_quota)} exceeded "
-                                        f"by {_size(demand.gpu_memory - tenant.gpu_memory_quota)}")
-        return None
-
     def submit(self, spec: JobSpec | Callable, *, block: bool = False, timeout: float | None = None) -> JobFuture:
         """Queue `spec` (a JobSpec, or a callable to run without arguments: use JobSpec(kernel=fn,
         args=...) or functools.partial for arguments). Returns a future that may already hold a
@@ -213,8 +139,8 @@ class SandboxExecutor:
         except ConfigError as err:
             return self._reject(future, "invalid", str(err))
         tenant = self._tenant(name)
-        demand = self.demand(spec, limits)
-        problem = self._admission_problem(spec, demand, tenant)
+        need = demand(spec, limits, self.capacity)
+        problem = admission_problem(name, need, tenant, self.capacity)
         if problem is not None:
             return self._reject(future, *problem)
         job_type = self.policy.job_types.get(spec.job_type) if spec.job_type else None
@@ -224,7 +150,7 @@ class SandboxExecutor:
         with self._cv:
             if self._shutdown:
                 raise RuntimeError("cannot submit after shutdown")
-            state = self._tenants.setdefault(name, _TenantState())
+            state = self._tenants.setdefault(name, TenantUsage())
             if tenant.rate is not None and state.bucket is None:
                 state.bucket = TokenBucket(tenant.rate, self._burst(tenant))
             if state.bucket is not None and not state.bucket.take():
@@ -237,7 +163,7 @@ class SandboxExecutor:
                         raise QueueFull(f"tenant {name} has {state.queued} queued jobs (max_queued="
                                         f"{tenant.max_queued})")
                     self._cv.wait(remaining)
-                self._enqueue(_Entry(future, demand, priority, next(self._seq)))
+                self._enqueue(_Entry(future, need, priority, next(self._seq)))
                 self._cv.notify_all()
         if rate_problem is not None:
             return self._reject(future, *rate_problem)
@@ -254,7 +180,7 @@ class SandboxExecutor:
                            launcher=self.supervisor.launcher.name)
         self.supervisor.audit.record(result, spec.tenant)
         with self._cv:
-            self._tenants.setdefault(future.tenant, _TenantState()).rejections += 1
+            self._tenants.setdefault(future.tenant, TenantUsage()).rejections += 1
         self.metrics.rejections.labels(code, future.tenant).inc()
         self.metrics.jobs.labels("rejected", future.tenant).inc()
         self.alerts.emit("rejected", tenant=future.tenant, job_id=spec.job_id, reason=code, message=message)
@@ -298,17 +224,8 @@ class SandboxExecutor:
     # --- scheduling ------------------------------------------------------------------------------
 
     def _fits(self, entry: _Entry) -> bool:
-        d, used, cap = entry.demand, self._used, self.capacity
-        if used.cpu + d.cpu > cap.cpu_slots or used.memory + d.memory > cap.memory:
-            return False
-        if cap.gpu_memory is not None and used.gpu_memory + d.gpu_memory > cap.gpu_memory:
-            return False
-        tenant = self._tenant(entry.future.tenant)
-        state = self._tenants[entry.future.tenant]
-        return not ((tenant.max_concurrent is not None and state.running >= tenant.max_concurrent)
-                    or (tenant.memory_quota is not None and state.memory + d.memory > tenant.memory_quota)
-                    or (tenant.gpu_memory_quota is not None
-                        and state.gpu_memory + d.gpu_memory > tenant.gpu_memory_quota))
+        name = entry.future.tenant
+        return fits(entry.demand, self._used, self.capacity, self._tenant(name), self._tenants[name])
 
     def _pick(self) -> _Entry | None:
         """The queued job to start next, taken off the queue, or None (call under _cv)."""
@@ -390,7 +307,7 @@ class SandboxExecutor:
                         self._enqueue(entry)
                 state = self._snapshot()
                 self._cv.notify_all()
-            self._save(*state)
+            self.quota_file.save(*state)
             if started:
                 self._run(entry)
 
@@ -410,7 +327,7 @@ class SandboxExecutor:
                 self._tenants[name].violations += sum(1 for v in result.violations if v.action != "warn")
             state = self._snapshot()
             self._cv.notify_all()
-        self._save(*state)
+        self.quota_file.save(*state)
         if result is None:
             future.set_exception(failure)
             return
@@ -431,39 +348,10 @@ class SandboxExecutor:
             return self._quota_state()
 
     def _quota_state(self) -> dict:
-        tenants = {}
-        for name in sorted(set(self.policy.tenants) | set(self._tenants)):
-            state, tenant = self._tenants.get(name, _TenantState()), self._tenant(name)
-            tenants[name] = {
-                "running": state.running, "queued": state.queued, "rejections": state.rejections,
-                "violations": state.violations,
-                "concurrency": {"used": state.running, "quota": tenant.max_concurrent},
-                "memory": {"used": state.memory, "quota": tenant.memory_quota},
-                "gpu_memory": {"used": state.gpu_memory, "quota": tenant.gpu_memory_quota},
-            }
-        cap = self.capacity
-        return {"updated": time.time(), "node": {"cpu_slots": [self._used.cpu, cap.cpu_slots],
-                                                 "memory": [self._used.memory, cap.memory],
-                                                 "gpu_memory": [self._used.gpu_memory, cap.gpu_memory]},
-                "tenants": tenants}
+        names = set(self.policy.tenants) | set(self._tenants)
+        return report({name: (self._tenant(name), self._tenants.get(name, TenantUsage())) for name in names},
+                      self._used, self.capacity, time.time())
 
     def _snapshot(self) -> tuple[int, dict]:
-        """The quota state, numbered, for `_save` (call under _cv)."""
-        self._state_seq += 1
-        return self._state_seq, self._quota_state()
-
-    def _save(self, seq: int, state: dict) -> None:
-        """Write a snapshot for `taichi-sandbox quota` (atomic replace), unless a newer one is on disk.
-        Called without _cv: file I/O never holds up scheduling."""
-        with self._state_lock:
-            if seq <= self._state_saved:
-                return
-            self._state_saved = seq
-            try:
-                self.state_file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self.state_file.with_suffix(".tmp")
-                with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:  # not for jobs
-                    f.write(json.dumps(state))
-                os.replace(tmp, self.state_file)
-            except OSError:
-                pass
+        """The quota state, numbered, for `QuotaFile.save` (call under _cv)."""
+        return self.quota_file.number(), self._quota_state()
