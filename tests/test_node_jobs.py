@@ -1,0 +1,39 @@
+"""The node service's restart reconciliation, on audit logs written here."""
+
+from __future__ import annotations
+
+import json
+
+from sandbox.audit import AuditLog
+from sandbox.node import jobs
+
+
+def _log(path, *records) -> AuditLog:
+    log = AuditLog(path)
+    log.append(list(records))
+    return log
+
+
+def test_a_restart_aborts_only_service_jobs_left_unfinished_since_the_previous_start(tmp_path, monkeypatch):
+    service = {"uid": 1000, "user": "alice", "host": "h", "client_pid": 42}
+    log = _log(tmp_path / "audit.jsonl",
+               {"type": "started", "job_id": "before", **service},  # the previous start's business
+               {"type": "service", "event": "started", "pid": 1},
+               {"type": "started", "job_id": "ended", **service},
+               {"type": "job", "job_id": "ended", "verdict": "ok"},
+               {"type": "started", "job_id": "forked", **service},
+               {"type": "aborted", "job_id": "forked", "by": "fork-server"},
+               {"type": "started", "job_id": "local", "pid": 7},  # a local supervisor's, sharing the log
+               {"type": "started", "job_id": "lost", **service})
+    monkeypatch.setattr(jobs, "TAIL_CHUNK", 64)  # the previous start lies several chunks back
+    assert [r["job_id"] for r in jobs.reconcile(log)] == ["lost"]
+    records = [json.loads(line) for line in log.path.read_text().splitlines()]
+    assert records[-2]["type"] == "aborted" and records[-2]["uid"] == 1000
+    assert records[-1]["type"] == "service" and records[-1]["event"] == "started"
+    assert jobs.reconcile(log) == []  # reconciled once
+
+
+def test_the_first_start_reads_the_whole_log(tmp_path):
+    log = _log(tmp_path / "audit.jsonl", {"type": "started", "job_id": "lost", "client_pid": 1})
+    assert [r["job_id"] for r in jobs.reconcile(log)] == ["lost"]
+    assert jobs.reconcile(AuditLog(tmp_path / "none.jsonl")) == []
