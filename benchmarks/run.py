@@ -44,10 +44,10 @@ from rich.console import Console
 from rich.table import Table
 
 from sandbox import JobSpec, Limits, Policy, Supervisor
-from sandbox.cgroup import CgroupLimits, discover
-from sandbox.executor import Capacity, SandboxExecutor
-from sandbox.launcher import base_env
-from sandbox.limits import GiB, Settings, Tenant
+from sandbox.job.cgroup import CgroupLimits, discover
+from sandbox.node.executor import Capacity, SandboxExecutor
+from sandbox.job.launcher import base_env
+from sandbox.core.limits import GiB, Settings, Tenant
 from sandbox.node import frames
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ from rich.table import Table  # noqa: E402
 
 from sandbox import JobSpec, Limits, Policy  # noqa: E402
 from sandbox import ray as sandbox_ray  # noqa: E402
-from sandbox.limits import Settings  # noqa: E402
+from sandbox.core.limits import Settings  # noqa: E402
 
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 JOBS = [

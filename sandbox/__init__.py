@@ -1,6 +1,6 @@
 """taichi-sandbox: run Taichi kernel jobs in supervised, resource-limited child processes.
 
-The public names are imported lazily so that the job side (`sandbox.child`, `sandbox.forkserver`)
+The public names are imported lazily so that the job side (`sandbox.job.child`, `sandbox.job.forkserver`)
 does not pay for the supervisor's imports.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "ConfigError": "limits", "Limits": "limits", "Policy": "limits", "load_policy": "limits",
-    "JobResult": "models", "JobSpec": "models", "Verdict": "models", "Violation": "models",
-    "Supervisor": "supervisor", "run_kernel": "api", "SandboxError": "decorator", "sandboxed": "decorator",
+    "ConfigError": "core.limits", "Limits": "core.limits", "Policy": "core.limits", "load_policy": "core.limits",
+    "JobResult": "core.models", "JobSpec": "core.models", "Verdict": "core.models", "Violation": "core.models",
+    "Supervisor": "node.supervisor", "run_kernel": "api", "SandboxError": "decorator", "sandboxed": "decorator",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -6,9 +6,9 @@ import atexit
 import threading
 from typing import Any, Callable
 
-from .limits import Limits
-from .models import JobResult, JobSpec
-from .supervisor import Supervisor
+from .core.limits import Limits
+from .core.models import JobResult, JobSpec
+from .node.supervisor import Supervisor
 
 _default: Supervisor | None = None
 _default_lock = threading.Lock()

@@ -25,12 +25,12 @@ from rich.table import Table
 from rich.text import Text
 
 from .client import entry_args as _parse_entry_args
+from .core.limits import BUNDLED_POLICY, ConfigError, Limits, Policy, load_policy, read_file, tomllib
+from .core.models import EXIT_INTERNAL, EXIT_USAGE, JobResult, JobSpec, Sample, Verdict
 from .display import VERDICT_STYLE, secs, size, summary, usage_rows
-from .limits import BUNDLED_POLICY, ConfigError, Limits, Policy, load_policy, read_file, tomllib
-from .models import EXIT_INTERNAL, EXIT_USAGE, JobResult, JobSpec, Sample, Verdict
-from .monitor import JobControl
-from .supervisor import Supervisor
+from .node.supervisor import Supervisor
 from .terminal import Echo, Interrupts
+from .watch.monitor import JobControl
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run Taichi kernel jobs in supervised, resource-limited child processes.")
@@ -216,7 +216,7 @@ def batch(
             specs.append(spec)
     except ConfigError as e:
         raise _fail(str(e))
-    from .executor import SandboxExecutor  # imported here: `run` should not pay for prometheus-client
+    from .node.executor import SandboxExecutor  # imported here: `run` should not pay for prometheus-client
 
     out = Console()
     with SandboxExecutor(max_concurrent=concurrency, policy=policy) as executor, Interrupts(
@@ -303,8 +303,8 @@ LEVEL_STYLE = {"hard": "green", "watched": "cyan", "unavailable": "red", "off": 
 def probe(as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")) -> None:
     """What this machine can enforce: archs that initialise, NVML, MPS, cgroups, and per arch
     whether each limit is hard, watched or unavailable (with the reason)."""
-    from .enforcement import machine_report
-    from .gpu import NvmlSampler
+    from .watch.enforcement import machine_report
+    from .watch.gpu import NvmlSampler
 
     report = machine_report(NvmlSampler())
     if as_json:

@@ -240,8 +240,8 @@ def _render(result: dict) -> None:
     """The human-readable verdict, as the in-process CLI draws it."""
     from rich.console import Console
 
+    from .core.models import JobResult
     from .display import summary
-    from .models import JobResult
     if sys.stderr.isatty():
         sys.stderr.write("\r\033[2K")
     Console(stderr=True).print(summary(JobResult.model_validate(result), stderr_tail=False))
@@ -277,7 +277,7 @@ def batch(path: Path, args: argparse.Namespace) -> int:
     entries = []
     if args.manifest:
         from .cli import _manifest  # only for a manifest: it validates the TOML as the local CLI does
-        from .limits import ConfigError
+        from .core.limits import ConfigError
         try:
             entries = _manifest(Path(args.manifest))
         except ConfigError as err:

@@ -6,7 +6,7 @@ import functools
 from typing import Any, Callable
 
 from .api import run_kernel
-from .models import JobResult
+from .core.models import JobResult
 
 
 class SandboxError(RuntimeError):

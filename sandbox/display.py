@@ -15,10 +15,10 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .limits import Limits
+from .core.limits import Limits
 
 if TYPE_CHECKING:
-    from .models import JobResult
+    from .core.models import JobResult
 
 VERDICT_STYLE = {"ok": "bold green", "error": "bold red", "crashed": "bold red", "rejected": "bold yellow"}
 VERDICT_COLOUR = {"ok": "#1a7f37", "error": "#cf222e", "crashed": "#cf222e", "rejected": "#9a6700"}

@@ -36,11 +36,11 @@ import time
 from typing import Any, Callable
 
 from . import client
-from .executor import Capacity, SandboxExecutor
-from .limits import Limits, Policy
-from .models import JobResult, JobSpec, Verdict, as_spec
-from .monitor import JobControl
-from .supervisor import Supervisor
+from .core.limits import Limits, Policy
+from .core.models import JobResult, JobSpec, Verdict, as_spec
+from .node.executor import Capacity, SandboxExecutor
+from .node.supervisor import Supervisor
+from .watch.monitor import JobControl
 
 CANCEL_RESEND = 2.0  # seconds between soft cancels of a task that has not ended
 WAIT_SLICE = 0.05
@@ -180,7 +180,7 @@ def _unran(spec: JobSpec, verdict: Verdict, reason: str, started: float) -> str:
 
 def submit(spec: JobSpec | Callable, policy: Policy | None = None, device_memory: int | None = None,
            service: str | None = "auto", **ray_options):
-    """Start `spec` (or a callable, shipped to the job: see sandbox.shipping) as a Ray task; returns an
+    """Start `spec` (or a callable, shipped to the job: see sandbox.job.shipping) as a Ray task; returns an
     ObjectRef to the JobResult's JSON (use `result()`, which keeps numpy arrays in the return value).
 
     `service`: the node service socket the task submits through ("auto", a path, or None: never; see

@@ -13,9 +13,9 @@ import psutil
 import pytest
 
 from sandbox import JobSpec, Limits, Policy, Supervisor
-from sandbox.cgroup import CgroupHost
-from sandbox.cgroup.host import host_v2, parse_mountinfo, parse_proc_cgroup, select_hierarchy
-from sandbox.limits import Settings
+from sandbox.job.cgroup import CgroupHost
+from sandbox.job.cgroup.host import host_v2, parse_mountinfo, parse_proc_cgroup, select_hierarchy
+from sandbox.core.limits import Settings
 
 # Read by Ray when it is imported: on Linux, without it Ray binds the machine's non-loopback address.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"

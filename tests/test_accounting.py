@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 
 from sandbox import JobSpec, Limits, Supervisor, Verdict
-from sandbox.cgroup import task_limit
-from sandbox.namespaces import HELPERS
+from sandbox.job.cgroup import task_limit
+from sandbox.job.namespaces import HELPERS
 
 from .conftest import assert_no_survivors, kernel_enforces, make_policy, second_v2_hierarchy
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from sandbox import ConfigError, JobSpec, Limits, Supervisor, Verdict
-from sandbox.cgroup import CgroupHost, CgroupLimits, CgroupStats, task_limit
-from sandbox.cgroup.host import (Mount, _within, discover, parse_mountinfo, parse_proc_cgroup,
+from sandbox.job.cgroup import CgroupHost, CgroupLimits, CgroupStats, task_limit
+from sandbox.job.cgroup.host import (Mount, _within, discover, parse_mountinfo, parse_proc_cgroup,
                                  select_hierarchy)
-from sandbox.cgroup.v2 import prepare_parent, stats_from
-from sandbox.monitor import kernel_breaches
-from sandbox.namespaces import HELPERS
+from sandbox.job.cgroup.v2 import prepare_parent, stats_from
+from sandbox.watch.monitor import kernel_breaches
+from sandbox.job.namespaces import HELPERS
 
 from .conftest import ROOT, kernel, kernel_enforces, make_policy, second_v2_hierarchy
 

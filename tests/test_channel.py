@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sandbox import JobSpec, Verdict
-from sandbox.channel import MAX_CHANNEL_BYTES, ChannelReader, ResultMessage
+from sandbox.core.channel import MAX_CHANNEL_BYTES, ChannelReader, ResultMessage
 
 from .conftest import assert_no_survivors
 

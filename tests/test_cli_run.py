@@ -136,7 +136,7 @@ def test_outside_the_repository_the_bundled_defaults_apply_and_are_named(tmp_pat
 
 
 def test_bundled_file_says_what_jobs_without_a_tenant_get():
-    from sandbox.limits import BUNDLED_POLICY, Policy
+    from sandbox.core.limits import BUNDLED_POLICY, Policy
     policy = Policy.load(BUNDLED_POLICY)
     assert policy.resolve() == policy.defaults != policy.resolve(tenant="default")
     text = BUNDLED_POLICY.read_text()

@@ -11,11 +11,11 @@ from concurrent.futures import CancelledError
 import pytest
 
 from sandbox import JobSpec, Limits, Policy, Verdict
-from sandbox.alerts import Alerts
-from sandbox.audit import AuditLog
-from sandbox.executor import RESERVE_AFTER, Capacity, QueueFull, SandboxExecutor
-from sandbox.gpu import probe
-from sandbox.limits import GiB, Alerts as AlertSettings, JobType, Settings, Tenant
+from sandbox.node.alerts import Alerts
+from sandbox.core.audit import AuditLog
+from sandbox.node.executor import RESERVE_AFTER, Capacity, QueueFull, SandboxExecutor
+from sandbox.watch.gpu import probe
+from sandbox.core.limits import GiB, Alerts as AlertSettings, JobType, Settings, Tenant
 
 from .conftest import assert_no_survivors, kernel
 

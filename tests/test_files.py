@@ -87,7 +87,7 @@ def test_outputs_beyond_the_cap_are_named_in_a_note(tmp_path, supervisor):
 
 
 def test_byte_cap_skips_what_does_not_fit(tmp_path):
-    from sandbox.files import collect
+    from sandbox.job.files import collect
     work = tmp_path / "work"
     work.mkdir()
     (work / "big").write_bytes(b"x" * 100)

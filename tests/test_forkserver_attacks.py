@@ -33,9 +33,9 @@ import psutil
 import pytest
 
 from sandbox import JobSpec, Limits, Policy, Supervisor, Verdict
-from sandbox.limits import Settings, Tenant
-from sandbox import namespaces
-from sandbox.monitor import JobControl
+from sandbox.core.limits import Settings, Tenant
+from sandbox.job import namespaces
+from sandbox.watch.monitor import JobControl
 
 from .conftest import ROOT, make_policy
 

@@ -14,9 +14,9 @@ import psutil
 import pytest
 
 from sandbox import JobSpec, Limits, Supervisor, Verdict
-from sandbox.gpu import (GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, host_pid, mps_env,
+from sandbox.watch.gpu import (GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, host_pid, mps_env,
                          mps_pipe_directory, probe, visible_devices)
-from sandbox.limits import MiB
+from sandbox.core.limits import MiB
 
 from .conftest import assert_no_survivors, kernel, make_policy, run
 

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from sandbox import ConfigError, JobSpec, Limits, Policy, Supervisor, Verdict
-from sandbox.limits import Settings, Tenant
+from sandbox.core.limits import Settings, Tenant
 
 from .conftest import ROOT, assert_no_survivors, kernel
 
@@ -82,7 +82,7 @@ def _fork_server_processes() -> set[int]:
     """Fork-servers of this checkout's interpreter and everything forked from them (their command
     line is the server's; other checkouts' test runs use other venvs)."""
     return {p.pid for p in psutil.process_iter(["cmdline"])
-            if "sandbox.forkserver" in (p.info["cmdline"] or []) and p.info["cmdline"][0] == sys.executable}
+            if "sandbox.job.forkserver" in (p.info["cmdline"] or []) and p.info["cmdline"][0] == sys.executable}
 
 
 def _orphan_check(argv: list[str], tmp_path) -> None:

@@ -17,7 +17,7 @@ import threading
 import pytest
 
 from sandbox import JobSpec, Limits, Supervisor, Verdict
-from sandbox.namespaces import probe
+from sandbox.job.namespaces import probe
 
 from .conftest import assert_no_survivors, kernel, make_policy
 
@@ -139,7 +139,7 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="jobs switch to a tenan
 
 def _tenants(state_dir, **settings) -> Supervisor:
     from sandbox import Policy
-    from sandbox.limits import Settings, Tenant
+    from sandbox.core.limits import Settings, Tenant
     policy = Policy(tenants={"alice": Tenant(), "bob": Tenant(), "nob": Tenant(run_as="nobody")},
                     settings=Settings(state_dir=str(state_dir), **settings))
     return Supervisor(policy, audit_log=state_dir / "audit-tenants.jsonl")
@@ -211,7 +211,7 @@ def test_root_jobs_without_namespaces_are_refused_unless_allowed(tmp_path):
 
 AS_UID = """
 import os, sys
-from sandbox import namespaces
+from sandbox.job import namespaces
 uid, code = int(sys.argv[1]), sys.argv[2]
 namespaces.unshare(namespaces.CLONE_NEWNS)  # only to reach the interpreter under a 0700 /root
 namespaces.mount(None, "/", None, namespaces.MS_REC | namespaces.MS_PRIVATE)
@@ -225,7 +225,7 @@ os.execv(sys.executable, [sys.executable, "-c", code, *sys.argv[3:]])
 NOT_ROOT_SUPERVISOR = """
 import json, os, sys
 from sandbox import JobSpec, Policy, Supervisor
-from sandbox.limits import Settings
+from sandbox.core.limits import Settings
 with Supervisor(Policy(settings=Settings(state_dir=sys.argv[1], isolation=sys.argv[2]))) as sup:
     r = sup.run(JobSpec(kernel=sys.argv[3], argv=[str(os.getpid())]))
 print(json.dumps({"verdict": r.verdict.value, "reason": r.reason, "stdout": r.stdout_tail,

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from sandbox import ConfigError, Limits, Policy
-from sandbox.limits import GiB, MiB, address_space_for
-from sandbox.units import parse_duration, parse_size
+from sandbox.core.limits import GiB, MiB, address_space_for
+from sandbox.core.units import parse_duration, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sandbox.limits import Policy
+from sandbox.core.limits import Policy
 from sandbox.node.auth import Peer, Refused, may_use, tenant_for
 
 POLICY = {"tenants": {"default": {}, "alice": {"users": ["alice", 1001]}, "lab": {"groups": ["root", 4242]}}}

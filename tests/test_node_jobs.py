@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from sandbox.audit import AuditLog
+from sandbox.core.audit import AuditLog
 from sandbox.node import jobs
 
 

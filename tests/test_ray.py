@@ -18,8 +18,8 @@ ray = pytest.importorskip("ray")
 
 from sandbox import JobSpec, Limits, Policy, Verdict  # noqa: E402
 from sandbox import ray as sray  # noqa: E402
-from sandbox.executor import Capacity  # noqa: E402
-from sandbox.limits import GiB, Settings, load_policy  # noqa: E402
+from sandbox.node.executor import Capacity  # noqa: E402
+from sandbox.core.limits import GiB, Settings, load_policy  # noqa: E402
 
 from .conftest import kernel  # noqa: E402
 
@@ -126,7 +126,7 @@ def _running_job_pids() -> list[int]:
         try:
             cmdline = proc.cmdline()
             if proc.status() != psutil.STATUS_ZOMBIE and cmdline[:1] == [sys.executable] and \
-                    any("sandbox.forkserver" in a for a in cmdline):
+                    any("sandbox.job.forkserver" in a for a in cmdline):
                 found += [c.pid for c in proc.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
         except psutil.Error:
             continue
@@ -210,7 +210,7 @@ def test_audit_records_carry_ray_labels(cluster):
 
 
 def test_tenant_quota_is_shared_by_executors_through_the_ledger_actor(cluster, tmp_path):
-    from sandbox.limits import Tenant
+    from sandbox.core.limits import Tenant
     policy = Policy(tenants={"a": Tenant(max_concurrent=1)}, settings=cluster.settings)
     nap = tmp_path / "nap.py"
     nap.write_text("import time\ntime.sleep(0.5)\n")
@@ -261,7 +261,7 @@ print(json.dumps({"raylet": any("raylet" in c or "gcs_server" in c for c in cmdl
 
 
 def test_a_job_in_a_ray_task_can_neither_see_the_raylet_nor_reach_the_gcs(cluster, tmp_path):
-    from sandbox.namespaces import probe
+    from sandbox.job.namespaces import probe
     if probe() is not None:
         pytest.skip(f"no namespaces here: {probe()}")
     host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)

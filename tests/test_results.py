@@ -1,4 +1,4 @@
-"""Arrays out: return values through result files (sandbox.results), the max_result limit, and result
+"""Arrays out: return values through result files (sandbox.job.results), the max_result limit, and result
 directories written by a hostile job."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import taichi as ti
 
-from sandbox import JobResult, JobSpec, Limits, Policy, Verdict, values
-from sandbox.limits import MiB
+from sandbox import JobResult, JobSpec, Limits, Policy, Verdict
+from sandbox.core import values
+from sandbox.core.limits import MiB
 
 from .conftest import ROOT
 
@@ -132,10 +133,10 @@ def _cli(*args: str, tmp_path) -> subprocess.CompletedProcess:
 def hostile(how: str):
     """Replace the child's result writer (the job runs in the child's process) with one that leaves
     `how` in the result directory and claims 10 bytes."""
-    import sandbox.results
+    import sandbox.job.results
 
     def write(value, workdir, max_result):
-        result = sandbox.results.directory(workdir)
+        result = sandbox.job.results.directory(workdir)
         decoy = os.path.join(os.path.dirname(workdir), "decoy")
         os.makedirs(decoy)
         with open(os.path.join(decoy, "value.json"), "w") as f:
@@ -171,7 +172,7 @@ def hostile(how: str):
                     np.save(f, np.ones(2 * MiB, np.uint8))
         return 10
 
-    sandbox.results.write = write
+    sandbox.job.results.write = write
     return "anything"
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.models import EXIT_CODES, Verdict
+from sandbox.core.models import EXIT_CODES, Verdict
 from sandbox.node import frames
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run clients as other uids "
@@ -32,7 +32,7 @@ ALICE, BOB, MALLORY = 59901, 59902, 59903  # client uids, below the tenants' job
 SOCKET_GID = 59990
 AS_CLIENT = """
 import os, sys
-from sandbox import namespaces
+from sandbox.job import namespaces
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
 namespaces.unshare(namespaces.CLONE_NEWNS)  # only to reach the interpreter under a 0700 /root
 namespaces.mount(None, "/", None, namespaces.MS_REC | namespaces.MS_PRIVATE)

@@ -1,4 +1,4 @@
-"""Callables in: functions, closures, lambdas and `__main__` code shipped to real jobs (sandbox.shipping),
+"""Callables in: functions, closures, lambdas and `__main__` code shipped to real jobs (sandbox.job.shipping),
 kernels compiled from shipped source, numpy arguments, and no nested sandboxes."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 import taichi as ti
 
 from sandbox import ConfigError, JobSpec, Limits, Verdict
-from sandbox.executor import Capacity, SandboxExecutor
-from sandbox.limits import GiB
+from sandbox.node.executor import Capacity, SandboxExecutor
+from sandbox.core.limits import GiB
 
 from .conftest import ROOT, assert_no_survivors
 

@@ -16,7 +16,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from ..limits import ConfigError, Policy
+from ..core.limits import ConfigError, Policy
 
 DEFAULT_TENANT = "default"
 

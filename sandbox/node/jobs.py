@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..audit import AuditLog
-from ..files import Sent
-from ..models import JobResult, JobSpec, Sample, Verdict
-from ..supervisor import Supervisor
+from ..core.audit import AuditLog
+from ..core.models import JobResult, JobSpec, Sample, Verdict
+from ..job.files import Sent
 from .auth import Peer
+from .supervisor import Supervisor
 
 OUTPUT_KEEP = 1 << 20  # characters of output kept per running job for `logs` and slow followers
 FINISHED_OUTPUT_KEEP = 64 << 10  # ... and per finished job

@@ -23,8 +23,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from ..models import JobSpec
-from ..values import decode_json_fields
+from ..core.models import JobSpec
+from ..core.values import decode_json_fields
 
 MAX_JOBS_PER_REQUEST = 1000
 MAX_SOURCE = 4 << 20
@@ -76,7 +76,7 @@ class JobRequest(BaseModel):
                                                   "dir, its descriptor sent with the frame, never a path to open")
         job_id = uuid.uuid4().hex[:12]
         try:
-            fields = decode_json_fields(fields, ("args", "kwargs"))  # arrays come as tagged JSON (sandbox.values)
+            fields = decode_json_fields(fields, ("args", "kwargs"))  # arrays come as tagged JSON (sandbox.core.values)
         except (ValueError, RecursionError) as err:
             raise ProtocolError("BadRequest", f"job {number}: args/kwargs: {str(err)[:200]}") from None
         spec = JobSpec.parse({**fields, "tenant": tenant, "job_id": job_id,

@@ -40,13 +40,13 @@ import threading
 import time
 from pathlib import Path
 
-from ..executor import QueueFull, SandboxExecutor
-from ..files import MAX_INPUTS, check_sent_input
-from ..limits import ConfigError, Policy, load_policy
-from ..ratelimit import TokenBucket
-from ..models import EXIT_USAGE
+from ..core.limits import ConfigError, Policy, load_policy
+from ..core.models import EXIT_USAGE
+from ..core.ratelimit import TokenBucket
+from ..job.files import MAX_INPUTS, check_sent_input
 from . import frames, protocol
 from .auth import Peer, Refused, check_names, may_use, peer_of, tenant_for
+from .executor import QueueFull, SandboxExecutor
 from .jobs import Descriptors, Hub, JobRecord, Jobs, NodeSupervisor, close_fds, outcome, reconcile
 from .systemd import gid_of, listen, sd_notify, socket_path
 

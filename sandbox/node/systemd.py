@@ -8,7 +8,7 @@ import os
 import socket
 from pathlib import Path
 
-from ..limits import ConfigError
+from ..core.limits import ConfigError
 from .frames import default_socket
 
 def sd_notify(state: str) -> None:

@@ -1,7 +1,7 @@
 """A job's return value, from the child to the supervisor through files in its result directory
 (`result/` beside the job's working directory), never through pickle.
 
-Child (`write`): the value in tagged JSON (sandbox.values) as `value.json`, each numpy array as
+Child (`write`): the value in tagged JSON (sandbox.core.values) as `value.json`, each numpy array as
 `N.npy`, at most `max_result` bytes in all; over that nothing more is written and the size is
 reported instead. Supervisor (`load`): the directory belongs to the job, so it is read as hostile:
 every path component is opened without following symlinks, only regular files with one link and the
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import values
+from ..core import values
 
 RESULT_DIR = "result"
 VALUE_FILE = "value.json"

@@ -29,14 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from ..core.limits import ConfigError, Policy, Tenant
+from ..core.models import JobResult, JobSpec, Verdict, as_spec
+from ..core.ratelimit import TokenBucket
+from ..watch.monitor import JobControl
 from .alerts import Alerts
-from .limits import ConfigError, Policy, Tenant
 from .metrics import Metrics
-from .models import JobResult, JobSpec, Verdict, as_spec
-from .monitor import JobControl
 from .quotas import (Capacity, Demand, QuotaFile, TenantUsage, admission_problem, demand, fits, node_capacity,
                      report)
-from .ratelimit import TokenBucket
 from .supervisor import Supervisor
 
 AGEING_SECONDS = 10.0

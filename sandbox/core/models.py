@@ -9,10 +9,10 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .enforcement import Enforcement
-from .files import input_name, output_destination
+from ..job.files import input_name, output_destination
+from ..job.shipping import Shipped, prepare
+from ..watch.enforcement import Enforcement
 from .limits import ConfigError, Limits, _Strict
-from .shipping import Shipped, prepare
 from .values import decode_json_fields, wire
 
 TIMELINE_MAX = 600
@@ -62,13 +62,13 @@ class JobSpec(_Strict):
 
     `kernel` is a Python file run as `__main__` (unmodified Taichi scripts work), or `file.py:function`
     / `package.module:function`, called with `args`/`kwargs` (JSON values and numpy arrays), or any
-    callable (also "__main__:function"), shipped with its args and kwargs (sandbox.shipping); then
-    `kernel` becomes its name. Its return value comes back in the result (sandbox.results).
+    callable (also "__main__:function"), shipped with its args and kwargs (sandbox.job.shipping); then
+    `kernel` becomes its name. Its return value comes back in the result (sandbox.job.results).
 
     `inputs`: files copied read-only into the job's cwd before it starts, at the relative path
     given (relative to the caller's cwd; an absolute path by its name). `outputs`: fnmatch patterns
     of files in the job's cwd copied to `output_dir` (absolute, or relative to the caller's cwd)
-    after it ends and listed in `JobResult.outputs` (see sandbox.files).
+    after it ends and listed in `JobResult.outputs` (see sandbox.job.files).
     """
 
     kernel: str
@@ -92,7 +92,7 @@ class JobSpec(_Strict):
     @model_validator(mode="wrap")
     @classmethod
     def _prepare(cls, data: Any, handler, info) -> "JobSpec":
-        """A callable kernel is shipped (sandbox.shipping). From JSON, args and kwargs are decoded
+        """A callable kernel is shipped (sandbox.job.shipping). From JSON, args and kwargs are decoded
         here: pydantic validates JSON through the custom __init__, in Python mode."""
         return handler(prepare(decode_json_fields(data, ("args", "kwargs")) if info.mode == "json" else data))
 
@@ -247,9 +247,9 @@ class JobResult(BaseModel):
         return EXIT_CODES[self.verdict]
 
     def __rich__(self):
-        from .display import summary
+        from ..display import summary
         return summary(self)
 
     def _repr_html_(self) -> str:
-        from .display import to_html
+        from ..display import to_html
         return to_html(self)

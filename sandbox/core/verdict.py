@@ -1,6 +1,6 @@
 """Deciding a job's verdict from the evidence: violations, the exit status, the channel, the job's
 result files, the kernel's final counters. Reads what the supervisor collected and the result files
-(as hostile input, sandbox.results), builds the JobResult, acts on nothing.
+(as hostile input, sandbox.job.results), builds the JobResult, acts on nothing.
 
 The first non-warning violation decides; then cancellation; then the job's own report (`ok` also
 needs exit status 0); then how the process ended.
@@ -13,16 +13,16 @@ import signal
 import time
 from dataclasses import dataclass
 
-from .cgroup import CgroupLimits, CgroupStats
+from ..job.cgroup import CgroupLimits, CgroupStats
+from ..job.child import ChildPlan
+from ..job.launcher import Exit
+from ..job.results import load as load_result
+from ..watch.monitor import kernel_breaches
+from ..watch.pump import Pump
+from ..watch.tree import Reading
 from .channel import LeftoversMessage, ResultMessage, RlimitMessage, TiInitMessage
-from .child import ChildPlan
-from .launcher import Exit
 from .limits import Limits
 from .models import JobResult, JobSpec, Sample, Termination, Usage, Verdict, Violation
-from .monitor import kernel_breaches
-from .pump import Pump
-from .results import load as load_result
-from .tree import Reading
 
 AS_ERROR_MARKERS = ("memory allocation", "cannot allocate memory", "out of memory")
 

@@ -152,7 +152,8 @@ def enter(network: str, tmpfs_bytes: int | None, channel_fd: int, on_leftovers, 
 def interpreter_paths() -> list[str]:
     """What the job's Python needs to read: its prefixes, every import path and this package
     (an editable install imports it from outside sys.path)."""
-    return [sys.base_prefix, sys.prefix, *(p for p in sys.path if p), os.path.dirname(os.path.abspath(__file__))]
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # sandbox/, above sandbox/job
+    return [sys.base_prefix, sys.prefix, *(p for p in sys.path if p), package]
 
 
 def permits(path: str, uid: int, gid: int, other_bit: int) -> bool:

@@ -16,7 +16,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 
-from .launcher import base_env
+from ..job.launcher import base_env
 
 GPU_ORDER = ("cuda", "vulkan", "opengl", "metal")
 PROBE_TIMEOUT = 120.0

@@ -1,6 +1,6 @@
 """Alert events: quota crossings (once per crossing), rejections and limit violations.
 
-Every event goes to the `sandbox.alerts` logger at once; then, on a thread of its own, to the audit
+Every event goes to the `sandbox.node.alerts` logger at once; then, on a thread of its own, to the audit
 log, an optional Python hook and an optional command from limits.toml (`[alerts] command`, the
 event as JSON on its stdin, at most COMMAND_TIMEOUT seconds). `emit` never blocks and never does
 I/O beyond the log line, so callers may hold their scheduling lock: a slow hook or command delays
@@ -18,9 +18,9 @@ import threading
 import time
 from typing import Callable
 
-from .audit import AuditLog
+from ..core.audit import AuditLog
 
-log = logging.getLogger("sandbox.alerts")
+log = logging.getLogger("sandbox.node.alerts")
 COMMAND_TIMEOUT = 10.0
 QUEUE_SIZE = 1000
 

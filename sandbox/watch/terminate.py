@@ -15,8 +15,8 @@ from typing import Callable
 
 import psutil
 
-from .cgroup import JobCgroup
-from .models import Termination, Violation
+from ..core.models import Termination, Violation
+from ..job.cgroup import JobCgroup
 from .tree import JobTree
 
 STOP_ROUNDS = 200  # fresh scans at most; each finds the children forked before the last SIGSTOP

@@ -36,7 +36,7 @@ class RlimitMessage(_Message):
 class ResultMessage(_Message):
     type: Literal["result"]
     status: Literal["ok", "error"]
-    result_bytes: int | None = Field(default=None, ge=0)  # size of the result files (sandbox.results)
+    result_bytes: int | None = Field(default=None, ge=0)  # size of the result files (sandbox.job.results)
     exit_code: int = 0
     error_type: str | None = Field(default=None, max_length=200)
     error_message: str | None = Field(default=None, max_length=8000)

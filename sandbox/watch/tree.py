@@ -105,7 +105,7 @@ class JobTree:
 
     def __init__(self, root_pid: int, members: Callable[[], list[int]] | None = None, helpers: int = 0,
                  exact: bool = False) -> None:
-        """`helpers`: how many of the sandbox's own processes (sandbox.namespaces) stand above the
+        """`helpers`: how many of the sandbox's own processes (sandbox.job.namespaces) stand above the
         job, idle, not the job's, so neither measured nor counted (read once, to know them): 2, the
         root (the relay) and its child (the init); 1, the root (the init, when the fork-server is
         the relay); 0, none.

@@ -3,8 +3,8 @@
 Order matters and is the contract: join the job cgroup (before anything else runs, so everything the
 job does is counted) → die with the parent (PR_SET_PDEATHSIG) → own session → subreaper → rlimits
 → scrubbed environment and private directories → with isolation, new namespaces, a relay outside,
-an init inside and the tenant's uid (sandbox.namespaces) → guarded `ti.init` → run the job (a shipped
-callable is unpickled here, sandbox.shipping) → write its return value (sandbox.results) → report
+an init inside and the tenant's uid (sandbox.job.namespaces) → guarded `ti.init` → run the job (a shipped
+callable is unpickled here, sandbox.job.shipping) → write its return value (sandbox.job.results) → report
 one JSON result on the channel → `ti.reset()` (writes the offline cache) → `os._exit`.
 
 Everything here helps honest jobs and reports truthfully; a hostile job can undo any of it, which is
@@ -24,9 +24,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from . import channel, results
+from ..core import channel
+from ..core.values import wire
+from . import results
 from .shipping import Shipped, receive
-from .values import wire
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -62,7 +63,7 @@ class ChildPlan(BaseModel):
     workdir: str
     parent_pid: int
     preinit: bool = False
-    isolate: bool = False  # new PID, mount, IPC, UTS (and network) namespaces: see sandbox.namespaces
+    isolate: bool = False  # new PID, mount, IPC, UTS (and network) namespaces: see sandbox.job.namespaces
     netns_fd: int | None = None  # a fresh network namespace the fork-server had ready (its fd here)
     status_fd: int | None = None  # the fork-server relays: this is PID 1 of a new PID namespace (namespaces.enter)
     uid: int | None = None  # the tenant's ids the job runs as (only with isolate)
@@ -72,7 +73,7 @@ class ChildPlan(BaseModel):
     read_only: bool = False  # every mount but the job's own dirs, tmpfs and /proc remounted read-only
     tmpfs_bytes: int | None = None
     cgroup_join: list[str] = []  # files the child writes "0" to, to join its job cgroup (JobCgroup.join_files)
-    max_result: int | None = None  # bytes of result files (sandbox.results)
+    max_result: int | None = None  # bytes of result files (sandbox.job.results)
 
 
 def _prctl(option: int, value: int) -> None:
@@ -260,7 +261,7 @@ def execute(plan: ChildPlan, channel_fd: int) -> None:
 
 
 def main() -> None:
-    """`python -m sandbox.child PLAN_FD CHANNEL_FD`: the exec launcher's entry point."""
+    """`python -m sandbox.job.child PLAN_FD CHANNEL_FD`: the exec launcher's entry point."""
     plan_fd, channel_fd = int(sys.argv[1]), int(sys.argv[2])
     with os.fdopen(plan_fd, "rb") as f:
         plan = ChildPlan.model_validate_json(f.read())

@@ -7,8 +7,8 @@ own pipes. Data format, per job, on the control socket (supervisor → server):
     request: 4-byte big-endian length + ChildPlan JSON, with SCM_RIGHTS fds [stdout, stderr, channel,
              reply], the fds attached to the request's first bytes
     on `reply` (server → supervisor): "pid <n> <helpers>\n" once forked (helpers: see
-             sandbox.tree.JobTree), then "exit <status> <utime> <stime> <maxrss_kib>\n" when reaped.
-As root, the server is the relay of isolated jobs (sandbox.namespaces): it forks each as PID 1 of a
+             sandbox.watch.tree.JobTree), then "exit <status> <utime> <stime> <maxrss_kib>\n" when reaped.
+As root, the server is the relay of isolated jobs (sandbox.job.namespaces): it forks each as PID 1 of a
 new PID namespace and answers with the status its init reports on a pipe.
 Requests are read without blocking and buffered, so the server never stalls reaping or watching its
 supervisor. It is a child subreaper and reaps everything. When the control socket closes (the
@@ -111,7 +111,7 @@ def _fork_job(payload: bytes, fds: list[int], keep_closed: list[int], netns: int
     """Fork the job's first process: (its pid, the read end of its status pipe or None, how many
     sandbox processes stand above the job). For an isolated job, where the server may (root,
     `own_pidns` open), the child is born as PID 1 of a new PID namespace and the server itself is
-    the relay (sandbox.namespaces): one process fewer to fork, and to tear down, than a relay."""
+    the relay (sandbox.job.namespaces): one process fewer to fork, and to tear down, than a relay."""
     isolate = bool(json.loads(payload).get("isolate"))
     status_r = status_w = None
     if isolate and own_pidns is not None:
@@ -214,7 +214,7 @@ def _shut_down(jobs: dict[int, socket.socket], running: dict[int, tuple[str, str
     import shutil
     import time
     if audit and running:
-        from .audit import AuditLog
+        from ..core.audit import AuditLog
         try:
             AuditLog(audit).append([{"type": "aborted", "job_id": job_id, "ts": time.time(), "by": "fork-server",
                                      "reason": "its supervisor ended first; the fork-server killed the job"}

@@ -100,7 +100,7 @@ class Limits(_Strict):
     max_output: Bytes = None
     max_open_files: Count = None
     max_file_size: Bytes = None
-    max_result: Bytes = 64 * MiB  # bytes of a job's return value (its result files, see sandbox.results)
+    max_result: Bytes = 64 * MiB  # bytes of a job's return value (its result files, see sandbox.job.results)
     network: Literal["none", "host"] = "none"
     grace: Annotated[float, BeforeValidator(lambda v: parse_duration(v) if v is not None else 2.0)] = 2.0
     poll_interval: Annotated[float, positive(parse_duration)] = 0.05
@@ -339,7 +339,7 @@ class Policy(BaseModel):
         return limits
 
 
-BUNDLED_POLICY = Path(__file__).with_name("limits.toml")  # the repository's limits.toml, shipped as package data
+BUNDLED_POLICY = Path(__file__).parent.parent / "limits.toml"  # the repository's limits.toml, shipped as package data
 
 
 def default_policy_path() -> Path | None:

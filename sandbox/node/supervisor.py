@@ -17,24 +17,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .audit import AuditLog
-from .cgroup import CgroupError, CgroupHost, CgroupLimits, JobCgroup, discover, task_limit
-from .child import ChildPlan
-from . import namespaces
-from .enforcement import CgroupFacts, Enforcement, GpuFacts, IsolationFacts, cgroup_facts, enforcement_for
-from .files import Sent, collect_job, stage
-from .ids import give, may_read, tenant_ids
-from .forkserver import MAX_PLAN_BYTES
-from .gpu import (ArchUnavailable, GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, mps_env,
+from ..core.audit import AuditLog
+from ..core.limits import DEFAULT_ENV_ALLOW, GiB, ConfigError, Limits, Policy, address_space_for, load_policy
+from ..core.models import JobResult, JobSpec, Sample, Termination, Verdict, Violation
+from ..core.verdict import Evidence, decide
+from ..job import namespaces
+from ..job.cgroup import CgroupError, CgroupHost, CgroupLimits, JobCgroup, discover, task_limit
+from ..job.child import ChildPlan
+from ..job.files import Sent, collect_job, stage
+from ..job.forkserver import MAX_PLAN_BYTES
+from ..job.ids import give, may_read, tenant_ids
+from ..job.launcher import JOB_MARKER, Exit, LaunchFailed, LauncherLost, base_env, make_launcher
+from ..watch.enforcement import CgroupFacts, Enforcement, GpuFacts, IsolationFacts, cgroup_facts, enforcement_for
+from ..watch.gpu import (ArchUnavailable, GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, mps_env,
                   mps_pipe_directory, resolve_arch, visible_devices)
-from .launcher import JOB_MARKER, Exit, LaunchFailed, LauncherLost, base_env, make_launcher
-from .limits import DEFAULT_ENV_ALLOW, GiB, ConfigError, Limits, Policy, address_space_for, load_policy
-from .models import JobResult, JobSpec, Sample, Termination, Verdict, Violation
-from .monitor import JobControl, Monitor
-from .pump import Pump
-from .terminate import JobProcesses, end_job
-from .tree import JobTree
-from .verdict import Evidence, decide
+from ..watch.monitor import JobControl, Monitor
+from ..watch.pump import Pump
+from ..watch.terminate import JobProcesses, end_job
+from ..watch.tree import JobTree
 
 RLIMIT_CPU_HARD_EXTRA = 2  # seconds between SIGXCPU (soft) and the kernel's SIGKILL (hard)
 PUMP_DRAIN_TIMEOUT = 2.0

@@ -25,7 +25,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .limits import ConfigError
+from ..core.limits import ConfigError
 from .namespaces import permits  # the isolation module's one rule for permission bits
 
 MAX_OUTPUT_FILES = 1000

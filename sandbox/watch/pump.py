@@ -8,8 +8,8 @@ import selectors
 import threading
 from typing import Callable
 
-from .channel import ChannelReader
-from .models import TAIL_BYTES
+from ..core.channel import ChannelReader
+from ..core.models import TAIL_BYTES
 
 
 class Pump(threading.Thread):

@@ -15,7 +15,7 @@ import pwd
 from dataclasses import dataclass
 from pathlib import Path
 
-from .limits import ConfigError, Policy
+from ..core.limits import ConfigError, Policy
 from .namespaces import permits
 
 MAP_FILE = "uids.json"

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel
 
-from .limits import Limits
+from ..core.limits import Limits
 
 if TYPE_CHECKING:
-    from .cgroup import CgroupHost
+    from ..job.cgroup import CgroupHost
     from .gpu import GpuSampler
 
 
@@ -180,9 +180,9 @@ def cgroup_report(host: "CgroupHost") -> dict:
 
 def machine_report(sampler: "GpuSampler") -> dict:
     """Facts about this machine and, for each arch that initialises here, how each limit is enforced."""
-    from .cgroup import discover
+    from ..core.limits import address_space_for
+    from ..job.cgroup import discover
     from .gpu import GpuUnavailable, mps_pipe_directory, probe
-    from .limits import address_space_for
 
     try:
         taichi_version = importlib.metadata.version("taichi")
@@ -200,7 +200,7 @@ def machine_report(sampler: "GpuSampler") -> dict:
     mps_dir = mps_pipe_directory(dict(os.environ))
     facts = GpuFacts(nvml_error=nvml_error, mps=mps_dir is not None)
     host = discover()
-    from .namespaces import probe as probe_namespaces
+    from ..job.namespaces import probe as probe_namespaces
     no_namespaces = probe_namespaces()
     root = os.geteuid() == 0
     isolation = IsolationFacts(no_namespaces is None, "none", no_namespaces or "",

@@ -1,9 +1,9 @@
 """Starting the job's child process without forking the supervisor.
 
 Two launchers with one contract: `start(plan, stdout_w, stderr_w, channel_w) -> Launched`, where the
-child runs `sandbox.child.execute` in a new session with the given pipes as stdout/stderr/channel.
+child runs `sandbox.job.child.execute` in a new session with the given pipes as stdout/stderr/channel.
 - `ForkServerLauncher` (default): one exec'd server per supervisor with Taichi preloaded; a fork per job.
-- `ExecLauncher` (fallback): a fresh `python -m sandbox.child` per job.
+- `ExecLauncher` (fallback): a fresh `python -m sandbox.job.child` per job.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import psutil
 
+from ..core.limits import ConfigError
 from . import child, forkserver, namespaces
 from .child import ChildPlan
-from .limits import ConfigError
 
 JOB_MARKER = "TAICHI_SANDBOX_JOB"
 
@@ -53,7 +53,7 @@ class LaunchFailed(RuntimeError):
 
 class Launched:
     """A started child: its pid, how many of the sandbox's own processes stand above the job
-    (`helpers`: see sandbox.tree.JobTree) and a blocking `wait()`."""
+    (`helpers`: see sandbox.watch.tree.JobTree) and a blocking `wait()`."""
 
     pid: int
     helpers: int = 0
@@ -81,7 +81,7 @@ def base_env() -> dict[str, str]:
 
 def _import_path() -> list[str]:
     """Where `sandbox` itself is importable from (needed when it runs from a checkout)."""
-    return [os.path.dirname(os.path.dirname(os.path.abspath(child.__file__)))]
+    return [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(child.__file__))))]
 
 
 class ExecLauncher:
@@ -108,7 +108,7 @@ class ExecLauncher:
         plan_r, plan_w = os.pipe()
         plan = plan.model_copy(update={"parent_pid": os.getpid()})
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sandbox.child", str(plan_r), str(channel_w)],
+            [sys.executable, "-m", "sandbox.job.child", str(plan_r), str(channel_w)],
             stdin=subprocess.DEVNULL, stdout=stdout_w, stderr=stderr_w, pass_fds=(plan_r, channel_w),
             env={**base_env(), **plan.env}, cwd=plan.workdir, start_new_session=True)
         os.close(plan_r)
@@ -147,7 +147,7 @@ class _ForkLaunched(Launched):
 
 class ForkServerLauncher:
     """Starts (lazily, by exec) one fork-server with Taichi preloaded and asks it for each child,
-    over a socketpair only the two of them hold (see sandbox.forkserver)."""
+    over a socketpair only the two of them hold (see sandbox.job.forkserver)."""
 
     name = "forkserver"
     start_timeout = 10.0  # seconds for the server to answer a request with the job's pid
@@ -179,7 +179,7 @@ class ForkServerLauncher:
         pid_r, pid_w = os.pipe()
         fds = (theirs.fileno(), pid_w)
         starter = subprocess.Popen(
-            [sys.executable, "-m", "sandbox.forkserver", *map(str, fds), *([self.audit] if self.audit else [])],
+            [sys.executable, "-m", "sandbox.job.forkserver", *map(str, fds), *([self.audit] if self.audit else [])],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=fds,
             env={**base_env(), "HOME": self._dir}, cwd=self._dir, start_new_session=True)

@@ -2,7 +2,7 @@
 (dtype and shape), numpy scalars, NaN and infinities, tuples and non-string dict keys.
 
 Used for JobSpec/ChildPlan `args`/`kwargs` and `JobResult.return_value` in JSON (the `wire` fields)
-and for the value file the job writes (sandbox.results). A tag is a one-key object:
+and for the value file the job writes (sandbox.job.results). A tag is a one-key object:
 `{"__ndarray__": A}`, `{"__npscalar__": A}`, `{"__float__": "nan" | "inf" | "-inf"}`,
 `{"__tuple__": [...]}`, `{"__dict__": [[key, value], ...]}`. A dict with string keys is itself
 unless it would look like a tag (then `__dict__`), so decoding is exact. `A` is the boundary's own:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import psutil
 
-from .limits import Limits, Policy, Tenant
-from .models import JobSpec
-from .ratelimit import TokenBucket
+from ..core.limits import Limits, Policy, Tenant
+from ..core.models import JobSpec
+from ..core.ratelimit import TokenBucket
 
 
 @dataclass(frozen=True)

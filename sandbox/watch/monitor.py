@@ -14,13 +14,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .cgroup import CgroupLimits, CgroupStats, JobCgroup
+from ..core.limits import Limits
+from ..core.models import TIMELINE_MAX, Sample, Violation
+from ..job.cgroup import CgroupLimits, CgroupStats, JobCgroup
 from .gpu import GpuWatch
-from .limits import Limits
-from .models import TIMELINE_MAX, Sample, Violation
 from .tree import JobTree, Reading
 
-log = logging.getLogger("sandbox.monitor")
+log = logging.getLogger("sandbox.watch.monitor")
 WARN_LEVELS = (0.8, 0.9)
 # Breaches that get SIGKILL at once: waiting a grace period near OOM (host or device) or in a fork
 # storm only makes things worse for everyone else.
