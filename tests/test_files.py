@@ -166,6 +166,21 @@ def test_a_script_imports_the_modules_beside_it_as_python_does(tmp_path, supervi
     assert result.verdict is Verdict.ok and result.stdout_tail == "42\n", result.reason
 
 
+def test_an_input_sent_as_a_descriptor_keeps_its_holes(tmp_path):
+    """A client of the node service could send a memfd of 256 MiB that uses no memory: written out
+    densely by the service, it would cost the node 256 MiB of disk."""
+    from sandbox.job.files import stage
+    fd = os.memfd_create("sparse")
+    os.ftruncate(fd, 256 << 20)
+    os.pwrite(fd, b"data", 100 << 20)
+    stage(["big.bin"], None, str(tmp_path), None, (fd,))
+    copy = tmp_path / "big.bin"
+    assert copy.stat().st_size == 256 << 20 and copy.stat().st_blocks * 512 <= 1 << 20
+    with open(copy, "rb") as f:
+        f.seek(100 << 20)
+        assert f.read(4) == b"data"
+
+
 def test_cli_input_and_output_dir(tmp_path):
     (tmp_path / "init.txt").write_text("7")
     job = script(tmp_path, """

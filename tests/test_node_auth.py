@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sandbox.core.limits import Policy
-from sandbox.node.auth import Peer, Refused, may_use, tenant_for
+from sandbox import JobSpec, Limits
+from sandbox.core.limits import ConfigError, Policy
+from sandbox.node.auth import Peer, Refused, check_ceilings, may_use, tenant_for
 
 POLICY = {"tenants": {"default": {}, "alice": {"users": ["alice", 1001]}, "lab": {"groups": ["root", 4242]}}}
 
@@ -34,3 +35,19 @@ def test_a_client_may_not_name_a_tenant_it_is_not_listed_in_and_unknown_users_ma
     with pytest.raises(Refused, match='is in no tenant.s users/groups and \\[service\\] unknown_users = "refuse"'):
         tenant_for(strict, peer(3002, "erin"), None)
     assert tenant_for(strict, peer(1001, "1001"), None) == "alice"
+
+
+def test_what_a_client_may_ask_is_capped_by_its_tenant_or_the_defaults():
+    policy = Policy.from_dict({"defaults": {"memory": "1GiB"}, "tenants": {"lab": {"priority": 5}},
+                               "job_types": {"urgent": {"priority": 9}}}, "t")
+    check_ceilings(policy, JobSpec(kernel="k.py", tenant="lab", priority=5, limits=Limits(memory="512MiB")))
+    check_ceilings(policy, JobSpec(kernel="k.py", job_type="urgent", priority=9))
+    with pytest.raises(ConfigError, match="priority 6 is above tenant 'lab''s 5"):
+        check_ceilings(policy, JobSpec(kernel="k.py", tenant="lab", priority=6))
+    with pytest.raises(ConfigError, match="priority 1000000000000 is above tenant 'default''s 0"):
+        check_ceilings(policy, JobSpec(kernel="k.py", priority=10**12))
+    # no [tenants.default] here: a job without a tenant still has the defaults as its ceiling
+    with pytest.raises(ConfigError, match="without a tenant may lower its limits.*memory"):
+        check_ceilings(policy, JobSpec(kernel="k.py", limits=Limits(memory="500GiB")))
+    with pytest.raises(ConfigError, match="may lower its limits"):
+        check_ceilings(policy, JobSpec(kernel="k.py", tenant="lab", limits=Limits(wall_time=None, memory="2GiB")))

@@ -327,6 +327,83 @@ def test_connections_of_all_uids_together_are_bounded(tmp_path):
         assert node.stop() == 0
 
 
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _verdict(node: Node, job_id: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while not (done := [r for r in node.records("job") if r["job_id"] == job_id]):
+        assert time.monotonic() < deadline, f"job {job_id} has no verdict"
+        time.sleep(0.1)
+    return done[0]["verdict"]
+
+
+def _settled(pid: int, at_most: int) -> int:
+    deadline = time.monotonic() + 10
+    while (count := _fds(pid)) > at_most and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return count
+
+
+WRITER = "import sys, time\ntime.sleep(float(sys.argv[1]))\nfor n in range(int(sys.argv[2])):\n" \
+         "    open(f'f{n:04}', 'w').write('x' * (3 + n % 40))\n"
+
+
+def test_clients_that_leave_stall_or_flood_descriptors_leave_the_service_whole(tmp_path):
+    """Output files are handed back as descriptors and inputs come as descriptors: a client that
+    leaves early, reads slowly or floods descriptors must cost the service nothing it keeps."""
+    node = Node(tmp_path / "node")
+    try:
+        baseline = _fds(node.proc.pid)
+
+        def submit(argv: list[str]) -> tuple[socket.socket, str]:
+            sock = node.connect()
+            frames.send(sock, {"op": "submit", "jobs": [{"kernel": "w.py", "source": WRITER, "argv": argv,
+                                                          "outputs": ["*"]}], "follow": True, "output": False})
+            return sock, frames.recv(sock, idle=30, within=30)["jobs"][0]["job_id"]
+        # 1. it leaves while its job runs: the job is cancelled, its outputs never held
+        sock, job_id = submit(["1", "40"])
+        sock.close()
+        assert _verdict(node, job_id) == "cancelled"
+        # 2. it leaves before reading the `submitted` answer
+        sock = node.connect()
+        frames.send(sock, {"op": "submit", "jobs": [{"kernel": "w.py", "source": WRITER, "argv": ["2", "1000"],
+                                                      "outputs": ["*"]}], "follow": True, "output": False})
+        sock.close()
+        time.sleep(4)
+        assert node.proc.poll() is None and node.ask({"op": "ps"})[0]["jobs"] == []
+        assert [r["verdict"] for r in node.records("job")][-1] == "cancelled"
+        # 3. it reads slowly: a finished job's 1000 output files hold no descriptor until sent
+        sock, job_id = submit(["0", "1000"])
+        assert _verdict(node, job_id) == "ok"
+        held = _fds(node.proc.pid) - baseline
+        received = 0
+        while (answer := frames.recv(sock, idle=30, within=30, fds=(fds := [])))["type"] != "end":
+            received += answer["type"] == "file"
+            for fd in fds:
+                os.close(fd)
+        sock.close()
+        assert received == 1000 and held < 50, held
+        # 4. it floods descriptors within one frame
+        flood = node.connect()
+        flood.sendall(struct.pack("!I", 1000))
+        with open("/dev/null") as null:
+            try:
+                for _ in range(40):
+                    socket.send_fds(flood, [b" "], [null.fileno()] * 253)
+            except OSError:
+                pass  # the service gave up on this connection
+        answer = frames.recv(flood, idle=30, within=30)
+        flood.close()
+        assert answer["code"] == "TooManyDescriptors", answer
+        assert node.proc.poll() is None and node.ask({"op": "ps"})[0]["type"] == "ps"
+        assert _settled(node.proc.pid, baseline + 5) <= baseline + 5
+        assert not list((node.root / "state" / "spool").iterdir())
+    finally:
+        assert node.stop() == 0
+
+
 HOARD = """
 import collections, json, os, socket, sys, time
 from sandbox.node import frames
@@ -478,6 +555,12 @@ def test_a_client_cannot_make_the_service_open_paths_of_its_choosing(node, tmp_p
         assert not any("not for mallory" in a["result"]["stdout_tail"] for a in answers if a["type"] == "result")
         refusal = answers[0]["message"] if answers[0]["type"] == "error" else answers[0]["jobs"][0]["reason"]
         assert field in refusal and "path" in refusal, answers[0]
+    # nor jump the node's queue, nor lift the limits of its tenant
+    greedy = [{"kernel": "g.py", "source": "print(1)\n", "priority": 10**12},
+              {"kernel": "g.py", "source": "print(1)\n", "limits": {"memory": "500GiB"}}]
+    answer = ask_as(node, MALLORY, {"op": "submit", "jobs": greedy})[0]["jobs"]
+    assert [j["state"] for j in answer] == ["refused", "refused"], answer
+    assert "a job may lower its priority" in answer[0]["reason"] and "memory" in answer[1]["reason"], answer
 
 
 MULTI_FILE = """

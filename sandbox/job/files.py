@@ -17,6 +17,7 @@ skipped is named in a note; copying never raises.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import fnmatch
 import os
@@ -33,7 +34,7 @@ MAX_OUTPUT_BYTES = 4 << 30
 MAX_DEPTH = 32
 MAX_SCANNED = 100_000
 MAX_INPUTS = 64  # per job through the node service (each is an open descriptor until the job starts)
-MAX_INPUT_BYTES = 4 << 30  # per input sent to the node service
+MAX_INPUT_BYTES = 4 << 30  # of all the inputs of one job sent to the node service
 _NOTED = 5  # skipped entries named in a note; the rest are counted
 
 
@@ -63,15 +64,17 @@ class Sent:
     inputs: tuple[int, ...] = ()
 
 
-def check_sent_input(name: str, fd: int) -> None:
-    """Raise ConfigError unless `fd` is a regular file open for reading, of at most MAX_INPUT_BYTES."""
+def check_sent_input(name: str, fd: int) -> int:
+    """The size of input `fd`; raises ConfigError unless it is a regular file open for reading, of
+    at most MAX_INPUT_BYTES."""
     st, flags = os.fstat(fd), fcntl.fcntl(fd, fcntl.F_GETFL)
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"inputs: {name}: not a regular file")
     if flags & getattr(os, "O_PATH", 0) or flags & os.O_ACCMODE == os.O_WRONLY:
         raise ConfigError(f"inputs: {name}: the descriptor is not open for reading")
     if st.st_size > MAX_INPUT_BYTES:
-        raise ConfigError(f"inputs: {name}: {st.st_size} bytes, more than {MAX_INPUT_BYTES} per input")
+        raise ConfigError(f"inputs: {name}: {st.st_size} bytes, more than {MAX_INPUT_BYTES} per job")
+    return st.st_size
 
 
 def stage(inputs: list[str], output_dir: str | None, workdir: str, reader: tuple[int, int] | None,
@@ -226,17 +229,28 @@ def _copy(dirfd: int, name: str, owner: int | None, target: Path, budget: int) -
 
 
 def _copy_fd(src: int, target: Path, most: int) -> int:
-    """Copy the regular file open as `src` (from its start, leaving its offset alone) to a new
-    `target`, at most `most` bytes of it; the bytes written."""
+    """Copy the regular file open as `src` (from its start) to a new `target`, at most `most` bytes
+    of it, keeping its holes (a sparse file, or a memfd, stays sparse); the copy's size. Moves the
+    offset of `src`."""
     size = min(os.fstat(src).st_size, most)
     dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
-        written = 0
-        while written < size:
-            sent = os.sendfile(dst, src, written, size - written)
-            if sent == 0:
-                break
-            written += sent
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(src, offset, os.SEEK_DATA)
+            except OSError as err:
+                if err.errno == errno.ENXIO:
+                    break  # only a hole is left
+                raise
+            end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+            os.lseek(dst, start, os.SEEK_SET)
+            while start < end and (sent := os.sendfile(dst, src, start, end - start)):
+                start += sent
+            if start < end:
+                break  # the file shrank meanwhile
+            offset = end
+        os.ftruncate(dst, size)
     finally:
         os.close(dst)
-    return written
+    return size

@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 
 from ..core.limits import ConfigError, Policy
+from ..core.models import JobSpec
 
 DEFAULT_TENANT = "default"
 
@@ -94,6 +95,28 @@ def tenant_for(policy: Policy, peer: Peer, requested: str | None) -> str | None:
         raise Refused(f"uid {peer.uid} ({peer.user}) is in no tenant's users/groups and "
                       '[service] unknown_users = "refuse"')
     return DEFAULT_TENANT if DEFAULT_TENANT in policy.tenants else None
+
+
+def check_ceilings(policy: Policy, spec: JobSpec) -> None:
+    """What a client may ask of its tenant: limits no higher than the tenant's profile, or, for a job
+    without a tenant, than [defaults] (`Policy.resolve` lets an in-process caller without a tenant
+    go higher: the node is theirs); a priority no higher than its job type's, else its tenant's.
+    Raises ConfigError naming what is too high."""
+    policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
+    if spec.tenant is None:
+        above = policy.resolve(spec.profile, None, spec.limits, spec.job_type).above(policy.defaults)
+        if above:
+            raise ConfigError(f"a job without a tenant may lower its limits, not raise them past [defaults]: "
+                              f"{'; '.join(above)}")
+    if spec.priority is not None:
+        if spec.job_type is not None:
+            ceiling, whose = policy.job_types[spec.job_type].priority, f"job type {spec.job_type!r}"
+        else:
+            tenant = policy.tenants.get(spec.tenant or "")
+            ceiling, whose = (tenant.priority if tenant else 0), f"tenant {spec.tenant or DEFAULT_TENANT!r}"
+        if spec.priority > ceiling:
+            raise ConfigError(f"priority {spec.priority} is above {whose}'s {ceiling}: a job may lower its "
+                              "priority, not raise it")
 
 
 def check_names(policy: Policy) -> None:

@@ -65,7 +65,7 @@ def _recv(sock: socket.socket, size: int, fds: list[int] | None) -> bytes:
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.extend(array.array("i", payload[:len(payload) - len(payload) % 4]))
-    if flags & socket.MSG_CTRUNC:
+    if flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:  # counted as they come, not once the frame is whole
         raise FrameError("TooManyDescriptors", f"more than {MAX_FDS} file descriptors with one frame")
     return data
 

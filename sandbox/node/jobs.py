@@ -72,52 +72,74 @@ class OutputLog:
 
 
 class Descriptors:
-    """Open descriptors a job holds for a while: a client's inputs until the job starts, or the
-    service's copies of its output files until its client takes them. Taken or closed once, under a
-    lock: the worker, the client's connection and the executor's callbacks may race for them."""
+    """A client's input descriptors, held until the job starts: taken once or closed once, under a
+    lock (the worker and the executor's callbacks may race for them)."""
 
-    def __init__(self, items: list | None = None) -> None:
-        self._items, self._closed, self._lock = list(items or []), False, threading.Lock()
+    def __init__(self, fds: list[int] | None = None) -> None:
+        self._fds, self._lock = list(fds or []), threading.Lock()
 
-    def put(self, items: list) -> None:
-        """Hold `items` ((..., fd) tuples or fds), or close them at once when already closed."""
+    def take(self) -> list[int]:
+        with self._lock:
+            fds, self._fds = self._fds, []
+            return fds
+
+    def close(self) -> None:
+        close_fds(self.take())
+
+
+def close_fds(fds: list[int]) -> None:
+    """Close each descriptor; never raises."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Spool:
+    """A finished job's output files, in a directory of the service's spool, until the client that
+    follows the job takes them (and removes the directory once they are sent) or is gone (then they
+    are removed here, now or as soon as they come). Nothing is held open meanwhile."""
+
+    def __init__(self) -> None:
+        self._dir: Path | None = None
+        self._files: list[tuple[str, int]] = []
+        self._closed, self._lock = False, threading.Lock()
+
+    def put(self, directory: Path, files: list[tuple[str, int]]) -> None:
+        """The job's output files: (name relative to `directory`, size)."""
         with self._lock:
             if not self._closed:
-                self._items.extend(items)
+                self._dir, self._files = directory, files
                 return
-        close_fds(items)
+        shutil.rmtree(directory, ignore_errors=True)
 
-    def take(self) -> list:
+    def take(self) -> tuple[Path | None, list[tuple[str, int]]]:
+        """The directory and its files, once; the caller removes the directory."""
         with self._lock:
-            items, self._items = self._items, []
-            return items
+            taken = self._dir, self._files
+            self._dir, self._files = None, []
+            return taken
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-        close_fds(self.take())
-
-
-def close_fds(items: list) -> None:
-    """Close each descriptor (or the last element of each tuple); never raises."""
-    for item in items:
-        try:
-            os.close(item[-1] if isinstance(item, tuple) else item)
-        except OSError:
-            pass
+        directory, _ = self.take()
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 @dataclass(eq=False)
 class JobRecord:
     """One job the service admitted (or refused at admission), and who submitted it. `inputs`: the
-    descriptors the client sent (closed once the job started); `files`: (name, fd, size) of each
-    output file, for the client that follows the job."""
+    descriptors the client sent (closed once the job started); `files`: its output files, for the
+    client that follows the job."""
 
     spec: JobSpec
     peer: Peer
     source: bytes | None
     inputs: Descriptors = field(default_factory=Descriptors)
-    files: Descriptors = field(default_factory=Descriptors)
+    files: Spool = field(default_factory=Spool)
     submitted: float = field(default_factory=time.time)
     state: str = "queued"  # queued, running, done
     sample: Sample | None = None
@@ -281,28 +303,20 @@ class NodeSupervisor(Supervisor):
             record.output.write(stream, data)
             record.notify()
         inputs = record.inputs.take()
+        spool = Path(spec.output_dir) if spec.output_dir is not None else None
+        handed = False
         try:
             result = super().run(spec, sampled, control, sent=Sent(record.source, tuple(inputs)), on_output=output)
-            if spec.output_dir is not None:
-                record.files.put(self._hand_over(Path(spec.output_dir), result.outputs))
+            if spool is not None:
+                record.files.put(spool, [(os.path.relpath(copy, spool), os.stat(copy).st_size)
+                                         for copy in result.outputs if os.path.isfile(copy)])
+                handed = True
             return result
         finally:
             close_fds(inputs)
             record.inputs.close()
-            if spec.output_dir is not None:
-                shutil.rmtree(spec.output_dir, ignore_errors=True)
-
-    @staticmethod
-    def _hand_over(spool: Path, copies: list[str]) -> list[tuple[str, int, int]]:
-        """(name relative to `spool`, open fd, size) of each copy in `spool`."""
-        files = []
-        for copy in copies:
-            try:
-                fd = os.open(copy, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError:
-                continue  # the result still lists it; the client says it did not come
-            files.append((os.path.relpath(copy, spool), fd, os.fstat(fd).st_size))
-        return files
+            if spool is not None and not handed:
+                shutil.rmtree(spool, ignore_errors=True)
 
 
 SERVICE_STARTED = b'{"type":"service","event":"started"'

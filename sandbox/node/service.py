@@ -33,6 +33,7 @@ import os
 import resource
 import select
 import selectors
+import shutil
 import signal
 import socket
 import sys
@@ -43,15 +44,34 @@ from pathlib import Path
 from ..core.limits import ConfigError, Policy, load_policy
 from ..core.models import EXIT_USAGE
 from ..core.ratelimit import TokenBucket
-from ..job.files import MAX_INPUTS, check_sent_input
+from ..job.files import MAX_INPUT_BYTES, MAX_INPUTS, check_sent_input
 from . import frames, protocol
-from .auth import Peer, Refused, check_names, may_use, peer_of, tenant_for
+from .auth import Peer, Refused, check_ceilings, check_names, may_use, peer_of, tenant_for
 from .executor import QueueFull, SandboxExecutor
 from .jobs import Descriptors, Hub, JobRecord, Jobs, NodeSupervisor, close_fds, outcome, reconcile
 from .systemd import gid_of, listen, sd_notify, socket_path
 
 
 FOLLOW_CHECK = 0.5  # seconds between checks that a following client is still there
+
+
+def _raise_open_files() -> int:
+    """Raise RLIMIT_NOFILE as far as allowed (root: to fs.nr_open; else to the hard limit); the new
+    limit. Descriptors in flight (≤ frames.MAX_FDS per connection) then cannot use up the table."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard
+    if os.geteuid() == 0:
+        try:
+            want = max(hard, int(Path("/proc/sys/fs/nr_open").read_text()))
+        except (OSError, ValueError):
+            pass
+    for limit in (want, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            return limit
+        except (OSError, ValueError):
+            continue
+    return soft
 
 
 def _gone(conn: socket.socket) -> bool:
@@ -85,10 +105,7 @@ class Service:
         self._connections: dict[int, int] = {}
         self._buckets: dict[int, TokenBucket] = {}
         self._held: dict[int, int] = {}  # input descriptors held for each uid's unfinished jobs
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        self._held_cap = max(MAX_INPUTS, hard // 2)
+        self._held_cap = max(MAX_INPUTS, _raise_open_files() // 2)
         self._threads: set[threading.Thread] = set()
         self._stop = threading.Event()
         self.draining = False
@@ -257,19 +274,29 @@ class Service:
             answers.append({"job_id": record.spec.job_id, "tenant": record.spec.tenant,
                             "state": "rejected" if result is not None else "queued",
                             "reason": result.reason if result is not None else ""})
-        self._send(conn, {"type": "submitted", "jobs": answers})
-        if request.follow:
-            self._follow(conn, records, request.output, request.samples)
+        try:
+            self._send(conn, {"type": "submitted", "jobs": answers})
+            if request.follow:
+                self._follow(conn, records, request.output, request.samples)
+        except BaseException:
+            if request.follow:  # the client left before following: its jobs end with it
+                for record in records:
+                    record.files.close()
+                    if record.future is not None:
+                        record.future.cancel()
+            raise
 
     def _admit(self, peer: Peer, job: protocol.JobRequest, number: int, inputs: list[int]) -> JobRecord:
         """The admitted job's record, which then owns `inputs`; raises (leaving them) when refused."""
         if self.draining:
             raise protocol.ProtocolError("Draining", "the service is shutting down: no new jobs")
         spec = job.spec(tenant_for(self.policy, peer, job.tenant), number, self.supervisor.spool)
+        check_ceilings(self.policy, spec)
         if len(inputs) > MAX_INPUTS:
             raise ConfigError(f"job {number}: {len(inputs)} inputs, more than {MAX_INPUTS} per job")
-        for name, fd in zip(spec.inputs, inputs):
-            check_sent_input(name, fd)
+        total = sum(check_sent_input(name, fd) for name, fd in zip(spec.inputs, inputs))
+        if total > MAX_INPUT_BYTES:
+            raise ConfigError(f"job {number}: inputs of {total} bytes in all, more than {MAX_INPUT_BYTES} per job")
         if self.settings.max_queued is not None and self.jobs.active() >= self.settings.max_queued:
             raise QueueFull(f"the node has {self.jobs.active()} jobs queued or running ([service] max_queued="
                             f"{self.settings.max_queued})")
@@ -305,12 +332,18 @@ class Service:
             raise QueueFull(refusal)
 
     def _finished(self, record: JobRecord, future) -> None:
+        """The executor's callback for a job's end: whatever fails here, the job gets its verdict."""
         record.inputs.close()  # a job cancelled in the queue never took them
         self._hold(record.peer.uid, -len(record.spec.inputs))
         result, unrecorded = outcome(record, future, self.supervisor.launcher.name, self._cancel_reason)
-        if unrecorded:
-            self.supervisor.audit.record(result, record.spec.tenant)
-        self.jobs.finish(record, result, result.exit_status)
+        try:
+            if unrecorded:
+                self.supervisor.audit.record(result, record.spec.tenant)
+        except OSError as err:
+            print(f"taichi-sandbox: cannot write the audit record of job {result.job_id}: {err}", file=sys.stderr,
+                  flush=True)
+        finally:
+            self.jobs.finish(record, result, result.exit_status)
 
     def _follow(self, conn: socket.socket, records: list[JobRecord], output: bool, samples: bool) -> None:
         """Stream each job's output, usage, output files and verdict until every job has one, then
@@ -349,15 +382,20 @@ class Service:
                     record.future.cancel()
 
     def _send_files(self, conn: socket.socket, record: JobRecord) -> None:
-        """Each output file as a "file" frame carrying its descriptor (closed once sent)."""
-        files = record.files.take()
+        """Each output file as a "file" frame carrying its descriptor, opened one at a time; then
+        the job's spool directory is removed."""
+        directory, files = record.files.take()
         try:
-            while files:
-                name, fd, size = files[0]
-                self._send(conn, {"type": "file", "job_id": record.spec.job_id, "name": name, "size": size}, [fd])
-                os.close(files.pop(0)[1])
+            for name, size in files:
+                fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    self._send(conn, {"type": "file", "job_id": record.spec.job_id, "name": name, "size": size},
+                               [fd])
+                finally:
+                    os.close(fd)
         finally:
-            close_fds(files)
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
 
     def _send_output(self, conn: socket.socket, record: JobRecord, offset: int) -> int:
         chunks, offset, dropped = record.output.read(offset)
