@@ -35,7 +35,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import client
+from . import remote
 from .core.limits import Limits, Policy
 from .core.models import JobResult, JobSpec, Verdict, as_spec
 from .node.executor import Capacity, SandboxExecutor
@@ -101,7 +101,7 @@ def run_in_task(spec_json: str, policy_json: str, service: str | None = "auto") 
     if threading.current_thread() is threading.main_thread():
         # Ray's soft cancel is SIGINT; a worker started from a background shell inherits it ignored
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    socket_path = None if service is None else client.choose_socket(None if service == "auto" else service)
+    socket_path = None if service is None else remote.choose_socket(None if service == "auto" else service)
     if socket_path is not None:
         return _through_service(socket_path, spec)
     supervisor = _worker_supervisor(policy_json)
@@ -147,14 +147,14 @@ def _through_service(path, spec: JobSpec) -> str:
     started = time.time()
 
     def follow() -> str:
-        job = client.Job(spec.kernel, inputs=spec.inputs, output_dir=spec.output_dir, outputs=spec.outputs,
+        job = remote.Job(spec.kernel, inputs=spec.inputs, output_dir=spec.output_dir, outputs=spec.outputs,
                          **fields)
         try:
-            answer, results = client.submit_and_follow(
+            answer, results = remote.submit_and_follow(
                 path, [job], output=False,
                 on_answer=lambda a: submitted.update(a["jobs"][0]) if a["type"] == "submitted" else None)
-        except client.ClientError as err:
-            lost = err.code == client.EXIT_INTERNAL
+        except remote.ClientError as err:
+            lost = err.code == remote.EXIT_INTERNAL
             return _unran(spec, Verdict.crashed if lost else Verdict.rejected, str(err), started)
         if not results:
             return _unran(spec, Verdict.rejected, f"the node service refused the job: {answer['jobs'][0].get('code')}: "
@@ -167,8 +167,8 @@ def _through_service(path, spec: JobSpec) -> str:
             time.sleep(WAIT_SLICE)  # not yet admitted: a moment, then the connection's end cancels it
         if submitted.get("job_id"):
             try:
-                client.one(path, {"op": "cancel", "job_id": submitted["job_id"]})
-            except client.ClientError:
+                remote.one(path, {"op": "cancel", "job_id": submitted["job_id"]})
+            except remote.ClientError:
                 pass  # the job ended meanwhile, or the service is gone with it
     return _cancellable(follow, cancel, spec.job_id)
 

@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from sandbox import JobSpec, Limits, Verdict
+from sandbox import ConfigError, JobSpec, Limits, Verdict
 
 from .test_cli import cli
 
@@ -179,6 +179,16 @@ def test_an_input_sent_as_a_descriptor_keeps_its_holes(tmp_path):
     with open(copy, "rb") as f:
         f.seek(100 << 20)
         assert f.read(4) == b"data"
+
+
+def test_inputs_sent_as_descriptors_that_grew_past_the_jobs_budget_are_refused(tmp_path):
+    """The service checks a job's inputs at admission; a client can grow them before the job starts."""
+    from sandbox.job.files import MAX_INPUT_BYTES, stage
+    fds = [os.memfd_create(name) for name in ("a", "b")]
+    for fd in fds:
+        os.ftruncate(fd, MAX_INPUT_BYTES // 2 + 1)  # no memory: holes
+    with pytest.raises(ConfigError, match="b.bin: grew past the job's 4294967296 bytes of inputs"):
+        stage(["a.bin", "b.bin"], None, str(tmp_path), None, tuple(fds))
 
 
 def test_cli_input_and_output_dir(tmp_path):

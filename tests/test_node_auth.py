@@ -6,7 +6,7 @@ import pytest
 
 from sandbox import JobSpec, Limits
 from sandbox.core.limits import ConfigError, Policy
-from sandbox.node.auth import Peer, Refused, check_ceilings, may_use, tenant_for
+from sandbox.node.auth import Peer, Refused, within_rights, may_use, tenant_for
 
 POLICY = {"tenants": {"default": {}, "alice": {"users": ["alice", 1001]}, "lab": {"groups": ["root", 4242]}}}
 
@@ -40,14 +40,20 @@ def test_a_client_may_not_name_a_tenant_it_is_not_listed_in_and_unknown_users_ma
 def test_what_a_client_may_ask_is_capped_by_its_tenant_or_the_defaults():
     policy = Policy.from_dict({"defaults": {"memory": "1GiB"}, "tenants": {"lab": {"priority": 5}},
                                "job_types": {"urgent": {"priority": 9}}}, "t")
-    check_ceilings(policy, JobSpec(kernel="k.py", tenant="lab", priority=5, limits=Limits(memory="512MiB")))
-    check_ceilings(policy, JobSpec(kernel="k.py", job_type="urgent", priority=9))
+    within_rights(policy, JobSpec(kernel="k.py", tenant="lab", priority=5, limits=Limits(memory="512MiB")))
+    within_rights(policy, JobSpec(kernel="k.py", tenant="lab", priority=3))
     with pytest.raises(ConfigError, match="priority 6 is above tenant 'lab''s 5"):
-        check_ceilings(policy, JobSpec(kernel="k.py", tenant="lab", priority=6))
-    with pytest.raises(ConfigError, match="priority 1000000000000 is above tenant 'default''s 0"):
-        check_ceilings(policy, JobSpec(kernel="k.py", priority=10**12))
+        within_rights(policy, JobSpec(kernel="k.py", tenant="lab", priority=6))
+    with pytest.raises(ConfigError, match="priority 1 is above tenant .default..s 0"):
+        within_rights(policy, JobSpec(kernel="k.py", priority=1))
     # no [tenants.default] here: a job without a tenant still has the defaults as its ceiling
     with pytest.raises(ConfigError, match="without a tenant may lower its limits.*memory"):
-        check_ceilings(policy, JobSpec(kernel="k.py", limits=Limits(memory="500GiB")))
+        within_rights(policy, JobSpec(kernel="k.py", limits=Limits(memory="500GiB")))
     with pytest.raises(ConfigError, match="may lower its limits"):
-        check_ceilings(policy, JobSpec(kernel="k.py", tenant="lab", limits=Limits(wall_time=None, memory="2GiB")))
+        within_rights(policy, JobSpec(kernel="k.py", tenant="lab", limits=Limits(wall_time=None, memory="2GiB")))
+    # a job type does not lift a job past its tenant's priority
+    assert within_rights(policy, JobSpec(kernel="k.py", tenant="lab", job_type="urgent")).priority == 5
+    with pytest.raises(ConfigError, match="priority 9 is above tenant 'lab''s 5"):
+        within_rights(policy, JobSpec(kernel="k.py", tenant="lab", job_type="urgent", priority=9))
+    with pytest.raises(ConfigError, match="priority=-1000.*greater than or equal to -1000000"):
+        JobSpec.parse({"kernel": "k.py", "priority": -10**400}, "job 1")  # ageing would overflow

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sandbox.core.audit import AuditLog
 from sandbox.node import jobs
 
@@ -37,3 +39,18 @@ def test_the_first_start_reads_the_whole_log(tmp_path):
     log = _log(tmp_path / "audit.jsonl", {"type": "started", "job_id": "lost", "client_pid": 1})
     assert [r["job_id"] for r in jobs.reconcile(log)] == ["lost"]
     assert jobs.reconcile(AuditLog(tmp_path / "none.jsonl")) == []
+
+
+def test_the_guard_bounds_what_one_uids_queued_jobs_hold():
+    from sandbox.core.limits import Service
+    from sandbox.node.executor import QueueFull
+    from sandbox.node.guard import MAX_SOURCE_HELD_PER_UID, Guard
+    guard = Guard(Service(max_input_files_per_uid=64))
+    guard.hold(1000, 64, MAX_SOURCE_HELD_PER_UID)
+    with pytest.raises(QueueFull, match="uid 1000 holds 64 input files"):
+        guard.hold(1000, 1, 0)
+    with pytest.raises(QueueFull, match="bytes of kernel source"):
+        guard.hold(1000, 0, 1)
+    guard.hold(2000, 64, 1)  # another uid's share is its own
+    guard.hold(1000, -64, -MAX_SOURCE_HELD_PER_UID)
+    guard.hold(1000, 64, 1)

@@ -556,11 +556,13 @@ def test_a_client_cannot_make_the_service_open_paths_of_its_choosing(node, tmp_p
         refusal = answers[0]["message"] if answers[0]["type"] == "error" else answers[0]["jobs"][0]["reason"]
         assert field in refusal and "path" in refusal, answers[0]
     # nor jump the node's queue, nor lift the limits of its tenant
-    greedy = [{"kernel": "g.py", "source": "print(1)\n", "priority": 10**12},
-              {"kernel": "g.py", "source": "print(1)\n", "limits": {"memory": "500GiB"}}]
+    greedy = [{"kernel": "g.py", "source": "print(1)\n", "priority": 1},
+              {"kernel": "g.py", "source": "print(1)\n", "limits": {"memory": "500GiB"}},
+              {"kernel": "g.py", "source": "print(1)\n", "priority": -10**400}]  # ageing would overflow
     answer = ask_as(node, MALLORY, {"op": "submit", "jobs": greedy})[0]["jobs"]
-    assert [j["state"] for j in answer] == ["refused", "refused"], answer
+    assert [j["state"] for j in answer] == ["refused", "refused", "refused"], answer
     assert "a job may lower its priority" in answer[0]["reason"] and "memory" in answer[1]["reason"], answer
+    assert "greater than or equal to -1000000" in answer[2]["reason"], answer
 
 
 MULTI_FILE = """
@@ -595,8 +597,10 @@ def test_inputs_and_outputs_travel_as_descriptors_with_the_clients_permissions(n
 
 
 def test_a_batch_goes_in_as_many_requests_as_its_jobs_and_inputs_need(node, tmp_path):
-    from sandbox.client import Job, _requests
-    assert [len(r) for r in _requests([Job("m:f") for _ in range(2500)])] == [1000, 1000, 500]
+    from sandbox.remote import Job, split
+    assert [len(r) for r in split([Job("m:f") for _ in range(2500)])] == [1000, 1000, 500]
+    big = Job("m:f", args=["x" * (3 << 20)])  # three of them exceed one request's 8 MiB
+    assert [len(r) for r in split([big, big, big])] == [1, 1, 1]
     files = {f"in{n}.txt": str(n) for n in range(60)}
     inputs = ", ".join(f'"in{n}.txt"' for n in range(60))
     manifest = f'[[job]]\nkernel = "count.py"\ninputs = [{inputs}]\n' * 5  # 300 descriptors: two requests

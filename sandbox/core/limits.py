@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 try:
     import tomllib
@@ -61,7 +61,8 @@ def _one_line(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"unknown key {key!r}"
     msg = first["msg"].removeprefix("Value error, ")
-    return f"{key}={first.get('input')!r}: {msg}"
+    shown = repr(first.get("input"))
+    return f"{key}={shown if len(shown) <= 80 else shown[:77] + '...'}: {msg}"
 
 
 class _Strict(BaseModel):
@@ -168,11 +169,14 @@ def address_space_for(limits: Limits, arch: str) -> tuple[int | None, str]:
     return limits.address_space, note
 
 
+Priority = Annotated[int, Field(ge=-1_000_000, le=1_000_000)]  # ageing adds 0.1 per second waited
+
+
 class Tenant(_Strict):
     """A tenant: its profile, and quotas the executor enforces across its running and queued jobs."""
 
     profile: str | None = None
-    priority: int = 0
+    priority: Priority = 0
     max_concurrent: Count = None
     memory_quota: Quota = None
     gpu_memory_quota: Quota = None
@@ -188,7 +192,7 @@ class JobType(_Strict):
     """A kind of job (training, inference, test, ...) with its own default profile and priority."""
 
     profile: str | None = None
-    priority: int = 0
+    priority: Priority = 0
 
 
 class Node(_Strict):

@@ -2,22 +2,59 @@
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from enum import Enum
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..job.files import input_name, output_destination
-from ..job.shipping import Shipped, prepare
-from ..watch.enforcement import Enforcement
-from .limits import ConfigError, Limits, _Strict
+from .limits import ConfigError, Limits, Priority, _Strict
 from .values import decode_json_fields, wire
 
 TIMELINE_MAX = 600
 TAIL_BYTES = 16 * 1024
 
+
+
+def input_name(path: str) -> str:
+    """Where input `path` appears relative to the job's cwd: the path itself when relative (without
+    '..'), else its file name. Raises ValueError for a path that names no file."""
+    pure = PurePosixPath(path)
+    name = pure.name if pure.is_absolute() else os.path.normpath(path)
+    if not name or name in (".", "..") or ".." in PurePosixPath(name).parts:
+        raise ValueError(f"{path!r}: not a file path inside the caller's directory (no '..')")
+    return name
+
+
+def output_destination(path: str) -> str:
+    """`JobSpec.output_dir` made absolute against the caller's working directory."""
+    if not path.strip():
+        raise ValueError("empty output_dir")
+    return str(Path(path).expanduser().absolute())
+
+
+class Enforcement(BaseModel):
+    """How one limit is enforced for a job (see sandbox.watch.enforcement)."""
+
+    level: Literal["hard", "watched", "unavailable", "off"]
+    by: str = ""
+    note: str = ""
+
+
+class Shipped(BaseModel):
+    """A callable on its way to the job (see sandbox.job.shipping): `payload` is base64 of dill's
+    (function, args, kwargs); `sources` the text of each file its shipped code came from; `path` the
+    caller's sys.path."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    payload: str
+    sources: dict[str, str] = {}
+    path: list[str] = []
 
 class Verdict(str, Enum):
     """How a job ended. Limit verdicts are named after the limit that was broken."""
@@ -77,7 +114,7 @@ class JobSpec(_Strict):
     profile: str | None = None
     tenant: str | None = None
     job_type: str | None = None
-    priority: int | None = None
+    priority: Priority | None = None
     args: wire(list[Any], check=True) = []
     kwargs: wire(dict[str, Any], check=True) = {}
     shipped: Shipped | None = None
@@ -94,6 +131,7 @@ class JobSpec(_Strict):
     def _prepare(cls, data: Any, handler, info) -> "JobSpec":
         """A callable kernel is shipped (sandbox.job.shipping). From JSON, args and kwargs are decoded
         here: pydantic validates JSON through the custom __init__, in Python mode."""
+        from ..job.shipping import prepare  # the job layer's: imported when a JobSpec is made, not before
         return handler(prepare(decode_json_fields(data, ("args", "kwargs")) if info.mode == "json" else data))
 
     @field_validator("kernel")

@@ -25,9 +25,10 @@ from typing import Any
 from pydantic import BaseModel
 
 from ..core import channel
+from ..core.models import Shipped
 from ..core.values import wire
 from . import results
-from .shipping import Shipped, receive
+from .shipping import receive
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36

@@ -5,7 +5,8 @@ starts, root-owned and mode 0444 when the supervisor is root, at the relative pa
 (an absolute path by its name), so the job opens them by that relative path from its cwd. A root
 supervisor only copies what the tenant's uid could read itself. A client of the node service sends
 open descriptors instead (`Sent`): it opened them with its own permissions, and the service checks
-only that each is a readable regular file of at most MAX_INPUT_BYTES (`check_sent_input`).
+that each is a readable regular file, and that all of a job's inputs come to at most
+MAX_INPUT_BYTES, at admission (`check_sent_input`) and again as they are copied (they may grow).
 
 Outputs (untrusted: the job controls its dir) are copied after every process of the job has ended:
 regular files only, opened without following symlinks (relative to an already opened directory, so
@@ -24,9 +25,10 @@ import os
 import shutil
 import stat
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from ..core.limits import ConfigError
+from ..core.models import input_name
 from .namespaces import permits  # the isolation module's one rule for permission bits
 
 MAX_OUTPUT_FILES = 1000
@@ -36,23 +38,6 @@ MAX_SCANNED = 100_000
 MAX_INPUTS = 64  # per job through the node service (each is an open descriptor until the job starts)
 MAX_INPUT_BYTES = 4 << 30  # of all the inputs of one job sent to the node service
 _NOTED = 5  # skipped entries named in a note; the rest are counted
-
-
-def input_name(path: str) -> str:
-    """Where input `path` appears relative to the job's cwd: the path itself when relative (without
-    '..'), else its file name. Raises ValueError for a path that names no file."""
-    pure = PurePosixPath(path)
-    name = pure.name if pure.is_absolute() else os.path.normpath(path)
-    if not name or name in (".", "..") or ".." in PurePosixPath(name).parts:
-        raise ValueError(f"{path!r}: not a file path inside the caller's directory (no '..')")
-    return name
-
-
-def output_destination(path: str) -> str:
-    """`JobSpec.output_dir` made absolute against the caller's working directory."""
-    if not path.strip():
-        raise ValueError("empty output_dir")
-    return str(Path(path).expanduser().absolute())
 
 
 @dataclass(frozen=True)
@@ -84,6 +69,7 @@ def stage(inputs: list[str], output_dir: str | None, workdir: str, reader: tuple
     itself is refused. `fds`: the inputs' open descriptors (sent by a client), read instead of their
     paths. Raises ConfigError (one line) for a missing, unreadable or clashing input."""
     placed: dict[str, str] = {}
+    budget = MAX_INPUT_BYTES  # of the inputs sent as descriptors, all together (they may have grown)
     for number, path in enumerate(inputs):
         name, source = input_name(path), Path(path).absolute()
         if name in placed:
@@ -99,8 +85,11 @@ def stage(inputs: list[str], output_dir: str | None, workdir: str, reader: tuple
         try:
             if fds is None:
                 shutil.copyfile(source, target)
+            elif os.fstat(fds[number]).st_size > budget:
+                raise ConfigError(f"inputs: {path}: grew past the job's {MAX_INPUT_BYTES} bytes of inputs after "
+                                  "it was sent")
             else:
-                _copy_fd(fds[number], target, MAX_INPUT_BYTES)
+                budget -= _copy_fd(fds[number], target, budget)
         except OSError as err:
             raise ConfigError(f"inputs: cannot copy {path}: {err.strerror or err}") from None
         target.chmod(0o444)

@@ -22,7 +22,7 @@ import sys
 import types
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict
+from ..core.models import Shipped
 
 MAX_SOURCE_BYTES = 1 << 20  # a larger file's source is not shipped (Taichi then needs to read it)
 _HINT = "define them inside the job function, or in a module the job can import"
@@ -30,18 +30,6 @@ _HINT = "define them inside the job function, or in a module the job can import"
 
 class ShippingError(ValueError):
     """A callable that cannot be shipped to a job. The message is one line and says what to do."""
-
-
-class Shipped(BaseModel):
-    """A callable on its way to the job: `payload` is base64 of dill's (function, args, kwargs);
-    `sources` the text of each file its shipped code came from; `path` the caller's sys.path."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    payload: str
-    sources: dict[str, str] = {}
-    path: list[str] = []
 
 
 def describe(fn: Any) -> str:

@@ -1,10 +1,12 @@
-"""The node service: one long-running authority per node (`taichi-sandbox serve`).
+"""The node layer: supervising jobs on this node, and the one authority per node (`taichi-sandbox
+serve`). Importing this package imports nothing (the thin client needs `frames` alone).
 
-- `frames`: length-prefixed JSON frames over a UNIX socket (client and service; no pydantic).
-- `protocol`: the requests the service accepts, validated (service side).
-- `auth`: who the peer is (SO_PEERCRED) and which tenants it may name.
-- `jobs`: the service's jobs: output, live usage, events, the audit context and restart reconciliation.
-- `systemd`: the socket path, socket activation and readiness notification.
-- `service`: connection limits, dispatch, draining on SIGTERM.
-The thin client is `sandbox.client`.
+- `supervisor`: one job from spec to verdict (plan, launch, watch, decide, audit).
+- `executor`, `quotas`, `alerts`, `metrics`: many jobs: admission, quotas, priorities, alerts, metrics.
+- The service: `frames` (length-prefixed JSON and descriptors over a UNIX socket; standard library
+  only), `protocol` (the requests, validated), `auth` (who the peer is, which tenants it may name,
+  what it may ask), `guard` (per-uid and node bounds), `jobs` (the service's jobs: output, events,
+  spool, audit context, restart reconciliation), `streams` (what flows back to a client), `systemd`
+  (socket path, activation, readiness) and `service` (accepting, dispatch, draining).
+The service's thin client is `sandbox.client`.
 """

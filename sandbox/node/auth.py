@@ -97,26 +97,29 @@ def tenant_for(policy: Policy, peer: Peer, requested: str | None) -> str | None:
     return DEFAULT_TENANT if DEFAULT_TENANT in policy.tenants else None
 
 
-def check_ceilings(policy: Policy, spec: JobSpec) -> None:
-    """What a client may ask of its tenant: limits no higher than the tenant's profile, or, for a job
-    without a tenant, than [defaults] (`Policy.resolve` lets an in-process caller without a tenant
-    go higher: the node is theirs); a priority no higher than its job type's, else its tenant's.
-    Raises ConfigError naming what is too high."""
+def within_rights(policy: Policy, spec: JobSpec) -> JobSpec:
+    """`spec` as a client may have it: limits no higher than its tenant's profile, or, for a job
+    without a tenant, than [defaults] (`Policy.resolve` lets an in-process caller without a tenant go
+    higher: the node is theirs); a priority no higher than its tenant's, nor its job type's (a job
+    type cannot lift a job past its tenant). An explicit priority above that is refused; the one a
+    job type would give is lowered to it. Raises ConfigError naming what is too high."""
     policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
     if spec.tenant is None:
         above = policy.resolve(spec.profile, None, spec.limits, spec.job_type).above(policy.defaults)
         if above:
             raise ConfigError(f"a job without a tenant may lower its limits, not raise them past [defaults]: "
                               f"{'; '.join(above)}")
-    if spec.priority is not None:
-        if spec.job_type is not None:
-            ceiling, whose = policy.job_types[spec.job_type].priority, f"job type {spec.job_type!r}"
-        else:
-            tenant = policy.tenants.get(spec.tenant or "")
-            ceiling, whose = (tenant.priority if tenant else 0), f"tenant {spec.tenant or DEFAULT_TENANT!r}"
-        if spec.priority > ceiling:
-            raise ConfigError(f"priority {spec.priority} is above {whose}'s {ceiling}: a job may lower its "
-                              "priority, not raise it")
+    tenant = policy.tenants.get(spec.tenant or "")
+    ceiling, whose = (tenant.priority if tenant else 0), f"tenant {spec.tenant or DEFAULT_TENANT!r}"
+    job_type = policy.job_types[spec.job_type] if spec.job_type is not None else None
+    if job_type is not None and job_type.priority < ceiling:
+        ceiling, whose = job_type.priority, f"job type {spec.job_type!r}"
+    if spec.priority is not None and spec.priority > ceiling:
+        raise ConfigError(f"priority {spec.priority} is above {whose}'s {ceiling}: a job may lower its "
+                          "priority, not raise it")
+    if spec.priority is None and job_type is not None and job_type.priority > ceiling:
+        return spec.model_copy(update={"priority": ceiling})
+    return spec
 
 
 def check_names(policy: Policy) -> None:

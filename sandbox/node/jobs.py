@@ -140,6 +140,7 @@ class JobRecord:
     source: bytes | None
     inputs: Descriptors = field(default_factory=Descriptors)
     files: Spool = field(default_factory=Spool)
+    held: int = 0  # bytes of `source` counted against the submitter by the service's guard
     submitted: float = field(default_factory=time.time)
     state: str = "queued"  # queued, running, done
     sample: Sample | None = None
@@ -285,8 +286,8 @@ class NodeSupervisor(Supervisor):
         self.jobs = jobs
         self.audit = NodeAudit(self.audit.path, jobs.audit_context)
         self.spool = self.policy.settings.resolved_state_dir() / "spool"
-        self.spool.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.spool.chmod(0o700)
+        shutil.rmtree(self.spool, ignore_errors=True)  # what a killed service left
+        self.spool.mkdir(mode=0o700, parents=True)
 
     def run(self, spec: JobSpec, on_sample=None, control=None, **kwargs) -> JobResult:
         record = self.jobs.get(spec.job_id)
@@ -305,11 +306,12 @@ class NodeSupervisor(Supervisor):
         inputs = record.inputs.take()
         spool = Path(spec.output_dir) if spec.output_dir is not None else None
         handed = False
+        source, record.source = record.source, None  # not kept in memory once the job has its copy
         try:
-            result = super().run(spec, sampled, control, sent=Sent(record.source, tuple(inputs)), on_output=output)
+            result = super().run(spec, sampled, control, sent=Sent(source, tuple(inputs)), on_output=output)
             if spool is not None:
-                record.files.put(spool, [(os.path.relpath(copy, spool), os.stat(copy).st_size)
-                                         for copy in result.outputs if os.path.isfile(copy)])
+                record.files.put(spool, [_owned(copy, spool, record.peer) for copy in result.outputs
+                                         if os.path.isfile(copy)])
                 handed = True
             return result
         finally:
@@ -317,6 +319,14 @@ class NodeSupervisor(Supervisor):
             record.inputs.close()
             if spool is not None and not handed:
                 shutil.rmtree(spool, ignore_errors=True)
+
+
+def _owned(copy: str, spool: Path, peer: Peer) -> tuple[str, int]:
+    """(name relative to `spool`, size) of an output file's copy, given to the client's uid: bytes it
+    keeps alive by holding the descriptor count against its own disk quota, not root's."""
+    if os.geteuid() == 0:
+        os.chown(copy, peer.uid, peer.gid)
+    return os.path.relpath(copy, spool), os.stat(copy).st_size
 
 
 SERVICE_STARTED = b'{"type":"service","event":"started"'

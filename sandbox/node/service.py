@@ -7,22 +7,22 @@ Contract:
 - Each client is its kernel credentials (SO_PEERCRED, see `auth`); requests are frames (`frames`)
   validated by `protocol`; a bad frame gets an error answer, never a traceback, and the service
   stays up. At most `max_connections` connections in all and `max_connections_per_uid` per uid (more
-  are answered TooManyConnections and closed); per uid a request token bucket (`request_rate`, `request_burst`; RateLimited). A request
+  are answered TooManyConnections and closed); per uid a request token bucket (`request_rate`,
+  `request_burst`; RateLimited). A request
   must arrive whole within `request_timeout` and begin within `idle_timeout`; a client that does
   not read its answers for `request_timeout` is dropped. At most `max_queued` jobs are queued or
   running (QueueFull), besides each tenant's own `max_queued`.
 - Files: input files come as descriptors the client opened (checked: readable regular files, see
   `files.check_sent_input`), held until the job ends: at most `max_input_files_per_uid` per uid and
-  half the service's RLIMIT_NOFILE (raised to its hard limit at start) in all, so no uid can use up
-  the file table. Output files are collected into the service's spool and handed to the following
-  client as descriptors. A followed job whose client goes away is cancelled.
+  half the service's RLIMIT_NOFILE (raised at start) in all, so no uid can use up the file table.
+  Output files are collected into the service's spool and handed to the following client as
+  descriptors. A followed job whose client goes away is cancelled.
 - SIGTERM/SIGINT drain: stop admitting, cancel queued jobs, let running ones finish for
   `drain_timeout`, cancel the rest (verdict `cancelled`), then exit 0. Jobs die with the service
   even on SIGKILL (the fork-server kills them when its control socket closes). On start, jobs the
   audit log shows started but never finished get an `aborted` record.
-Threads: the main thread accepts; one thread per connection; the executor's workers run jobs.
-Lock rule: `_lock` guards the per-uid counters only (connections, buckets, held descriptors), and
-nothing is called while holding it.
+Threads: the main thread accepts; one thread per connection (its answers: `streams`); the
+executor's workers run jobs. The bounds per uid and for the node are `guard`'s.
 """
 
 from __future__ import annotations
@@ -30,10 +30,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import resource
-import select
 import selectors
-import shutil
 import signal
 import socket
 import sys
@@ -43,52 +40,14 @@ from pathlib import Path
 
 from ..core.limits import ConfigError, Policy, load_policy
 from ..core.models import EXIT_USAGE
-from ..core.ratelimit import TokenBucket
 from ..job.files import MAX_INPUT_BYTES, MAX_INPUTS, check_sent_input
 from . import frames, protocol
-from .auth import Peer, Refused, check_ceilings, check_names, may_use, peer_of, tenant_for
+from .auth import Peer, Refused, check_names, may_use, peer_of, tenant_for, within_rights
 from .executor import QueueFull, SandboxExecutor
+from .guard import Guard
 from .jobs import Descriptors, Hub, JobRecord, Jobs, NodeSupervisor, close_fds, outcome, reconcile
+from .streams import Stream
 from .systemd import gid_of, listen, sd_notify, socket_path
-
-
-FOLLOW_CHECK = 0.5  # seconds between checks that a following client is still there
-
-
-def _raise_open_files() -> int:
-    """Raise RLIMIT_NOFILE as far as allowed (root: to fs.nr_open; else to the hard limit); the new
-    limit. Descriptors in flight (≤ frames.MAX_FDS per connection) then cannot use up the table."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard
-    if os.geteuid() == 0:
-        try:
-            want = max(hard, int(Path("/proc/sys/fs/nr_open").read_text()))
-        except (OSError, ValueError):
-            pass
-    for limit in (want, hard):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-            return limit
-        except (OSError, ValueError):
-            continue
-    return soft
-
-
-def _gone(conn: socket.socket) -> bool:
-    """Whether the client hung up (or shut its side down) on a connection it only reads from."""
-    poller = select.poll()
-    poller.register(conn, select.POLLIN | select.POLLRDHUP)
-    events = poller.poll(0)
-    if not events:
-        return False
-    if events[0][1] & (select.POLLHUP | select.POLLRDHUP | select.POLLERR):
-        return True
-    try:
-        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
 
 
 class Service:
@@ -101,11 +60,7 @@ class Service:
         self.supervisor = NodeSupervisor(self.jobs, policy)
         self.aborted = reconcile(self.supervisor.audit)
         self.executor = SandboxExecutor(supervisor=self.supervisor, alert_hook=self.hub.publish)
-        self._lock = threading.Lock()
-        self._connections: dict[int, int] = {}
-        self._buckets: dict[int, TokenBucket] = {}
-        self._held: dict[int, int] = {}  # input descriptors held for each uid's unfinished jobs
-        self._held_cap = max(MAX_INPUTS, _raise_open_files() // 2)
+        self.guard = Guard(self.settings)
         self._threads: set[threading.Thread] = set()
         self._stop = threading.Event()
         self.draining = False
@@ -145,15 +100,7 @@ class Service:
         except OSError:
             conn.close()
             return
-        with self._lock:
-            count, total = self._connections.get(peer.uid, 0), sum(self._connections.values())
-            if count >= (self.settings.max_connections_per_uid or 1 << 30):
-                refusal = f"uid {peer.uid} already has {count} connections ([service] max_connections_per_uid)"
-            elif total >= (self.settings.max_connections or 1 << 30):
-                refusal = f"the service already has {total} connections ([service] max_connections)"
-            else:
-                refusal = None
-                self._connections[peer.uid] = count + 1
+        refusal = self.guard.connect(peer.uid)
         if refusal is not None:
             conn.setblocking(False)
             self._answer(conn, "TooManyConnections", refusal)
@@ -171,16 +118,9 @@ class Service:
         except OSError:
             pass
 
-    def _rate_allows(self, uid: int) -> bool:
-        rate = self.settings.request_rate
-        if rate is None:
-            return True
-        burst = self.settings.request_burst or max(1, int(rate))
-        with self._lock:
-            return self._buckets.setdefault(uid, TokenBucket(rate, burst)).take()
-
     def _serve_connection(self, conn: socket.socket, peer: Peer) -> None:
         fds: list[int] = []  # descriptors that came with the current request; closed unless a job took them
+        stream = Stream(conn, self.settings.request_timeout)
         try:
             while not self._stop.is_set():
                 close_fds(fds)
@@ -196,13 +136,16 @@ class Service:
                     continue
                 if message is None:
                     return
-                if not self._rate_allows(peer.uid):
+                if not self.guard.rate_allows(peer.uid):
                     self._answer(conn, "RateLimited", f"uid {peer.uid}: more than {self.settings.request_rate:g} "
                                                       "requests/s ([service] request_rate)")
                     continue
                 try:
                     request = protocol.parse(message)
-                    self._dispatch(conn, peer, request, fds)
+                    if not isinstance(request, protocol.Submit):
+                        close_fds(fds)  # only a submit's inputs come with descriptors
+                        fds.clear()
+                    self._dispatch(stream, peer, request, fds)
                 except protocol.ProtocolError as err:
                     self._answer(conn, err.code, str(err))
         except OSError:
@@ -214,33 +157,29 @@ class Service:
         finally:
             close_fds(fds)
             conn.close()
-            with self._lock:
-                self._connections[peer.uid] -= 1
+            self.guard.disconnect(peer.uid)
             self._threads.discard(threading.current_thread())
-
-    def _send(self, conn: socket.socket, message: dict, fds: list[int] | tuple[int, ...] = ()) -> None:
-        conn.settimeout(self.settings.request_timeout)
-        frames.send(conn, message, fds)
 
     # --- requests --------------------------------------------------------------------------------
 
-    def _dispatch(self, conn: socket.socket, peer: Peer, request, fds: list[int]) -> None:
+    def _dispatch(self, stream: Stream, peer: Peer, request, fds: list[int]) -> None:
         if isinstance(request, protocol.Submit):
-            self._submit(conn, peer, request, fds)
+            self._submit(stream, peer, request, fds)
         elif isinstance(request, protocol.Ps):
             rows = [r.row() for r in self.jobs.all() if r.state != "done" and self._may_see(peer, r)]
-            self._send(conn, {"type": "ps", "jobs": sorted(rows, key=lambda row: row["submitted"])})
+            stream.send({"type": "ps", "jobs": sorted(rows, key=lambda row: row["submitted"])})
         elif isinstance(request, protocol.Cancel):
             record = self._visible(peer, request.job_id)
             if record.state != "done" and record.future is not None:
                 record.future.cancel()
-            self._send(conn, {"type": "cancelled", "job_id": request.job_id, "state": record.state})
+            stream.send({"type": "cancelled", "job_id": request.job_id, "state": record.state})
         elif isinstance(request, protocol.Logs):
-            self._logs(conn, self._visible(peer, request.job_id), request.follow)
+            stream.logs(self._visible(peer, request.job_id), request.follow)
         elif isinstance(request, protocol.Events):
-            self._events(conn, peer)
+            stream.events(self.hub, lambda event: event.get("uid") == peer.uid
+                          or may_use(self.policy, peer, event.get("tenant") or ""), self._stop)
         else:
-            self._send(conn, {"type": "quota", "state": self.executor.quota_state()})
+            stream.send({"type": "quota", "state": self.executor.quota_state()})
 
     def _may_see(self, peer: Peer, record: JobRecord) -> bool:
         return record.peer.uid == peer.uid or may_use(self.policy, peer, record.spec.tenant or "")
@@ -251,7 +190,7 @@ class Service:
             raise protocol.ProtocolError("NotFound", f"job {job_id!r}: no such job (or not yours)")
         return record
 
-    def _submit(self, conn: socket.socket, peer: Peer, request: protocol.Submit, fds: list[int]) -> None:
+    def _submit(self, stream: Stream, peer: Peer, request: protocol.Submit, fds: list[int]) -> None:
         """Admit each job, answer `submitted`, then follow them if asked. The jobs take `fds` (their
         inputs' descriptors, in order); those of refused jobs are closed."""
         wanted = sum(len(job.input_names()) for job in request.jobs)
@@ -275,9 +214,9 @@ class Service:
                             "state": "rejected" if result is not None else "queued",
                             "reason": result.reason if result is not None else ""})
         try:
-            self._send(conn, {"type": "submitted", "jobs": answers})
+            stream.send({"type": "submitted", "jobs": answers})
             if request.follow:
-                self._follow(conn, records, request.output, request.samples)
+                stream.follow(records, request.output, request.samples)
         except BaseException:
             if request.follow:  # the client left before following: its jobs end with it
                 for record in records:
@@ -291,7 +230,7 @@ class Service:
         if self.draining:
             raise protocol.ProtocolError("Draining", "the service is shutting down: no new jobs")
         spec = job.spec(tenant_for(self.policy, peer, job.tenant), number, self.supervisor.spool)
-        check_ceilings(self.policy, spec)
+        spec = within_rights(self.policy, spec)
         if len(inputs) > MAX_INPUTS:
             raise ConfigError(f"job {number}: {len(inputs)} inputs, more than {MAX_INPUTS} per job")
         total = sum(check_sent_input(name, fd) for name, fd in zip(spec.inputs, inputs))
@@ -301,40 +240,25 @@ class Service:
             raise QueueFull(f"the node has {self.jobs.active()} jobs queued or running ([service] max_queued="
                             f"{self.settings.max_queued})")
         record = JobRecord(spec, peer, job.source.encode() if job.source is not None else None, Descriptors(inputs))
-        self._hold(peer.uid, len(inputs))
+        self.guard.hold(peer.uid, len(inputs), len(record.source or b""))
+        record.held = len(record.source or b"")
         self.jobs.add(record)  # before submit: a worker may start it at once
         try:
             record.future = self.executor.submit(spec)
         except (QueueFull, RuntimeError) as err:
             self.jobs.discard(record)
-            self._hold(peer.uid, -len(inputs))
+            self.guard.hold(peer.uid, -len(inputs), -record.held)
             if isinstance(err, QueueFull):
                 raise
             raise protocol.ProtocolError("Draining", "the service is shutting down: no new jobs") from None
         record.future.add_done_callback(lambda future: self._finished(record, future))
         return record
 
-    def _hold(self, uid: int, count: int) -> None:
-        """Count `count` more (or, negative, fewer) input descriptors held for `uid`'s jobs; raises
-        QueueFull past `max_input_files_per_uid` or the node's share of the file table."""
-        per_uid = self.settings.max_input_files_per_uid or 1 << 30
-        with self._lock:
-            mine, total = self._held.get(uid, 0), sum(self._held.values())
-            if count > 0 and mine + count > per_uid:
-                refusal = (f"uid {uid} holds {mine} input files for its unfinished jobs "
-                           f"([service] max_input_files_per_uid={per_uid})")
-            elif count > 0 and total + count > self._held_cap:
-                refusal = f"the node holds {total} input files for unfinished jobs (half its open-file limit)"
-            else:
-                refusal = None
-                self._held[uid] = mine + count
-        if refusal is not None:
-            raise QueueFull(refusal)
-
     def _finished(self, record: JobRecord, future) -> None:
         """The executor's callback for a job's end: whatever fails here, the job gets its verdict."""
         record.inputs.close()  # a job cancelled in the queue never took them
-        self._hold(record.peer.uid, -len(record.spec.inputs))
+        self.guard.hold(record.peer.uid, -len(record.spec.inputs), -record.held)
+        record.source = None
         result, unrecorded = outcome(record, future, self.supervisor.launcher.name, self._cancel_reason)
         try:
             if unrecorded:
@@ -344,98 +268,6 @@ class Service:
                   flush=True)
         finally:
             self.jobs.finish(record, result, result.exit_status)
-
-    def _follow(self, conn: socket.socket, records: list[JobRecord], output: bool, samples: bool) -> None:
-        """Stream each job's output, usage, output files and verdict until every job has one, then
-        `end`. When the client goes away first, its jobs still pending are cancelled."""
-        wake = threading.Event()
-        offsets = {r.spec.job_id: 0 for r in records}
-        last_sample = {}
-        pending = list(records)
-        for record in records:
-            record.watchers.add(wake)
-        try:
-            while not _gone(conn):
-                wake.clear()
-                for record in list(pending):
-                    job_id, result = record.spec.job_id, record.result  # the result first: output precedes it
-                    if output:
-                        offsets[job_id] = self._send_output(conn, record, offsets[job_id])
-                    if samples and record.sample is not None and record.sample is not last_sample.get(job_id):
-                        last_sample[job_id] = record.sample
-                        self._send(conn, {"type": "sample", "job_id": job_id, "sample": record.sample.model_dump()})
-                    if result is not None:
-                        self._send_files(conn, record)
-                        self._send(conn, {"type": "result", "job_id": job_id, "exit_status": result.exit_status,
-                                          "result": result.model_dump(mode="json")})
-                        pending.remove(record)
-                if not pending:
-                    self._send(conn, {"type": "end"})
-                    return
-                wake.wait(FOLLOW_CHECK)
-        finally:
-            for record in records:
-                record.watchers.discard(wake)
-                record.files.close()
-            for record in pending:
-                if record.future is not None:
-                    record.future.cancel()
-
-    def _send_files(self, conn: socket.socket, record: JobRecord) -> None:
-        """Each output file as a "file" frame carrying its descriptor, opened one at a time; then
-        the job's spool directory is removed."""
-        directory, files = record.files.take()
-        try:
-            for name, size in files:
-                fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                try:
-                    self._send(conn, {"type": "file", "job_id": record.spec.job_id, "name": name, "size": size},
-                               [fd])
-                finally:
-                    os.close(fd)
-        finally:
-            if directory is not None:
-                shutil.rmtree(directory, ignore_errors=True)
-
-    def _send_output(self, conn: socket.socket, record: JobRecord, offset: int) -> int:
-        chunks, offset, dropped = record.output.read(offset)
-        if dropped:
-            self._send(conn, {"type": "output", "job_id": record.spec.job_id, "stream": "stderr",
-                              "data": f"[taichi-sandbox: {dropped} characters of output dropped]\n"})
-        for stream, text in chunks:
-            self._send(conn, {"type": "output", "job_id": record.spec.job_id, "stream": stream, "data": text})
-        return offset
-
-    def _logs(self, conn: socket.socket, record: JobRecord, follow: bool) -> None:
-        wake = threading.Event()
-        record.watchers.add(wake)
-        offset = 0
-        try:
-            while True:
-                wake.clear()
-                done = record.result is not None
-                offset = self._send_output(conn, record, offset)
-                if done or not follow:
-                    break
-                wake.wait(1.0)
-            self._send(conn, {"type": "end", "state": record.state})
-        finally:
-            record.watchers.discard(wake)
-
-    def _events(self, conn: socket.socket, peer: Peer) -> None:
-        sub = self.hub.subscribe(lambda event: event.get("uid") == peer.uid
-                                 or may_use(self.policy, peer, event.get("tenant") or ""))
-        try:
-            while not self._stop.is_set():
-                sub.ready.wait(1.0)
-                sub.ready.clear()
-                if sub.dropped:
-                    dropped, sub.dropped = sub.dropped, 0
-                    self._send(conn, {"type": "event", "event": {"type": "dropped", "count": dropped}})
-                while sub.backlog:
-                    self._send(conn, {"type": "event", "event": sub.backlog.popleft()})
-        finally:
-            self.hub.unsubscribe(sub)
 
     # --- stopping --------------------------------------------------------------------------------
 

@@ -20,7 +20,6 @@ from typing import Callable
 from ..core.audit import AuditLog
 from ..core.limits import DEFAULT_ENV_ALLOW, GiB, ConfigError, Limits, Policy, address_space_for, load_policy
 from ..core.models import JobResult, JobSpec, Sample, Termination, Verdict, Violation
-from ..core.verdict import Evidence, decide
 from ..job import namespaces
 from ..job.cgroup import CgroupError, CgroupHost, CgroupLimits, JobCgroup, discover, task_limit
 from ..job.child import ChildPlan
@@ -35,6 +34,7 @@ from ..watch.monitor import JobControl, Monitor
 from ..watch.pump import Pump
 from ..watch.terminate import JobProcesses, end_job
 from ..watch.tree import JobTree
+from ..watch.verdict import Evidence, decide
 
 RLIMIT_CPU_HARD_EXTRA = 2  # seconds between SIGXCPU (soft) and the kernel's SIGKILL (hard)
 PUMP_DRAIN_TIMEOUT = 2.0

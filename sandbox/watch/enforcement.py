@@ -9,21 +9,14 @@ from __future__ import annotations
 import importlib.metadata
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING
 
 from ..core.limits import Limits
+from ..core.models import Enforcement
 
 if TYPE_CHECKING:
     from ..job.cgroup import CgroupHost
     from .gpu import GpuSampler
-
-
-class Enforcement(BaseModel):
-    level: Literal["hard", "watched", "unavailable", "off"]
-    by: str = ""
-    note: str = ""
 
 
 @dataclass(frozen=True)

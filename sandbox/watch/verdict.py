@@ -13,16 +13,16 @@ import signal
 import time
 from dataclasses import dataclass
 
+from ..core.channel import LeftoversMessage, ResultMessage, RlimitMessage, TiInitMessage
+from ..core.limits import Limits
+from ..core.models import JobResult, JobSpec, Sample, Termination, Usage, Verdict, Violation
 from ..job.cgroup import CgroupLimits, CgroupStats
 from ..job.child import ChildPlan
 from ..job.launcher import Exit
 from ..job.results import load as load_result
-from ..watch.monitor import kernel_breaches
-from ..watch.pump import Pump
-from ..watch.tree import Reading
-from .channel import LeftoversMessage, ResultMessage, RlimitMessage, TiInitMessage
-from .limits import Limits
-from .models import JobResult, JobSpec, Sample, Termination, Usage, Verdict, Violation
+from .monitor import kernel_breaches
+from .pump import Pump
+from .tree import Reading
 
 AS_ERROR_MARKERS = ("memory allocation", "cannot allocate memory", "out of memory")
 

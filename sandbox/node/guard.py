@@ -1,0 +1,97 @@
+"""Control-plane protection of the node service, per uid and for the node: connections, request
+rate, and the input descriptors held for unfinished jobs. Thread-safe; nothing is called while its
+lock is held."""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+from pathlib import Path
+
+from ..core.limits import Service as Settings
+from ..core.ratelimit import TokenBucket
+from ..job.files import MAX_INPUTS
+from .executor import QueueFull
+
+MAX_SOURCE_HELD_PER_UID = 256 << 20  # bytes of kernel source a uid's queued jobs hold in the service
+
+
+def raise_open_files() -> int:
+    """Raise RLIMIT_NOFILE as far as allowed (root: to fs.nr_open; else to the hard limit); the new
+    limit. Descriptors in flight (≤ frames.MAX_FDS per connection) then cannot use up the table."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard
+    if os.geteuid() == 0:
+        try:
+            want = max(hard, int(Path("/proc/sys/fs/nr_open").read_text()))
+        except (OSError, ValueError):
+            pass
+    for limit in (want, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            return limit
+        except (OSError, ValueError):
+            continue
+    return soft
+
+
+class Guard:
+    """`[service]`'s bounds: `max_connections_per_uid` and `max_connections`, `request_rate` and
+    `request_burst` per uid, `max_input_files_per_uid` and half the open-file limit for all, and
+    MAX_SOURCE_HELD_PER_UID."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._connections: dict[int, int] = {}
+        self._buckets: dict[int, TokenBucket] = {}
+        self._held: dict[int, int] = {}  # input descriptors held for each uid's unfinished jobs
+        self._sources: dict[int, int] = {}  # ... and bytes of their kernel files' contents
+        self._held_cap = max(MAX_INPUTS, raise_open_files() // 2)
+
+    def connect(self, uid: int) -> str | None:
+        """Count a new connection of `uid`; None, or why it is refused (then not counted)."""
+        with self._lock:
+            count, total = self._connections.get(uid, 0), sum(self._connections.values())
+            if count >= (self.settings.max_connections_per_uid or 1 << 30):
+                return f"uid {uid} already has {count} connections ([service] max_connections_per_uid)"
+            if total >= (self.settings.max_connections or 1 << 30):
+                return f"the service already has {total} connections ([service] max_connections)"
+            self._connections[uid] = count + 1
+            return None
+
+    def disconnect(self, uid: int) -> None:
+        with self._lock:
+            self._connections[uid] -= 1
+
+    def rate_allows(self, uid: int) -> bool:
+        """Take one request from `uid`'s bucket."""
+        rate = self.settings.request_rate
+        if rate is None:
+            return True
+        burst = self.settings.request_burst or max(1, int(rate))
+        with self._lock:
+            return self._buckets.setdefault(uid, TokenBucket(rate, burst)).take()
+
+    def hold(self, uid: int, files: int, source: int) -> None:
+        """Count what `uid`'s unfinished jobs hold: `files` more input descriptors and `source` more
+        bytes of kernel source (negative: fewer). Raises QueueFull past `max_input_files_per_uid`,
+        the node's share of the file table, or MAX_SOURCE_HELD_PER_UID."""
+        per_uid = self.settings.max_input_files_per_uid or 1 << 30
+        with self._lock:
+            mine, total = self._held.get(uid, 0), sum(self._held.values())
+            sources = self._sources.get(uid, 0)
+            if files > 0 and mine + files > per_uid:
+                refusal = (f"uid {uid} holds {mine} input files for its unfinished jobs "
+                           f"([service] max_input_files_per_uid={per_uid})")
+            elif files > 0 and total + files > self._held_cap:
+                refusal = f"the node holds {total} input files for unfinished jobs (half its open-file limit)"
+            elif source > 0 and sources + source > MAX_SOURCE_HELD_PER_UID:
+                refusal = (f"uid {uid} holds {sources} bytes of kernel source for its unfinished jobs (at most "
+                           f"{MAX_SOURCE_HELD_PER_UID})")
+            else:
+                refusal = None
+                self._held[uid], self._sources[uid] = mine + files, sources + source
+        if refusal is not None:
+            raise QueueFull(refusal)

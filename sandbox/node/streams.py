@@ -1,0 +1,135 @@
+"""What flows back to one client of the node service: the output, live usage, output files and
+verdicts of the jobs it follows, a job's `logs`, and `events`. One `Stream` per connection, used by
+that connection's thread only; a client that stops reading for `timeout` seconds is dropped (OSError).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import socket
+import threading
+from typing import Callable
+
+from . import frames
+from .jobs import Hub, JobRecord
+
+FOLLOW_CHECK = 0.5  # seconds between checks that a following client is still there
+
+
+class Stream:
+    def __init__(self, conn: socket.socket, timeout: float | None) -> None:
+        self.conn, self.timeout = conn, timeout
+
+    def send(self, message: dict, fds: list[int] | tuple[int, ...] = ()) -> None:
+        self.conn.settimeout(self.timeout)
+        frames.send(self.conn, message, fds)
+
+    def gone(self) -> bool:
+        """Whether the client hung up (or shut its side down) on a connection it only reads from."""
+        poller = select.poll()
+        poller.register(self.conn, select.POLLIN | select.POLLRDHUP)
+        events = poller.poll(0)
+        if not events:
+            return False
+        if events[0][1] & (select.POLLHUP | select.POLLRDHUP | select.POLLERR):
+            return True
+        try:
+            return self.conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def follow(self, records: list[JobRecord], output: bool, samples: bool) -> None:
+        """Each job's output, usage, output files and verdict until every job has one, then `end`.
+        When the client goes away first, its jobs still pending are cancelled."""
+        wake = threading.Event()
+        offsets = {r.spec.job_id: 0 for r in records}
+        last_sample = {}
+        pending = list(records)
+        for record in records:
+            record.watchers.add(wake)
+        try:
+            while not self.gone():
+                wake.clear()
+                for record in list(pending):
+                    job_id, result = record.spec.job_id, record.result  # the result first: output precedes it
+                    if output:
+                        offsets[job_id] = self.output(record, offsets[job_id])
+                    if samples and record.sample is not None and record.sample is not last_sample.get(job_id):
+                        last_sample[job_id] = record.sample
+                        self.send({"type": "sample", "job_id": job_id, "sample": record.sample.model_dump()})
+                    if result is not None:
+                        self.files(record)
+                        self.send({"type": "result", "job_id": job_id, "exit_status": result.exit_status,
+                                   "result": result.model_dump(mode="json")})
+                        pending.remove(record)
+                if not pending:
+                    self.send({"type": "end"})
+                    return
+                wake.wait(FOLLOW_CHECK)
+        finally:
+            for record in records:
+                record.watchers.discard(wake)
+                record.files.close()
+            for record in pending:
+                if record.future is not None:
+                    record.future.cancel()
+
+    def files(self, record: JobRecord) -> None:
+        """Each output file as a "file" frame carrying its descriptor, opened one at a time; then
+        the job's spool directory is removed."""
+        directory, files = record.files.take()
+        try:
+            for name, size in files:
+                fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    self.send({"type": "file", "job_id": record.spec.job_id, "name": name, "size": size}, [fd])
+                finally:
+                    os.close(fd)
+        finally:
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+
+    def output(self, record: JobRecord, offset: int) -> int:
+        """The job's output from `offset` on; the new offset."""
+        chunks, offset, dropped = record.output.read(offset)
+        if dropped:
+            self.send({"type": "output", "job_id": record.spec.job_id, "stream": "stderr",
+                       "data": f"[taichi-sandbox: {dropped} characters of output dropped]\n"})
+        for stream, text in chunks:
+            self.send({"type": "output", "job_id": record.spec.job_id, "stream": stream, "data": text})
+        return offset
+
+    def logs(self, record: JobRecord, follow: bool) -> None:
+        wake = threading.Event()
+        record.watchers.add(wake)
+        offset = 0
+        try:
+            while True:
+                wake.clear()
+                done = record.result is not None
+                offset = self.output(record, offset)
+                if done or not follow:
+                    break
+                wake.wait(1.0)
+            self.send({"type": "end", "state": record.state})
+        finally:
+            record.watchers.discard(wake)
+
+    def events(self, hub: Hub, accepts: Callable[[dict], bool], stop: threading.Event) -> None:
+        """Verdicts and alerts `accepts` lets through, until the client leaves or `stop` is set."""
+        sub = hub.subscribe(accepts)
+        try:
+            while not stop.is_set():
+                sub.ready.wait(1.0)
+                sub.ready.clear()
+                if sub.dropped:
+                    dropped, sub.dropped = sub.dropped, 0
+                    self.send({"type": "event", "event": {"type": "dropped", "count": dropped}})
+                while sub.backlog:
+                    self.send({"type": "event", "event": sub.backlog.popleft()})
+        finally:
+            hub.unsubscribe(sub)

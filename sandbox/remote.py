@@ -1,0 +1,231 @@
+"""Talking to the node service from Python, with the standard library only: the CLI client and Ray
+tasks use it. Files are opened here, with the caller's own permissions: a kernel file's contents
+and the inputs' open descriptors are sent, and output files come back as descriptors that are
+copied into the caller's output dir; the service never opens a caller's path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator
+
+from .node import frames
+
+EXIT_USAGE, EXIT_INTERNAL = 2, 125
+MAX_BATCH = 1000  # jobs per request (sandbox.node.protocol.MAX_JOBS_PER_REQUEST)
+MAX_CONNECTIONS = 8  # requests one batch follows at once (below [service] max_connections_per_uid)
+REQUEST_BYTES = 6 << 20  # per request, below the service's default max_request_bytes (8 MiB)
+
+
+class ClientError(Exception):
+    """A one-line error for the user; `code` is the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def choose_socket(explicit: str | None) -> Path | None:
+    """The service's socket: the one named (--socket, $TAICHI_SANDBOX_SOCKET), else the default one
+    when a service answers there; None: run in-process."""
+    named = explicit or os.environ.get("TAICHI_SANDBOX_SOCKET")
+    if named:
+        return Path(named)
+    default = frames.default_socket()
+    if default is None or not default.is_socket():
+        return None
+    try:
+        connect(default).close()
+    except ClientError:
+        return None  # left by a service that is gone
+    return default
+
+
+def connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError as err:
+        sock.close()
+        raise ClientError(f"cannot reach the node service at {path}: {err.strerror or err}") from None
+    return sock
+
+
+def request(path: Path, message: dict, fds: list[int] = ()) -> Iterator[dict]:
+    """Send one request (with `fds`); yield the answers until the service says `end` (or closes).
+    A "file" answer holds its descriptor as "fd" (the caller closes it). An error answer raises
+    ClientError."""
+    with connect(path) as sock:
+        try:
+            frames.send(sock, message, fds)
+            while True:
+                received: list[int] = []
+                answer = frames.recv(sock, fds=received)
+                if answer is not None and answer.get("type") == "file" and received:
+                    answer["fd"] = received.pop(0)
+                for fd in received:
+                    os.close(fd)
+                if answer is None or answer.get("type") == "end":
+                    return
+                if answer.get("type") == "error":
+                    raise ClientError(f"{answer.get('code')}: {answer.get('message')}")
+                yield answer
+        except (OSError, frames.FrameError) as err:
+            raise ClientError(f"lost the node service at {path}: {err}", EXIT_INTERNAL) from None
+
+
+def one(path: Path, message: dict) -> dict:
+    for answer in request(path, message):
+        return answer
+    raise ClientError(f"the node service at {path} closed the connection without answering", EXIT_INTERNAL)
+
+
+class Job:
+    """One job on its way to the service: the request's fields (a kernel file's contents travel with
+    its name only; each input as its name in the job's dir), the inputs' open descriptors, and where
+    its output files go (the client's own directory). `close()` the descriptors once sent."""
+
+    def __init__(self, kernel: str, inputs: list[str] | None = None, output_dir: str | None = None,
+                 outputs: list[str] | None = None, **fields) -> None:
+        target, _, function = kernel.rpartition(":") if ":" in kernel else (kernel, "", "")
+        self.fields = {key: value for key, value in fields.items() if value not in (None, [], {})}
+        if target.endswith(".py") or not function:
+            try:
+                self.fields["source"] = Path(target).read_text()
+            except FileNotFoundError:
+                raise ClientError(f"kernel file not found: {target}") from None
+            except (OSError, UnicodeDecodeError) as err:
+                raise ClientError(f"cannot read kernel file {target}: {err}") from None
+            kernel = Path(target).name + (f":{function}" if function else "")
+        if outputs and output_dir is None:
+            raise ClientError("outputs need an output dir to copy them to")
+        self.fields["kernel"] = kernel
+        self.output_dir = None if output_dir is None else str(Path(output_dir).expanduser().absolute())
+        if output_dir is not None:
+            self.fields["outputs"] = outputs or ["*"]
+        if len(inputs or []) > frames.MAX_FDS:
+            raise ClientError(f"{len(inputs)} inputs: at most {frames.MAX_FDS} descriptors go with one request")
+        self.fds: list[int] = []
+        names = []
+        try:
+            for path in inputs or []:
+                names.append(PurePosixPath(path).name if path.startswith("/") else path)
+                try:
+                    self.fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK))
+                except OSError as err:
+                    raise ClientError(f"input {path}: {err.strerror or err}") from None
+        except BaseException:
+            self.close()
+            raise
+        if names:
+            self.fields["inputs"] = names
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def save_file(output_dir: str | None, answer: dict) -> str:
+    """Copy the output file of a "file" answer (its descriptor, closed here) to `output_dir`, at
+    its relative name; the copy's path. Raises OSError, or ClientError for a name outside the dir."""
+    fd = answer.pop("fd", None)
+    try:
+        name = str(answer.get("name", ""))
+        parts = PurePosixPath(name).parts
+        if fd is None or output_dir is None or not parts or name.startswith("/") or ".." in parts:
+            raise ClientError(f"the service sent an output file without its descriptor or a usable name: {name!r}")
+        target = Path(output_dir, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "rb", closefd=False) as source, os.fdopen(out, "wb") as sink:
+            shutil.copyfileobj(source, sink, 1 << 20)
+        return str(target)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def submit_and_follow(path: Path, jobs: list[Job], output: bool = True, samples: bool = False,
+                      on_answer: Callable[[dict], None] | None = None) -> tuple[dict, list[dict]]:
+    """Submit `jobs` and follow them to their verdicts: (the `submitted` answer, the "result"
+    answers in order of arrival). Output files are copied into each job's output dir as they come;
+    a result's `outputs` lists those copies. `on_answer` sees the other answers as they come (the
+    `submitted` one first). A job this client stops following is cancelled by the service."""
+    message = {"op": "submit", "jobs": [job.fields for job in jobs], "follow": True, "output": output,
+               "samples": samples}
+    submitted, results, dirs, saved, notes = None, [], {}, {}, {}
+    try:
+        for answer in request(path, message, [fd for job in jobs for fd in job.fds]):
+            kind, job_id = answer.get("type"), answer.get("job_id")
+            if kind == "submitted":
+                submitted = answer
+                for job in jobs:
+                    job.close()  # sent: the service holds its own copies of the descriptors
+                dirs = {a["job_id"]: job.output_dir for a, job in zip(answer["jobs"], jobs) if a["job_id"]}
+            elif kind == "file":
+                try:
+                    saved.setdefault(job_id, []).append(save_file(dirs.get(job_id), answer))
+                except (OSError, ClientError) as err:
+                    notes.setdefault(job_id, []).append(f"outputs: {answer.get('name')} not saved here: {err}")
+                continue
+            elif kind == "result":
+                answer["result"]["outputs"] = saved.pop(job_id, [])
+                answer["result"]["notes"] += notes.pop(job_id, [])
+                results.append(answer)
+            if on_answer is not None:
+                on_answer(answer)
+    finally:
+        for job in jobs:
+            job.close()
+    if submitted is None:
+        raise ClientError(f"the node service at {path} closed the connection without answering", EXIT_INTERNAL)
+    return submitted, results
+
+
+def split(jobs: list[Job]) -> list[list[Job]]:
+    """`jobs` cut into requests of at most MAX_BATCH jobs, frames.MAX_FDS descriptors and
+    REQUEST_BYTES bytes (kernel sources included)."""
+    requests: list[list[Job]] = [[]]
+    fds = size = 0
+    for job in jobs:
+        job_size = len(json.dumps(job.fields))
+        if requests[-1] and (len(requests[-1]) == MAX_BATCH or fds + len(job.fds) > frames.MAX_FDS
+                             or size + job_size > REQUEST_BYTES):
+            requests.append([])
+            fds = size = 0
+        requests[-1].append(job)
+        fds, size = fds + len(job.fds), size + job_size
+    return requests
+
+
+def submit_in_requests(path: Path, jobs: list[Job]) -> tuple[list[dict], list[dict]]:
+    """Submit `jobs` in as many requests as they need, followed at once over as many connections;
+    (each job's `submitted` entry in order, the results). On Ctrl-C the process may simply exit:
+    the service cancels the jobs of connections that close."""
+    requests = split(jobs)
+    if len(requests) > MAX_CONNECTIONS:
+        raise ClientError(f"{len(jobs)} jobs need {len(requests)} requests (at most {MAX_BATCH} jobs and "
+                          f"{frames.MAX_FDS} inputs each); one batch may use {MAX_CONNECTIONS}: split it")
+    answers: list = [None] * len(requests)
+
+    def follow(number: int) -> None:
+        try:
+            answers[number] = submit_and_follow(path, requests[number], output=False)
+        except ClientError as err:
+            answers[number] = err
+    threads = [threading.Thread(target=follow, args=(n,), daemon=True) for n in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.2)
+    for answer in answers:
+        if isinstance(answer, ClientError):
+            raise answer
+    return [j for submitted, _ in answers for j in submitted["jobs"]], [r for _, results in answers for r in results]
