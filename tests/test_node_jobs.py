@@ -44,13 +44,29 @@ def test_the_first_start_reads_the_whole_log(tmp_path):
 def test_the_guard_bounds_what_one_uids_queued_jobs_hold():
     from sandbox.core.limits import Service
     from sandbox.node.executor import QueueFull
-    from sandbox.node.guard import MAX_SOURCE_HELD_PER_UID, Guard
-    guard = Guard(Service(max_input_files_per_uid=64))
-    guard.hold(1000, 64, MAX_SOURCE_HELD_PER_UID)
+    from sandbox.node.guard import Guard
+    guard = Guard(Service(max_input_files_per_uid=64, max_held_bytes_per_uid="1MiB"))
+    guard.hold(1000, 64, 1 << 20)
     with pytest.raises(QueueFull, match="uid 1000 holds 64 input files"):
         guard.hold(1000, 1, 0)
-    with pytest.raises(QueueFull, match="bytes of kernel source"):
+    with pytest.raises(QueueFull, match="hold 1048576 bytes of requests"):
         guard.hold(1000, 0, 1)
     guard.hold(2000, 64, 1)  # another uid's share is its own
-    guard.hold(1000, -64, -MAX_SOURCE_HELD_PER_UID)
+    guard.hold(1000, -64, -(1 << 20))
     guard.hold(1000, 64, 1)
+
+
+def test_a_finished_job_keeps_its_arguments_and_return_value_only_while_its_follower_needs_them():
+    from sandbox import JobResult, JobSpec, Verdict
+    from sandbox.node.auth import Peer
+    from sandbox.node.jobs import JobRecord
+    peer = Peer(pid=1, uid=1000, gid=1000, user="alice", groups=frozenset({1000}))
+    for followed in (False, True):
+        record = JobRecord(JobSpec(kernel="k.py:f", args=["A" * 1000]), peer, b"source", followed=followed)
+        record.result = JobResult(job_id=record.spec.job_id, kernel="k.py:f", arch="cpu", verdict=Verdict.ok,
+                                  started_at=0, ended_at=1, return_value=list(range(1000)))
+        record.ended()
+        assert (record.spec.args == [] and record.source is None) is not followed
+        assert (record.result.return_value is None) is not followed
+        record.unfollow()  # the follower has sent it
+        assert record.spec.args == [] and record.result.return_value is None and record.source is None

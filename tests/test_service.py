@@ -404,6 +404,25 @@ def test_clients_that_leave_stall_or_flood_descriptors_leave_the_service_whole(t
         assert node.stop() == 0
 
 
+def test_what_a_uids_unfinished_jobs_hold_in_the_services_memory_is_bounded(tmp_path):
+    """Queued jobs keep their requests (kernel source, args, shipped code) in the root service's memory."""
+    node = Node(tmp_path / "node", extra='max_held_bytes_per_uid = "1MiB"')
+    try:
+        job = {"kernel": "s.py:main", "source": "import time\ndef main(pad):\n    time.sleep(60)\n",
+               "args": ["A" * 600_000]}
+        first = ask_as(node, MALLORY, {"op": "submit", "jobs": [job]})[0]["jobs"][0]
+        second = ask_as(node, MALLORY, {"op": "submit", "jobs": [job]})[0]["jobs"][0]
+        assert first["state"] == "queued" and second["state"] == "refused", second
+        assert second["code"] == "QueueFull" and "max_held_bytes_per_uid=1048576" in second["reason"]
+        node.ask({"op": "cancel", "job_id": first["job_id"]})
+        assert _verdict(node, first["job_id"]) == "cancelled"
+        third = ask_as(node, MALLORY, {"op": "submit", "jobs": [job]})[0]["jobs"][0]
+        assert third["state"] == "queued", third  # what the first held was given back
+        node.ask({"op": "cancel", "job_id": third["job_id"]})
+    finally:
+        assert node.stop() == 0
+
+
 HOARD = """
 import collections, json, os, socket, sys, time
 from sandbox.node import frames
@@ -521,7 +540,7 @@ import json, socket, sys
 from sandbox.node import frames
 s = socket.socket(socket.AF_UNIX)
 s.connect(sys.argv[1])
-frames.send(s, json.loads(sys.argv[2]))
+frames.send(s, json.loads(sys.stdin.read()))
 while (answer := frames.recv(s, idle=120, within=120)) is not None:
     print(json.dumps(answer), flush=True)
     if answer["type"] in ("end", "error"):
@@ -531,8 +550,8 @@ while (answer := frames.recv(s, idle=120, within=120)) is not None:
 
 def ask_as(node: Node, uid: int, message: dict) -> list[dict]:
     """`message` sent as a raw frame by a process of `uid`; its answers."""
-    done = subprocess.run(as_uid(uid, "-c", ASK_AS, str(node.socket), json.dumps(message)), capture_output=True,
-                          text=True, timeout=120, cwd="/")
+    done = subprocess.run(as_uid(uid, "-c", ASK_AS, str(node.socket)), input=json.dumps(message),
+                          capture_output=True, text=True, timeout=120, cwd="/")
     assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in done.stdout.splitlines()]
 

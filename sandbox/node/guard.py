@@ -14,8 +14,6 @@ from ..core.ratelimit import TokenBucket
 from ..job.files import MAX_INPUTS
 from .executor import QueueFull
 
-MAX_SOURCE_HELD_PER_UID = 256 << 20  # bytes of kernel source a uid's queued jobs hold in the service
-
 
 def raise_open_files() -> int:
     """Raise RLIMIT_NOFILE as far as allowed (root: to fs.nr_open; else to the hard limit); the new
@@ -39,7 +37,7 @@ def raise_open_files() -> int:
 class Guard:
     """`[service]`'s bounds: `max_connections_per_uid` and `max_connections`, `request_rate` and
     `request_burst` per uid, `max_input_files_per_uid` and half the open-file limit for all, and
-    MAX_SOURCE_HELD_PER_UID."""
+    `max_held_bytes_per_uid`."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -47,7 +45,7 @@ class Guard:
         self._connections: dict[int, int] = {}
         self._buckets: dict[int, TokenBucket] = {}
         self._held: dict[int, int] = {}  # input descriptors held for each uid's unfinished jobs
-        self._sources: dict[int, int] = {}  # ... and bytes of their kernel files' contents
+        self._bytes: dict[int, int] = {}  # ... and bytes of their requests (sources, args, shipped code)
         self._held_cap = max(MAX_INPUTS, raise_open_files() // 2)
 
     def connect(self, uid: int) -> str | None:
@@ -74,24 +72,25 @@ class Guard:
         with self._lock:
             return self._buckets.setdefault(uid, TokenBucket(rate, burst)).take()
 
-    def hold(self, uid: int, files: int, source: int) -> None:
-        """Count what `uid`'s unfinished jobs hold: `files` more input descriptors and `source` more
-        bytes of kernel source (negative: fewer). Raises QueueFull past `max_input_files_per_uid`,
-        the node's share of the file table, or MAX_SOURCE_HELD_PER_UID."""
+    def hold(self, uid: int, files: int, size: int) -> None:
+        """Count what `uid`'s unfinished jobs hold: `files` more input descriptors and `size` more
+        bytes of their requests (negative: fewer). Raises QueueFull past `max_input_files_per_uid`,
+        the node's share of the file table, or `max_held_bytes_per_uid`."""
         per_uid = self.settings.max_input_files_per_uid or 1 << 30
+        bytes_per_uid = self.settings.max_held_bytes_per_uid or 1 << 62
         with self._lock:
             mine, total = self._held.get(uid, 0), sum(self._held.values())
-            sources = self._sources.get(uid, 0)
+            held = self._bytes.get(uid, 0)
             if files > 0 and mine + files > per_uid:
                 refusal = (f"uid {uid} holds {mine} input files for its unfinished jobs "
                            f"([service] max_input_files_per_uid={per_uid})")
             elif files > 0 and total + files > self._held_cap:
                 refusal = f"the node holds {total} input files for unfinished jobs (half its open-file limit)"
-            elif source > 0 and sources + source > MAX_SOURCE_HELD_PER_UID:
-                refusal = (f"uid {uid} holds {sources} bytes of kernel source for its unfinished jobs (at most "
-                           f"{MAX_SOURCE_HELD_PER_UID})")
+            elif size > 0 and held + size > bytes_per_uid:
+                refusal = (f"uid {uid}'s unfinished jobs hold {held} bytes of requests, and this one has {size} "
+                           f"([service] max_held_bytes_per_uid={bytes_per_uid})")
             else:
                 refusal = None
-                self._held[uid], self._sources[uid] = mine + files, sources + source
+                self._held[uid], self._bytes[uid] = mine + files, held + size
         if refusal is not None:
             raise QueueFull(refusal)

@@ -140,7 +140,9 @@ class JobRecord:
     source: bytes | None
     inputs: Descriptors = field(default_factory=Descriptors)
     files: Spool = field(default_factory=Spool)
-    held: int = 0  # bytes of `source` counted against the submitter by the service's guard
+    held: int = 0  # bytes of the request counted against the submitter by the service's guard
+    followed: bool = False  # a client follows the job: it still needs the result once the job ends
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     submitted: float = field(default_factory=time.time)
     state: str = "queued"  # queued, running, done
     sample: Sample | None = None
@@ -152,6 +154,28 @@ class JobRecord:
     def notify(self) -> None:
         for event in list(self.watchers):
             event.set()
+
+    def unfollow(self) -> None:
+        """Its follower has its result, or is gone."""
+        with self._lock:
+            self.followed, done = False, self.result is not None
+        if done:
+            self._drop()
+
+    def ended(self) -> None:
+        """Called once its result is set."""
+        with self._lock:
+            followed = self.followed
+        if not followed:
+            self._drop()
+
+    def _drop(self) -> None:
+        """What a finished job no longer needs (kept up to KEEP_FINISHED times): its arguments,
+        shipped code and source, its future, and the return value nobody will fetch."""
+        self.source, self.future = None, None
+        self.spec = self.spec.model_copy(update={"args": [], "kwargs": {}, "shipped": None, "env": {}})
+        if self.result is not None and self.result.return_value is not None:
+            self.result = self.result.model_copy(update={"return_value": None})
 
     def row(self) -> dict:
         """The job for `ps`: id, tenant, user, state, usage."""

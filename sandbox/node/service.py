@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import selectors
 import signal
@@ -170,8 +171,9 @@ class Service:
             stream.send({"type": "ps", "jobs": sorted(rows, key=lambda row: row["submitted"])})
         elif isinstance(request, protocol.Cancel):
             record = self._visible(peer, request.job_id)
-            if record.state != "done" and record.future is not None:
-                record.future.cancel()
+            future = record.future  # None once the record is slimmed
+            if record.state != "done" and future is not None:
+                future.cancel()
             stream.send({"type": "cancelled", "job_id": request.job_id, "state": record.state})
         elif isinstance(request, protocol.Logs):
             stream.logs(self._visible(peer, request.job_id), request.follow)
@@ -202,9 +204,11 @@ class Service:
             mine = fds[:len(job.input_names())]
             del fds[:len(mine)]
             try:
-                record = self._admit(peer, job, number, mine)
-            except (Refused, ConfigError, protocol.ProtocolError, QueueFull) as err:
+                record = self._admit(peer, job, number, mine, request.follow)
+            except BaseException as err:
                 close_fds(mine)
+                if not isinstance(err, (Refused, ConfigError, protocol.ProtocolError, QueueFull)):
+                    raise
                 code = getattr(err, "code", type(err).__name__)
                 answers.append({"job_id": None, "state": "refused", "code": code, "reason": str(err)})
                 continue
@@ -221,11 +225,14 @@ class Service:
             if request.follow:  # the client left before following: its jobs end with it
                 for record in records:
                     record.files.close()
-                    if record.future is not None:
-                        record.future.cancel()
+                    future = record.future
+                    if future is not None:
+                        future.cancel()
+                    record.unfollow()
             raise
 
-    def _admit(self, peer: Peer, job: protocol.JobRequest, number: int, inputs: list[int]) -> JobRecord:
+    def _admit(self, peer: Peer, job: protocol.JobRequest, number: int, inputs: list[int],
+               followed: bool) -> JobRecord:
         """The admitted job's record, which then owns `inputs`; raises (leaving them) when refused."""
         if self.draining:
             raise protocol.ProtocolError("Draining", "the service is shutting down: no new jobs")
@@ -239,18 +246,20 @@ class Service:
         if self.settings.max_queued is not None and self.jobs.active() >= self.settings.max_queued:
             raise QueueFull(f"the node has {self.jobs.active()} jobs queued or running ([service] max_queued="
                             f"{self.settings.max_queued})")
-        record = JobRecord(spec, peer, job.source.encode() if job.source is not None else None, Descriptors(inputs))
-        self.guard.hold(peer.uid, len(inputs), len(record.source or b""))
-        record.held = len(record.source or b"")
+        record = JobRecord(spec, peer, job.source.encode() if job.source is not None else None, Descriptors(inputs),
+                           followed=followed)
+        held = len(record.source or b"") + len(json.dumps(job.model_extra or {}))  # args, kwargs, shipped
+        self.guard.hold(peer.uid, len(inputs), held)
+        record.held = held
         self.jobs.add(record)  # before submit: a worker may start it at once
         try:
             record.future = self.executor.submit(spec)
-        except (QueueFull, RuntimeError) as err:
+        except BaseException as err:  # e.g. the audit record of a rejection could not be written
             self.jobs.discard(record)
             self.guard.hold(peer.uid, -len(inputs), -record.held)
-            if isinstance(err, QueueFull):
-                raise
-            raise protocol.ProtocolError("Draining", "the service is shutting down: no new jobs") from None
+            if isinstance(err, RuntimeError):  # the executor shut down under us
+                raise protocol.ProtocolError("Draining", "the service is shutting down: no new jobs") from None
+            raise
         record.future.add_done_callback(lambda future: self._finished(record, future))
         return record
 
@@ -258,7 +267,6 @@ class Service:
         """The executor's callback for a job's end: whatever fails here, the job gets its verdict."""
         record.inputs.close()  # a job cancelled in the queue never took them
         self.guard.hold(record.peer.uid, -len(record.spec.inputs), -record.held)
-        record.source = None
         result, unrecorded = outcome(record, future, self.supervisor.launcher.name, self._cancel_reason)
         try:
             if unrecorded:
@@ -268,6 +276,7 @@ class Service:
                   flush=True)
         finally:
             self.jobs.finish(record, result, result.exit_status)
+            record.ended()
 
     # --- stopping --------------------------------------------------------------------------------
 

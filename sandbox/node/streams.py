@@ -66,6 +66,7 @@ class Stream:
                         self.send({"type": "result", "job_id": job_id, "exit_status": result.exit_status,
                                    "result": result.model_dump(mode="json")})
                         pending.remove(record)
+                        record.unfollow()
                 if not pending:
                     self.send({"type": "end"})
                     return
@@ -75,8 +76,10 @@ class Stream:
                 record.watchers.discard(wake)
                 record.files.close()
             for record in pending:
-                if record.future is not None:
-                    record.future.cancel()
+                future = record.future  # None once the record is slimmed
+                if future is not None:
+                    future.cancel()
+                record.unfollow()
 
     def files(self, record: JobRecord) -> None:
         """Each output file as a "file" frame carrying its descriptor, opened one at a time; then
