@@ -24,6 +24,7 @@ demo: $(STAMP)
 	TAICHI_SANDBOX_LIMITS=limits.toml XDG_STATE_HOME=$(DEMO_STATE) $(PY) examples/demo.py
 
 bench: $(STAMP)
+	$(PY) -m compileall -q sandbox  # byte-compiled, as an installed package is (PYTHONDONTWRITEBYTECODE may be set)
 	$(PY) benchmarks/run.py
 
 clean:
