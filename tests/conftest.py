@@ -100,9 +100,10 @@ def kernel(name: str) -> str:
     return str(KERNELS / name)
 
 
-def _alive(proc: psutil.Process) -> bool:
+def alive(proc: psutil.Process | int) -> bool:
+    """Whether a process (or pid) runs: not gone, not a zombie (it may end between any two reads)."""
     try:
-        return proc.status() != psutil.STATUS_ZOMBIE
+        return (proc if isinstance(proc, psutil.Process) else psutil.Process(proc)).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 
@@ -138,25 +139,25 @@ def job_processes(sup: Supervisor, job_id: str, pids=()) -> list[psutil.Process]
     process in another PID namespace)."""
     found = {}
     if sup.namespaces_unavailable() is None:
-        found.update((p.pid, p) for p in _in_other_pid_namespaces() if _alive(p))
+        found.update((p.pid, p) for p in _in_other_pid_namespaces() if alive(p))
         pids = ()
     for proc in psutil.process_iter():
         try:
-            if _alive(proc) and proc.environ().get("TAICHI_SANDBOX_JOB") == job_id:
+            if alive(proc) and proc.environ().get("TAICHI_SANDBOX_JOB") == job_id:
                 found[proc.pid] = proc
         except psutil.Error:
             continue
     server = getattr(sup.launcher, "server_pid", None)
     if server is not None:
         for proc in psutil.Process(server).children(recursive=True):
-            if _alive(proc):
+            if alive(proc):
                 found[proc.pid] = proc
     for pid in pids:
         try:
             proc = psutil.Process(pid)
         except psutil.Error:
             continue
-        if _alive(proc):
+        if alive(proc):
             found[pid] = proc
     return list(found.values())
 

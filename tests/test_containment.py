@@ -6,11 +6,9 @@ import json
 import os
 from pathlib import Path
 
-import psutil
-
 from sandbox import JobSpec, Limits, Supervisor, Verdict
 
-from .conftest import kernel, make_policy, run
+from .conftest import alive, kernel, make_policy, run
 
 
 def test_ti_init_escape_attempts_keep_supervisor_settings(any_supervisor):
@@ -102,4 +100,4 @@ def test_orphan_that_left_before_any_sample_is_still_killed(any_supervisor, tmp_
         assert any("killed 1 leftover" in n for n in r.notes), r.notes
         return
     assert any("leftover" in n and str(pid) in n for n in r.notes), r.notes
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not alive(pid)

@@ -16,7 +16,7 @@ import pytest
 from sandbox import ConfigError, JobSpec, Limits, Policy, Supervisor, Verdict
 from sandbox.core.limits import Settings, Tenant
 
-from .conftest import ROOT, assert_no_survivors, kernel
+from .conftest import ROOT, alive as is_alive, assert_no_survivors, kernel
 
 FORK_200 = """
 import os, sys, time
@@ -105,7 +105,7 @@ def _orphan_check(argv: list[str], tmp_path) -> None:
     alive = pids
     while alive and time.monotonic() < deadline:
         time.sleep(0.05)
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        alive = [p for p in pids if is_alive(p)]
     assert alive == [], f"{len(alive)} job processes outlived the supervisor"
     deadline = time.monotonic() + 2.0
     while os.listdir(temp) and time.monotonic() < deadline:

@@ -21,7 +21,7 @@ from sandbox import ray as sray  # noqa: E402
 from sandbox.node.executor import Capacity  # noqa: E402
 from sandbox.core.limits import GiB, Settings, load_policy  # noqa: E402
 
-from .conftest import kernel  # noqa: E402
+from .conftest import alive, kernel  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +136,7 @@ def _running_job_pids() -> list[int]:
 def _gone(pids: list[int], within: float = 3.0) -> bool:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        if not alive:
+        if not any(alive(p) for p in pids):
             return True
         time.sleep(0.05)
     return False
