@@ -58,8 +58,11 @@ class ScriptedSampler(GpuSampler):
         with self.lock:
             self.reads += 1
             used = None if self.step is None else self.step * self.reads
-        server = psutil.Process(self.sup[0].launcher.server_pid)
-        return {p.pid: used for p in server.children(recursive=True)}
+        try:
+            children = psutil.Process(self.sup[0].launcher.server_pid).children(recursive=True)
+        except psutil.Error:  # a process of the job ended while its tree was read
+            return {}
+        return {p.pid: used for p in children}
 
     def utilization(self, device: GpuDevice) -> int | None:
         return 50
