@@ -79,6 +79,7 @@ def run(
     gpu_memory: Optional[str] = typer.Option(None, help="bytes (e.g. 2GiB) or fraction (e.g. 50%)"),
     max_processes: Optional[int] = typer.Option(None, help="processes in the job tree"),
     max_output: Optional[str] = typer.Option(None, help="stdout+stderr bytes, e.g. 10MiB"),
+    max_result: Optional[str] = typer.Option(None, help="bytes of an entry function's return value, e.g. 1GiB"),
     grace: Optional[str] = typer.Option(None, help="SIGTERM -> SIGKILL delay, e.g. 2s"),
     launcher: Optional[str] = typer.Option(None, help="forkserver | exec"),
     inputs: Optional[List[str]] = typer.Option(None, "--input", help="File copied read-only into the job's dir "
@@ -92,7 +93,7 @@ def run(
     """Run one Taichi job: its output streams live, then its verdict (on stderr)."""
     overrides = {k: v for k, v in dict(cpu_time=cpu_time, wall_time=wall_time, memory=memory,
                                         address_space=address_space, gpu_memory=gpu_memory,
-                                        max_processes=max_processes, max_output=max_output,
+                                        max_processes=max_processes, max_output=max_output, max_result=max_result,
                                         grace=grace).items() if v is not None}
     extra = extra or []
     try:

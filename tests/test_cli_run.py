@@ -51,6 +51,13 @@ def test_scripts_own_exit_status_passes_through_outside_the_sandboxs_codes(tmp_p
     assert f"exit status {status}" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_max_result_on_the_command_line(tmp_path):
+    job = write(tmp_path, "big.py", "def main():\n    return 'x' * 100_000\n")
+    p = cli("run", job, "--entry", "main", "--max-result", "10KiB", tmp_path=tmp_path)
+    assert p.returncode == 114 and "verdict: result" in p.stderr, p.stderr
+    assert cli("run", job, "--entry", "main", "--max-result", "1MiB", "--json", tmp_path=tmp_path).returncode == 0
+
+
 def test_sandbox_verdict_codes_stay_apart_from_job_statuses(tmp_path):
     p = cli("run", kernel("saxpy.py"), "--tenant", "nobody", tmp_path=tmp_path)
     assert p.returncode == 2  # no such tenant: a usage error

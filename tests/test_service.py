@@ -164,6 +164,10 @@ def test_run_reads_the_kernel_as_the_client_and_streams_output_and_verdict(node,
     assert result["verdict"] == "ok" and result["stdout_tail"].startswith("uid 6")  # the tenant's uid, not alice's
     human = node.cli(ALICE, "run", "mine.py", cwd=home)
     assert human.returncode == 0 and human.stdout.startswith("uid 6") and "verdict: ok" in human.stderr
+    (home / "big.py").write_text("def main():\n    return 'x' * 100_000\n")
+    os.chown(home / "big.py", ALICE, ALICE)
+    capped = node.cli(ALICE, "run", "big.py", "--entry", "main", "--max-result", "10KiB", cwd=home)
+    assert capped.returncode == 114 and "verdict: result" in capped.stderr, capped.stderr
     # A path alone is never opened by the service (it would open it as root).
     refused = node.ask({"op": "submit", "jobs": [{"kernel": str(home / "mine.py")}]})[0]
     assert refused["jobs"][0]["state"] == "refused" and "send the file's contents" in refused["jobs"][0]["reason"]
