@@ -155,10 +155,12 @@ def _through_service(path, spec: JobSpec) -> str:
                 on_answer=lambda a: submitted.update(a["jobs"][0]) if a["type"] == "submitted" else None)
         except remote.ClientError as err:
             lost = err.code == remote.EXIT_INTERNAL
-            return _unran(spec, Verdict.crashed if lost else Verdict.rejected, str(err), started)
+            return JobResult.not_run(spec, Verdict.crashed if lost else Verdict.rejected, str(err),
+                                     started).model_dump_json()
         if not results:
-            return _unran(spec, Verdict.rejected, f"the node service refused the job: {answer['jobs'][0].get('code')}: "
-                                                  f"{answer['jobs'][0].get('reason')}", started)
+            refused = answer["jobs"][0]
+            return JobResult.not_run(spec, Verdict.rejected, f"the node service refused the job: {refused.get('code')}: "
+                                                             f"{refused.get('reason')}", started).model_dump_json()
         return json.dumps(results[0]["result"])
 
     def cancel() -> None:
@@ -171,11 +173,6 @@ def _through_service(path, spec: JobSpec) -> str:
             except remote.ClientError:
                 pass  # the job ended meanwhile, or the service is gone with it
     return _cancellable(follow, cancel, spec.job_id)
-
-
-def _unran(spec: JobSpec, verdict: Verdict, reason: str, started: float) -> str:
-    return JobResult(job_id=spec.job_id, kernel=spec.kernel, arch=spec.arch, verdict=verdict, reason=reason,
-                     labels=spec.labels, started_at=started, ended_at=time.time()).model_dump_json()
 
 
 def submit(spec: JobSpec | Callable, policy: Policy | None = None, device_memory: int | None = None,

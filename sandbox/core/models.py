@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from enum import Enum
 from pathlib import Path, PurePosixPath
@@ -275,6 +276,16 @@ class JobResult(BaseModel):
     @property
     def ok(self) -> bool:
         return self.verdict is Verdict.ok
+
+    @classmethod
+    def not_run(cls, spec: "JobSpec", verdict: Verdict, reason: str, started: float | None = None,
+                launcher: str = "") -> "JobResult":
+        """The result of a job that has no verdict of its own (refused, cancelled before it started,
+        lost with its supervisor): `started` defaults to now, and it ends now."""
+        now = time.time()
+        return cls(job_id=spec.job_id, kernel=spec.kernel, arch=spec.arch, verdict=verdict, reason=reason,
+                   labels=spec.labels, started_at=now if started is None else started, ended_at=now,
+                   launcher=launcher)
 
     @property
     def exit_status(self) -> int:

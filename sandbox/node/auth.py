@@ -103,9 +103,9 @@ def within_rights(policy: Policy, spec: JobSpec) -> JobSpec:
     higher: the node is theirs); a priority no higher than its tenant's, nor its job type's (a job
     type cannot lift a job past its tenant). An explicit priority above that is refused; the one a
     job type would give is lowered to it. Raises ConfigError naming what is too high."""
-    policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
+    limits = policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
     if spec.tenant is None:
-        above = policy.resolve(spec.profile, None, spec.limits, spec.job_type).above(policy.defaults)
+        above = limits.above(policy.defaults)
         if above:
             raise ConfigError(f"a job without a tenant may lower its limits, not raise them past [defaults]: "
                               f"{'; '.join(above)}")

@@ -175,9 +175,7 @@ class SandboxExecutor:
 
     def _reject(self, future: JobFuture, code: str, message: str) -> JobFuture:
         spec = future.spec
-        result = JobResult(job_id=spec.job_id, kernel=spec.kernel, arch=spec.arch, verdict=Verdict.rejected,
-                           reason=message, labels=spec.labels, started_at=time.time(), ended_at=time.time(),
-                           launcher=self.supervisor.launcher.name)
+        result = JobResult.not_run(spec, Verdict.rejected, message, launcher=self.supervisor.launcher.name)
         self.supervisor.audit.record(result, spec.tenant)
         with self._cv:
             self._tenants.setdefault(future.tenant, TenantUsage()).rejections += 1

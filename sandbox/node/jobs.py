@@ -155,6 +155,18 @@ class JobRecord:
         for event in list(self.watchers):
             event.set()
 
+    def cancel(self) -> None:
+        """Cancel it (a no-op once it ended)."""
+        future = self.future  # None once its record is slimmed
+        if future is not None:
+            future.cancel()
+
+    def abandon(self) -> None:
+        """Its follower is gone before its result: cancel it and drop its output files."""
+        self.files.close()
+        self.cancel()
+        self.unfollow()
+
     def unfollow(self) -> None:
         """Its follower has its result, or is gone."""
         with self._lock:
@@ -283,9 +295,7 @@ def outcome(record: JobRecord, future, launcher: str, cancelled: str) -> tuple[J
         verdict, reason = Verdict.cancelled, cancelled
     except Exception as err:  # noqa: BLE001 - the sandbox failed, not the job: a verdict all the same
         verdict, reason = Verdict.crashed, f"internal error: {type(err).__name__}: {err}"
-    now = time.time()
-    return JobResult(job_id=spec.job_id, kernel=spec.kernel, arch=spec.arch, verdict=verdict, reason=reason,
-                     labels=spec.labels, started_at=now, ended_at=now, launcher=launcher), True
+    return JobResult.not_run(spec, verdict, reason, launcher=launcher), True
 
 
 class NodeAudit(AuditLog):

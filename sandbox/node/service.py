@@ -171,9 +171,7 @@ class Service:
             stream.send({"type": "ps", "jobs": sorted(rows, key=lambda row: row["submitted"])})
         elif isinstance(request, protocol.Cancel):
             record = self._visible(peer, request.job_id)
-            future = record.future  # None once the record is slimmed
-            if record.state != "done" and future is not None:
-                future.cancel()
+            record.cancel()
             stream.send({"type": "cancelled", "job_id": request.job_id, "state": record.state})
         elif isinstance(request, protocol.Logs):
             stream.logs(self._visible(peer, request.job_id), request.follow)
@@ -219,17 +217,13 @@ class Service:
                             "reason": result.reason if result is not None else ""})
         try:
             stream.send({"type": "submitted", "jobs": answers})
-            if request.follow:
-                stream.follow(records, request.output, request.samples)
         except BaseException:
             if request.follow:  # the client left before following: its jobs end with it
                 for record in records:
-                    record.files.close()
-                    future = record.future
-                    if future is not None:
-                        future.cancel()
-                    record.unfollow()
+                    record.abandon()
             raise
+        if request.follow:
+            stream.follow(records, request.output, request.samples)
 
     def _admit(self, peer: Peer, job: protocol.JobRequest, number: int, inputs: list[int],
                followed: bool) -> JobRecord:

@@ -74,12 +74,8 @@ class Stream:
         finally:
             for record in records:
                 record.watchers.discard(wake)
-                record.files.close()
             for record in pending:
-                future = record.future  # None once the record is slimmed
-                if future is not None:
-                    future.cancel()
-                record.unfollow()
+                record.abandon()
 
     def files(self, record: JobRecord) -> None:
         """Each output file as a "file" frame carrying its descriptor, opened one at a time; then

@@ -284,9 +284,7 @@ class Supervisor:
 
     def _not_run(self, spec: JobSpec, reason: str, started: float, verdict: Verdict = Verdict.rejected) -> JobResult:
         """The result of a job that never started: `rejected`, or `crashed` when the launcher failed."""
-        result = JobResult(job_id=spec.job_id, kernel=spec.kernel, arch=spec.arch, verdict=verdict,
-                           reason=reason, labels=spec.labels, started_at=started, ended_at=time.time(),
-                           launcher=self.launcher.name)
+        result = JobResult.not_run(spec, verdict, reason, started, self.launcher.name)
         self.audit.record(result, spec.tenant)
         return result
 
