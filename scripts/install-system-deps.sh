@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Debian packages the tests use: Mesa's lavapipe (software Vulkan) so arch=vulkan runs without a GPU.
+# Debian packages: libseccomp2 (the jobs' system-call filter, through pyseccomp) and, for the tests,
+# Mesa's lavapipe (software Vulkan) so arch=vulkan runs without a GPU.
 set -eu
-pkgs="mesa-vulkan-drivers libvulkan1"
+pkgs="libseccomp2 mesa-vulkan-drivers libvulkan1"
 if dpkg -s $pkgs >/dev/null 2>&1; then exit 0; fi
 if ! command -v apt-get >/dev/null 2>&1; then echo "no apt-get: install $pkgs yourself" >&2; exit 1; fi
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

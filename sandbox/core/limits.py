@@ -228,6 +228,7 @@ class Settings(_Strict):
     cgroups: Literal["auto", "off", "required"] = "auto"
     isolation: Literal["auto", "off", "required"] = "auto"
     rootfs: Literal["read-only", "writable"] = "read-only"  # in the job's mount namespace, beyond its own dirs
+    syscall_filter: Literal["default", "off"] = "default"  # seccomp-bpf in every job (sandbox.job.syscalls)
     uid_range: str = "60000-60999"
     allow_root: bool = False
 

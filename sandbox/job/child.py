@@ -3,7 +3,8 @@
 Order matters and is the contract: join the job cgroup (before anything else runs, so everything the
 job does is counted) → die with the parent (PR_SET_PDEATHSIG) → own session → subreaper → rlimits
 → scrubbed environment and private directories → with isolation, new namespaces, a relay outside,
-an init inside and the tenant's uid (sandbox.job.namespaces) → guarded `ti.init` → run the job (a shipped
+an init inside and the tenant's uid (sandbox.job.namespaces) → the system-call filter
+(sandbox.job.syscalls) → guarded `ti.init` → run the job (a shipped
 callable is unpickled here, sandbox.job.shipping) → write its return value (sandbox.job.results) → report
 one JSON result on the channel → `ti.reset()` (writes the offline cache) → `os._exit`.
 
@@ -27,7 +28,7 @@ from pydantic import BaseModel
 from ..core import channel
 from ..core.models import Shipped
 from ..core.values import wire
-from . import results
+from . import results, syscalls
 from .shipping import receive
 
 PR_SET_PDEATHSIG = 1
@@ -75,6 +76,7 @@ class ChildPlan(BaseModel):
     tmpfs_bytes: int | None = None
     cgroup_join: list[str] = []  # files the child writes "0" to, to join its job cgroup (JobCgroup.join_files)
     max_result: int | None = None  # bytes of result files (sandbox.job.results)
+    syscall_filter: bool = False  # install the system-call filter before the job runs (sandbox.job.syscalls)
 
 
 def _prctl(option: int, value: int) -> None:
@@ -224,10 +226,12 @@ def execute(plan: ChildPlan, channel_fd: int) -> None:
             from . import namespaces
             namespaces.enter(plan.network, plan.tmpfs_bytes, channel_fd, _report_leftovers, plan.netns_fd,
                              (plan.uid, plan.gid) if plan.uid is not None else None, plan.expose, plan.status_fd,
-                             plan.read_only)
+                             plan.read_only, plan.cgroup_join)
             os.chdir(plan.workdir)  # through the new mounts: the old cwd's ".." leads to the host's /tmp
         elif plan.netns_fd is not None:
             os.close(plan.netns_fd)  # the fork-server's ready network namespace, not wanted here
+        if plan.syscall_filter:
+            syscalls.install()  # after the namespaces and the uid switch, before any of the job's code
         signal.signal(signal.SIGXCPU, _on_sigxcpu(channel_fd))
         guard_ti_init(plan, channel_fd)
     except BaseException as err:  # noqa: BLE001 - reported, then the child ends
@@ -266,6 +270,8 @@ def main() -> None:
     plan_fd, channel_fd = int(sys.argv[1]), int(sys.argv[2])
     with os.fdopen(plan_fd, "rb") as f:
         plan = ChildPlan.model_validate_json(f.read())
+    if plan.syscall_filter:
+        syscalls.prepare()  # built before the job's process is confined; there it is only loaded
     execute(plan, channel_fd)
 
 

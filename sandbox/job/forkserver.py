@@ -28,7 +28,7 @@ import socket
 import struct
 import sys
 
-from . import child, namespaces
+from . import child, namespaces, syscalls
 
 PRELOAD = ("taichi", "numpy")
 MAX_PLAN_BYTES = 1 << 22
@@ -149,6 +149,7 @@ def serve(control_fd: int, audit: str | None = None) -> None:
     child._prctl(child.PR_SET_CHILD_SUBREAPER, 1)
     for name in PRELOAD:
         __import__(name)
+    syscalls.prepare()  # each job only loads the filter
     control = socket.socket(fileno=control_fd)
     control.setblocking(False)
     wake_r, wake_w = os.pipe()

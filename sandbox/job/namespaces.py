@@ -1,4 +1,4 @@
-"""The job side of isolation: new PID, mount, IPC, UTS and (optionally) network namespaces.
+"""The job side of isolation: new PID, mount, IPC, UTS, cgroup and (optionally) network namespaces.
 
 Three roles, each with one task (`enter()` returns only in the job):
 
@@ -8,7 +8,8 @@ Three roles, each with one task (`enter()` returns only in the job):
            straight into a new PID namespace and reads the status pipe); otherwise the launcher's
            child unshares, forks the init and relays (`_relay`).
     init   (PID 1 inside): makes the mounts private and mounts a private /dev/shm (a relaying child
-           does those two before it forks the init), then a fresh /proc and a
+           does those two before it forks the init), then a fresh /proc, only the job's own
+           cgroup at /sys/fs/cgroup (`private_cgroups`; the job has a cgroup namespace) and a
            private /tmp and /var/tmp (`private_tmp`; tmpfs charged to the job's cgroup), exposes what
            the job's uid cannot reach (`expose_paths`), optionally makes the rest read-only
            (`read_only_rest`), forks the job, reaps orphans, and when the job's process ends
@@ -37,8 +38,11 @@ import struct
 import sys
 import tempfile
 
+from .cgroup.host import CGROUP_ROOT
+from .cgroup.view import joined_hierarchies
+
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
-CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWUSER = 0x20000000, 0x40000000, 0x10000000
+CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWUSER, CLONE_NEWCGROUP = 0x20000000, 0x40000000, 0x10000000, 0x02000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 0x1, 0x2, 0x4, 0x8, 0x20
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_MOVE, MS_REC = 0x400, 0x800, 0x1000, 0x2000, 0x4000
 MS_PRIVATE, MS_RELATIME, ST_RELATIME = 1 << 18, 1 << 21, 0x1000
@@ -98,7 +102,7 @@ def fresh_netns() -> int | None:
 
 def enter(network: str, tmpfs_bytes: int | None, channel_fd: int, on_leftovers, netns_fd: int | None = None,
           ids: tuple[int, int] | None = None, expose: list[tuple[str, bool]] = (),
-          status_fd: int | None = None, read_only: bool = False) -> None:
+          status_fd: int | None = None, read_only: bool = False, cgroup_join: list[str] = ()) -> None:
     """Move the calling (single-threaded) process's job into new namespaces. Returns only in the
     job process; the relay and the init never return. `on_leftovers(fd, count)` is called by the
     init when it had to kill processes the job left behind. `netns_fd`: a fresh network namespace
@@ -108,9 +112,11 @@ def enter(network: str, tmpfs_bytes: int | None, channel_fd: int, on_leftovers, 
     with `ids` ((uid, gid) the job runs as), made reachable for that uid. `status_fd`: the caller
     is already PID 1 of a new PID namespace, made by its parent (the fork-server), which relays:
     it becomes the init at once and writes the job's status there (`init_report`). `read_only`:
-    the rest of the filesystem becomes read-only for the job (`read_only_rest`)."""
+    the rest of the filesystem becomes read-only for the job (`read_only_rest`). `cgroup_join`:
+    the files by which the caller joined its job cgroup (`private_cgroups`)."""
     fresh = netns_fd is not None and network == "none"
-    flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (CLONE_NEWNET if network == "none" and not fresh else 0)
+    flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP  # its cgroup (joined already) is its "/"
+    flags |= CLONE_NEWNET if network == "none" and not fresh else 0
     flags |= CLONE_NEWPID if status_fd is None else 0
     enter_user_namespace(flags) if os.geteuid() else unshare(flags)
     if fresh:
@@ -131,6 +137,7 @@ def enter(network: str, tmpfs_bytes: int | None, channel_fd: int, on_leftovers, 
         os.close(status_r)
         _die_with_parent()
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # shows this PID namespace only
+    private_cgroups(cgroup_join)
     needed = [*((p, False) for p in interpreter_paths()), *expose]
     private_tmp(needed, tmpfs_bytes)
     if ids is not None:
@@ -147,6 +154,29 @@ def enter(network: str, tmpfs_bytes: int | None, channel_fd: int, on_leftovers, 
             drop_capabilities()  # those of its user namespace: else it could unmount its private /tmp
         return
     _init(job, status_fd, channel_fd, on_leftovers)
+
+
+def private_cgroups(join_files: list[str]) -> None:
+    """Show the job at /sys/fs/cgroup only its own cgroup, read-only: a fresh mount of each
+    hierarchy it joined (in its cgroup namespace, the job's cgroup is the root: its own limits are
+    readable where a container reads them) on an empty tmpfs that hides the host's hierarchies,
+    other jobs' ids and usage among them. On a unified v2 host, a fresh cgroup2 mount there."""
+    if not os.path.isdir(CGROUP_ROOT):
+        return
+    with open("/proc/self/mountinfo") as f:
+        hierarchies = joined_hierarchies(f.read(), join_files)
+    sealed = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+    if any(place == "" for place, _, _ in hierarchies):
+        mount("cgroup2", CGROUP_ROOT, "cgroup2", sealed)
+        return
+    stage = tempfile.mkdtemp(prefix="cgroup-", dir="/dev/shm")
+    mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k")
+    for place, fstype, data in hierarchies:
+        os.makedirs(f"{stage}/{place}", 0o755)
+        mount(fstype, f"{stage}/{place}", fstype, sealed, data)
+    mount(None, stage, None, MS_BIND | MS_REMOUNT | sealed)
+    mount(stage, CGROUP_ROOT, None, MS_MOVE)
+    os.rmdir(stage)
 
 
 def interpreter_paths() -> list[str]:
@@ -404,7 +434,7 @@ def probe() -> str | None:
     in a throwaway interpreter: the supervisor itself never unshares or forks)."""
     import subprocess
     import sys
-    flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET
+    flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET | CLONE_NEWCGROUP
     try:
         done = subprocess.run([sys.executable, "-S", "-c", PROBE % (flags, CLONE_NEWUSER, MS_REC | MS_PRIVATE)],
                               capture_output=True, text=True, timeout=30)

@@ -6,6 +6,7 @@ Thread-safe: several threads may call `run()` at once (one I/O thread per job; o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -20,7 +21,7 @@ from typing import Callable
 from ..core.audit import AuditLog
 from ..core.limits import DEFAULT_ENV_ALLOW, GiB, ConfigError, Limits, Policy, address_space_for, load_policy
 from ..core.models import JobResult, JobSpec, Sample, Termination, Verdict, Violation
-from ..job import namespaces
+from ..job import namespaces, syscalls
 from ..job.cgroup import CgroupError, CgroupHost, CgroupLimits, JobCgroup, discover, task_limit
 from ..job.child import ChildPlan
 from ..job.files import Sent, collect_job, stage
@@ -189,7 +190,8 @@ class Supervisor:
                          workdir=str(work), parent_pid=0, preinit=function is not None, max_result=limits.max_result)
         if len(plan.model_dump_json()) > MAX_PLAN_BYTES:
             raise ConfigError(f"job too large: its args, kwargs, argv and env exceed {MAX_PLAN_BYTES} bytes")
-        isolation = self._isolate(plan, tenant_key(spec), limits, workdir, cache, notes)
+        isolation = dataclasses.replace(self._isolate(plan, tenant_key(spec), limits, workdir, cache, notes),
+                                        **self._filter_syscalls(plan))
         stage(spec.inputs, spec.output_dir, plan.workdir, (plan.uid, plan.gid) if plan.uid is not None else None,
               sent.inputs if sent is not None else None)
         # The cgroup comes last: nothing after it may raise, or it would be left behind.
@@ -241,6 +243,19 @@ class Supervisor:
         give(cache, ids)
         plan.uid, plan.gid = ids.uid, ids.gid
         return IsolationFacts(True, limits.network, "", tenant_uid=f"uid {ids.uid}", read_only=plan.read_only)
+
+    def _filter_syscalls(self, plan: ChildPlan) -> dict[str, str]:
+        """Give the job the system-call filter (sandbox.job.syscalls) unless the policy turns it
+        off; returns the IsolationFacts fields saying which. A filter that cannot be installed here
+        rejects the job (ConfigError): "default" never silently runs a job unfiltered."""
+        if self.policy.settings.syscall_filter == "off":
+            return {"syscall_filter": "off", "syscalls_note": 'off by policy ([sandbox] syscall_filter = "off")'}
+        why = syscalls.unavailable()
+        if why is not None:
+            raise ConfigError(f'the system-call filter is on ([sandbox] syscall_filter = "default") but {why}; '
+                              'set syscall_filter = "off" to run jobs without it')
+        plan.syscall_filter = True
+        return {"syscall_filter": "hard", "syscalls_note": ""}
 
     def _job_cgroup(self, job_id: str, limits: Limits, threads: int,
                     helpers: int) -> tuple[JobCgroup | None, CgroupFacts]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..core.limits import Limits
 from ..core.models import Enforcement
+from ..job.syscalls import describe as describe_syscall_filter
 
 if TYPE_CHECKING:
     from ..job.cgroup import CgroupHost
@@ -49,6 +50,8 @@ class IsolationFacts:
     tenant_uid: str = ""
     user_namespace: bool = False  # inside a user namespace of its own (a supervisor that is not root)
     read_only: bool = False  # the filesystem beyond its own dirs is read-only ([sandbox] rootfs)
+    syscall_filter: str = "off"  # "hard": its system calls are filtered (sandbox.job.syscalls); else "off" or
+    syscalls_note: str = "not requested"  # "unavailable", and why
 
 
 def _isolation(facts: IsolationFacts) -> dict[str, Enforcement]:
@@ -68,7 +71,13 @@ def _isolation(facts: IsolationFacts) -> dict[str, Enforcement]:
     else:
         uid = Enforcement(level="unavailable", note=f"{facts.shared_uid}: jobs can read and write what that uid "
                           "can (other tenants' caches, the audit log)")
-    return {"namespaces": spaces, "tenant_isolation": uid}
+    if facts.syscall_filter == "hard":
+        filtered = Enforcement(level="hard", by=describe_syscall_filter())
+    else:
+        filtered = Enforcement(level=facts.syscall_filter, note=f"{facts.syscalls_note}: the job may create user "
+                               "namespaces (kernel memory outside its limits), keep keys in its uid's keyring for its "
+                               "next job, and reach bpf, perf events, userfaultfd and io_uring")
+    return {"namespaces": spaces, "tenant_isolation": uid, "syscalls": filtered}
 
 
 def cgroup_facts(host: "CgroupHost") -> CgroupFacts:
@@ -195,12 +204,15 @@ def machine_report(sampler: "GpuSampler") -> dict:
     host = discover()
     from ..job.namespaces import probe as probe_namespaces
     no_namespaces = probe_namespaces()
+    from ..job.syscalls import unavailable as no_syscall_filter
+    unfiltered = no_syscall_filter()
     root = os.geteuid() == 0
     isolation = IsolationFacts(no_namespaces is None, "none", no_namespaces or "",
                                "jobs run as the supervisor's uid (not root)" if not root else
                                f"jobs would run as root ({no_namespaces}): rejected unless allow_root",
                                "each tenant's own uid ([sandbox] uid_range, or run_as)"
-                               if root and no_namespaces is None else "", user_namespace=not root)
+                               if root and no_namespaces is None else "", user_namespace=not root,
+                               syscall_filter="unavailable" if unfiltered else "hard", syscalls_note=unfiltered or "")
     table = {}
     for arch, found in archs.items():
         if found.usable:
@@ -215,5 +227,6 @@ def machine_report(sampler: "GpuSampler") -> dict:
         "mps": {"reachable": mps_dir is not None, "pipe_directory": mps_dir},
         "cgroups": cgroup_report(host),
         "namespaces": {"available": no_namespaces is None, "reason": no_namespaces or ""},
+        "syscall_filter": {"available": unfiltered is None, "reason": unfiltered or ""},
         "enforcement": table,
     }
