@@ -7,9 +7,10 @@ DEMO_STATE := $(CURDIR)/.sandbox-state/demo
 
 .PHONY: setup test demo bench clean
 
-# venv + editable install with test extras; Debian's Mesa lavapipe for arch=vulkan (root or sudo).
+# venv + editable install with test extras; Debian packages (root or sudo): libseccomp2 for the system-call
+# filter, Mesa lavapipe for arch=vulkan.
 $(STAMP): pyproject.toml
-	./scripts/install-system-deps.sh || echo "warning: Mesa lavapipe not installed; vulkan tests will be skipped"
+	./scripts/install-system-deps.sh || echo "warning: libseccomp2 or Mesa lavapipe not installed: jobs are rejected unless [sandbox] syscall_filter = \"off\"; vulkan tests are skipped"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -24,7 +24,10 @@ import pytest
 
 from sandbox import JobSpec, Limits, Policy, Supervisor, Verdict
 from sandbox.core.limits import Settings, Tenant
+from sandbox.job import syscalls
+from sandbox.job.cgroup.view import joined_hierarchies
 from sandbox.job.namespaces import probe
+from sandbox.watch.gpu import probe as probe_arch
 
 from .conftest import kernel
 
@@ -32,7 +35,6 @@ NO_NAMESPACES = probe()
 root_with_namespaces = pytest.mark.skipif(
     os.geteuid() != 0 or NO_NAMESPACES is not None,
     reason=f"jobs run as a tenant's uid in their own namespaces only under a root supervisor ({NO_NAMESPACES})")
-pytestmark = root_with_namespaces
 
 # How each job names what the kernel answered: "ok", or the errno's name.
 PRELUDE = """
@@ -215,6 +217,7 @@ def _report(sup: Supervisor, script: str, *argv: str, tenant: str = "alice", **l
 PATHS = ["forkserver", "exec", "no-namespaces"]
 
 
+@root_with_namespaces
 @pytest.mark.parametrize("path", PATHS)
 def test_a_job_cannot_create_a_user_namespace_and_pin_network_namespaces(tmp_path, path):
     with _supervisor(tmp_path, path) as sup:
@@ -223,7 +226,7 @@ def test_a_job_cannot_create_a_user_namespace_and_pin_network_namespaces(tmp_pat
                      "thread": "ran", "fork": 7, "subprocess": "hi"}
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start a supervisor as another (unprivileged) uid")
+@root_with_namespaces
 def test_under_a_supervisor_that_is_not_root_a_job_cannot_create_namespaces(tmp_path):
     import subprocess
     import sys
@@ -242,6 +245,7 @@ def test_under_a_supervisor_that_is_not_root_a_job_cannot_create_namespaces(tmp_
     assert (found["thread"], found["fork"], found["subprocess"]) == ("ran", 7, "hi")
 
 
+@root_with_namespaces
 def test_a_key_one_job_adds_to_its_user_keyring_does_not_reach_the_tenants_next_job(tmp_path):
     name = f"tsbx-test-{secrets.token_hex(4)}"
     with _supervisor(tmp_path, "forkserver") as sup:
@@ -250,6 +254,7 @@ def test_a_key_one_job_adds_to_its_user_keyring_does_not_reach_the_tenants_next_
     assert added == {"add_key": "EPERM"} and found == {"found": "EPERM"}
 
 
+@root_with_namespaces
 @pytest.mark.parametrize("path", PATHS)
 def test_kernel_attack_surface_calls_are_refused_with_eperm(tmp_path, path):
     with _supervisor(tmp_path, path) as sup:
@@ -258,12 +263,14 @@ def test_kernel_attack_surface_calls_are_refused_with_eperm(tmp_path, path):
     assert found["allowed"] == {"personality PER_LINUX": "ok"}
 
 
+@root_with_namespaces
 def test_an_i386_system_call_through_int_0x80_is_refused(tmp_path):
     with _supervisor(tmp_path, "forkserver") as sup:
         found = _report(sup, _script(tmp_path, "i386.py", I386))
     assert found == {"getpid": "EPERM", "unshare user": "EPERM"}
 
 
+@root_with_namespaces
 def test_a_job_sees_no_other_jobs_cgroup_and_only_its_own_as_the_root(tmp_path):
     release = tmp_path / "release"
     ready = threading.Event()
@@ -290,3 +297,92 @@ def test_a_job_sees_no_other_jobs_cgroup_and_only_its_own_as_the_root(tmp_path):
     own = found["limits"]["/sys/fs/cgroup/memory/memory.limit_in_bytes" if sup.cgroups.version == 1
                           else "/sys/fs/cgroup/memory.max"]
     assert own == str(512 << 20)  # its own limit, read where a container reads it
+
+
+@root_with_namespaces
+def test_with_the_filter_off_the_same_job_creates_namespaces_and_enforcement_says_so(tmp_path):
+    script = _script(tmp_path, "ns.py", NAMESPACES)
+    with _supervisor(tmp_path, "forkserver", syscall_filter="off") as sup:
+        r = sup.run(JobSpec(kernel=script, tenant="alice"))
+    found = json.loads(r.stdout_tail.strip().splitlines()[-1])
+    assert (found["unshare user"], found["network namespaces"]) == ("ok", 50)  # the attack is real
+    assert r.enforcement["syscalls"].level == "off" and 'syscall_filter = "off"' in r.enforcement["syscalls"].note
+    with _supervisor(tmp_path, "forkserver") as sup:
+        on = sup.run(JobSpec(kernel=kernel("tiny.py"), tenant="alice"))
+    assert on.verdict is Verdict.ok and on.enforcement["syscalls"].level == "hard"
+    assert "CLONE_NEW*" in on.enforcement["syscalls"].by and "i386" in on.enforcement["syscalls"].by
+
+
+def test_where_the_filter_cannot_be_installed_jobs_are_rejected_not_run_unfiltered(tmp_path, monkeypatch):
+    monkeypatch.setattr(syscalls, "unavailable", lambda: "pyseccomp cannot load libseccomp (not found)")
+    with Supervisor(_policy(tmp_path, allow_root=True), audit_log=tmp_path / "audit.jsonl") as sup:
+        r = sup.run(JobSpec(kernel=kernel("tiny.py")))
+    assert r.verdict is Verdict.rejected
+    assert r.reason == ('the system-call filter is on ([sandbox] syscall_filter = "default") but pyseccomp cannot '
+                        'load libseccomp (not found); set syscall_filter = "off" to run jobs without it')
+
+
+def test_on_an_architecture_it_was_not_written_for_the_filter_says_so(monkeypatch):
+    monkeypatch.setattr(syscalls.platform, "machine", lambda: "s390x")
+    syscalls._built.cache_clear()
+    syscalls.unavailable.cache_clear()
+    try:
+        assert syscalls.unavailable() == "the system-call filter is written for x86_64 and aarch64, not s390x"
+        with pytest.raises(syscalls.SyscallFilterUnavailable, match="cannot be installed: .* not s390x"):
+            syscalls.install()
+    finally:
+        syscalls._built.cache_clear()
+        syscalls.unavailable.cache_clear()
+
+
+HYBRID = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd,release_agent=/x
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw,nsdelegate
+"""
+UNIFIED = "31 23 0:28 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n"
+
+
+def test_only_the_hierarchies_a_job_joined_are_mounted_afresh_with_their_own_options():
+    joined = ["/sys/fs/cgroup/memory/taichi-sandbox/job-a/tasks", "/sys/fs/cgroup/cpu,cpuacct/taichi-sandbox/job-a/tasks"]
+    assert sorted(joined_hierarchies(HYBRID, joined)) == [("cpu,cpuacct", "cgroup", "cpu,cpuacct"),
+                                                          ("memory", "cgroup", "memory")]
+    assert joined_hierarchies(HYBRID, ["/sys/fs/cgroup/unified/s/job-a/cgroup.procs"]) == [("unified", "cgroup2", None)]
+    assert joined_hierarchies(UNIFIED, ["/sys/fs/cgroup/s/job-a/cgroup.procs"]) == [("", "cgroup2", None)]
+    assert joined_hierarchies(HYBRID, []) == []  # no job cgroup: an empty /sys/fs/cgroup
+
+
+BUNDLED = [("tiny.py", None), ("saxpy.py", None), ("reduction.py", "sum_of_squares"), ("heat_stencil.py", "simulate")]
+
+
+@pytest.mark.parametrize("arch", ["cpu", "vulkan"])
+def test_bundled_kernels_and_callables_run_under_the_filter(tmp_path, arch):
+    usable = probe_arch(arch)
+    if not usable.usable:
+        pytest.skip(f"arch {arch} unusable here: {usable.reason}")
+    with Supervisor(_policy(tmp_path), audit_log=tmp_path / "audit.jsonl") as sup:
+        for name, function in BUNDLED:
+            target = kernel(name) + (f":{function}" if function else "")
+            kwargs = {"n": 64, "steps": 10} if function == "simulate" else {}
+            r = sup.run(JobSpec(kernel=target, arch=arch, tenant="alice" if os.geteuid() == 0 else None,
+                                kwargs=kwargs))
+            assert r.verdict is Verdict.ok, (name, r.reason, r.stderr_tail[-2000:])
+            assert r.enforcement["syscalls"].level == "hard"
+        shipped = sup.run(JobSpec(kernel=square_sum, args=[10], arch=arch))
+    assert shipped.verdict is Verdict.ok and shipped.return_value == 285, (shipped.reason, shipped.stderr_tail[-2000:])
+
+
+def square_sum(n: int) -> int:
+    """A callable shipped to the job (a Taichi kernel inside)."""
+    import taichi as ti
+    x = ti.field(ti.i64, shape=n)
+
+    @ti.kernel
+    def fill():
+        for i in x:
+            x[i] = i * i
+
+    fill()
+    return int(x.to_numpy().sum())
