@@ -16,6 +16,7 @@ CLI cold start (`taichi-sandbox run` from nothing) ÷ `python kernel.py`        
 cgroup create + join + remove per job                                              median ≤ 5 ms
 Same tiny job with job cgroups ÷ with cgroups off                                  report
 Namespaces (relay, init, mounts) added to a tiny job                               median ≤ 10 ms
+System-call filter loaded in a forked job / added to a tiny job                    median ≤ 5 ms
 Offline kernel cache: a job with an empty per-tenant cache ÷ one with a warm cache   report
 A 1024×1024 float32 return value added to a job (result files written and read)   median ≤ 20 ms
 A shipped callable added to a job, versus the same function as `file.py:function`  median ≤ 5 ms
@@ -45,6 +46,7 @@ from rich.table import Table
 
 from sandbox import JobSpec, Limits, Policy, Supervisor
 from sandbox.job.cgroup import CgroupLimits, discover
+from sandbox.job import syscalls
 from sandbox.node.executor import Capacity, SandboxExecutor
 from sandbox.job.launcher import base_env
 from sandbox.core.limits import GiB, Settings, Tenant
@@ -131,6 +133,7 @@ class Bench:
         self.policy = Policy(settings=Settings(state_dir=state))
         self.polling = Policy(settings=Settings(state_dir=state, cgroups="off"))
         self.shared = Policy(settings=Settings(state_dir=state, isolation="off", allow_root=True))
+        self.unfiltered = Policy(settings=Settings(state_dir=state, syscall_filter="off"))
         self.rows: list[dict] = []
 
     def add(self, name: str, samples: list[float] | None, value: float, goal: str, ok: bool | None,
@@ -284,6 +287,32 @@ class Bench:
         added = (statistics.median(on) - statistics.median(off)) * 1000
         self.add("namespaces per job: median with − without (ms)", on, added, "≤ 10", added <= 10, "ms")
 
+    def syscall_filter_cost(self, sup: Supervisor) -> None:
+        """The filter's load in a forked process (built beforehand, as the fork-server does), and a tiny
+        job with the filter against one without (alternated)."""
+        if syscalls.unavailable() is not None:
+            self.add(f"system-call filter (skipped: {syscalls.unavailable()})", None, 0.0, "≤ 5", None, "ms")
+            return
+        loads = []
+        for _ in range(max(20, self.n)):
+            r, w = os.pipe()
+            if os.fork() == 0:
+                t = time.perf_counter()
+                syscalls.install()
+                os.write(w, str((time.perf_counter() - t) * 1000).encode())
+                os._exit(0)
+            os.close(w)
+            loads.append(float(os.read(r, 64)))
+            os.close(r)
+            os.wait()
+        self.add("system-call filter load in a forked job (ms)", loads, statistics.median(loads), "report", None, "ms")
+        spec = lambda: JobSpec(kernel=TINY, limits=Limits(memory="1GiB", cpu_time="10s"))  # noqa: E731
+        with Supervisor(self.unfiltered, audit_log=Path(self.state) / "audit-unfiltered.jsonl") as unfiltered:
+            unfiltered.run(spec())
+            on, off = paired(lambda: sup.run(spec()), lambda: unfiltered.run(spec()), self.n)
+        added = (statistics.median(on) - statistics.median(off)) * 1000
+        self.add("system-call filter per job: median with − without (ms)", on, added, "≤ 5", added <= 5, "ms")
+
     def result_cost(self, sup: Supervisor, tmp: Path) -> None:
         """The same job function returning a 1024×1024 float32 array, or None."""
         script = tmp / "field.py"
@@ -372,6 +401,7 @@ def main() -> None:
             bench.p5(sup, Path(state))
             bench.cgroups_on_off(sup, polling)
             bench.namespaces_cost(sup)
+            bench.syscall_filter_cost(sup)
             bench.result_cost(sup, Path(state))
             bench.callable_cost(sup, Path(state))
         bench.cgroup_lifecycle()

@@ -339,6 +339,9 @@ def probe(as_json: bool = typer.Option(False, "--json", help="Print the report a
     ns = report["namespaces"]
     out.print(f"namespaces: {'available' if ns['available'] else 'unavailable (' + ns['reason'] + ')'}",
               highlight=False)
+    sf = report["syscall_filter"]
+    out.print(f"system-call filter: {'available' if sf['available'] else 'unavailable (' + sf['reason'] + ')'}",
+              highlight=False)
     for arch, limits in report["enforcement"].items():
         table = Table(title=f"enforcement on {arch}")
         for column in ("limit", "level", "by", "note"):

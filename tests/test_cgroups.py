@@ -120,9 +120,14 @@ def test_job_joins_its_v1_cgroup_whose_limits_read_back_and_which_is_removed(sup
     assert int(seen["memory"]) == int(seen["memsw"]) == 256 * MiB  # no swap on top
     helpers = HELPERS if supervisor.namespaces_unavailable() is None else 0  # the relay and the init
     assert int(seen["pids"]) == task_limit(10 + helpers, 1) and int(seen["quota"]) == 100_000  # one core
+    name = Path(next(n for n in r.notes if n.startswith("cgroup v1: ")).split(": ", 1)[1]).name
+    assert name.startswith(f"job-{r.job_id}-")
     for controller in ("memory", "pids", "cpuacct", "freezer"):
-        job_dir = Path(supervisor.cgroups.parents[controller]) / Path(seen["paths"][controller]).name
-        assert Path(seen["paths"][controller]).name.startswith(f"job-{r.job_id}-")
+        job_dir = Path(supervisor.cgroups.parents[controller]) / name
+        if supervisor.namespaces_unavailable() is None:
+            assert seen["paths"][controller] == "/"  # in its cgroup namespace its own cgroup is the root
+        else:
+            assert Path(seen["paths"][controller]).name == name
         assert not job_dir.exists(), f"{job_dir} left behind"
     assert r.enforcement["memory"].level == "hard" and r.enforcement["memory"].by.startswith("cgroup v1")
     assert r.enforcement["processes"].level == "hard" and r.enforcement["cpu_time"].by.startswith("cgroup v1")

@@ -98,12 +98,16 @@ def test_probe_reports_archs_nvml_and_enforcement(tmp_path):
         assert memory["level"] == "hard" and memory["by"].startswith(cgroups["mechanism"])
     else:
         assert memory["level"] == "watched" and memory["by"].startswith("polling") and cgroups["reason"]
+    filtered = report["enforcement"]["cpu"]["syscalls"]
+    assert report["syscall_filter"] == {"available": True, "reason": ""}  # libseccomp2 is a dependency here
+    assert filtered["level"] == "hard" and "CLONE_NEW*" in filtered["by"]
 
 
 def test_probe_table_names_the_cgroup_mechanism(tmp_path):
     p = cli("probe", tmp_path=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "cgroups: " in p.stdout and "dmem controller:" in p.stdout and "kill:" in p.stdout
+    assert "system-call filter: available" in p.stdout
 
 
 def test_run_with_arch_gpu_says_where_it_ran(tmp_path):
