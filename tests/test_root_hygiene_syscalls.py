@@ -18,7 +18,6 @@ import json
 import os
 import secrets
 import threading
-import time
 
 import pytest
 
@@ -227,7 +226,8 @@ def test_a_job_cannot_create_a_user_namespace_and_pin_network_namespaces(tmp_pat
 
 
 @root_with_namespaces
-def test_under_a_supervisor_that_is_not_root_a_job_cannot_create_namespaces(tmp_path):
+@pytest.mark.parametrize("isolation", ["auto", "off"])
+def test_under_a_supervisor_that_is_not_root_a_job_cannot_create_namespaces(tmp_path, isolation):
     import subprocess
     import sys
     from .test_isolation import AS_UID, NOT_ROOT_SUPERVISOR, OPERATOR_UID
@@ -236,7 +236,7 @@ def test_under_a_supervisor_that_is_not_root_a_job_cannot_create_namespaces(tmp_
     os.chown(home, OPERATOR_UID, OPERATOR_UID)
     script = _script(home, "ns.py", NAMESPACES)
     done = subprocess.run([sys.executable, "-c", AS_UID, str(OPERATOR_UID), NOT_ROOT_SUPERVISOR, str(home / "state"),
-                           "auto", script], capture_output=True, text=True, timeout=120)
+                           isolation, script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["verdict"] == "ok", report
