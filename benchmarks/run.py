@@ -290,6 +290,7 @@ class Bench:
     def syscall_filter_cost(self, sup: Supervisor) -> None:
         """The filter's load in a forked process (built beforehand, as the fork-server does), and a tiny
         job with the filter against one without (alternated)."""
+        syscalls.prepare()
         if syscalls.unavailable() is not None:
             self.add(f"system-call filter (skipped: {syscalls.unavailable()})", None, 0.0, "≤ 5", None, "ms")
             return

@@ -324,9 +324,13 @@ def test_where_the_filter_cannot_be_installed_jobs_are_rejected_not_run_unfilter
 
 def test_on_an_architecture_it_was_not_written_for_the_filter_says_so(monkeypatch):
     monkeypatch.setattr(syscalls.platform, "machine", lambda: "s390x")
+    monkeypatch.setattr(syscalls, "_prepared", False)
     syscalls._built.cache_clear()
     syscalls.unavailable.cache_clear()
     try:
+        with pytest.raises(syscalls.SyscallFilterUnavailable, match="not prepared before the job's environment"):
+            syscalls.install()
+        syscalls.prepare()
         assert syscalls.unavailable() == "the system-call filter is written for x86_64 and aarch64, not s390x"
         with pytest.raises(syscalls.SyscallFilterUnavailable, match="cannot be installed: .* not s390x"):
             syscalls.install()

@@ -12,9 +12,11 @@ filter, so its numbering is the only one read.
 Contract: `install()` runs in the job's own process after its uid switch and capability drop and
 before any of the job's code, in every launch path; libseccomp sets `no_new_privs` before loading
 (the kernel requires it without CAP_SYS_ADMIN), and the filter binds every thread and every process
-the job starts, for good. `prepare()` builds the filter ahead (the fork-server and the exec
-launcher's interpreter do, before the job's process exists), so a job only loads it.
-`unavailable()` says why it cannot be installed here.
+the job starts, for good. `prepare()` builds the filter ahead, in the fork-server or the exec
+launcher's interpreter before the child confines itself, so a job only loads it; it must run before
+the job's environment applies: pyseccomp finds libseccomp by running `ldconfig -p`, which would
+otherwise run the job's LD_PRELOAD unfiltered. `install()` refuses to run without it.
+`unavailable()` says why the filter cannot be installed here.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ DENIED: dict[str, tuple[str, ...]] = {
 CLONE_NEW = {"NS": 0x00020000, "CGROUP": 0x02000000, "UTS": 0x04000000, "IPC": 0x08000000, "USER": 0x10000000,
              "PID": 0x20000000, "NET": 0x40000000}
 PERSONAS = 0x0008 | 0x0020000  # PER_LINUX32, UNAME26: the only personality bits a job may set
+
+
+_prepared = False  # set by prepare() in this process (or the one it was forked from)
 
 
 class SyscallFilterUnavailable(RuntimeError):
@@ -115,13 +120,15 @@ def unavailable() -> str | None:
 
 def prepare() -> None:
     """Build the filter now, if it can be built, so that `install()` only loads it."""
+    global _prepared
     unavailable()
+    _prepared = True
 
 
 def install() -> None:
-    """Load the filter into this process (no_new_privs first), for good. Raises
+    """Load the filter prepared in this process (no_new_privs first), for good. Raises
     SyscallFilterUnavailable, or OSError when the kernel refuses it."""
-    why = unavailable()
+    why = unavailable() if _prepared else "it was not prepared before the job's environment applied"
     if why is not None:
         raise SyscallFilterUnavailable(f"the system-call filter cannot be installed: {why}")
     _built().load()
