@@ -46,7 +46,7 @@ from rich.table import Table
 from sandbox import JobSpec, Limits, Policy, Supervisor
 from sandbox.job.cgroup import CgroupLimits, discover
 from sandbox.node.executor import Capacity, SandboxExecutor
-from sandbox.job.launcher import base_env
+from sandbox.job.interpreter import base_env
 from sandbox.core.limits import GiB, Settings, Tenant
 from sandbox.node import frames
 

@@ -269,8 +269,6 @@ def _reap(jobs: dict[int, socket.socket], statuses: dict[int, int]) -> None:
 
 
 if __name__ == "__main__":
-    if sys.path and sys.path[0] == os.getcwd():
-        del sys.path[0]  # `-m` put the server's own dir there: nothing is imported from it, jobs must not see it
     control_arg, pid_out = map(int, sys.argv[1:3])
     detach(pid_out)
     serve(control_arg, sys.argv[3] if len(sys.argv) > 3 else None)

@@ -403,11 +403,12 @@ def probe() -> str | None:
     """Whether this process's children can enter new namespaces: None, or why not (checked once,
     in a throwaway interpreter: the supervisor itself never unshares or forks)."""
     import subprocess
-    import sys
+    from .interpreter import ROOT_CWD, base_env, python
     flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET
     try:
-        done = subprocess.run([sys.executable, "-S", "-c", PROBE % (flags, CLONE_NEWUSER, MS_REC | MS_PRIVATE)],
-                              capture_output=True, text=True, timeout=30)
+        done = subprocess.run(python("-S", "-c", PROBE % (flags, CLONE_NEWUSER, MS_REC | MS_PRIVATE)),
+                              capture_output=True, text=True, timeout=30, env=base_env(), cwd=ROOT_CWD,
+                              stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"namespace probe failed: {err}"
     if done.returncode != 0:

@@ -26,7 +26,8 @@ from ..job.child import ChildPlan
 from ..job.files import Sent, collect_job, stage
 from ..job.forkserver import MAX_PLAN_BYTES
 from ..job.ids import give, may_read, tenant_ids
-from ..job.launcher import JOB_MARKER, Exit, LaunchFailed, LauncherLost, base_env, make_launcher
+from ..job.interpreter import base_env
+from ..job.launcher import JOB_MARKER, Exit, LaunchFailed, LauncherLost, make_launcher
 from ..watch.enforcement import CgroupFacts, Enforcement, GpuFacts, IsolationFacts, cgroup_facts, enforcement_for
 from ..watch.gpu import (ArchUnavailable, GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, mps_env,
                   mps_pipe_directory, resolve_arch, visible_devices)
@@ -158,8 +159,7 @@ class Supervisor:
         env = {name: os.environ[name] for name in (*DEFAULT_ENV_ALLOW, *self.policy.settings.env_allow)
                if name in os.environ}
         env.update(base_env())
-        env.update({"HOME": str(home), "TMPDIR": str(tmp), "OPENBLAS_NUM_THREADS": "1",
-                    "MALLOC_ARENA_MAX": "2", JOB_MARKER: spec.job_id})
+        env.update({"HOME": str(home), "TMPDIR": str(tmp), JOB_MARKER: spec.job_id})
         env.update(spec.env)
         cache = self.policy.settings.resolved_state_dir() / "ticache" / tenant_key(spec)
         cache.mkdir(parents=True, exist_ok=True)
