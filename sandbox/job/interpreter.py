@@ -25,7 +25,7 @@ sys.modules["sandbox"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sys.modules["sandbox"])
 runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this `sandbox` package's directory
 
 
 def base_env() -> dict[str, str]:
@@ -46,4 +46,4 @@ def python(*args: str) -> list[str]:
 def sandbox_module(module: str, *args: str) -> list[str]:
     """The command line running `module` of this package as `python -m` would, isolated, with
     this process's own `sandbox`."""
-    return python("-c", _BOOT, _PACKAGE, module, *args)
+    return python("-c", _BOOT, PACKAGE, module, *args)

@@ -37,6 +37,8 @@ import struct
 import sys
 import tempfile
 
+from .interpreter import PACKAGE, ROOT_CWD, base_env, python
+
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWUSER = 0x20000000, 0x40000000, 0x10000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 0x1, 0x2, 0x4, 0x8, 0x20
@@ -150,10 +152,10 @@ def enter(network: str, tmpfs_bytes: int | None, channel_fd: int, on_leftovers, 
 
 
 def interpreter_paths() -> list[str]:
-    """What the job's Python needs to read: its prefixes, every import path and this package
-    (an editable install imports it from outside sys.path)."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # sandbox/, above sandbox/job
-    return [sys.base_prefix, sys.prefix, *(p for p in sys.path if p), package]
+    """What the job's Python needs to read: its prefixes, every import path and the directory this
+    package is imported from (its site-packages, or the checkout of an editable install, whose
+    modules the functions a caller ships may come from)."""
+    return [sys.base_prefix, sys.prefix, *(p for p in sys.path if p), os.path.dirname(PACKAGE)]
 
 
 def permits(path: str, uid: int, gid: int, other_bit: int) -> bool:
@@ -403,7 +405,6 @@ def probe() -> str | None:
     """Whether this process's children can enter new namespaces: None, or why not (checked once,
     in a throwaway interpreter: the supervisor itself never unshares or forks)."""
     import subprocess
-    from .interpreter import ROOT_CWD, base_env, python
     flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET
     try:
         done = subprocess.run(python("-S", "-c", PROBE % (flags, CLONE_NEWUSER, MS_REC | MS_PRIVATE)),
