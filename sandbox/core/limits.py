@@ -263,7 +263,7 @@ class Service(_Strict):
     max_connections_per_uid: Count = 16
     max_connections: Count = 512  # all uids together (each is a thread of the service)
     max_input_files_per_uid: Count = 1024  # descriptors of inputs held for a uid's unfinished jobs
-    max_held_bytes_per_uid: Bytes = 256 * MiB  # of requests (sources, args, shipped code) its unfinished jobs hold
+    max_held_bytes_per_uid: Bytes = 256 * MiB  # requests of its unfinished jobs and results not read yet
     max_request_bytes: Bytes = 8 * MiB
     request_rate: Annotated[Union[float, None], positive(parse_rate)] = 50.0  # requests per uid
     request_burst: Count = 100

@@ -278,11 +278,14 @@ class Supervisor:
 
     def run(self, spec: JobSpec, on_sample: Callable[[Sample], None] | None = None,
             control: JobControl | None = None, *, sent: Sent | None = None,
-            on_output: Callable[[str, bytes], None] | None = None) -> JobResult:
+            on_output: Callable[[str, bytes], None] | None = None,
+            hold_result: Callable[[int], tuple[int, str] | None] | None = None) -> JobResult:
         """Run one job to its verdict. Never raises for anything the job does; returns `rejected`
         for a spec that cannot run (unknown profile, missing kernel file, unusable arch).
         `control.cancel()` ends the job with verdict `cancelled`. `sent`: see `_prepare`;
-        `on_output(stream, data)`: the job's stdout/stderr as it comes (from its I/O thread)."""
+        `on_output(stream, data)`: the job's stdout/stderr as it comes (from its I/O thread);
+        `hold_result(size)`: asked before a return value of `size` bytes is read, None or (the bound,
+        why) it cannot be held: then the verdict is `result`, for that reason."""
         started_epoch = time.time()
         workdir = None
         try:
@@ -297,7 +300,7 @@ class Supervisor:
                 return self._not_run(spec, str(err), started_epoch)
             raise
         try:
-            result = self._supervise(spec, limits, prepared, on_sample, control, started_epoch, on_output)
+            result = self._supervise(spec, limits, prepared, on_sample, control, started_epoch, on_output, hold_result)
             collect_job(spec, prepared.plan, result)
             result.notes.extend(prepared.cache.promote(workdir / "cache"))
         except LaunchFailed as err:
@@ -315,7 +318,8 @@ class Supervisor:
 
     def _supervise(self, spec: JobSpec, limits: Limits, prepared: _Prepared, on_sample: Callable[[Sample], None] | None,
                    control: JobControl | None, started_epoch: float,
-                   on_output: Callable[[str, bytes], None] | None = None) -> JobResult:
+                   on_output: Callable[[str, bytes], None] | None = None,
+                   hold_result: Callable[[int], tuple[int, str] | None] | None = None) -> JobResult:
         plan, cgroup = prepared.plan, prepared.cgroup
         (out_r, out_w), (err_r, err_w), (ch_r, ch_w) = os.pipe(), os.pipe(), os.pipe()
         try:
@@ -369,7 +373,7 @@ class Supervisor:
             peak_gpu=monitor.peak_gpu, timeline=monitor.timeline.samples, pump=pump, wall=ended - started,
             started_epoch=started_epoch, launcher=self.launcher.name, root_pid=launched.pid,
             cgroup_limits=cgroup.limits if cgroup is not None else None,
-            cgroup_final=cgroup.stats() if cgroup is not None else None))
+            cgroup_final=cgroup.stats() if cgroup is not None else None, hold_result=hold_result))
 
     def _reap_leftovers(self, job: _Job, pgid: int) -> None:
         """After the main process ended: kill whatever of the job still lives. With a cgroup that is
