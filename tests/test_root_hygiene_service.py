@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .test_service import BOB, MALLORY, Node, as_uid
+from .test_service import BOB, MALLORY, SOCKET_GID, Node, as_uid
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run clients as other uids")
 
@@ -78,7 +78,7 @@ class HoldingNode(Node):
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o755)
         self.root, self.socket, self.limits = root, root / "s.sock", root / "limits.toml"
-        self.limits.write_text(POLICY.format(bob=BOB, state=root / "state", socket=self.socket, gid=59990, cap=CAP))
+        self.limits.write_text(POLICY.format(bob=BOB, state=root / "state", socket=self.socket, gid=SOCKET_GID, cap=CAP))
         self.audit = root / "state" / "audit.jsonl"
         self.start()
 
