@@ -89,3 +89,27 @@ def test_a_finished_job_keeps_its_arguments_and_return_value_only_while_its_foll
         assert (record.result.return_value is None) is not followed
         record.unfollow()  # the follower has sent it
         assert record.spec.args == [] and record.result.return_value is None and record.source is None
+
+
+def test_a_result_frame_written_in_pieces_reads_as_the_whole_result():
+    import json
+    import math
+    import socket
+    import threading
+
+    import numpy as np
+
+    from sandbox import JobResult, Verdict
+    from sandbox.node import frames
+    from sandbox.node.streams import CHUNK, Stream
+    value = {"a": (np.arange(7, dtype=np.int16), np.float32(2.5)), 3: [math.nan, np.zeros((2, 0))],
+             "strided": np.ones((5, 3))[:, 1], "big": np.arange(CHUNK // 4 + 5, dtype=np.int32), "s": 'é"\\'}
+    result = JobResult(job_id="j", kernel="k", arch="cpu", verdict=Verdict.ok, return_value=value)
+    mine, theirs = socket.socketpair()
+    writer = threading.Thread(target=Stream(mine, 10).result, args=("j", result))
+    writer.start()
+    frame = frames.recv(theirs, within=10)
+    writer.join()
+    got = JobResult.model_validate_json(json.dumps(frame["result"])).return_value
+    assert (frame["type"], frame["exit_status"]) == ("result", 0)
+    assert repr(got) == repr(JobResult.model_validate_json(result.model_dump_json()).return_value)

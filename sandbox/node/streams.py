@@ -9,6 +9,7 @@ the client's uid until sent, see JobRecord.hold_result).
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import re
@@ -98,12 +99,11 @@ class Stream:
         npys = [values.npy_parts(arrays[int(number)]) for number in parts[1::2]]
         size = sum(map(len, texts)) + sum(2 + 4 * -(-(len(head) + data.nbytes) // 3) for head, data in npys)
         self.conn.settimeout(self.timeout)
-        self.conn.sendall(frames.HEADER.pack(size) + texts[0])
+        for piece in (frames.HEADER.pack(size), texts[0]):
+            self.conn.sendall(piece)
         for (head, data), text in zip(npys, texts[1:]):
-            self.conn.sendall(b'"')
-            for piece in _base64(head, data):
+            for piece in itertools.chain((b'"',), _base64(head, data), (b'"', text)):  # one chunk at a time
                 self.conn.sendall(piece)
-            self.conn.sendall(b'"' + text)
 
     def files(self, record: JobRecord) -> None:
         """Each output file as a "file" frame carrying its descriptor, opened one at a time; then
