@@ -168,8 +168,8 @@ def test_each_tenant_runs_as_its_own_uid_without_groups_capabilities_or_root_fil
         assert who["uid"] == who["gid"] or who["uid"] == 65534
         assert who["groups"] == [] and who["caps"] == who["bounding"] == "0000000000000000"
         assert who["no_new_privs"] == "1" and who["secret"] == "PermissionError"
-    cache = tmp_path / "state" / "ticache" / "alice"
-    assert (cache.stat().st_uid, cache.stat().st_mode & 0o777) == (uids["alice"], 0o700)
+    cache = tmp_path / "state" / "ticache" / "alice"  # the supervisor's; only alice's jobs may read it
+    assert (cache.stat().st_uid, cache.stat().st_gid, cache.stat().st_mode & 0o777) == (0, uids["alice"], 0o750)
 
 
 @root_only

@@ -20,7 +20,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from .units import (GiB, MiB, Bytes, Count, PlausibleBytes, PlausibleSeconds, Quota, Seconds, parse_address_space,
-                    parse_duration, parse_gpu_memory, parse_rate, positive)
+                    parse_duration, parse_gpu_memory, parse_rate, parse_size, positive)
 
 
 class ConfigError(ValueError):
@@ -172,6 +172,16 @@ def address_space_for(limits: Limits, arch: str) -> tuple[int | None, str]:
 Priority = Annotated[int, Field(ge=-1_000_000, le=1_000_000)]  # ageing adds 0.1 per second waited
 
 
+def _cache_quota(value: Any) -> int:
+    parsed = parse_size(value)
+    if parsed is None:
+        raise ValueError("the offline cache is always bounded: give a size (0 keeps nothing)")
+    return parsed
+
+
+CacheQuota = Annotated[int, BeforeValidator(_cache_quota)]  # bytes of kept kernels (sandbox.job.ticache)
+
+
 class Tenant(_Strict):
     """A tenant: its profile, and quotas the executor enforces across its running and queued jobs."""
 
@@ -186,6 +196,7 @@ class Tenant(_Strict):
     run_as: str | None = None  # a user name, "UID" or "UID:GID" (default: one from [sandbox] uid_range)
     users: list[Union[str, int]] = []  # who may submit as this tenant to the node service (names or uids)
     groups: list[Union[str, int]] = []  # ... or members of these groups (names or gids)
+    cache_quota: Union[CacheQuota, None] = None  # None: [sandbox] cache_quota
 
 
 class JobType(_Strict):
@@ -230,6 +241,7 @@ class Settings(_Strict):
     rootfs: Literal["read-only", "writable"] = "read-only"  # in the job's mount namespace, beyond its own dirs
     uid_range: str = "60000-60999"
     allow_root: bool = False
+    cache_quota: CacheQuota = 64 * MiB  # of each tenant's kept kernels (offline cache)
 
     def resolved_state_dir(self) -> Path:
         base = self.state_dir or os.path.join(
@@ -251,7 +263,7 @@ class Service(_Strict):
     max_connections_per_uid: Count = 16
     max_connections: Count = 512  # all uids together (each is a thread of the service)
     max_input_files_per_uid: Count = 1024  # descriptors of inputs held for a uid's unfinished jobs
-    max_held_bytes_per_uid: Bytes = 256 * MiB  # of requests (sources, args, shipped code) its unfinished jobs hold
+    max_held_bytes_per_uid: Bytes = 256 * MiB  # requests of its unfinished jobs and results not read yet
     max_request_bytes: Bytes = 8 * MiB
     request_rate: Annotated[Union[float, None], positive(parse_rate)] = 50.0  # requests per uid
     request_burst: Count = 100
@@ -313,6 +325,12 @@ class Policy(BaseModel):
                    alerts=Alerts.parse(data.get("alerts", {}), f"{source} [alerts]"),
                    settings=Settings.parse(data.get("sandbox", {}), f"{source} [sandbox]"),
                    service=Service.parse(data.get("service", {}), f"{source} [service]"), source=source)
+
+    def cache_quota(self, tenant: str | None) -> int:
+        """Bytes of compiled kernels kept for `tenant`: its own `cache_quota`, else `[sandbox]`'s."""
+        entry = self.tenants.get(tenant) if tenant is not None else None
+        own = entry.cache_quota if entry is not None else None
+        return own if own is not None else self.settings.cache_quota
 
     def resolve(self, profile: str | None = None, tenant: str | None = None,
                 overrides: Limits | None = None, job_type: str | None = None) -> Limits:

@@ -24,6 +24,8 @@ from ..core.audit import AuditLog
 from ..core.models import JobResult, JobSpec, Sample, Verdict
 from ..job.files import Sent
 from .auth import Peer
+from .executor import QueueFull
+from .guard import Guard
 from .supervisor import Supervisor
 
 OUTPUT_KEEP = 1 << 20  # characters of output kept per running job for `logs` and slow followers
@@ -133,7 +135,8 @@ class Spool:
 class JobRecord:
     """One job the service admitted (or refused at admission), and who submitted it. `inputs`: the
     descriptors the client sent (closed once the job started); `files`: its output files, for the
-    client that follows the job."""
+    client that follows the job; `guard`: what counts the bytes its return value holds until the
+    follower has it."""
 
     spec: JobSpec
     peer: Peer
@@ -141,6 +144,8 @@ class JobRecord:
     inputs: Descriptors = field(default_factory=Descriptors)
     files: Spool = field(default_factory=Spool)
     held: int = 0  # bytes of the request counted against the submitter by the service's guard
+    guard: Guard | None = None
+    held_result: int = 0  # bytes of its return value counted against the submitter, until dropped
     followed: bool = False  # a client follows the job: it still needs the result once the job ends
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     submitted: float = field(default_factory=time.time)
@@ -160,6 +165,21 @@ class JobRecord:
         future = self.future  # None once its record is slimmed
         if future is not None:
             future.cancel()
+
+    def hold_result(self, size: int) -> tuple[int, str] | None:
+        """Before the supervisor reads a return value of `size` bytes: count it against the
+        submitter while a follower still needs it (None), or (the bound, why) it cannot be held."""
+        with self._lock:
+            if not self.followed or self.guard is None:
+                return None  # nobody will fetch it: dropped when the job ends
+        try:
+            self.guard.hold(self.peer.uid, 0, size, "result")
+        except QueueFull as err:
+            return (self.guard.settings.max_held_bytes_per_uid,
+                    f"return value not kept for its client: {err}; read results as they come, or return less")
+        with self._lock:
+            self.held_result += size
+        return None
 
     def abandon(self) -> None:
         """Its follower is gone before its result: cancel it and drop its output files."""
@@ -183,7 +203,12 @@ class JobRecord:
 
     def _drop(self) -> None:
         """What a finished job no longer needs (kept up to KEEP_FINISHED times): its arguments,
-        shipped code and source, its future, and the return value nobody will fetch."""
+        shipped code and source, its future, and the return value nobody will fetch (given back to
+        the guard, once)."""
+        with self._lock:
+            held, self.held_result = self.held_result, 0
+        if held:
+            self.guard.hold(self.peer.uid, 0, -held)
         self.source, self.future = None, None
         self.spec = self.spec.model_copy(update={"args": [], "kwargs": {}, "shipped": None, "env": {}})
         if self.result is not None and self.result.return_value is not None:
@@ -342,7 +367,8 @@ class NodeSupervisor(Supervisor):
         handed = False
         source, record.source = record.source, None  # not kept in memory once the job has its copy
         try:
-            result = super().run(spec, sampled, control, sent=Sent(source, tuple(inputs)), on_output=output)
+            result = super().run(spec, sampled, control, sent=Sent(source, tuple(inputs)), on_output=output,
+                                 hold_result=record.hold_result)
             if spool is not None:
                 record.files.put(spool, [_owned(copy, spool, record.peer) for copy in result.outputs
                                          if os.path.isfile(copy)])

@@ -63,8 +63,8 @@ def _isolation(facts: IsolationFacts) -> dict[str, Enforcement]:
                              "supervisor's processes and keeps /dev/shm and SysV objects after it ends")
     if facts.tenant_uid:
         uid = Enforcement(level="hard", by=f"{facts.tenant_uid}, the tenant's own: no supplementary groups, no "
-                          "capabilities, no_new_privs; its offline cache is its own (0700), other tenants' caches "
-                          "and the audit log are not")
+                          "capabilities, no_new_privs; its tenant's kept kernels it may only read, other tenants' "
+                          "caches and the audit log not at all")
     else:
         uid = Enforcement(level="unavailable", note=f"{facts.shared_uid}: jobs can read and write what that uid "
                           "can (other tenants' caches, the audit log)")

@@ -12,6 +12,7 @@ import math
 import signal
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from ..core.channel import LeftoversMessage, ResultMessage, RlimitMessage, TiInitMessage
 from ..core.limits import Limits
@@ -49,6 +50,8 @@ class Evidence:
     root_pid: int
     cgroup_limits: CgroupLimits | None = None
     cgroup_final: CgroupStats | None = None  # read after the last process of the job ended
+    # Asked before a return value of this many bytes is read: None, or (the bound, why) it cannot be held.
+    hold_result: Callable[[int], tuple[int, str] | None] | None = None
 
 
 def _kernel_violations(ev: Evidence) -> list[Violation]:
@@ -69,7 +72,16 @@ def decide(ev: Evidence) -> JobResult:
     violations = ev.violations + _kernel_violations(ev)
     limits, exit_, notes = ev.limits, ev.exit, list(ev.notes)
     reported_ok = final is not None and final.status == "ok" and exit_.code == 0
-    loaded = load_result(ev.plan.workdir, final.result_bytes if reported_ok else None, limits.max_result)
+    claimed = final.result_bytes if reported_ok else None
+    unheld, unheld_why = None, ""
+    if claimed is not None and ev.hold_result is not None and (limits.max_result is None or claimed <= limits.max_result):
+        refusal = ev.hold_result(claimed)
+        if refusal is not None:  # not read at all: nothing of it is held
+            unheld = Violation(at=time.time(), pid=None, resource="result", limit=refusal[0], observed=claimed,
+                               action="none", detected_by="supervisor")
+            violations.append(unheld)
+            unheld_why, claimed = refusal[1], None
+    loaded = load_result(ev.plan.workdir, claimed, limits.max_result)
     if loaded.over_limit is not None:
         violations.append(Violation(at=time.time(), pid=None, resource="result", limit=limits.max_result,
                                     observed=loaded.size, action="none", detected_by=loaded.over_limit))
@@ -96,6 +108,8 @@ def decide(ev: Evidence) -> JobResult:
     signame = signal_name(exit_.signal) if exit_.signal else None
     if breaking:
         verdict, reason = Verdict(breaking[0].resource), _breach_reason(breaking[0])
+        if breaking[0] is unheld:
+            reason = unheld_why
     elif ev.termination is not None and ev.termination.reason == "cancelled":
         verdict, reason = Verdict.cancelled, "cancelled by request"
     elif final is not None and final.status == "ok" and exit_.code == 0:
