@@ -9,7 +9,6 @@ child runs `sandbox.job.child.execute` in a new session with the given pipes as 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import psutil
 from ..core.limits import ConfigError
 from . import child, forkserver, namespaces
 from .child import ChildPlan
+from .safefs import remove_tree
 
 JOB_MARKER = "TAICHI_SANDBOX_JOB"
 
@@ -244,7 +244,7 @@ class ForkServerLauncher:
                 self._server.kill()
             self._server = None
         if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)  # the server's own removal may have raced us
+            remove_tree(self._dir)  # the server's own removal may have raced us
             self._dir = None
 
 
