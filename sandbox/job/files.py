@@ -77,7 +77,10 @@ def stage(inputs: list[str], output_dir: str | None, workdir: str, reader: tuple
     Raises ConfigError (one line) for a missing, unreadable or clashing input."""
     placed: dict[str, str] = {}
     budget = MAX_INPUT_BYTES  # of the inputs sent as descriptors, all together (they may have grown)
-    work = os.open(workdir, DIR_FLAGS)
+    try:
+        work = os.open(workdir, DIR_FLAGS)
+    except OSError as err:
+        raise ConfigError(f"inputs: cannot open the job's dir: {err.strerror or err}") from None
     try:
         for number, path in enumerate(inputs):
             name = input_name(path)

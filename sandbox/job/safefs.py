@@ -9,8 +9,9 @@ here resolves a path a tenant can change by name.
 - `open_as` opens a caller's path with a tenant's file-system uid and gid and no groups, so the
   kernel itself answers "could the tenant open it?" (every directory above, the file's bits, ACLs).
 - `remove_tree` removes a tree a job built: iteratively (any depth), one directory descriptor at a
-  time, never following a symlink, never crossing into another file system, bounded in time; it
-  returns what it could not remove instead of raising.
+  time, never following a symlink, never entering a mount point (`RESOLVE_NO_XDEV`; without
+  openat2 only the mount points of other file systems are seen), bounded in time; it returns what it
+  could not remove instead of raising.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _openat2(dirfd: int, rel: str, flags: int, mode: int = 0, resolve: int = 0) 
         return None
     how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0,
                    RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | resolve)
-    fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), os.fsencode(rel), ctypes.byref(how),
+    fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_long(dirfd), os.fsencode(rel), ctypes.byref(how),
                        ctypes.c_size_t(ctypes.sizeof(how)))
     if fd >= 0:
         return fd
@@ -138,20 +139,21 @@ def _fs_ids(uid: int, gid: int):
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
     try:
         call(setgroups, ctypes.c_size_t(0), None)
-        _libc.syscall(ctypes.c_long(setfsgid), ctypes.c_uint(gid))  # they return the old id, never fail
-        _libc.syscall(ctypes.c_long(setfsuid), ctypes.c_uint(uid))
-        if _libc.syscall(ctypes.c_long(setfsuid), ctypes.c_uint(0xFFFFFFFF)) != uid:  # reads it back
+        _libc.syscall(ctypes.c_long(setfsgid), ctypes.c_long(gid))  # they return the old id, never fail
+        _libc.syscall(ctypes.c_long(setfsuid), ctypes.c_long(uid))
+        if _libc.syscall(ctypes.c_long(setfsuid), ctypes.c_long(-1)) != uid:  # -1 changes nothing: reads it back
             raise OSError(errno.EPERM, f"cannot take uid {uid} to open files")
         yield
     finally:
-        _libc.syscall(ctypes.c_long(setfsuid), ctypes.c_uint(os.geteuid()))
-        _libc.syscall(ctypes.c_long(setfsgid), ctypes.c_uint(os.getegid()))
+        _libc.syscall(ctypes.c_long(setfsuid), ctypes.c_long(os.geteuid()))
+        _libc.syscall(ctypes.c_long(setfsgid), ctypes.c_long(os.getegid()))
         call(setgroups, ctypes.c_size_t(len(groups)), saved)
 
 
 def open_as(path: str, flags: int, ids: tuple[int, int] | None) -> int:
     """Open a caller's `path` (symlinks in it followed, as the opener may) with the file-system
-    uid/gid `ids` and no groups, or as this process when None. Linux on x86_64 and aarch64."""
+    uid/gid `ids` and no groups (only root may ask), or as this process when None. `ids` needs
+    Linux on x86_64 or aarch64."""
     if ids is None:
         return os.open(path, flags | os.O_CLOEXEC)
     if platform.machine() not in _SYSCALLS:
