@@ -211,8 +211,9 @@ def _shut_down(jobs: dict[int, socket.socket], running: dict[int, tuple[str, str
     audit log, before the job is gone), SIGKILL every job group and every descendant (we are their
     subreaper), remove those jobs' directories and our own, exit."""
     import psutil
-    import shutil
     import time
+
+    from .safefs import remove_tree
     if audit and running:
         from ..core.audit import AuditLog
         try:
@@ -232,7 +233,7 @@ def _shut_down(jobs: dict[int, socket.socket], running: dict[int, tuple[str, str
         except psutil.Error:
             pass
     for path in (*(d for _, d in running.values()), os.getcwd()):
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
     os._exit(code)
 
 

@@ -10,7 +10,6 @@ Both start their interpreter as sandbox.job.interpreter says: isolated, with a f
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -24,6 +23,7 @@ from ..core.limits import ConfigError
 from . import forkserver, namespaces
 from .child import ChildPlan
 from .interpreter import ROOT_CWD, base_env, sandbox_module
+from .safefs import remove_tree
 
 JOB_MARKER = "TAICHI_SANDBOX_JOB"
 
@@ -236,7 +236,7 @@ class ForkServerLauncher:
                 self._server.kill()
             self._server = None
         if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)  # the server's own removal may have raced us
+            remove_tree(self._dir)  # the server's own removal may have raced us
             self._dir = None
 
 

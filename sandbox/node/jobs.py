@@ -12,7 +12,6 @@ import codecs
 import collections
 import json
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -23,6 +22,7 @@ from typing import Any, Callable
 from ..core.audit import AuditLog
 from ..core.models import JobResult, JobSpec, Sample, Verdict
 from ..job.files import Sent
+from ..job.safefs import remove_tree
 from .auth import Peer
 from .executor import QueueFull
 from .guard import Guard
@@ -114,7 +114,7 @@ class Spool:
             if not self._closed:
                 self._dir, self._files = directory, files
                 return
-        shutil.rmtree(directory, ignore_errors=True)
+        remove_tree(directory)
 
     def take(self) -> tuple[Path | None, list[tuple[str, int]]]:
         """The directory and its files, once; the caller removes the directory."""
@@ -128,7 +128,7 @@ class Spool:
             self._closed = True
         directory, _ = self.take()
         if directory is not None:
-            shutil.rmtree(directory, ignore_errors=True)
+            remove_tree(directory)
 
 
 @dataclass(eq=False)
@@ -345,7 +345,7 @@ class NodeSupervisor(Supervisor):
         self.jobs = jobs
         self.audit = NodeAudit(self.audit.path, jobs.audit_context)
         self.spool = self.policy.settings.resolved_state_dir() / "spool"
-        shutil.rmtree(self.spool, ignore_errors=True)  # what a killed service left
+        remove_tree(self.spool)  # what a killed service left
         self.spool.mkdir(mode=0o700, parents=True)
 
     def run(self, spec: JobSpec, on_sample=None, control=None, **kwargs) -> JobResult:
@@ -378,7 +378,7 @@ class NodeSupervisor(Supervisor):
             close_fds(inputs)
             record.inputs.close()
             if spool is not None and not handed:
-                shutil.rmtree(spool, ignore_errors=True)
+                remove_tree(spool)
 
 
 def _owned(copy: str, spool: Path, peer: Peer) -> tuple[str, int]:

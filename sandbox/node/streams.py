@@ -14,7 +14,6 @@ import json
 import os
 import re
 import select
-import shutil
 import socket
 import threading
 import uuid
@@ -22,6 +21,7 @@ from typing import Callable, Iterator
 
 from ..core import values
 from ..core.models import JobResult
+from ..job.safefs import DIR_FLAGS, open_beneath, remove_tree
 from . import frames
 from .jobs import Hub, JobRecord
 
@@ -109,16 +109,21 @@ class Stream:
         """Each output file as a "file" frame carrying its descriptor, opened one at a time; then
         the job's spool directory is removed."""
         directory, files = record.files.take()
+        if directory is None:
+            return
         try:
-            for name, size in files:
-                fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                try:
-                    self.send({"type": "file", "job_id": record.spec.job_id, "name": name, "size": size}, [fd])
-                finally:
-                    os.close(fd)
+            top = os.open(directory, DIR_FLAGS)
+            try:
+                for name, size in files:
+                    fd = open_beneath(top, name, os.O_RDONLY)
+                    try:
+                        self.send({"type": "file", "job_id": record.spec.job_id, "name": name, "size": size}, [fd])
+                    finally:
+                        os.close(fd)
+            finally:
+                os.close(top)
         finally:
-            if directory is not None:
-                shutil.rmtree(directory, ignore_errors=True)
+            remove_tree(directory)
 
     def output(self, record: JobRecord, offset: int) -> int:
         """The job's output from `offset` on; the new offset."""

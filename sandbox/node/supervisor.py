@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -28,6 +27,7 @@ from ..job.forkserver import MAX_PLAN_BYTES
 from ..job.ids import may_read, tenant_ids
 from ..job.interpreter import base_env
 from ..job.launcher import JOB_MARKER, Exit, LaunchFailed, LauncherLost, make_launcher
+from ..job.safefs import remove_tree
 from ..job.ticache import TenantCache
 from ..watch.enforcement import CgroupFacts, Enforcement, GpuFacts, IsolationFacts, cgroup_facts, enforcement_for
 from ..watch.gpu import (ArchUnavailable, GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, mps_env,
@@ -237,8 +237,8 @@ class Supervisor:
         if plan.target.endswith(".py") and not may_read(plan.target, ids):
             raise ConfigError(f"kernel file {plan.target} is not readable by the job's uid {ids.uid}: make it "
                               "readable by others, or give the tenant its owner's uid (run_as)")
-        for path in (workdir, *workdir.iterdir()):
-            os.chown(path, ids.uid, ids.gid)
+        for path in (*workdir.iterdir(), workdir):  # workdir last: from then on the tenant could swap its entries
+            os.chown(path, ids.uid, ids.gid, follow_symlinks=False)
         kept.group = ids.gid
         plan.uid, plan.gid = ids.uid, ids.gid
         return IsolationFacts(True, limits.network, "", tenant_uid=f"uid {ids.uid}", read_only=plan.read_only)
@@ -295,7 +295,7 @@ class Supervisor:
             prepared = self._prepare(spec, limits, arch, workdir, sent)
         except BaseException as err:
             if workdir is not None:
-                shutil.rmtree(workdir, ignore_errors=True)
+                remove_tree(workdir)
             if isinstance(err, (ConfigError, ArchUnavailable)):
                 return self._not_run(spec, str(err), started_epoch)
             raise
@@ -307,9 +307,8 @@ class Supervisor:
             return self._not_run(spec, str(err), started_epoch, Verdict.crashed)
         finally:
             cgroup_left = prepared.cgroup.remove() if prepared.cgroup is not None else None
-            shutil.rmtree(workdir, ignore_errors=True)
-        if cgroup_left:
-            result.notes.append(cgroup_left)
+            workdir_left = remove_tree(workdir)  # never raises: the verdict is recorded whatever the job left
+        result.notes.extend(note for note in (cgroup_left, workdir_left) if note)
         result.rlimits = prepared.rlimits
         result.enforcement = prepared.enforcement
         result.notes = [arch_note, *prepared.notes, *result.notes]
