@@ -11,7 +11,8 @@ MAX_INPUT_BYTES, at admission (`check_sent_input`) and again as they are copied 
 Outputs (untrusted: the job controls its dir) are copied after every process of the job has ended:
 regular files only, opened without following symlinks (relative to an already opened directory, so
 no path component is followed either), owned by the job's uid when it had one of its own, at most
-MAX_OUTPUT_FILES files and MAX_OUTPUT_BYTES bytes. Destination names are the directory entries' own
+MAX_OUTPUT_FILES files and MAX_OUTPUT_BYTES bytes, and never more bytes than the job's disk limit
+(hard links to one file would otherwise copy out as many files). Destination names are the directory entries' own
 names, which cannot contain "/" or be "..", so nothing lands outside the destination. Whatever is
 skipped is named in a note; copying never raises.
 """
@@ -191,13 +192,14 @@ def collect(patterns: list[str], workdir: str, output_dir: str, owner: int | Non
     return copied, notes
 
 
-def collect_job(spec, plan, result) -> None:
+def collect_job(spec, plan, result, disk: int | None = None) -> None:
     """`collect` for a finished job (its JobSpec and ChildPlan): the copies in `result.outputs`,
-    the notes added to `result.notes`. Its inputs, and its kernel file when it was sent into its
-    dir, are not outputs."""
+    the notes added to `result.notes`, at most `disk` bytes of them (its disk limit). Its inputs,
+    and its kernel file when it was sent into its dir, are not outputs."""
     if spec.outputs:
         placed = {input_name(p) for p in spec.inputs} | {os.path.relpath(plan.target, plan.workdir)}
-        result.outputs, notes = collect(spec.outputs, plan.workdir, spec.output_dir, plan.uid, placed)
+        result.outputs, notes = collect(spec.outputs, plan.workdir, spec.output_dir, plan.uid, placed,
+                                        max_bytes=min(MAX_OUTPUT_BYTES, disk or MAX_OUTPUT_BYTES))
         result.notes.extend(notes)
 
 
