@@ -234,7 +234,7 @@ class JobDisks:
             return self._polled(JobDir(path, limit, self.unavailable or ""))
         jobdir = JobDir(path, limit)
         try:
-            return jobdir._open(self._images.mount(f"{self._images.tag}-{job_id}.img", str(path), limit))
+            return jobdir._open(self._images.mount(job_id, str(path), limit))
         except (OSError, loop.ImageError) as err:
             jobdir.remove()
             why = f"the job's filesystem image failed: {err}"

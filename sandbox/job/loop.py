@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import itertools
 import fcntl
 import os
 import shutil
@@ -44,6 +45,7 @@ MKFS_OPTIONS = ("-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-m", "0", "-O", "^h
                 "-E", "lazy_itable_init=1,nodiscard")
 MOUNT_DATA = "noinit_itable,nobarrier"  # a sparse file reads as zeros: no inode tables to zero
 TEMPLATES_KEPT = 16
+_SERIAL = itertools.count()  # file names unique within this process, whatever the job ids
 ATTACH_TRIES = 8
 SIZING_TRIES = 4
 
@@ -71,7 +73,9 @@ def _loop_config(image_fd: int, flags: int) -> bytes:
 
 
 def _configure(dev: int, image_fd: int) -> None:
-    """Bind the open image to the open loop device, clearing itself on last close."""
+    """Bind the open image to the open loop device, clearing itself on last close. Buffered, not
+    direct I/O: a job that writes little causes no write to the host's disk at all (its image's
+    pages are dropped with the file), where direct I/O made every mount and unmount wait on it."""
     try:
         fcntl.ioctl(dev, LOOP_CONFIGURE, _loop_config(image_fd, LO_FLAGS_AUTOCLEAR))
         return
@@ -154,11 +158,12 @@ class Images:
         self._templates: collections.OrderedDict[int, Template] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def mount(self, name: str, target: str, limit: int) -> tuple[int, int]:
+    def mount(self, label: str, target: str, limit: int) -> tuple[int, int]:
         """Mount a fresh image with at least `limit` bytes free at `target`: (its size, its loop
-        device's descriptor, for `unmount`). Raises ImageError or OSError (nothing is left attached
-        then)."""
+        device's descriptor, for `unmount`). `label` goes into the image file's name (the job id).
+        Raises ImageError or OSError (nothing is left attached then)."""
         template = self.template(limit)
+        name = f"{self.tag}-{next(_SERIAL)}-{label}.img"
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=self.dir_fd)
         try:
@@ -192,7 +197,7 @@ class Images:
         inodes = -(-limit // INODE_BYTES) + SPARE_INODES
         size = _first_size(limit, inodes)
         for _ in range(SIZING_TRIES):
-            name = f"{self.tag}-template-{limit}"
+            name = f"{self.tag}-{next(_SERIAL)}-template-{limit}"
             fd = os.open(name + ".img", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                          dir_fd=self.dir_fd)
             try:
