@@ -25,6 +25,7 @@ import errno
 import itertools
 import fcntl
 import os
+import queue
 import shutil
 import struct
 import subprocess
@@ -108,11 +109,37 @@ def attach(image_fd: int) -> tuple[int, int]:
     raise ImageError(f"no free loop device after {ATTACH_TRIES} tries")
 
 
+class _Closer:
+    """Closes loop device descriptors in a thread of its own: the last close clears the device,
+    which waits for the block layer to quiesce (a few ms on a busy machine) and need not delay
+    the job's verdict. Ends with the process (the kernel then closes what is left)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def close(self, fd: int) -> None:
+        self._queue.put(fd)
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tsbx-loop-close", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            os.close(self._queue.get())
+
+
+_CLOSER = _Closer()
+
+
 def unmount(target: str, dev: int, root_fd: int | None = None) -> None:
     """Unmount the image at `target` and close `dev`, its loop device's descriptor (which frees the
-    device and the image). `root_fd`: a descriptor of its root, known to be an image of ours: the
-    filesystem is shut down first, so what the job left unwritten is dropped instead of written
-    to an image about to be discarded. Both descriptors are closed whatever happens."""
+    device and the image a moment later, see _Closer). `root_fd`: a descriptor of its root, known
+    to be an image of ours: the filesystem is shut down first, so what the job left unwritten is
+    dropped instead of written to an image about to be discarded. Both descriptors are closed
+    whatever happens."""
     try:
         if root_fd is not None:
             try:
@@ -121,7 +148,7 @@ def unmount(target: str, dev: int, root_fd: int | None = None) -> None:
                 os.close(root_fd)
         umount(target)
     finally:
-        os.close(dev)
+        _CLOSER.close(dev)
 
 
 def _extents(fd: int, size: int) -> tuple[tuple[int, bytes], ...]:
