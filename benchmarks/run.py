@@ -318,8 +318,8 @@ class Bench:
             self.add(f"disk image per job (skipped: {disks.unavailable})", None, 0.0, "≤ 5", None, "ms")
             return
         disks.make("warm", 4 * GiB).remove()
-        image, plain = paired(lambda: disks.make("bench", 4 * GiB).remove(), lambda: disks.make("bench", None).remove(),
-                              max(20, self.n))
+        image, plain = paired(lambda: disks.make("bench", 4 * GiB).remove(),
+                              lambda: disks.make("bench", None).remove(), max(20, self.n))
         added = [(a - b) * 1000 for a, b in zip(image, plain)]
         median = statistics.median(added)
         self.add("disk image per job: attach + mount + unmount, over a plain work dir (ms)", added, median,

@@ -156,8 +156,8 @@ def profiles(limits_file: Optional[Path] = typer.Option(None, help="limits.toml 
 def _show(value, name: str) -> str:
     if value is None:
         return "-"
-    if name in ("memory", "max_output", "max_file_size", "max_result", "disk") or (name in ("address_space", "gpu_memory")
-                                                              and isinstance(value, int)):
+    sizes = ("memory", "max_output", "max_file_size", "max_result", "disk")
+    if name in sizes or (name in ("address_space", "gpu_memory") and isinstance(value, int)):
         return size(value)
     if name in ("cpu_time", "wall_time", "grace", "poll_interval"):
         return secs(value)

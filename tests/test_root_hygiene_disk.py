@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from sandbox import JobSpec, Limits, Supervisor, Verdict
-from sandbox.core.limits import ConfigError, MiB
+from sandbox.core.limits import ConfigError, MiB, Policy, Tenant
 from sandbox.job import disk
 from sandbox.watch.monitor import JobControl
 
@@ -116,12 +117,17 @@ def imaged(state):
         yield sup
 
 
-def test_disk_limit_parses_like_other_sizes():
+def test_disk_limit_parses_like_other_sizes_and_a_tenant_cannot_raise_it():
     assert Limits(disk="64MiB").disk == LIMIT and Limits(disk="unlimited").disk is None
+    assert Limits(memory="unlimited", wall_time="unlimited").memory is None  # was an AttributeError
     with pytest.raises(ConfigError, match="disk"):
         Limits(disk="lots")
     with pytest.raises(ConfigError, match="likely a typo"):
         Limits(disk=64)
+    policy = Policy(defaults=Limits(disk="1GiB"), tenants={"t": Tenant()})
+    with pytest.raises(ConfigError, match="disk unlimited > 1 GiB"):
+        policy.resolve(tenant="t", overrides=Limits(disk="unlimited"))
+    assert Policy.load(ROOT / "limits.toml").defaults.disk == 4 << 30
 
 
 @needs_images
@@ -159,6 +165,20 @@ def test_many_empty_files_count_against_the_disk_limit(imaged, tmp_path):
     r = imaged.run(JobSpec(kernel=str(script), limits=Limits(disk="4MiB", wall_time="30s")))
     assert r.verdict is Verdict.disk, (r.verdict, r.reason, r.stderr_tail[-300:])
     assert r.error_type == "OSError" and "No space left on device" in r.error_message, (r.error_type, r.error_message)
+
+
+DEEP = "import os\nfor _ in range(3000):\n    os.mkdir('d')\n    os.chdir('d')\nprint(os.getcwd().count('/'))\n"
+
+
+@needs_images
+def test_a_deep_tree_goes_with_the_image_unwalked(imaged, state, tmp_path):
+    """A chain 3000 directories deep made shutil.rmtree raise RecursionError in the supervisor (the
+    job's verdict lost); with an image of its own the tree goes with the unmount."""
+    script = tmp_path / "deep.py"
+    script.write_text(DEEP)
+    r = imaged.run(JobSpec(kernel=str(script), limits=Limits(disk="64MiB", wall_time="30s")))
+    assert r.verdict is Verdict.ok and int(r.stdout_tail) > 3000, (r.verdict, r.reason, r.stderr_tail[-300:])
+    assert leftovers(state, r.job_id) == [] and not list(Path(tempfile.gettempdir()).glob(f"tsbx-{r.job_id}-*"))
 
 
 HARD_LINKS = """
@@ -210,7 +230,8 @@ def test_nothing_stays_mounted_or_attached_after_a_killed_or_cancelled_job(image
     assert leftovers(state, cancelled.job_id) == []
 
 
-SLEEPER = "import os, time\nopen('junk', 'wb').write(b'x' * (1 << 20))\nprint(os.getcwd(), flush=True)\ntime.sleep(60)\n"
+SLEEPER = ("import os, time\nopen('junk', 'wb').write(b'x' * (1 << 20))\nprint(os.getcwd(), flush=True)\n"
+           "time.sleep(60)\n")
 
 
 @needs_images

@@ -83,8 +83,8 @@ class Verdict(str, Enum):
 # 113-125 (124 wall time, 125 internal error); a job's own exit status 3-112 passes through (see
 # JobResult.exit_status); 130/143 after Ctrl-C/SIGTERM on the CLI.
 EXIT_CODES = {
-    Verdict.ok: 0, Verdict.error: 1, Verdict.disk: 113, Verdict.result: 114, Verdict.cancelled: 115, Verdict.crashed: 116,
-    Verdict.rejected: 117,
+    Verdict.ok: 0, Verdict.error: 1, Verdict.disk: 113, Verdict.result: 114, Verdict.cancelled: 115,
+    Verdict.crashed: 116, Verdict.rejected: 117,
     Verdict.output: 118, Verdict.processes: 119, Verdict.gpu_memory: 120, Verdict.address_space: 121,
     Verdict.memory: 122, Verdict.cpu_time: 123, Verdict.wall_time: 124,
 }

@@ -178,7 +178,7 @@ class JobDir:
 
     def remove(self) -> list[str]:
         """Unmount the image (its files go with it), or remove the tree; notes for the result (what
-        went wrong, what was measured only in part). Never raises."""
+        went wrong, what was measured only in part)."""
         notes = []
         with self._lock:
             if self._walk is not None:
