@@ -102,6 +102,7 @@ class Limits(_Strict):
     max_open_files: Count = None
     max_file_size: Bytes = None
     max_result: Bytes = 64 * MiB  # bytes of a job's return value (its result files, see sandbox.job.results)
+    disk: PlausibleBytes = None  # what the job holds on disk: its work dir (cache writes too), and its outputs
     network: Literal["none", "host"] = "none"
     grace: Annotated[float, BeforeValidator(lambda v: parse_duration(v) if v is not None else 2.0)] = 2.0
     poll_interval: Annotated[float, positive(parse_duration)] = 0.05
@@ -112,7 +113,8 @@ class Limits(_Strict):
         cannot be compared (a GPU fraction against bytes)."""
         found = []
         for name in ("cpu_time", "wall_time", "memory", "address_space", "gpu_memory", "max_processes",
-                     "cpu_threads", "max_output", "max_open_files", "max_file_size", "grace", "poll_interval"):
+                     "cpu_threads", "max_output", "max_open_files", "max_file_size", "disk", "grace",
+                     "poll_interval"):
             mine, cap = getattr(self, name), getattr(ceiling, name)
             if cap is None or cap == "auto" or mine == cap:
                 continue
@@ -138,7 +140,8 @@ def _shown(name: str, value: Any) -> str:
     """A limit's value for people: bytes in MiB/GiB, seconds with "s", None as "unlimited"."""
     if value is None:
         return "unlimited"
-    if isinstance(value, int) and name in ("memory", "address_space", "gpu_memory", "max_output", "max_file_size"):
+    if isinstance(value, int) and name in ("memory", "address_space", "gpu_memory", "max_output", "max_file_size",
+                                           "disk"):
         return f"{value / GiB:g} GiB" if value >= GiB else f"{value / MiB:g} MiB"
     if name in ("cpu_time", "wall_time", "grace", "poll_interval"):
         return f"{value:g}s"
@@ -239,6 +242,7 @@ class Settings(_Strict):
     cgroups: Literal["auto", "off", "required"] = "auto"
     isolation: Literal["auto", "off", "required"] = "auto"
     rootfs: Literal["read-only", "writable"] = "read-only"  # in the job's mount namespace, beyond its own dirs
+    disk_images: Literal["auto", "off", "required"] = "auto"  # `disk` by a filesystem image per job, else polled
     uid_range: str = "60000-60999"
     allow_root: bool = False
     cache_quota: CacheQuota = 64 * MiB  # of each tenant's kept kernels (offline cache)

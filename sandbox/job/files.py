@@ -14,7 +14,8 @@ copied (they may grow).
 Outputs (untrusted: the job controls its dir) are copied after every process of the job has ended:
 regular files only, opened without following symlinks (relative to an already opened directory, so
 no path component is followed either), owned by the job's uid when it had one of its own, at most
-MAX_OUTPUT_FILES files and MAX_OUTPUT_BYTES bytes. Destination names are the directory entries' own
+MAX_OUTPUT_FILES files and MAX_OUTPUT_BYTES bytes, and never more bytes than the job's disk limit
+(hard links to one file would otherwise copy out as many files). Destination names are the directory entries' own
 names, which cannot contain "/" or be "..". The destination `output_dir` is the caller's path,
 taken as given; below it nothing is followed (a tenant may be able to write there): directories are
 opened with O_NOFOLLOW from the one above, files are created with O_EXCL, and a name that already
@@ -247,13 +248,14 @@ def _named(names: list[str]) -> str:
     return ", ".join(names[:_NOTED]) + (f" and {len(names) - _NOTED} more" if len(names) > _NOTED else "")
 
 
-def collect_job(spec, plan, result) -> None:
+def collect_job(spec, plan, result, disk: int | None = None) -> None:
     """`collect` for a finished job (its JobSpec and ChildPlan): the copies in `result.outputs`,
-    the notes added to `result.notes`. Its inputs, and its kernel file when it was sent into its
-    dir, are not outputs."""
+    the notes added to `result.notes`, at most `disk` bytes of them (its disk limit). Its inputs,
+    and its kernel file when it was sent into its dir, are not outputs."""
     if spec.outputs:
         placed = {input_name(p) for p in spec.inputs} | {os.path.relpath(plan.target, plan.workdir)}
-        result.outputs, notes = collect(spec.outputs, plan.workdir, spec.output_dir, plan.uid, placed)
+        result.outputs, notes = collect(spec.outputs, plan.workdir, spec.output_dir, plan.uid, placed,
+                                        max_bytes=min(MAX_OUTPUT_BYTES, disk or MAX_OUTPUT_BYTES))
         result.notes.extend(notes)
 
 

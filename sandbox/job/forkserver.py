@@ -209,7 +209,8 @@ def _shut_down(jobs: dict[int, socket.socket], running: dict[int, tuple[str, str
                code: int) -> None:
     """The supervisor is gone: do what it cannot (append an `aborted` record per running job to its
     audit log, before the job is gone), SIGKILL every job group and every descendant (we are their
-    subreaper), remove those jobs' directories and our own, exit."""
+    subreaper), unmount and remove those jobs' directories (a job's own filesystem image goes with
+    its mount: nothing to walk) and our own, exit."""
     import psutil
     import time
 
@@ -232,6 +233,11 @@ def _shut_down(jobs: dict[int, socket.socket], running: dict[int, tuple[str, str
             proc.kill()
         except psutil.Error:
             pass
+    for _, path in running.values():
+        try:
+            namespaces.umount(path)
+        except OSError:
+            pass  # not a mount point: the job had no image
     for path in (*(d for _, d in running.values()), os.getcwd()):
         remove_tree(path)
     os._exit(code)

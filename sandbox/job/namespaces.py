@@ -44,6 +44,8 @@ CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWUSER = 0x20000000, 0x40000000, 0x10000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 0x1, 0x2, 0x4, 0x8, 0x20
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_MOVE, MS_REC = 0x400, 0x800, 0x1000, 0x2000, 0x4000
 MS_PRIVATE, MS_RELATIME, ST_RELATIME = 1 << 18, 1 << 21, 0x1000
+MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8  # umount2(2): a symlink at the target is not followed (the path may be a tenant's dir)
 PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 4, 38, 24
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 SIOCSIFFLAGS, IFF_UP = 0x8914, 0x1
@@ -72,6 +74,12 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int, data:
     enc = (lambda s: s.encode() if s is not None else None)
     _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
            f"mount {target}")
+
+
+def umount(target: str, flags: int = MNT_DETACH | UMOUNT_NOFOLLOW) -> None:
+    """umount2(2): by default detached at once, the filesystem released when nothing uses it, and
+    never through a symlink at `target`."""
+    _check(_libc.umount2(target.encode(), flags), f"umount {target}")
 
 
 def loopback_up() -> None:

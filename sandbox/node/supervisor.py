@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -22,14 +21,15 @@ from ..core.models import JobResult, JobSpec, Sample, Termination, Verdict, Viol
 from ..job import namespaces
 from ..job.cgroup import CgroupError, CgroupHost, CgroupLimits, JobCgroup, discover, task_limit
 from ..job.child import ChildPlan
+from ..job.disk import JobDir, JobDisks
 from ..job.files import Sent, collect_job, stage
 from ..job.forkserver import MAX_PLAN_BYTES
 from ..job.ids import may_read, tenant_ids
 from ..job.interpreter import base_env
 from ..job.launcher import JOB_MARKER, Exit, LaunchFailed, LauncherLost, make_launcher
-from ..job.safefs import remove_tree
 from ..job.ticache import TenantCache
-from ..watch.enforcement import CgroupFacts, Enforcement, GpuFacts, IsolationFacts, cgroup_facts, enforcement_for
+from ..watch.enforcement import (CgroupFacts, DiskFacts, Enforcement, GpuFacts, IsolationFacts, cgroup_facts,
+                                 enforcement_for)
 from ..watch.gpu import (ArchUnavailable, GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, mps_env,
                   mps_pipe_directory, resolve_arch, visible_devices)
 from ..watch.monitor import JobControl, Monitor
@@ -63,6 +63,7 @@ class _Prepared:
     enforcement: dict[str, Enforcement]
     cgroup: JobCgroup | None
     cache: TenantCache
+    jobdir: JobDir
 
 
 class _Job:
@@ -86,6 +87,7 @@ class Supervisor:
         when None."""
         self.policy = policy if policy is not None else load_policy()
         self.cgroups = cgroups if cgroups is not None else discover(self.policy.settings.cgroups)
+        self.disks = JobDisks(self.policy.settings)  # unmounts what a supervisor that died left mounted
         self.audit = AuditLog(audit_log or self.policy.settings.resolved_audit_log())
         self.launcher = make_launcher(launcher or self.policy.settings.launcher, str(self.audit.path))
         self.gpu_sampler = gpu_sampler if gpu_sampler is not None else NvmlSampler()
@@ -127,13 +129,15 @@ class Supervisor:
                     self._gpu = ([], str(err))
             return self._gpu
 
-    def _prepare(self, spec: JobSpec, limits: Limits, arch: str, workdir: Path,
+    def _prepare(self, spec: JobSpec, limits: Limits, arch: str, jobdir: JobDir,
                  sent: Sent | None = None) -> _Prepared:
         """Everything the child needs, decided here once: rlimits, env, dirs, Taichi caps, GPU watch.
+        `jobdir`: the job's directory (on its own filesystem image where `disk` is held by one).
         `sent`: what a client sent with the job (read with its own permissions): the kernel file's
         contents, written into the job's work dir under the file's name, and its inputs' descriptors,
         so the supervisor never opens the client's paths."""
         target, function = spec.target()
+        workdir = jobdir.path
         home, tmp, work, cache = workdir / "home", workdir / "tmp", workdir / "work", workdir / "cache"
         for d in (home, tmp, work, cache):
             d.mkdir()
@@ -201,8 +205,9 @@ class Supervisor:
         elif cgroup_known.reason:
             notes.append(f"no job cgroup, limits polled: {cgroup_known.reason}")
         return _Prepared(plan=plan, rlimits={RLIMIT_NAMES[k]: v[0] for k, v in rlimits.items()}, notes=notes,
-                         gpu_watch=watch, gpu_limit=gpu_limit, cgroup=cgroup, cache=kept,
-                         enforcement=enforcement_for(limits, arch, address_space, facts, cgroup_known, isolation))
+                         gpu_watch=watch, gpu_limit=gpu_limit, cgroup=cgroup, cache=kept, jobdir=jobdir,
+                         enforcement=enforcement_for(limits, arch, address_space, facts, cgroup_known, isolation,
+                                                     DiskFacts(jobdir.image_size, jobdir.reason)))
 
     def _isolate(self, plan: ChildPlan, tenant: str, limits: Limits, workdir: Path, kept: TenantCache,
                  notes: list[str]) -> IsolationFacts:
@@ -287,28 +292,30 @@ class Supervisor:
         `hold_result(size)`: asked before a return value of `size` bytes is read, None or (the bound,
         why) it cannot be held: then the verdict is `result`, for that reason."""
         started_epoch = time.time()
-        workdir = None
+        jobdir = None
         try:
             limits = self.policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
             arch, arch_note = resolve_arch(spec.arch, self.policy.settings.gpu_fallback_cpu)
-            workdir = Path(tempfile.mkdtemp(prefix=f"tsbx-{spec.job_id}-"))
-            prepared = self._prepare(spec, limits, arch, workdir, sent)
+            jobdir = self.disks.make(spec.job_id, limits.disk)
+            prepared = self._prepare(spec, limits, arch, jobdir, sent)
         except BaseException as err:
-            if workdir is not None:
-                remove_tree(workdir)
+            if jobdir is not None:
+                jobdir.remove()
             if isinstance(err, (ConfigError, ArchUnavailable)):
                 return self._not_run(spec, str(err), started_epoch)
             raise
         try:
             result = self._supervise(spec, limits, prepared, on_sample, control, started_epoch, on_output, hold_result)
-            collect_job(spec, prepared.plan, result)
-            result.notes.extend(prepared.cache.promote(workdir / "cache"))
+            collect_job(spec, prepared.plan, result, limits.disk)
+            result.notes.extend(prepared.cache.promote(prepared.jobdir.path / "cache"))
         except LaunchFailed as err:
             return self._not_run(spec, str(err), started_epoch, Verdict.crashed)
         finally:
             cgroup_left = prepared.cgroup.remove() if prepared.cgroup is not None else None
-            workdir_left = remove_tree(workdir)  # never raises: the verdict is recorded whatever the job left
-        result.notes.extend(note for note in (cgroup_left, workdir_left) if note)
+            disk_left = jobdir.remove()  # never raises: the verdict is recorded whatever the job left
+        if cgroup_left:
+            result.notes.append(cgroup_left)
+        result.notes.extend(disk_left)
         result.rlimits = prepared.rlimits
         result.enforcement = prepared.enforcement
         result.notes = [arch_note, *prepared.notes, *result.notes]
@@ -343,7 +350,7 @@ class Supervisor:
             job.notes.append(f"audit log: no started record ({err})")
         monitor = Monitor(tree, limits, started, time.time, lambda: pump.output_bytes(),
                           lambda v: end_job(job, v), on_sample, gpu=prepared.gpu_watch,
-                          gpu_limit=prepared.gpu_limit, control=control, cgroup=cgroup)
+                          gpu_limit=prepared.gpu_limit, control=control, cgroup=cgroup, disk=prepared.jobdir)
         pump = Pump(out_r, err_r, ch_r, limits.max_output, monitor.wake, on_output)
         try:
             pump.start()
@@ -372,7 +379,8 @@ class Supervisor:
             peak_gpu=monitor.peak_gpu, timeline=monitor.timeline.samples, pump=pump, wall=ended - started,
             started_epoch=started_epoch, launcher=self.launcher.name, root_pid=launched.pid,
             cgroup_limits=cgroup.limits if cgroup is not None else None,
-            cgroup_final=cgroup.stats() if cgroup is not None else None, hold_result=hold_result))
+            cgroup_final=cgroup.stats() if cgroup is not None else None, hold_result=hold_result,
+            disk_final=prepared.jobdir.usage(final=True)))
 
     def _reap_leftovers(self, job: _Job, pgid: int) -> None:
         """After the main process ended: kill whatever of the job still lives. With a cgroup that is
