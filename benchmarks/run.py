@@ -20,6 +20,8 @@ System-call filter loaded in a forked job / added to a tiny job                 
 Offline kernel cache: a job with an empty per-tenant cache ÷ one with a warm cache   report
 A 1024×1024 float32 return value added to a job (result files written and read)   median ≤ 20 ms
 A shipped callable added to a job, versus the same function as `file.py:function`  median ≤ 5 ms
+Disk limit: a job's own filesystem image (make, mount, unmount, remove)            median ≤ 5 ms
+... and a tiny job with `disk = "4GiB"` (an image) − the same job without          report
 S1  `taichi-sandbox run tiny.py --json` through a running node service ÷ plain      ≤ 0.6
 S2  10 000 jobs queued on the service by 50 tenants: admission latency              p99 ≤ 5 ms
 S3  ... and the service's RSS with them queued                                      ≤ 150 MiB
@@ -48,8 +50,9 @@ from sandbox import JobSpec, Limits, Policy, Supervisor
 from sandbox.job.cgroup import CgroupLimits, discover
 from sandbox.job import syscalls
 from sandbox.node.executor import Capacity, SandboxExecutor
-from sandbox.job.launcher import base_env
+from sandbox.job.interpreter import base_env
 from sandbox.core.limits import GiB, Settings, Tenant
+from sandbox.job.disk import JobDisks
 from sandbox.node import frames
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -335,6 +338,28 @@ class Bench:
         added = (statistics.median(shipped) - statistics.median(by_file)) * 1000
         self.add("shipped callable: median − file.py:function (ms)", shipped, added, "≤ 5", added <= 5, "ms")
 
+    def disk_cost(self, sup: Supervisor) -> None:
+        """What a disk limit held by a filesystem image adds per job: a work dir with an image (written
+        from its template, attached, mounted, then unmounted and freed) over a plain one, both made
+        and removed alike, the template made once before; and a tiny job with the default `disk`
+        versus the same job without a disk limit."""
+        disks = JobDisks(Settings(state_dir=self.state))
+        if disks.unavailable is not None:
+            self.add(f"disk image per job (skipped: {disks.unavailable})", None, 0.0, "≤ 5", None, "ms")
+            return
+        disks.make("warm", 4 * GiB).remove()
+        image, plain = paired(lambda: disks.make("bench", 4 * GiB).remove(),
+                              lambda: disks.make("bench", None).remove(), max(20, self.n))
+        added = [(a - b) * 1000 for a, b in zip(image, plain)]
+        median = statistics.median(added)
+        self.add("disk image per job: attach + mount + unmount, over a plain work dir (ms)", added, median,
+                 "median ≤ 5", median <= 5, "ms")
+        spec = lambda disk: JobSpec(kernel=TINY, limits=Limits(disk=disk))  # noqa: E731
+        sup.run(spec("4GiB"))
+        on, off = paired(lambda: sup.run(spec("4GiB")), lambda: sup.run(spec(None)), self.n)
+        added = (statistics.median(on) - statistics.median(off)) * 1000
+        self.add("tiny job with a disk image − without a disk limit (ms)", on, added, "report", None, "ms")
+
     def node_service(self) -> None:
         """S1-S3 against a real `taichi-sandbox serve` process."""
         root = Path(self.state) / "node"
@@ -405,6 +430,7 @@ def main() -> None:
             bench.syscall_filter_cost(sup)
             bench.result_cost(sup, Path(state))
             bench.callable_cost(sup, Path(state))
+            bench.disk_cost(sup)
         bench.cgroup_lifecycle()
         bench.offline_cache()
         bench.cli_cold()

@@ -2,7 +2,7 @@
 probe the machine, show quota usage.
 
 `run` streams the job's stdout/stderr live, then prints the summary on stderr. Exit codes (see
-README): 0 ok, 1 error, 2 usage/config error, 3-113 the job's own exit status, 114 result limit,
+README): 0 ok, 1 error, 2 usage/config error, 3-112 the job's own exit status, 113 disk limit, 114 result limit,
 115 cancelled, 116 crashed, 117 rejected, 118-124 one per limit (124 = wall time as in timeout(1)), 125 internal
 error, 130/143 after Ctrl-C/SIGTERM (the jobs are cancelled, their results printed and audited).
 """
@@ -55,7 +55,7 @@ def _live_table(kernel: str, limits: Limits, sample: Sample | None) -> Table:
         table.add_column(column)
     if sample is not None:
         for row in usage_rows(limits, sample.cpu, sample.t, sample.rss, sample.vms, sample.processes,
-                               sample.output):
+                               sample.output, sample.disk):
             table.add_row(*row)
     return table
 
@@ -80,6 +80,7 @@ def run(
     max_processes: Optional[int] = typer.Option(None, help="processes in the job tree"),
     max_output: Optional[str] = typer.Option(None, help="stdout+stderr bytes, e.g. 10MiB"),
     max_result: Optional[str] = typer.Option(None, help="bytes of an entry function's return value, e.g. 1GiB"),
+    disk: Optional[str] = typer.Option(None, help="what the job holds on disk (work dir, outputs), e.g. 4GiB"),
     grace: Optional[str] = typer.Option(None, help="SIGTERM -> SIGKILL delay, e.g. 2s"),
     launcher: Optional[str] = typer.Option(None, help="forkserver | exec"),
     inputs: Optional[List[str]] = typer.Option(None, "--input", help="File copied read-only into the job's dir "
@@ -94,7 +95,7 @@ def run(
     overrides = {k: v for k, v in dict(cpu_time=cpu_time, wall_time=wall_time, memory=memory,
                                         address_space=address_space, gpu_memory=gpu_memory,
                                         max_processes=max_processes, max_output=max_output, max_result=max_result,
-                                        grace=grace).items() if v is not None}
+                                        disk=disk, grace=grace).items() if v is not None}
     extra = extra or []
     try:
         limits = Limits.parse(overrides, "command line")
@@ -155,8 +156,8 @@ def profiles(limits_file: Optional[Path] = typer.Option(None, help="limits.toml 
 def _show(value, name: str) -> str:
     if value is None:
         return "-"
-    if name in ("memory", "max_output", "max_file_size", "max_result") or (name in ("address_space", "gpu_memory")
-                                                              and isinstance(value, int)):
+    sizes = ("memory", "max_output", "max_file_size", "max_result", "disk")
+    if name in sizes or (name in ("address_space", "gpu_memory") and isinstance(value, int)):
         return size(value)
     if name in ("cpu_time", "wall_time", "grace", "poll_interval"):
         return secs(value)
@@ -342,6 +343,9 @@ def probe(as_json: bool = typer.Option(False, "--json", help="Print the report a
     sf = report["syscall_filter"]
     out.print(f"system-call filter: {'available' if sf['available'] else 'unavailable (' + sf['reason'] + ')'}",
               highlight=False)
+    disk = report["disk"]
+    held = "a filesystem image per job (ext4 on a loop device)" if disk["images"] else f"polled ({disk['reason']})"
+    out.print(f"disk: {held}", highlight=False)
     for arch, limits in report["enforcement"].items():
         table = Table(title=f"enforcement on {arch}")
         for column in ("limit", "level", "by", "note"):

@@ -24,7 +24,7 @@ from .remote import (EXIT_INTERNAL, ClientError, Job, choose_socket, one, reques
 SERVICE_COMMANDS = {"ps", "cancel", "logs", "events"}
 EITHER_COMMANDS = {"run", "batch", "quota"}
 LIMIT_OPTIONS = ("cpu_time", "wall_time", "memory", "address_space", "gpu_memory", "max_processes", "max_output",
-                 "max_result", "grace")
+                 "max_result", "disk", "grace")
 
 
 def entry_args(extra: list[str]) -> list:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 VERDICT_STYLE = {"ok": "bold green", "error": "bold red", "crashed": "bold red", "rejected": "bold yellow"}
 VERDICT_COLOUR = {"ok": "#1a7f37", "error": "#cf222e", "crashed": "#cf222e", "rejected": "#9a6700"}
-SIZE_RESOURCES = ("memory", "address_space", "output", "gpu_memory")
+SIZE_RESOURCES = ("memory", "address_space", "output", "gpu_memory", "disk")
 TAIL_LINES = 15
 
 
@@ -39,7 +39,8 @@ def secs(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}s"
 
 
-def usage_rows(limits: Limits, cpu: float, wall: float, rss: int, vms: int, procs: int, output: int):
+def usage_rows(limits: Limits, cpu: float, wall: float, rss: int, vms: int, procs: int, output: int,
+               disk: int | None = None):
     """(resource, used, limit) rows, as text."""
     yield "cpu time", secs(cpu), secs(limits.cpu_time)
     yield "wall time", secs(wall), secs(limits.wall_time)
@@ -47,12 +48,14 @@ def usage_rows(limits: Limits, cpu: float, wall: float, rss: int, vms: int, proc
     yield "virtual memory", size(vms), "auto" if limits.address_space == "auto" else size(limits.address_space)
     yield "processes", str(procs), "-" if limits.max_processes is None else str(limits.max_processes)
     yield "output", size(output), size(limits.max_output)
+    if limits.disk is not None:
+        yield "disk", size(disk), size(limits.disk)
 
 
 def _result_rows(result: "JobResult"):
     u = result.usage
     return usage_rows(result.limits, u.cpu_seconds, u.wall_seconds, u.peak_rss, u.peak_vms, u.peak_processes,
-                      u.output_bytes)
+                      u.output_bytes, u.peak_disk)
 
 
 def _violation_rows(result: "JobResult"):

@@ -133,21 +133,27 @@ class Job:
 
 
 def save_file(output_dir: str | None, answer: dict) -> str:
-    """Copy the output file of a "file" answer (its descriptor, closed here) to `output_dir`, at
-    its relative name; the copy's path. Raises OSError, or ClientError for a name outside the dir."""
+    """Copy the output file of a "file" answer (its descriptor, closed here) to a new file in
+    `output_dir` at its relative name (see sandbox.job.safefs.create_beneath: no symlink below
+    `output_dir` is followed, nothing is overwritten); the copy's path. Raises OSError
+    (FileExistsError for a name that exists), or ClientError for a name outside the dir."""
     fd = answer.pop("fd", None)
     try:
         name = str(answer.get("name", ""))
         parts = PurePosixPath(name).parts
         if fd is None or output_dir is None or not parts or name.startswith("/") or ".." in parts:
             raise ClientError(f"the service sent an output file without its descriptor or a usable name: {name!r}")
-        target = Path(output_dir, name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        from .job.safefs import create_beneath  # only when a file comes: it costs the client's start
+        os.makedirs(output_dir, exist_ok=True)
+        top = os.open(output_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            out = create_beneath(top, name)
+        finally:
+            os.close(top)
         with os.fdopen(fd, "rb", closefd=False) as source, os.fdopen(out, "wb") as sink:
             while chunk := source.read(1 << 20):
                 sink.write(chunk)
-        return str(target)
+        return str(Path(output_dir, name))
     finally:
         if fd is not None:
             os.close(fd)

@@ -71,10 +71,11 @@ def test_audit_log_has_job_and_violation_records(state_dir):
 def test_offline_cache_is_per_tenant_and_persists(state_dir):
     with Supervisor(make_policy(state_dir), audit_log=state_dir / "a.jsonl") as sup:
         r = sup.run(JobSpec(kernel=kernel("saxpy.py"), tenant=None))
-    cache = Path(r.ti_init[0]["effective"]["offline_cache_file_path"])
-    assert cache == state_dir / "ticache" / "_default"
-    assert list(cache.glob("*.tic")), "ti.reset() should have written compiled kernels to the cache"
-    assert not (cache / "ticache.lock").exists()
+    job_cache = Path(r.ti_init[0]["effective"]["offline_cache_file_path"])
+    cache = state_dir / "ticache" / "_default"
+    assert job_cache.name == "cache" and not job_cache.exists(), "the job's own cache goes with its work dir"
+    assert list(cache.glob("*.tic")), "ti.reset() should have written compiled kernels, kept by the supervisor"
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".tic")) == ["ticache.tcb"]
 
 
 FAST_ORPHAN = """

@@ -426,11 +426,8 @@ def test_job_cannot_forge_a_result_line_on_the_cli_stdout(tmp_path):
 TAMPER = """
 import json, os, sys, time
 import taichi as ti
-from taichi.lang import impl
 ti.init(arch=ti.cpu)
-cache = impl.current_cfg().offline_cache_file_path  # <state_dir>/ticache/<tenant>
-state = os.path.dirname(os.path.dirname(cache))
-what = sys.argv[1]
+what, state = sys.argv[1], sys.argv[2]  # the supervisor's state dir
 if what == "audit":
     record = {"type": "job", "job_id": "forged", "tenant": "bob", "ts": time.time(), "verdict": "ok"}
     targets = [(os.path.join(state, "audit.jsonl"), "a", json.dumps(record) + "\\n")]
@@ -464,7 +461,7 @@ def _tenants_supervisor(state: Path) -> Supervisor:
 def test_job_cannot_append_to_the_audit_log(tmp_path):
     state = tmp_path / "state"
     with _tenants_supervisor(state) as sup:
-        r = sup.run(JobSpec(kernel=_script(tmp_path, "tamper.py", TAMPER), argv=["audit"], tenant="alice"))
+        r = sup.run(JobSpec(kernel=_script(tmp_path, "tamper.py", TAMPER), argv=["audit", str(state)], tenant="alice"))
         audit = sup.audit.path
     assert audit == state / "audit.jsonl"
     assert r.verdict is Verdict.ok, (r.reason, r.stderr_tail)
@@ -483,7 +480,7 @@ def test_job_cannot_rewrite_another_tenants_offline_cache(tmp_path):
         assert sup.run(JobSpec(kernel=str(ROOT / "kernels" / "tiny.py"), tenant="bob")).verdict is Verdict.ok
         before = _digests(state / "ticache" / "bob")
         assert before, "bob's job wrote no offline cache"
-        r = sup.run(JobSpec(kernel=_script(tmp_path, "tamper.py", TAMPER), argv=["cache"], tenant="alice"))
+        r = sup.run(JobSpec(kernel=_script(tmp_path, "tamper.py", TAMPER), argv=["cache", str(state)], tenant="alice"))
     assert r.verdict is Verdict.ok, (r.reason, r.stderr_tail)
     assert _digests(state / "ticache" / "bob") == before, f"alice's job changed bob's cache: {r.stdout_tail}"
 

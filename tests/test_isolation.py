@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from sandbox import JobSpec, Limits, Supervisor, Verdict
 from sandbox.job.namespaces import probe
 
-from .conftest import assert_no_survivors, kernel, make_policy
+from .conftest import ROOT, assert_no_survivors, kernel, make_policy
 
 NO_NAMESPACES = probe()
 pytestmark = pytest.mark.skipif(NO_NAMESPACES is not None, reason=f"no namespaces here: {NO_NAMESPACES}")
@@ -166,8 +168,8 @@ def test_each_tenant_runs_as_its_own_uid_without_groups_capabilities_or_root_fil
         assert who["uid"] == who["gid"] or who["uid"] == 65534
         assert who["groups"] == [] and who["caps"] == who["bounding"] == "0000000000000000"
         assert who["no_new_privs"] == "1" and who["secret"] == "PermissionError"
-    cache = tmp_path / "state" / "ticache" / "alice"
-    assert (cache.stat().st_uid, cache.stat().st_mode & 0o777) == (uids["alice"], 0o700)
+    cache = tmp_path / "state" / "ticache" / "alice"  # the supervisor's; only alice's jobs may read it
+    assert (cache.stat().st_uid, cache.stat().st_gid, cache.stat().st_mode & 0o777) == (0, uids["alice"], 0o750)
 
 
 @root_only
@@ -244,7 +246,7 @@ except OSError as err:
     signal = type(err).__name__
 unmount = "unmounted" if libc.umount2(b"/tmp", 2) == 0 else os.strerror(ctypes.get_errno())  # MNT_DETACH
 print(json.dumps({"uid": os.getuid(), "seen": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
-                  "signal": signal, "tmp": sorted(os.listdir("/tmp")), "unmount": unmount,
+                  "signal": signal, "tmp": sorted(os.listdir("/tmp")), "cwd": os.getcwd(), "unmount": unmount,
                   "caps": status["CapEff"].strip(), "no_new_privs": status["NoNewPrivs"].strip()}))
 """
 
@@ -254,7 +256,6 @@ OPERATOR_UID = 59999  # the unprivileged user the supervisor runs as (below the 
 def _not_root_supervisor(tmp_path, isolation: str) -> dict:
     """Run a supervisor as OPERATOR_UID (a real process of that uid) on ESCAPE; its JSON report."""
     import subprocess
-    import sys
     home = tmp_path / "operator"
     home.mkdir()
     os.chown(home, OPERATOR_UID, OPERATOR_UID)
@@ -272,7 +273,11 @@ def test_a_supervisor_that_is_not_root_isolates_its_jobs_in_a_user_namespace(tmp
     assert report["verdict"] == "ok", report
     seen = json.loads(report["stdout"])
     assert seen["uid"] == OPERATOR_UID and seen["seen"] == [1, 2] and seen["signal"] == "ProcessLookupError"
-    assert len(seen["tmp"]) == 1 and seen["tmp"][0].startswith("tsbx-")  # its own /tmp: only its work dir
+    # its own /tmp: only its work dir, and the interpreter and this checkout where they live under /tmp
+    work = Path(seen["cwd"]).relative_to("/tmp").parts[0]
+    exposed = {Path(p).resolve().relative_to("/tmp").parts[0] for p in (sys.prefix, sys.base_prefix, ROOT)
+               if Path(p).resolve().is_relative_to("/tmp")}
+    assert work.startswith("tsbx-") and set(seen["tmp"]) == {work, *exposed}, seen["tmp"]
     assert seen["caps"] == "0000000000000000" and seen["no_new_privs"] == "1"
     assert seen["unmount"] == "Operation not permitted"  # its private /tmp stays
     assert report["namespaces"]["level"] == "hard" and "user (" in report["namespaces"]["by"]

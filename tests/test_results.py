@@ -132,7 +132,7 @@ def _cli(*args: str, tmp_path) -> subprocess.CompletedProcess:
 
 def hostile(how: str):
     """Replace the child's result writer (the job runs in the child's process) with one that leaves
-    `how` in the result directory and claims 10 bytes."""
+    `how` in the result directory and claims the bytes it wrote (less when it lies about size)."""
     import sandbox.job.results
 
     def write(value, workdir, max_result):
@@ -155,6 +155,9 @@ def hostile(how: str):
         elif how == "path reference":
             with open(value_json, "w") as f:
                 f.write('{"__ndarray__": "../decoy/value.json"}')
+        elif how == "understate":
+            with open(value_json, "w") as f:
+                f.write("[1, 2, 3]")
         elif how == "deep json":
             with open(value_json, "w") as f:
                 f.write("[" * 100_000 + "]" * 100_000)
@@ -170,7 +173,9 @@ def hostile(how: str):
                     np.save(f, np.array([{"a": 1}], dtype=object), allow_pickle=True)
                 else:
                     np.save(f, np.ones(2 * MiB, np.uint8))
-        return 10
+        if how in ("lie about size", "understate"):  # claims only its value.json, or less
+            return 18 if how == "lie about size" else 3
+        return sum(os.lstat(os.path.join(result, name)).st_size for name in os.listdir(result))
 
     sandbox.job.results.write = write
     return "anything"
@@ -180,6 +185,7 @@ def hostile(how: str):
     ("dir symlink", "symbolic links|Not a directory"), ("file symlink", "symbolic links"),
     ("fifo", "not a regular file"), ("hard link", "one link"), ("path reference", "not a file number"),
     ("deep json", "RecursionError"), ("forged header", "does not match"), ("object dtype", "object dtype"),
+    ("understate", "more than the 3 bytes the job reported"),
 ])
 def test_hostile_result_files_give_a_clean_error(supervisor, how, problem):
     r = supervisor.run(JobSpec(kernel=hostile, args=[how], limits=Limits(wall_time="30s")))

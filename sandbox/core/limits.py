@@ -20,7 +20,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from .units import (GiB, MiB, Bytes, Count, PlausibleBytes, PlausibleSeconds, Quota, Seconds, parse_address_space,
-                    parse_duration, parse_gpu_memory, parse_rate, positive)
+                    parse_duration, parse_gpu_memory, parse_rate, parse_size, positive)
 
 
 class ConfigError(ValueError):
@@ -102,6 +102,7 @@ class Limits(_Strict):
     max_open_files: Count = None
     max_file_size: Bytes = None
     max_result: Bytes = 64 * MiB  # bytes of a job's return value (its result files, see sandbox.job.results)
+    disk: PlausibleBytes = None  # what the job holds on disk: its work dir (cache writes too), and its outputs
     network: Literal["none", "host"] = "none"
     grace: Annotated[float, BeforeValidator(lambda v: parse_duration(v) if v is not None else 2.0)] = 2.0
     poll_interval: Annotated[float, positive(parse_duration)] = 0.05
@@ -112,7 +113,8 @@ class Limits(_Strict):
         cannot be compared (a GPU fraction against bytes)."""
         found = []
         for name in ("cpu_time", "wall_time", "memory", "address_space", "gpu_memory", "max_processes",
-                     "cpu_threads", "max_output", "max_open_files", "max_file_size", "grace", "poll_interval"):
+                     "cpu_threads", "max_output", "max_open_files", "max_file_size", "disk", "grace",
+                     "poll_interval"):
             mine, cap = getattr(self, name), getattr(ceiling, name)
             if cap is None or cap == "auto" or mine == cap:
                 continue
@@ -138,7 +140,8 @@ def _shown(name: str, value: Any) -> str:
     """A limit's value for people: bytes in MiB/GiB, seconds with "s", None as "unlimited"."""
     if value is None:
         return "unlimited"
-    if isinstance(value, int) and name in ("memory", "address_space", "gpu_memory", "max_output", "max_file_size"):
+    if isinstance(value, int) and name in ("memory", "address_space", "gpu_memory", "max_output", "max_file_size",
+                                           "disk"):
         return f"{value / GiB:g} GiB" if value >= GiB else f"{value / MiB:g} MiB"
     if name in ("cpu_time", "wall_time", "grace", "poll_interval"):
         return f"{value:g}s"
@@ -172,6 +175,16 @@ def address_space_for(limits: Limits, arch: str) -> tuple[int | None, str]:
 Priority = Annotated[int, Field(ge=-1_000_000, le=1_000_000)]  # ageing adds 0.1 per second waited
 
 
+def _cache_quota(value: Any) -> int:
+    parsed = parse_size(value)
+    if parsed is None:
+        raise ValueError("the offline cache is always bounded: give a size (0 keeps nothing)")
+    return parsed
+
+
+CacheQuota = Annotated[int, BeforeValidator(_cache_quota)]  # bytes of kept kernels (sandbox.job.ticache)
+
+
 class Tenant(_Strict):
     """A tenant: its profile, and quotas the executor enforces across its running and queued jobs."""
 
@@ -186,6 +199,7 @@ class Tenant(_Strict):
     run_as: str | None = None  # a user name, "UID" or "UID:GID" (default: one from [sandbox] uid_range)
     users: list[Union[str, int]] = []  # who may submit as this tenant to the node service (names or uids)
     groups: list[Union[str, int]] = []  # ... or members of these groups (names or gids)
+    cache_quota: Union[CacheQuota, None] = None  # None: [sandbox] cache_quota
 
 
 class JobType(_Strict):
@@ -229,8 +243,10 @@ class Settings(_Strict):
     isolation: Literal["auto", "off", "required"] = "auto"
     rootfs: Literal["read-only", "writable"] = "read-only"  # in the job's mount namespace, beyond its own dirs
     syscall_filter: Literal["default", "off"] = "default"  # seccomp-bpf in every job (sandbox.job.syscalls)
+    disk_images: Literal["auto", "off", "required"] = "auto"  # `disk` by a filesystem image per job, else polled
     uid_range: str = "60000-60999"
     allow_root: bool = False
+    cache_quota: CacheQuota = 64 * MiB  # of each tenant's kept kernels (offline cache)
 
     def resolved_state_dir(self) -> Path:
         base = self.state_dir or os.path.join(
@@ -252,7 +268,7 @@ class Service(_Strict):
     max_connections_per_uid: Count = 16
     max_connections: Count = 512  # all uids together (each is a thread of the service)
     max_input_files_per_uid: Count = 1024  # descriptors of inputs held for a uid's unfinished jobs
-    max_held_bytes_per_uid: Bytes = 256 * MiB  # of requests (sources, args, shipped code) its unfinished jobs hold
+    max_held_bytes_per_uid: Bytes = 256 * MiB  # requests of its unfinished jobs and results not read yet
     max_request_bytes: Bytes = 8 * MiB
     request_rate: Annotated[Union[float, None], positive(parse_rate)] = 50.0  # requests per uid
     request_burst: Count = 100
@@ -314,6 +330,12 @@ class Policy(BaseModel):
                    alerts=Alerts.parse(data.get("alerts", {}), f"{source} [alerts]"),
                    settings=Settings.parse(data.get("sandbox", {}), f"{source} [sandbox]"),
                    service=Service.parse(data.get("service", {}), f"{source} [service]"), source=source)
+
+    def cache_quota(self, tenant: str | None) -> int:
+        """Bytes of compiled kernels kept for `tenant`: its own `cache_quota`, else `[sandbox]`'s."""
+        entry = self.tenants.get(tenant) if tenant is not None else None
+        own = entry.cache_quota if entry is not None else None
+        return own if own is not None else self.settings.cache_quota
 
     def resolve(self, profile: str | None = None, tenant: str | None = None,
                 overrides: Limits | None = None, job_type: str | None = None) -> Limits:

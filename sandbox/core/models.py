@@ -70,6 +70,7 @@ class Verdict(str, Enum):
     processes = "processes"
     output = "output"
     result = "result"
+    disk = "disk"
     crashed = "crashed"
     rejected = "rejected"
     cancelled = "cancelled"
@@ -79,15 +80,15 @@ class Verdict(str, Enum):
 
 
 # Exit codes of `taichi-sandbox run`, in the spirit of timeout(1): the sandbox's own codes are 2 and
-# 114-125 (124 wall time, 125 internal error); a job's own exit status 3-113 passes through (see
+# 113-125 (124 wall time, 125 internal error); a job's own exit status 3-112 passes through (see
 # JobResult.exit_status); 130/143 after Ctrl-C/SIGTERM on the CLI.
 EXIT_CODES = {
-    Verdict.ok: 0, Verdict.error: 1, Verdict.result: 114, Verdict.cancelled: 115, Verdict.crashed: 116,
-    Verdict.rejected: 117,
+    Verdict.ok: 0, Verdict.error: 1, Verdict.disk: 113, Verdict.result: 114, Verdict.cancelled: 115,
+    Verdict.crashed: 116, Verdict.rejected: 117,
     Verdict.output: 118, Verdict.processes: 119, Verdict.gpu_memory: 120, Verdict.address_space: 121,
     Verdict.memory: 122, Verdict.cpu_time: 123, Verdict.wall_time: 124,
 }
-JOB_EXIT_STATUSES = range(3, 114)  # a job's own exit status that the CLI passes through unchanged
+JOB_EXIT_STATUSES = range(3, 113)  # a job's own exit status that the CLI passes through unchanged
 EXIT_USAGE = 2
 EXIT_INTERNAL = 125
 
@@ -203,7 +204,8 @@ class Violation(BaseModel):
 
 class Usage(BaseModel):
     """What the job used. `peak_memory` is the kernel's peak charge for the job cgroup (RSS, page
-    cache, tmpfs, memfd, shm); None without a memory cgroup."""
+    cache, tmpfs, memfd, shm); None without a memory cgroup. `peak_disk`: the most its work dir was
+    seen to hold (sandbox.job.disk); None without a disk limit."""
 
     cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -213,6 +215,7 @@ class Usage(BaseModel):
     peak_processes: int = 0
     peak_gpu_memory: int | None = None
     output_bytes: int = 0
+    peak_disk: int | None = None
 
 
 class Sample(BaseModel):
@@ -226,6 +229,7 @@ class Sample(BaseModel):
     output: int
     gpu_memory: int | None = None
     memory: int | None = None
+    disk: int | None = None
 
 
 class Termination(BaseModel):

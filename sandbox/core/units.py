@@ -102,8 +102,10 @@ def _plausible(parser, floor: float, hint: str):
 
     def check(value: Any):
         parsed = checked(value)
+        if parsed is None:  # "unlimited"
+            return parsed
         has_unit = isinstance(value, str) and bool(_NUMBER_UNIT.match(value).group(2))
-        if parsed is not None and parsed < floor and not has_unit:
+        if parsed < floor and not has_unit:
             raise ValueError(f"{value!r} without a unit is {hint}")
         return parsed
     return BeforeValidator(check)

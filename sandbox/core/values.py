@@ -129,10 +129,23 @@ def load_npy(f: IO[bytes], size: int) -> np.ndarray:
     return np.load(f, allow_pickle=False)
 
 
-def npy_bytes(a: np.ndarray) -> bytes:
+def npy_parts(a: np.ndarray) -> tuple[bytes, memoryview]:
+    """The .npy form of `a` as (header, data): the data a view of `a`'s memory where it is
+    C-contiguous (else of a contiguous copy), so a large array can be written out without a copy."""
+    fmt = np.lib.format
+    a = a if a.flags.c_contiguous else np.array(a, order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
     buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
+    header = fmt.header_data_from_array_1_0(a)
+    try:
+        fmt.write_array_header_1_0(buf, header)
+    except ValueError:  # a header over 64 KiB (a huge structured dtype)
+        buf = io.BytesIO()
+        fmt.write_array_header_2_0(buf, header)
+    return buf.getvalue(), memoryview(a.reshape(-1).view(np.uint8))
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    return b"".join(npy_parts(a))
 
 
 def _to_base64(a: np.ndarray) -> str:

@@ -2,9 +2,9 @@
 
 Order matters and is the contract: join the job cgroup (before anything else runs, so everything the
 job does is counted) → die with the parent (PR_SET_PDEATHSIG) → own session → subreaper → rlimits
-→ scrubbed environment and private directories → with isolation, new namespaces, a relay outside,
-an init inside and the tenant's uid (sandbox.job.namespaces) → the system-call filter
-(sandbox.job.syscalls) → guarded `ti.init` → run the job (a shipped
+→ the work dir as cwd → with isolation, new namespaces, a relay outside, an init inside and the
+tenant's uid (sandbox.job.namespaces) → the job's scrubbed environment (only now: nothing that runs
+as root sees it) → the system-call filter (sandbox.job.syscalls) → guarded `ti.init` → run the job (a shipped
 callable is unpickled here, sandbox.job.shipping) → write its return value (sandbox.job.results) → report
 one JSON result on the channel → `ti.reset()` (writes the offline cache) → `os._exit`.
 
@@ -100,10 +100,14 @@ def confine(plan: ChildPlan) -> None:
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     for name, (soft, hard) in plan.rlimits.items():
         resource.setrlimit(RLIMITS[name], (soft, hard))
+    os.chdir(plan.workdir)
+
+
+def _apply_env(plan: ChildPlan) -> None:
+    """The job's environment replaces the launcher's: call it in the job's process, once confined."""
     os.environ.clear()
     os.environ.update(plan.env)
     tempfile.tempdir = None  # a fork-server child inherits the server's cached temp dir
-    os.chdir(plan.workdir)
 
 
 def _scrub_ti_env() -> list[str]:
@@ -230,6 +234,7 @@ def execute(plan: ChildPlan, channel_fd: int) -> None:
             os.chdir(plan.workdir)  # through the new mounts: the old cwd's ".." leads to the host's /tmp
         elif plan.netns_fd is not None:
             os.close(plan.netns_fd)  # the fork-server's ready network namespace, not wanted here
+        _apply_env(plan)
         if plan.syscall_filter:
             syscalls.install()  # after the namespaces and the uid switch, before any of the job's code
         signal.signal(signal.SIGXCPU, _on_sigxcpu(channel_fd))

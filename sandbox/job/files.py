@@ -1,19 +1,26 @@
 """Files in and out of a job: `JobSpec.inputs` placed in its dir, `JobSpec.outputs` copied out.
 
-Inputs (trusted: the caller's own files) are copied into the job's working directory before it
+Inputs (trusted: the caller's own paths) are copied into the job's working directory before it
 starts, root-owned and mode 0444 when the supervisor is root, at the relative path the caller gave
 (an absolute path by its name), so the job opens them by that relative path from its cwd. A root
-supervisor only copies what the tenant's uid could read itself. A client of the node service sends
-open descriptors instead (`Sent`): it opened them with its own permissions, and the service checks
-that each is a readable regular file, and that all of a job's inputs come to at most
-MAX_INPUT_BYTES, at admission (`check_sent_input`) and again as they are copied (they may grow).
+supervisor only copies what the tenant's uid could read itself: it opens each input once with the
+tenant's uid (the kernel checks the file and every directory above it, symlinks followed as the
+tenant would follow them), then copies from that descriptor, never from the name again. A client
+of the node service sends open descriptors instead (`Sent`): it opened them with its own
+permissions, and the service checks that each is a readable regular file, and that all of a job's
+inputs come to at most MAX_INPUT_BYTES, at admission (`check_sent_input`) and again as they are
+copied (they may grow).
 
 Outputs (untrusted: the job controls its dir) are copied after every process of the job has ended:
 regular files only, opened without following symlinks (relative to an already opened directory, so
 no path component is followed either), owned by the job's uid when it had one of its own, at most
-MAX_OUTPUT_FILES files and MAX_OUTPUT_BYTES bytes. Destination names are the directory entries' own
-names, which cannot contain "/" or be "..", so nothing lands outside the destination. Whatever is
-skipped is named in a note; copying never raises.
+MAX_OUTPUT_FILES files and MAX_OUTPUT_BYTES bytes, and never more bytes than the job's disk limit
+(hard links to one file would otherwise copy out as many files). Destination names are the directory entries' own
+names, which cannot contain "/" or be "..". The destination `output_dir` is the caller's path,
+taken as given; below it nothing is followed (a tenant may be able to write there): directories are
+opened with O_NOFOLLOW from the one above, files are created with O_EXCL, and a name that already
+exists is left as it is and named in a note. Whatever is skipped is named in a note; copying never
+raises.
 """
 
 from __future__ import annotations
@@ -22,14 +29,13 @@ import errno
 import fcntl
 import fnmatch
 import os
-import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.limits import ConfigError
 from ..core.models import input_name
-from .namespaces import permits  # the isolation module's one rule for permission bits
+from .safefs import DIR_FLAGS, create_beneath, open_as
 
 MAX_OUTPUT_FILES = 1000
 MAX_OUTPUT_BYTES = 4 << 30
@@ -65,39 +71,68 @@ def check_sent_input(name: str, fd: int) -> int:
 def stage(inputs: list[str], output_dir: str | None, workdir: str, reader: tuple[int, int] | None,
           fds: tuple[int, ...] | None = None) -> None:
     """Copy `inputs` into `workdir` (the job's cwd) read-only and create `output_dir`. `reader`:
-    the (uid, gid) the job runs as, when that is not the supervisor's; an input it could not read
-    itself is refused. `fds`: the inputs' open descriptors (sent by a client), read instead of their
-    paths. Raises ConfigError (one line) for a missing, unreadable or clashing input."""
+    the (uid, gid) the job runs as, when that is not the supervisor's; an input is opened as that
+    uid (see safefs.open_as), so one the job could not read itself is refused. `fds`: the inputs'
+    open descriptors (sent by a client), read instead of their paths. Each input is opened once and
+    copied from that descriptor into a file created new below the job's dir (safefs.create_beneath).
+    Raises ConfigError (one line) for a missing, unreadable or clashing input."""
     placed: dict[str, str] = {}
     budget = MAX_INPUT_BYTES  # of the inputs sent as descriptors, all together (they may have grown)
-    for number, path in enumerate(inputs):
-        name, source = input_name(path), Path(path).absolute()
-        if name in placed:
-            raise ConfigError(f"inputs: {path!r} and {placed[name]!r} would both be {name!r} in the job's dir")
-        placed[name] = path
-        if fds is None and not source.is_file():
-            raise ConfigError(f"inputs: {path}: {'not a regular file' if source.exists() else 'not found'}")
-        if fds is None and reader is not None and not permits(str(source), *reader, 0o004):
-            raise ConfigError(f"inputs: {path} is not readable by the job's uid {reader[0]}: make it readable "
-                              "by others, or give the tenant its owner's uid (run_as)")
-        target = Path(workdir, name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            if fds is None:
-                shutil.copyfile(source, target)
-            elif os.fstat(fds[number]).st_size > budget:
-                raise ConfigError(f"inputs: {path}: grew past the job's {MAX_INPUT_BYTES} bytes of inputs after "
-                                  "it was sent")
-            else:
-                budget -= _copy_fd(fds[number], target, budget)
-        except OSError as err:
-            raise ConfigError(f"inputs: cannot copy {path}: {err.strerror or err}") from None
-        target.chmod(0o444)
+    try:
+        work = os.open(workdir, DIR_FLAGS)
+    except OSError as err:
+        raise ConfigError(f"inputs: cannot open the job's dir: {err.strerror or err}") from None
+    try:
+        for number, path in enumerate(inputs):
+            name = input_name(path)
+            if name in placed:
+                raise ConfigError(f"inputs: {path!r} and {placed[name]!r} would both be {name!r} in the job's dir")
+            placed[name] = path
+            source = fds[number] if fds is not None else _open_input(path, reader)
+            try:
+                size = os.fstat(source).st_size
+                if fds is not None and size > budget:
+                    raise ConfigError(f"inputs: {path}: grew past the job's {MAX_INPUT_BYTES} bytes of inputs after "
+                                      "it was sent")
+                target = create_beneath(work, name, 0o444)
+                try:
+                    copied = _copy_fd(source, target, budget if fds is not None else size)
+                    os.fchmod(target, 0o444)  # whatever the umask
+                finally:
+                    os.close(target)
+                if fds is not None:
+                    budget -= copied
+            except OSError as err:
+                raise ConfigError(f"inputs: cannot copy {path}: {err.strerror or err}") from None
+            finally:
+                if fds is None:
+                    os.close(source)
+    finally:
+        os.close(work)
     if output_dir is not None:
         try:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ConfigError(f"output_dir {output_dir}: cannot create it: {err.strerror or err}") from None
+
+
+def _open_input(path: str, reader: tuple[int, int] | None) -> int:
+    """The caller's input file `path`, opened once as the job's uid (`reader`) or as the supervisor:
+    a descriptor of a regular file. Raises ConfigError."""
+    try:
+        fd = open_as(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY, reader)
+    except FileNotFoundError:
+        raise ConfigError(f"inputs: {path}: not found") from None
+    except PermissionError:
+        raise ConfigError(f"inputs: {path} is not readable by the job's uid {reader[0] if reader else os.geteuid()}: "
+                          "make it readable by others and its directories passable, or give the tenant its "
+                          "owner's uid (run_as)") from None
+    except OSError as err:
+        raise ConfigError(f"inputs: {path}: {err.strerror or err}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"inputs: {path}: not a regular file")
+    return fd
 
 
 class _Walk:
@@ -129,7 +164,7 @@ class _Walk:
                 continue
             if stat.S_ISDIR(st.st_mode) and depth < MAX_DEPTH:
                 try:
-                    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+                    fd = os.open(name, DIR_FLAGS, dir_fd=dirfd)
                 except OSError:
                     self.skipped.append(rel + "/")
                     continue
@@ -149,14 +184,23 @@ def collect(patterns: list[str], workdir: str, output_dir: str, owner: int | Non
     """Copy the files under `workdir` whose relative path matches one of `patterns` (fnmatch; `*`
     also matches '/') into `output_dir`, keeping relative paths. `owner`: the uid the job ran as
     when it was not the supervisor's (other owners' files, e.g. hard links, are skipped);
-    `exclude`: relative paths not to copy (the inputs). Returns (copied paths, notes)."""
+    `exclude`: relative paths not to copy (the inputs). Returns (copied paths, notes).
+    `output_dir` is the caller's path, opened once as given; below it every directory is opened
+    without following symlinks and every file is created new: a name that exists is not replaced."""
     copied: list[str] = []
     notes: list[str] = []
+    existing: list[str] = []
     walk, total, capped = _Walk(owner, exclude), 0, 0
     try:
-        top = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        top = os.open(workdir, DIR_FLAGS)
     except OSError as err:
         return [], [f"outputs: cannot read the job's dir: {err.strerror}"]
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        dest = os.open(output_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as err:
+        os.close(top)
+        return [], [f"outputs: cannot open output_dir {output_dir}: {err.strerror}"]
     try:
         for rel, dirfd, name in walk.files(top, ""):
             if not any(fnmatch.fnmatchcase(rel, p) for p in patterns):
@@ -165,9 +209,14 @@ def collect(patterns: list[str], workdir: str, output_dir: str, owner: int | Non
                 capped += 1
                 continue
             try:
-                size = _copy(dirfd, name, owner, Path(output_dir, rel), max_bytes - total)
+                size = _copy(dirfd, name, owner, dest, rel, max_bytes - total)
+            except FileExistsError:
+                existing.append(rel)
+                continue
             except OSError as err:
-                notes.append(f"outputs: {rel} not copied: {err.strerror or err}")
+                why = ("a symlink or file is in its way in output_dir" if err.errno in (errno.ELOOP, errno.ENOTDIR)
+                       else err.strerror or err)
+                notes.append(f"outputs: {rel} not copied: {why}")
                 continue
             if size is None:
                 capped += 1
@@ -178,11 +227,14 @@ def collect(patterns: list[str], workdir: str, output_dir: str, owner: int | Non
         notes.append(f"outputs: stopped looking: {err.strerror or err}")
     finally:
         os.close(top)
+        os.close(dest)
     matched = [s for s in walk.skipped if any(fnmatch.fnmatchcase(s.rstrip("/"), p) for p in patterns)]
     if matched:
-        shown = ", ".join(matched[:_NOTED]) + (f" and {len(matched) - _NOTED} more" if len(matched) > _NOTED else "")
         notes.append(f"outputs: skipped {len(matched)} entries that are not regular files of the job "
-                     f"(symlinks, devices, other owners' files, too deep): {shown}")
+                     f"(symlinks, devices, other owners' files, too deep): {_named(matched)}")
+    if existing:
+        notes.append(f"outputs: {len(existing)} file(s) not copied: their names exist in output_dir (nothing is "
+                     f"overwritten): {_named(existing)}")
     if walk.scanned > MAX_SCANNED:
         notes.append(f"outputs: stopped looking after {MAX_SCANNED} directory entries")
     if capped:
@@ -191,19 +243,25 @@ def collect(patterns: list[str], workdir: str, output_dir: str, owner: int | Non
     return copied, notes
 
 
-def collect_job(spec, plan, result) -> None:
+def _named(names: list[str]) -> str:
+    """The first few of `names`, and how many more."""
+    return ", ".join(names[:_NOTED]) + (f" and {len(names) - _NOTED} more" if len(names) > _NOTED else "")
+
+
+def collect_job(spec, plan, result, disk: int | None = None) -> None:
     """`collect` for a finished job (its JobSpec and ChildPlan): the copies in `result.outputs`,
-    the notes added to `result.notes`. Its inputs, and its kernel file when it was sent into its
-    dir, are not outputs."""
+    the notes added to `result.notes`, at most `disk` bytes of them (its disk limit). Its inputs,
+    and its kernel file when it was sent into its dir, are not outputs."""
     if spec.outputs:
         placed = {input_name(p) for p in spec.inputs} | {os.path.relpath(plan.target, plan.workdir)}
-        result.outputs, notes = collect(spec.outputs, plan.workdir, spec.output_dir, plan.uid, placed)
+        result.outputs, notes = collect(spec.outputs, plan.workdir, spec.output_dir, plan.uid, placed,
+                                        max_bytes=min(MAX_OUTPUT_BYTES, disk or MAX_OUTPUT_BYTES))
         result.notes.extend(notes)
 
 
-def _copy(dirfd: int, name: str, owner: int | None, target: Path, budget: int) -> int | None:
-    """Copy one file (opened without following links) to `target`; its size, or None when it is
-    larger than `budget` bytes (nothing is written then)."""
+def _copy(dirfd: int, name: str, owner: int | None, dest: int, rel: str, budget: int) -> int | None:
+    """Copy one file (opened without following links) to a new file `rel` below `dest`; its size,
+    or None when it is larger than `budget` bytes (nothing is written then)."""
     src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
     try:
         st = os.fstat(src)
@@ -211,35 +269,34 @@ def _copy(dirfd: int, name: str, owner: int | None, target: Path, budget: int) -
             raise OSError(0, "no longer a regular file of the job")
         if st.st_size > budget:
             return None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return _copy_fd(src, target, st.st_size)
+        dst = create_beneath(dest, rel)
+        try:
+            return _copy_fd(src, dst, st.st_size)
+        finally:
+            os.close(dst)
     finally:
         os.close(src)
 
 
-def _copy_fd(src: int, target: Path, most: int) -> int:
-    """Copy the regular file open as `src` (from its start) to a new `target`, at most `most` bytes
-    of it, keeping its holes (a sparse file, or a memfd, stays sparse); the copy's size. Moves the
-    offset of `src`."""
+def _copy_fd(src: int, dst: int, most: int) -> int:
+    """Copy the regular file open as `src` (from its start) into the empty file open as `dst`, at
+    most `most` bytes of it, keeping its holes (a sparse file, or a memfd, stays sparse); the copy's
+    size. Moves the offsets of both."""
     size = min(os.fstat(src).st_size, most)
-    dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        offset = 0
-        while offset < size:
-            try:
-                start = os.lseek(src, offset, os.SEEK_DATA)
-            except OSError as err:
-                if err.errno == errno.ENXIO:
-                    break  # only a hole is left
-                raise
-            end = min(os.lseek(src, start, os.SEEK_HOLE), size)
-            os.lseek(dst, start, os.SEEK_SET)
-            while start < end and (sent := os.sendfile(dst, src, start, end - start)):
-                start += sent
-            if start < end:
-                break  # the file shrank meanwhile
-            offset = end
-        os.ftruncate(dst, size)
-    finally:
-        os.close(dst)
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:
+                break  # only a hole is left
+            raise
+        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+        os.lseek(dst, start, os.SEEK_SET)
+        while start < end and (sent := os.sendfile(dst, src, start, end - start)):
+            start += sent
+        if start < end:
+            break  # the file shrank meanwhile
+        offset = end
+    os.ftruncate(dst, size)
     return size

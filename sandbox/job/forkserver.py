@@ -210,10 +210,12 @@ def _shut_down(jobs: dict[int, socket.socket], running: dict[int, tuple[str, str
                code: int) -> None:
     """The supervisor is gone: do what it cannot (append an `aborted` record per running job to its
     audit log, before the job is gone), SIGKILL every job group and every descendant (we are their
-    subreaper), remove those jobs' directories and our own, exit."""
+    subreaper), unmount and remove those jobs' directories (a job's own filesystem image goes with
+    its mount: nothing to walk) and our own, exit."""
     import psutil
-    import shutil
     import time
+
+    from .safefs import remove_tree
     if audit and running:
         from ..core.audit import AuditLog
         try:
@@ -232,8 +234,13 @@ def _shut_down(jobs: dict[int, socket.socket], running: dict[int, tuple[str, str
             proc.kill()
         except psutil.Error:
             pass
+    for _, path in running.values():
+        try:
+            namespaces.umount(path)
+        except OSError:
+            pass  # not a mount point: the job had no image
     for path in (*(d for _, d in running.values()), os.getcwd()):
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
     os._exit(code)
 
 
@@ -270,8 +277,6 @@ def _reap(jobs: dict[int, socket.socket], statuses: dict[int, int]) -> None:
 
 
 if __name__ == "__main__":
-    if sys.path and sys.path[0] == os.getcwd():
-        del sys.path[0]  # `-m` put the server's own dir there: nothing is imported from it, jobs must not see it
     control_arg, pid_out = map(int, sys.argv[1:3])
     detach(pid_out)
     serve(control_arg, sys.argv[3] if len(sys.argv) > 3 else None)

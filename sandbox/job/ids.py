@@ -13,7 +13,6 @@ import json
 import os
 import pwd
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..core.limits import ConfigError, Policy
 from .namespaces import permits
@@ -84,16 +83,6 @@ def tenant_ids(policy: Policy, tenant: str) -> Ids:
             f.flush()
             os.fsync(f.fileno())
     return Ids(assigned[tenant], assigned[tenant])
-
-
-def give(path: Path, ids: Ids) -> None:
-    """Hand a directory tree only this tenant's jobs use to the tenant, mode 0700."""
-    if path.stat().st_uid != ids.uid:
-        for root, dirs, files in os.walk(path):
-            for name in (*dirs, *files):
-                os.lchown(os.path.join(root, name), ids.uid, ids.gid)
-        os.chown(path, ids.uid, ids.gid)
-    os.chmod(path, 0o700)
 
 
 def may_read(path: str, ids: Ids) -> bool:

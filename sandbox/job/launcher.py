@@ -4,15 +4,14 @@ Two launchers with one contract: `start(plan, stdout_w, stderr_w, channel_w) -> 
 child runs `sandbox.job.child.execute` in a new session with the given pipes as stdout/stderr/channel.
 - `ForkServerLauncher` (default): one exec'd server per supervisor with Taichi preloaded; a fork per job.
 - `ExecLauncher` (fallback): a fresh `python -m sandbox.job.child` per job.
+Both start their interpreter as sandbox.job.interpreter says: isolated, with a fixed environment.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -21,8 +20,10 @@ from dataclasses import dataclass
 import psutil
 
 from ..core.limits import ConfigError
-from . import child, forkserver, namespaces
+from . import forkserver, namespaces
 from .child import ChildPlan
+from .interpreter import ROOT_CWD, base_env, sandbox_module
+from .safefs import remove_tree
 
 JOB_MARKER = "TAICHI_SANDBOX_JOB"
 
@@ -73,17 +74,6 @@ class _ExecLaunched(Launched):
         return _exit_from_status(status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss)
 
 
-def base_env() -> dict[str, str]:
-    """Environment every child interpreter starts with (the job's scrubbed env comes on top)."""
-    return {"TI_SKIP_VERSION_CHECK": "ON", "ENABLE_TAICHI_HEADER_PRINT": "0", "PYTHONDONTWRITEBYTECODE": "1",
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": os.pathsep.join(_import_path())}
-
-
-def _import_path() -> list[str]:
-    """Where `sandbox` itself is importable from (needed when it runs from a checkout)."""
-    return [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(child.__file__))))]
-
-
 class ExecLauncher:
     """A fresh interpreter per job: slower start (imports Taichi each time), nothing shared.
 
@@ -105,12 +95,14 @@ class ExecLauncher:
         return found
 
     def start(self, plan: ChildPlan, stdout_w: int, stderr_w: int, channel_w: int) -> Launched:
+        """The child starts as root outside the job's directories and without the job's environment
+        (it applies both itself, once confined): nothing of the job's runs before that."""
         plan_r, plan_w = os.pipe()
         plan = plan.model_copy(update={"parent_pid": os.getpid()})
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sandbox.job.child", str(plan_r), str(channel_w)],
+            sandbox_module("sandbox.job.child", str(plan_r), str(channel_w)),
             stdin=subprocess.DEVNULL, stdout=stdout_w, stderr=stderr_w, pass_fds=(plan_r, channel_w),
-            env={**base_env(), **plan.env}, cwd=plan.workdir, start_new_session=True)
+            env={**base_env(), JOB_MARKER: plan.job_id}, cwd=ROOT_CWD, start_new_session=True)
         os.close(plan_r)
         with os.fdopen(plan_w, "wb") as f:
             f.write(plan.model_dump_json().encode())
@@ -179,7 +171,7 @@ class ForkServerLauncher:
         pid_r, pid_w = os.pipe()
         fds = (theirs.fileno(), pid_w)
         starter = subprocess.Popen(
-            [sys.executable, "-m", "sandbox.job.forkserver", *map(str, fds), *([self.audit] if self.audit else [])],
+            sandbox_module("sandbox.job.forkserver", *map(str, fds), *([self.audit] if self.audit else [])),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=fds,
             env={**base_env(), "HOME": self._dir}, cwd=self._dir, start_new_session=True)
@@ -244,7 +236,7 @@ class ForkServerLauncher:
                 self._server.kill()
             self._server = None
         if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)  # the server's own removal may have raced us
+            remove_tree(self._dir)  # the server's own removal may have raced us
             self._dir = None
 
 

@@ -40,12 +40,15 @@ import tempfile
 
 from .cgroup.host import CGROUP_ROOT
 from .cgroup.view import joined_hierarchies
+from .interpreter import PACKAGE, ROOT_CWD, base_env, python
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWUSER, CLONE_NEWCGROUP = 0x20000000, 0x40000000, 0x10000000, 0x02000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 0x1, 0x2, 0x4, 0x8, 0x20
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_MOVE, MS_REC = 0x400, 0x800, 0x1000, 0x2000, 0x4000
 MS_PRIVATE, MS_RELATIME, ST_RELATIME = 1 << 18, 1 << 21, 0x1000
+MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8  # umount2(2): a symlink at the target is not followed (the path may be a tenant's dir)
 PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 4, 38, 24
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 SIOCSIFFLAGS, IFF_UP = 0x8914, 0x1
@@ -74,6 +77,12 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int, data:
     enc = (lambda s: s.encode() if s is not None else None)
     _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
            f"mount {target}")
+
+
+def umount(target: str, flags: int = MNT_DETACH | UMOUNT_NOFOLLOW) -> None:
+    """umount2(2): by default detached at once, the filesystem released when nothing uses it, and
+    never through a symlink at `target`."""
+    _check(_libc.umount2(target.encode(), flags), f"umount {target}")
 
 
 def loopback_up() -> None:
@@ -180,10 +189,10 @@ def private_cgroups(join_files: list[str]) -> None:
 
 
 def interpreter_paths() -> list[str]:
-    """What the job's Python needs to read: its prefixes, every import path and this package
-    (an editable install imports it from outside sys.path)."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # sandbox/, above sandbox/job
-    return [sys.base_prefix, sys.prefix, *(p for p in sys.path if p), package]
+    """What the job's Python needs to read: its prefixes, every import path and the directory this
+    package is imported from (its site-packages, or the checkout of an editable install, whose
+    modules the functions a caller ships may come from)."""
+    return [sys.base_prefix, sys.prefix, *(p for p in sys.path if p), os.path.dirname(PACKAGE)]
 
 
 def permits(path: str, uid: int, gid: int, other_bit: int) -> bool:
@@ -433,11 +442,11 @@ def probe() -> str | None:
     """Whether this process's children can enter new namespaces: None, or why not (checked once,
     in a throwaway interpreter: the supervisor itself never unshares or forks)."""
     import subprocess
-    import sys
     flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET | CLONE_NEWCGROUP
     try:
-        done = subprocess.run([sys.executable, "-S", "-c", PROBE % (flags, CLONE_NEWUSER, MS_REC | MS_PRIVATE)],
-                              capture_output=True, text=True, timeout=30)
+        done = subprocess.run(python("-S", "-c", PROBE % (flags, CLONE_NEWUSER, MS_REC | MS_PRIVATE)),
+                              capture_output=True, text=True, timeout=30, env=base_env(), cwd=ROOT_CWD,
+                              stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"namespace probe failed: {err}"
     if done.returncode != 0:

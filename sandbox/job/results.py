@@ -6,7 +6,8 @@ Child (`write`): the value in tagged JSON (sandbox.core.values) as `value.json`,
 reported instead. Supervisor (`load`): the directory belongs to the job, so it is read as hostile:
 every path component is opened without following symlinks, only regular files with one link and the
 names `value.json` and `N.npy` (N < MAX_ARRAYS) are read, sizes are checked before reading, at most
-`max_result` bytes in all, arrays with `numpy.load(allow_pickle=False)` after checking their header
+the bytes the child reported writing in all (so a caller may count them before the value is read;
+never over `max_result`), arrays with `numpy.load(allow_pickle=False)` after checking their header
 against their size, object dtypes refused.
 """
 
@@ -79,19 +80,21 @@ class _OverLimit(Exception):
 
 
 def load(workdir: str, claimed: int | None, max_result: int | None) -> Loaded:
-    """Supervisor side: the value the child reported writing (`claimed` bytes, None: no value).
-    Never raises for anything in the directory."""
+    """Supervisor side: the value the child reported writing (`claimed` bytes, None: no value; files
+    holding more are unusable). Never raises for anything in the directory."""
     if claimed is None:
         return Loaded()
     if max_result is not None and claimed > max_result:
         return Loaded(size=claimed, over_limit="child")
-    reader = _Reader(max_result)
+    reader = _Reader(claimed)
     try:
         reader.open(os.path.dirname(workdir))
         text = reader.read(VALUE_FILE)
         return Loaded(value=values.decode(json.loads(text), reader.array), size=reader.used)
     except _OverLimit:
-        return Loaded(size=reader.used, over_limit="supervisor")
+        if max_result is not None and reader.used > max_result:
+            return Loaded(size=reader.used, over_limit="supervisor")
+        return Loaded(error=f"unusable result files: they hold more than the {claimed} bytes the job reported")
     except (OSError, ValueError, RecursionError, TypeError, EOFError) as err:
         return Loaded(error=f"unusable result files: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}")
     finally:

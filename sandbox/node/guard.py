@@ -37,7 +37,7 @@ def raise_open_files() -> int:
 class Guard:
     """`[service]`'s bounds: `max_connections_per_uid` and `max_connections`, `request_rate` and
     `request_burst` per uid, `max_input_files_per_uid` and half the open-file limit for all, and
-    `max_held_bytes_per_uid`."""
+    `max_held_bytes_per_uid` (requests of unfinished jobs and results not yet read, together)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -45,7 +45,7 @@ class Guard:
         self._connections: dict[int, int] = {}
         self._buckets: dict[int, TokenBucket] = {}
         self._held: dict[int, int] = {}  # input descriptors held for each uid's unfinished jobs
-        self._bytes: dict[int, int] = {}  # ... and bytes of their requests (sources, args, shipped code)
+        self._bytes: dict[int, int] = {}  # ... and bytes of their requests (sources, args, shipped code) and unread results
         self._held_cap = max(MAX_INPUTS, raise_open_files() // 2)
 
     def connect(self, uid: int) -> str | None:
@@ -72,9 +72,10 @@ class Guard:
         with self._lock:
             return self._buckets.setdefault(uid, TokenBucket(rate, burst)).take()
 
-    def hold(self, uid: int, files: int, size: int) -> None:
-        """Count what `uid`'s unfinished jobs hold: `files` more input descriptors and `size` more
-        bytes of their requests (negative: fewer). Raises QueueFull past `max_input_files_per_uid`,
+    def hold(self, uid: int, files: int, size: int, what: str = "request") -> None:
+        """Count what `uid` holds in the service: `files` more input descriptors and `size` more bytes
+        of its unfinished jobs' requests or of results its clients have not read yet (negative:
+        fewer; `what` names them for the refusal). Raises QueueFull past `max_input_files_per_uid`,
         the node's share of the file table, or `max_held_bytes_per_uid`."""
         per_uid = self.settings.max_input_files_per_uid or 1 << 30
         bytes_per_uid = self.settings.max_held_bytes_per_uid or 1 << 62
@@ -87,8 +88,8 @@ class Guard:
             elif files > 0 and total + files > self._held_cap:
                 refusal = f"the node holds {total} input files for unfinished jobs (half its open-file limit)"
             elif size > 0 and held + size > bytes_per_uid:
-                refusal = (f"uid {uid}'s unfinished jobs hold {held} bytes of requests, and this one has {size} "
-                           f"([service] max_held_bytes_per_uid={bytes_per_uid})")
+                refusal = (f"uid {uid}'s unfinished jobs and unread results hold {held} bytes in the service, and "
+                           f"this {what} has {size} ([service] max_held_bytes_per_uid={bytes_per_uid})")
             else:
                 refusal = None
                 self._held[uid], self._bytes[uid] = mine + files, held + size

@@ -12,7 +12,6 @@ import codecs
 import collections
 import json
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -23,7 +22,10 @@ from typing import Any, Callable
 from ..core.audit import AuditLog
 from ..core.models import JobResult, JobSpec, Sample, Verdict
 from ..job.files import Sent
+from ..job.safefs import remove_tree
 from .auth import Peer
+from .executor import QueueFull
+from .guard import Guard
 from .supervisor import Supervisor
 
 OUTPUT_KEEP = 1 << 20  # characters of output kept per running job for `logs` and slow followers
@@ -112,7 +114,7 @@ class Spool:
             if not self._closed:
                 self._dir, self._files = directory, files
                 return
-        shutil.rmtree(directory, ignore_errors=True)
+        remove_tree(directory)
 
     def take(self) -> tuple[Path | None, list[tuple[str, int]]]:
         """The directory and its files, once; the caller removes the directory."""
@@ -126,14 +128,15 @@ class Spool:
             self._closed = True
         directory, _ = self.take()
         if directory is not None:
-            shutil.rmtree(directory, ignore_errors=True)
+            remove_tree(directory)
 
 
 @dataclass(eq=False)
 class JobRecord:
     """One job the service admitted (or refused at admission), and who submitted it. `inputs`: the
     descriptors the client sent (closed once the job started); `files`: its output files, for the
-    client that follows the job."""
+    client that follows the job; `guard`: what counts the bytes its return value holds until the
+    follower has it."""
 
     spec: JobSpec
     peer: Peer
@@ -141,6 +144,8 @@ class JobRecord:
     inputs: Descriptors = field(default_factory=Descriptors)
     files: Spool = field(default_factory=Spool)
     held: int = 0  # bytes of the request counted against the submitter by the service's guard
+    guard: Guard | None = None
+    held_result: int = 0  # bytes of its return value counted against the submitter, until dropped
     followed: bool = False  # a client follows the job: it still needs the result once the job ends
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     submitted: float = field(default_factory=time.time)
@@ -160,6 +165,21 @@ class JobRecord:
         future = self.future  # None once its record is slimmed
         if future is not None:
             future.cancel()
+
+    def hold_result(self, size: int) -> tuple[int, str] | None:
+        """Before the supervisor reads a return value of `size` bytes: count it against the
+        submitter while a follower still needs it (None), or (the bound, why) it cannot be held."""
+        with self._lock:
+            if not self.followed or self.guard is None:
+                return None  # nobody will fetch it: dropped when the job ends
+        try:
+            self.guard.hold(self.peer.uid, 0, size, "result")
+        except QueueFull as err:
+            return (self.guard.settings.max_held_bytes_per_uid,
+                    f"return value not kept for its client: {err}; read results as they come, or return less")
+        with self._lock:
+            self.held_result += size
+        return None
 
     def abandon(self) -> None:
         """Its follower is gone before its result: cancel it and drop its output files."""
@@ -183,7 +203,12 @@ class JobRecord:
 
     def _drop(self) -> None:
         """What a finished job no longer needs (kept up to KEEP_FINISHED times): its arguments,
-        shipped code and source, its future, and the return value nobody will fetch."""
+        shipped code and source, its future, and the return value nobody will fetch (given back to
+        the guard, once)."""
+        with self._lock:
+            held, self.held_result = self.held_result, 0
+        if held:
+            self.guard.hold(self.peer.uid, 0, -held)
         self.source, self.future = None, None
         self.spec = self.spec.model_copy(update={"args": [], "kwargs": {}, "shipped": None, "env": {}})
         if self.result is not None and self.result.return_value is not None:
@@ -320,7 +345,7 @@ class NodeSupervisor(Supervisor):
         self.jobs = jobs
         self.audit = NodeAudit(self.audit.path, jobs.audit_context)
         self.spool = self.policy.settings.resolved_state_dir() / "spool"
-        shutil.rmtree(self.spool, ignore_errors=True)  # what a killed service left
+        remove_tree(self.spool)  # what a killed service left
         self.spool.mkdir(mode=0o700, parents=True)
 
     def run(self, spec: JobSpec, on_sample=None, control=None, **kwargs) -> JobResult:
@@ -342,7 +367,8 @@ class NodeSupervisor(Supervisor):
         handed = False
         source, record.source = record.source, None  # not kept in memory once the job has its copy
         try:
-            result = super().run(spec, sampled, control, sent=Sent(source, tuple(inputs)), on_output=output)
+            result = super().run(spec, sampled, control, sent=Sent(source, tuple(inputs)), on_output=output,
+                                 hold_result=record.hold_result)
             if spool is not None:
                 record.files.put(spool, [_owned(copy, spool, record.peer) for copy in result.outputs
                                          if os.path.isfile(copy)])
@@ -352,7 +378,7 @@ class NodeSupervisor(Supervisor):
             close_fds(inputs)
             record.inputs.close()
             if spool is not None and not handed:
-                shutil.rmtree(spool, ignore_errors=True)
+                remove_tree(spool)
 
 
 def _owned(copy: str, spool: Path, peer: Peer) -> tuple[str, int]:

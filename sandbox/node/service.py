@@ -241,7 +241,7 @@ class Service:
             raise QueueFull(f"the node has {self.jobs.active()} jobs queued or running ([service] max_queued="
                             f"{self.settings.max_queued})")
         record = JobRecord(spec, peer, job.source.encode() if job.source is not None else None, Descriptors(inputs),
-                           followed=followed)
+                           followed=followed, guard=self.guard)
         held = len(record.source or b"") + len(json.dumps(job.model_extra or {}))  # args, kwargs, shipped
         self.guard.hold(peer.uid, len(inputs), held)
         record.held = held

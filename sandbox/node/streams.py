@@ -1,21 +1,32 @@
 """What flows back to one client of the node service: the output, live usage, output files and
 verdicts of the jobs it follows, a job's `logs`, and `events`. One `Stream` per connection, used by
 that connection's thread only; a client that stops reading for `timeout` seconds is dropped (OSError).
+A verdict's frame is written in pieces as the client takes them: the arrays of its return value are
+encoded a chunk at a time from their own memory, never whole (the value itself is counted against
+the client's uid until sent, see JobRecord.hold_result).
 """
 
 from __future__ import annotations
 
+import base64
+import itertools
+import json
 import os
+import re
 import select
-import shutil
 import socket
 import threading
-from typing import Callable
+import uuid
+from typing import Callable, Iterator
 
+from ..core import values
+from ..core.models import JobResult
+from ..job.safefs import DIR_FLAGS, open_beneath, remove_tree
 from . import frames
 from .jobs import Hub, JobRecord
 
 FOLLOW_CHECK = 0.5  # seconds between checks that a following client is still there
+CHUNK = 3 << 20  # bytes of an array encoded per write (a multiple of 3: base64 pieces join up)
 
 
 class Stream:
@@ -63,8 +74,7 @@ class Stream:
                         self.send({"type": "sample", "job_id": job_id, "sample": record.sample.model_dump()})
                     if result is not None:
                         self.files(record)
-                        self.send({"type": "result", "job_id": job_id, "exit_status": result.exit_status,
-                                   "result": result.model_dump(mode="json")})
+                        self.result(job_id, result)
                         pending.remove(record)
                         record.unfollow()
                 if not pending:
@@ -77,20 +87,43 @@ class Stream:
             for record in pending:
                 record.abandon()
 
+    def result(self, job_id: str, result: JobResult) -> None:
+        """The "result" frame, its arrays (base64 of their .npy form) encoded as they are written."""
+        arrays: list = []
+        token = uuid.uuid4().hex  # stands for each array in the JSON text; nothing else can contain it
+        value = values.encode(result.return_value, lambda a: arrays.append(a) or f"{token}{len(arrays) - 1}")
+        message = {"type": "result", "job_id": job_id, "exit_status": result.exit_status,
+                   "result": {**result.model_dump(mode="json", exclude={"return_value"}), "return_value": value}}
+        parts = re.split(f'"{token}(\\d+)"', json.dumps(message, separators=(",", ":"), allow_nan=False))
+        texts = [part.encode() for part in parts[0::2]]
+        npys = [values.npy_parts(arrays[int(number)]) for number in parts[1::2]]
+        size = sum(map(len, texts)) + sum(2 + 4 * -(-(len(head) + data.nbytes) // 3) for head, data in npys)
+        self.conn.settimeout(self.timeout)
+        for piece in (frames.HEADER.pack(size), texts[0]):
+            self.conn.sendall(piece)
+        for (head, data), text in zip(npys, texts[1:]):
+            for piece in itertools.chain((b'"',), _base64(head, data), (b'"', text)):  # one chunk at a time
+                self.conn.sendall(piece)
+
     def files(self, record: JobRecord) -> None:
         """Each output file as a "file" frame carrying its descriptor, opened one at a time; then
         the job's spool directory is removed."""
         directory, files = record.files.take()
+        if directory is None:
+            return
         try:
-            for name, size in files:
-                fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                try:
-                    self.send({"type": "file", "job_id": record.spec.job_id, "name": name, "size": size}, [fd])
-                finally:
-                    os.close(fd)
+            top = os.open(directory, DIR_FLAGS)
+            try:
+                for name, size in files:
+                    fd = open_beneath(top, name, os.O_RDONLY)
+                    try:
+                        self.send({"type": "file", "job_id": record.spec.job_id, "name": name, "size": size}, [fd])
+                    finally:
+                        os.close(fd)
+            finally:
+                os.close(top)
         finally:
-            if directory is not None:
-                shutil.rmtree(directory, ignore_errors=True)
+            remove_tree(directory)
 
     def output(self, record: JobRecord, offset: int) -> int:
         """The job's output from `offset` on; the new offset."""
@@ -132,3 +165,12 @@ class Stream:
                     self.send({"type": "event", "event": sub.backlog.popleft()})
         finally:
             hub.unsubscribe(sub)
+
+
+def _base64(head: bytes, data: memoryview) -> Iterator[bytes]:
+    """base64 of `head` + `data` in pieces of about CHUNK bytes of input (each but the last a
+    multiple of 3, so the pieces join into the encoding of the whole)."""
+    pad = -len(head) % 3
+    yield base64.b64encode(head + bytes(data[:pad]))
+    for start in range(pad, data.nbytes, CHUNK):
+        yield base64.b64encode(data[start:start + CHUNK])

@@ -10,8 +10,6 @@ import dataclasses
 import functools
 import math
 import os
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -24,11 +22,15 @@ from ..core.models import JobResult, JobSpec, Sample, Termination, Verdict, Viol
 from ..job import namespaces, syscalls
 from ..job.cgroup import CgroupError, CgroupHost, CgroupLimits, JobCgroup, discover, task_limit
 from ..job.child import ChildPlan
+from ..job.disk import JobDir, JobDisks
 from ..job.files import Sent, collect_job, stage
 from ..job.forkserver import MAX_PLAN_BYTES
-from ..job.ids import give, may_read, tenant_ids
-from ..job.launcher import JOB_MARKER, Exit, LaunchFailed, LauncherLost, base_env, make_launcher
-from ..watch.enforcement import CgroupFacts, Enforcement, GpuFacts, IsolationFacts, cgroup_facts, enforcement_for
+from ..job.ids import may_read, tenant_ids
+from ..job.interpreter import base_env
+from ..job.launcher import JOB_MARKER, Exit, LaunchFailed, LauncherLost, make_launcher
+from ..job.ticache import TenantCache
+from ..watch.enforcement import (CgroupFacts, DiskFacts, Enforcement, GpuFacts, IsolationFacts, cgroup_facts,
+                                 enforcement_for)
 from ..watch.gpu import (ArchUnavailable, GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, mps_env,
                   mps_pipe_directory, resolve_arch, visible_devices)
 from ..watch.monitor import JobControl, Monitor
@@ -39,7 +41,6 @@ from ..watch.verdict import Evidence, decide
 
 RLIMIT_CPU_HARD_EXTRA = 2  # seconds between SIGXCPU (soft) and the kernel's SIGKILL (hard)
 PUMP_DRAIN_TIMEOUT = 2.0
-STALE_LOCK_SECONDS = 30.0
 
 
 def tenant_key(spec: JobSpec) -> str:
@@ -62,6 +63,8 @@ class _Prepared:
     gpu_limit: int | None
     enforcement: dict[str, Enforcement]
     cgroup: JobCgroup | None
+    cache: TenantCache
+    jobdir: JobDir
 
 
 class _Job:
@@ -85,13 +88,14 @@ class Supervisor:
         when None."""
         self.policy = policy if policy is not None else load_policy()
         self.cgroups = cgroups if cgroups is not None else discover(self.policy.settings.cgroups)
+        self.disks = JobDisks(self.policy.settings)  # unmounts what a supervisor that died left mounted
         self.audit = AuditLog(audit_log or self.policy.settings.resolved_audit_log())
         self.launcher = make_launcher(launcher or self.policy.settings.launcher, str(self.audit.path))
         self.gpu_sampler = gpu_sampler if gpu_sampler is not None else NvmlSampler()
         self._gpu: tuple[list[GpuDevice], str | None] | None = None
         self._gpu_lock = threading.Lock()
         self._launch_lock = threading.Lock()
-        self._running: dict[int, str] = {}  # main pid of each running job -> its tenant key
+        self._running: set[int] = set()  # main pid of each running job
 
     def __enter__(self) -> "Supervisor":
         return self
@@ -126,15 +130,17 @@ class Supervisor:
                     self._gpu = ([], str(err))
             return self._gpu
 
-    def _prepare(self, spec: JobSpec, limits: Limits, arch: str, workdir: Path,
+    def _prepare(self, spec: JobSpec, limits: Limits, arch: str, jobdir: JobDir,
                  sent: Sent | None = None) -> _Prepared:
         """Everything the child needs, decided here once: rlimits, env, dirs, Taichi caps, GPU watch.
+        `jobdir`: the job's directory (on its own filesystem image where `disk` is held by one).
         `sent`: what a client sent with the job (read with its own permissions): the kernel file's
         contents, written into the job's work dir under the file's name, and its inputs' descriptors,
         so the supervisor never opens the client's paths."""
         target, function = spec.target()
-        home, tmp, work = workdir / "home", workdir / "tmp", workdir / "work"
-        for d in (home, tmp, work):
+        workdir = jobdir.path
+        home, tmp, work, cache = workdir / "home", workdir / "tmp", workdir / "work", workdir / "cache"
+        for d in (home, tmp, work, cache):
             d.mkdir()
         if sent is not None and sent.source is not None:
             path = work / Path(target).name
@@ -159,14 +165,9 @@ class Supervisor:
         env = {name: os.environ[name] for name in (*DEFAULT_ENV_ALLOW, *self.policy.settings.env_allow)
                if name in os.environ}
         env.update(base_env())
-        env.update({"HOME": str(home), "TMPDIR": str(tmp), "OPENBLAS_NUM_THREADS": "1",
-                    "MALLOC_ARENA_MAX": "2", JOB_MARKER: spec.job_id})
+        env.update({"HOME": str(home), "TMPDIR": str(tmp), JOB_MARKER: spec.job_id})
         env.update(spec.env)
-        cache = self.policy.settings.resolved_state_dir() / "ticache" / tenant_key(spec)
-        cache.mkdir(parents=True, exist_ok=True)
         notes = [f"address_space {as_note}"]
-        if self._remove_stale_cache_lock(cache, tenant_key(spec)):
-            notes.append(f"removed a stale ticache.lock left by a killed job in {cache}")
         caps: dict = {"offline_cache_file_path": str(cache),
                       "cpu_max_num_threads": limits.cpu_threads or os.cpu_count() or 1}
         if isinstance(limits.gpu_memory, float):
@@ -190,8 +191,11 @@ class Supervisor:
                          workdir=str(work), parent_pid=0, preinit=function is not None, max_result=limits.max_result)
         if len(plan.model_dump_json()) > MAX_PLAN_BYTES:
             raise ConfigError(f"job too large: its args, kwargs, argv and env exceed {MAX_PLAN_BYTES} bytes")
-        isolation = dataclasses.replace(self._isolate(plan, tenant_key(spec), limits, workdir, cache, notes),
+        kept = TenantCache(self.policy.settings.resolved_state_dir() / "ticache" / tenant_key(spec),
+                           self.policy.cache_quota(spec.tenant), None)
+        isolation = dataclasses.replace(self._isolate(plan, tenant_key(spec), limits, workdir, kept, notes),
                                         **self._filter_syscalls(plan))
+        notes.extend(kept.seed(cache, (plan.uid, plan.gid) if plan.uid is not None else None))
         stage(spec.inputs, spec.output_dir, plan.workdir, (plan.uid, plan.gid) if plan.uid is not None else None,
               sent.inputs if sent is not None else None)
         # The cgroup comes last: nothing after it may raise, or it would be left behind.
@@ -203,12 +207,14 @@ class Supervisor:
         elif cgroup_known.reason:
             notes.append(f"no job cgroup, limits polled: {cgroup_known.reason}")
         return _Prepared(plan=plan, rlimits={RLIMIT_NAMES[k]: v[0] for k, v in rlimits.items()}, notes=notes,
-                         gpu_watch=watch, gpu_limit=gpu_limit, cgroup=cgroup,
-                         enforcement=enforcement_for(limits, arch, address_space, facts, cgroup_known, isolation))
+                         gpu_watch=watch, gpu_limit=gpu_limit, cgroup=cgroup, cache=kept, jobdir=jobdir,
+                         enforcement=enforcement_for(limits, arch, address_space, facts, cgroup_known, isolation,
+                                                     DiskFacts(jobdir.image_size, jobdir.reason)))
 
-    def _isolate(self, plan: ChildPlan, tenant: str, limits: Limits, workdir: Path, cache: Path,
+    def _isolate(self, plan: ChildPlan, tenant: str, limits: Limits, workdir: Path, kept: TenantCache,
                  notes: list[str]) -> IsolationFacts:
-        """Namespaces and the tenant's own uid for the job, where this supervisor can give them.
+        """Namespaces and the tenant's own uid for the job, where this supervisor can give them (and
+        the tenant's group to `kept`, whose kernels the job may read).
         Raises ConfigError when the policy requires what is missing, or when the job would run as
         root without `allow_root`."""
         settings = self.policy.settings
@@ -219,7 +225,7 @@ class Supervisor:
         plan.read_only = plan.isolate and settings.rootfs == "read-only"
         if no_namespaces is not None:
             notes.append(f"no namespaces: {no_namespaces}")
-        plan.expose = [(str(cache), True), (str(workdir), True)]
+        plan.expose = [(str(kept.path), False), (str(workdir), True)]
         if plan.target.endswith(".py"):
             plan.expose.append((plan.target, False))
         if os.geteuid() != 0:
@@ -238,9 +244,9 @@ class Supervisor:
         if plan.target.endswith(".py") and not may_read(plan.target, ids):
             raise ConfigError(f"kernel file {plan.target} is not readable by the job's uid {ids.uid}: make it "
                               "readable by others, or give the tenant its owner's uid (run_as)")
-        for path in (workdir, *workdir.iterdir()):
-            os.chown(path, ids.uid, ids.gid)
-        give(cache, ids)
+        for path in (*workdir.iterdir(), workdir):  # workdir last: from then on the tenant could swap its entries
+            os.chown(path, ids.uid, ids.gid, follow_symlinks=False)
+        kept.group = ids.gid
         plan.uid, plan.gid = ids.uid, ids.gid
         return IsolationFacts(True, limits.network, "", tenant_uid=f"uid {ids.uid}", read_only=plan.read_only)
 
@@ -282,21 +288,6 @@ class Supervisor:
             return None, CgroupFacts(reason=f"job cgroup not created: {err}")
         return cgroup, cgroup_facts(host)
 
-    def _remove_stale_cache_lock(self, cache: Path, tenant: str) -> bool:
-        """Taichi skips caching while `ticache.lock` exists; a killed job leaves one behind. It is
-        stale when no job of the tenant runs here and it is older than STALE_LOCK_SECONDS."""
-        lock = cache / "ticache.lock"
-        with self._launch_lock:
-            if tenant in self._running.values():
-                return False
-            try:
-                if time.time() - lock.stat().st_mtime < STALE_LOCK_SECONDS:
-                    return False
-                lock.unlink()
-            except FileNotFoundError:
-                return False
-        return True
-
     def _not_run(self, spec: JobSpec, reason: str, started: float, verdict: Verdict = Verdict.rejected) -> JobResult:
         """The result of a job that never started: `rejected`, or `crashed` when the launcher failed."""
         result = JobResult.not_run(spec, verdict, reason, started, self.launcher.name)
@@ -307,34 +298,39 @@ class Supervisor:
 
     def run(self, spec: JobSpec, on_sample: Callable[[Sample], None] | None = None,
             control: JobControl | None = None, *, sent: Sent | None = None,
-            on_output: Callable[[str, bytes], None] | None = None) -> JobResult:
+            on_output: Callable[[str, bytes], None] | None = None,
+            hold_result: Callable[[int], tuple[int, str] | None] | None = None) -> JobResult:
         """Run one job to its verdict. Never raises for anything the job does; returns `rejected`
         for a spec that cannot run (unknown profile, missing kernel file, unusable arch).
         `control.cancel()` ends the job with verdict `cancelled`. `sent`: see `_prepare`;
-        `on_output(stream, data)`: the job's stdout/stderr as it comes (from its I/O thread)."""
+        `on_output(stream, data)`: the job's stdout/stderr as it comes (from its I/O thread);
+        `hold_result(size)`: asked before a return value of `size` bytes is read, None or (the bound,
+        why) it cannot be held: then the verdict is `result`, for that reason."""
         started_epoch = time.time()
-        workdir = None
+        jobdir = None
         try:
             limits = self.policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
             arch, arch_note = resolve_arch(spec.arch, self.policy.settings.gpu_fallback_cpu)
-            workdir = Path(tempfile.mkdtemp(prefix=f"tsbx-{spec.job_id}-"))
-            prepared = self._prepare(spec, limits, arch, workdir, sent)
+            jobdir = self.disks.make(spec.job_id, limits.disk)
+            prepared = self._prepare(spec, limits, arch, jobdir, sent)
         except BaseException as err:
-            if workdir is not None:
-                shutil.rmtree(workdir, ignore_errors=True)
+            if jobdir is not None:
+                jobdir.remove()
             if isinstance(err, (ConfigError, ArchUnavailable)):
                 return self._not_run(spec, str(err), started_epoch)
             raise
         try:
-            result = self._supervise(spec, limits, prepared, on_sample, control, started_epoch, on_output)
-            collect_job(spec, prepared.plan, result)
+            result = self._supervise(spec, limits, prepared, on_sample, control, started_epoch, on_output, hold_result)
+            collect_job(spec, prepared.plan, result, limits.disk)
+            result.notes.extend(prepared.cache.promote(prepared.jobdir.path / "cache"))
         except LaunchFailed as err:
             return self._not_run(spec, str(err), started_epoch, Verdict.crashed)
         finally:
             cgroup_left = prepared.cgroup.remove() if prepared.cgroup is not None else None
-            shutil.rmtree(workdir, ignore_errors=True)
+            disk_left = jobdir.remove()  # never raises: the verdict is recorded whatever the job left
         if cgroup_left:
             result.notes.append(cgroup_left)
+        result.notes.extend(disk_left)
         result.rlimits = prepared.rlimits
         result.enforcement = prepared.enforcement
         result.notes = [arch_note, *prepared.notes, *result.notes]
@@ -343,14 +339,15 @@ class Supervisor:
 
     def _supervise(self, spec: JobSpec, limits: Limits, prepared: _Prepared, on_sample: Callable[[Sample], None] | None,
                    control: JobControl | None, started_epoch: float,
-                   on_output: Callable[[str, bytes], None] | None = None) -> JobResult:
+                   on_output: Callable[[str, bytes], None] | None = None,
+                   hold_result: Callable[[int], tuple[int, str] | None] | None = None) -> JobResult:
         plan, cgroup = prepared.plan, prepared.cgroup
         (out_r, out_w), (err_r, err_w), (ch_r, ch_w) = os.pipe(), os.pipe(), os.pipe()
         try:
             with self._launch_lock:
                 launched = self.launcher.start(plan, out_w, err_w, ch_w)
                 started = time.monotonic()  # the job's clock: a fork-server's own start is not its time
-                self._running[launched.pid] = tenant_key(spec)
+                self._running.add(launched.pid)
         except BaseException:
             for fd in (out_r, err_r, ch_r):
                 os.close(fd)
@@ -368,7 +365,7 @@ class Supervisor:
             job.notes.append(f"audit log: no started record ({err})")
         monitor = Monitor(tree, limits, started, time.time, lambda: pump.output_bytes(),
                           lambda v: end_job(job, v), on_sample, gpu=prepared.gpu_watch,
-                          gpu_limit=prepared.gpu_limit, control=control, cgroup=cgroup)
+                          gpu_limit=prepared.gpu_limit, control=control, cgroup=cgroup, disk=prepared.jobdir)
         pump = Pump(out_r, err_r, ch_r, limits.max_output, monitor.wake, on_output)
         try:
             pump.start()
@@ -397,7 +394,8 @@ class Supervisor:
             peak_gpu=monitor.peak_gpu, timeline=monitor.timeline.samples, pump=pump, wall=ended - started,
             started_epoch=started_epoch, launcher=self.launcher.name, root_pid=launched.pid,
             cgroup_limits=cgroup.limits if cgroup is not None else None,
-            cgroup_final=cgroup.stats() if cgroup is not None else None))
+            cgroup_final=cgroup.stats() if cgroup is not None else None, hold_result=hold_result,
+            disk_final=prepared.jobdir.usage(final=True)))
 
     def _reap_leftovers(self, job: _Job, pgid: int) -> None:
         """After the main process ended: kill whatever of the job still lives. With a cgroup that is
@@ -405,7 +403,7 @@ class Supervisor:
         the monitor ever saw them) are stopped, then killed. Processes that left the job's cgroup
         (only a root job can) are looked for among the launcher's orphans either way."""
         with self._launch_lock:
-            self._running.pop(pgid, None)
+            self._running.discard(pgid)
             killed = job.procs.kill(also=lambda: self.launcher.orphans(job.spec.job_id, set(self._running)))
         if killed:
             job.notes.append(f"killed {len(killed)} leftover process(es) after the main process ended: {killed}")

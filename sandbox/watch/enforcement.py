@@ -54,6 +54,26 @@ class IsolationFacts:
     syscalls_note: str = "not requested"  # "unavailable", and why
 
 
+@dataclass(frozen=True)
+class DiskFacts:
+    """How a job's disk limit is held: `image` the size in bytes of its own filesystem image (None:
+    polled), `reason` why it has none."""
+
+    image: int | None = None
+    reason: str = "not requested"
+
+
+def _disk(facts: DiskFacts) -> Enforcement:
+    counted = ("its work dir (HOME, TMPDIR, its cache writes): each file's blocks, or 16 KiB per file when more; "
+               "outputs copied back are capped at the limit; /tmp, /var/tmp and /dev/shm are tmpfs counted as memory")
+    if facts.image is not None:
+        return Enforcement(level="hard", by=f"a filesystem image of its own ({facts.image / (1 << 20):.1f} MiB, "
+                           "ext4 on a loop device) mounted at its work dir: writes past the limit fail with ENOSPC; "
+                           "statvfs every poll ends a job that reached it", note=counted)
+    return Enforcement(level="watched", by="polling: the work dir walked from descriptors, SIGKILL at the limit",
+                       note=f"{facts.reason}: a job writes on until the next poll; {counted}")
+
+
 def _isolation(facts: IsolationFacts) -> dict[str, Enforcement]:
     if facts.namespaces:
         net = "net (none: loopback only)" if facts.network == "none" else "the host network (network = \"host\")"
@@ -66,8 +86,8 @@ def _isolation(facts: IsolationFacts) -> dict[str, Enforcement]:
                              "supervisor's processes and keeps /dev/shm and SysV objects after it ends")
     if facts.tenant_uid:
         uid = Enforcement(level="hard", by=f"{facts.tenant_uid}, the tenant's own: no supplementary groups, no "
-                          "capabilities, no_new_privs; its offline cache is its own (0700), other tenants' caches "
-                          "and the audit log are not")
+                          "capabilities, no_new_privs; its tenant's kept kernels it may only read, other tenants' "
+                          "caches and the audit log not at all")
     else:
         uid = Enforcement(level="unavailable", note=f"{facts.shared_uid}: jobs can read and write what that uid "
                           "can (other tenants' caches, the audit log)")
@@ -141,7 +161,8 @@ def _gpu_memory(arch: str, gpu: GpuFacts) -> Enforcement:
 
 def enforcement_for(limits: Limits, arch: str, address_space: int | None, gpu: GpuFacts,
                     cgroup: CgroupFacts = CgroupFacts(),
-                    isolation: IsolationFacts = IsolationFacts(reason="not requested")) -> dict[str, Enforcement]:
+                    isolation: IsolationFacts = IsolationFacts(reason="not requested"),
+                    disk: DiskFacts = DiskFacts()) -> dict[str, Enforcement]:
     """How each limit in `limits` is enforced for one job (limits left unset are 'off')."""
     out = {
         "cpu_time": _kernel("cpu_time", cgroup),
@@ -157,11 +178,13 @@ def enforcement_for(limits: Limits, arch: str, address_space: int | None, gpu: G
         "open_files": Enforcement(level="hard", by="RLIMIT_NOFILE"),
         "file_size": Enforcement(level="hard", by="RLIMIT_FSIZE"),
         "result": Enforcement(level="hard", by="the supervisor reads at most max_result bytes of result files"),
+        "disk": _disk(disk),
     }
     unset = {"cpu_time": limits.cpu_time, "wall_time": limits.wall_time, "memory": limits.memory,
              "gpu_memory": limits.gpu_memory, "processes": limits.max_processes, "cpu_threads": limits.cpu_threads,
              "output": limits.max_output,
-             "open_files": limits.max_open_files, "file_size": limits.max_file_size, "result": limits.max_result}
+             "open_files": limits.max_open_files, "file_size": limits.max_file_size, "result": limits.max_result,
+             "disk": limits.disk}
     for name, value in unset.items():
         if value is None and out[name].level != "unavailable":
             out[name] = Enforcement(level="off", note="no limit set")
@@ -170,7 +193,7 @@ def enforcement_for(limits: Limits, arch: str, address_space: int | None, gpu: G
 
 PROBED_ARCHS = ("cpu", "cuda", "vulkan", "opengl", "metal")
 EVERY_LIMIT = Limits(cpu_time=1, wall_time=1, memory=1 << 30, gpu_memory=1 << 30, max_processes=1, max_output=1,
-                     max_open_files=1, max_file_size=1, cpu_threads=1)
+                     max_open_files=1, max_file_size=1, cpu_threads=1, disk=1 << 30)
 
 
 def cgroup_report(host: "CgroupHost") -> dict:
@@ -184,6 +207,7 @@ def machine_report(sampler: "GpuSampler") -> dict:
     """Facts about this machine and, for each arch that initialises here, how each limit is enforced."""
     from ..core.limits import address_space_for
     from ..job.cgroup import discover
+    from ..job.disk import probe as probe_disk
     from .gpu import GpuUnavailable, mps_pipe_directory, probe
 
     try:
@@ -213,13 +237,15 @@ def machine_report(sampler: "GpuSampler") -> dict:
                                "each tenant's own uid ([sandbox] uid_range, or run_as)"
                                if root and no_namespaces is None else "", user_namespace=not root,
                                syscall_filter="unavailable" if unfiltered else "hard", syscalls_note=unfiltered or "")
+    no_images = probe_disk()
+    disk = DiskFacts(EVERY_LIMIT.disk if no_images is None else None, no_images or "")
     table = {}
     for arch, found in archs.items():
         if found.usable:
             address_space, _ = address_space_for(EVERY_LIMIT, arch)
             table[arch] = {name: e.model_dump() for name, e in
                            enforcement_for(EVERY_LIMIT, arch, address_space, facts, cgroup_facts(host),
-                                                           isolation).items()}
+                                                           isolation, disk).items()}
     return {
         "taichi": taichi_version,
         "archs": {a: {"usable": p.usable, "detail": p.reason} for a, p in archs.items()},
@@ -228,5 +254,6 @@ def machine_report(sampler: "GpuSampler") -> dict:
         "cgroups": cgroup_report(host),
         "namespaces": {"available": no_namespaces is None, "reason": no_namespaces or ""},
         "syscall_filter": {"available": unfiltered is None, "reason": unfiltered or ""},
+        "disk": {"images": no_images is None, "reason": no_images or ""},
         "enforcement": table,
     }

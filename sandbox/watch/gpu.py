@@ -11,12 +11,11 @@ import json
 import os
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 from dataclasses import dataclass
 
-from ..job.launcher import base_env
+from ..job.interpreter import base_env, python
 
 GPU_ORDER = ("cuda", "vulkan", "opengl", "metal")
 PROBE_TIMEOUT = 120.0
@@ -51,7 +50,7 @@ def probe(arch: str) -> ArchProbe:
             return _cache[arch]
     try:
         with tempfile.TemporaryDirectory(prefix="tsbx-probe-") as home:
-            out = subprocess.run([sys.executable, "-c", _PROBE.format(arch=arch)], capture_output=True, text=True,
+            out = subprocess.run(python("-c", _PROBE.format(arch=arch)), capture_output=True, text=True,
                                  timeout=PROBE_TIMEOUT, env={**base_env(), "HOME": home}, cwd=home,
                                  stdin=subprocess.DEVNULL)
         lines = [line for line in out.stdout.splitlines() if line.startswith("{")]

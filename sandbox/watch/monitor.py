@@ -17,6 +17,7 @@ from typing import Callable
 from ..core.limits import Limits
 from ..core.models import TIMELINE_MAX, Sample, Violation
 from ..job.cgroup import CgroupLimits, CgroupStats, JobCgroup
+from ..job.disk import JobDir
 from .gpu import GpuWatch
 from .tree import JobTree, Reading
 
@@ -31,7 +32,8 @@ def watched(limits: Limits, gpu_limit: int | None) -> dict[str, float]:
     """Watched resource -> its limit, in the order breaches are decided. `gpu_limit` is in bytes
     (a fractional gpu_memory limit resolved against the device)."""
     limits_by_resource = {"wall_time": limits.wall_time, "cpu_time": limits.cpu_time, "memory": limits.memory,
-                          "gpu_memory": gpu_limit, "processes": limits.max_processes, "output": limits.max_output}
+                          "gpu_memory": gpu_limit, "processes": limits.max_processes, "output": limits.max_output,
+                          "disk": limits.disk}
     return {name: float(value) for name, value in limits_by_resource.items() if value is not None}
 
 
@@ -40,7 +42,8 @@ def breaches(watched_limits: dict[str, float], reading: Reading,
     """(resource, limit, observed, fraction) for every watched limit that has a reading."""
     memory = reading.memory if reading.memory is not None else reading.rss
     observed = {"wall_time": elapsed, "cpu_time": reading.cpu, "memory": memory,
-                "gpu_memory": reading.gpu_memory, "processes": reading.processes, "output": reading.output}
+                "gpu_memory": reading.gpu_memory, "processes": reading.processes, "output": reading.output,
+                "disk": reading.disk}
     out = []
     for resource, limit in watched_limits.items():
         value = observed[resource]
@@ -168,14 +171,19 @@ class Monitor:
     With a job `cgroup`, its counters decide cpu_time and memory, and the kernel's own enforcement
     (an OOM kill, a refused fork) is a breach; a memory charge at the limit is not one by itself
     (the kernel reclaims page cache there and OOM-kills only what it cannot reclaim).
+
+    With a `disk` limit its work dir is measured every tick (sandbox.job.disk). Reaching the limit
+    ends the job: SIGTERM and grace when the kernel already refuses its writes (an image of its
+    own), SIGKILL at once when polled (each moment more fills the host's disk).
     """
 
     def __init__(self, tree: JobTree, limits: Limits, started: float, now_epoch: Callable[[], float],
                  output_bytes: Callable[[], int], on_breach: Callable[[Violation | None], None],
                  on_sample: Callable[[Sample], None] | None = None, gpu: GpuWatch | None = None,
                  gpu_limit: int | None = None, control: JobControl | None = None,
-                 cgroup: JobCgroup | None = None) -> None:
+                 cgroup: JobCgroup | None = None, disk: JobDir | None = None) -> None:
         self.tree, self.limits, self.started, self.gpu, self.cgroup = tree, limits, started, gpu, cgroup
+        self.disk = disk
         self.watched = watched(limits, gpu_limit if gpu is not None else None)
         self.peak_gpu: int | None = None
         self.gpu_unreported = 0  # most job processes at once for which NVML gave no memory figure
@@ -233,6 +241,7 @@ class Monitor:
             reading.cpu = stats.cpu_seconds if stats.cpu_seconds is not None else reading.cpu
             reading.memory = stats.memory
         reading.output = self._output()
+        reading.disk = self.disk.usage() if self.disk is not None else None
         gpu = self.gpu.read(reading.pids) if self.gpu is not None else None
         if gpu is not None:
             reading.gpu_memory = gpu.used
@@ -241,10 +250,11 @@ class Monitor:
         elapsed = reading.t - self.started
         self.peak = Reading(reading.t, max(self.peak.rss, reading.rss), max(self.peak.vms, reading.vms),
                             max(self.peak.cpu, reading.cpu), max(self.peak.processes, reading.processes),
-                            output=reading.output, memory=_max(self.peak.memory, reading.memory))
+                            output=reading.output, memory=_max(self.peak.memory, reading.memory),
+                            disk=_max(self.peak.disk, reading.disk))
         sample = Sample(t=round(elapsed, 4), rss=reading.rss, vms=reading.vms, cpu=round(reading.cpu, 4),
                         processes=reading.processes, output=reading.output, gpu_memory=reading.gpu_memory,
-                        memory=reading.memory)
+                        memory=reading.memory, disk=reading.disk)
         self.timeline.add(sample)
         if self._on_sample is not None:
             self._on_sample(sample)
@@ -260,7 +270,8 @@ class Monitor:
             pid = reading.top_rss_pid if resource == "memory" else self.tree.root_pid
             kernel_decides = resource == "memory" and reading.memory is not None
             if fraction >= 1.0 and not self._breached and not kernel_decides:
-                action = "sigkill" if resource in IMMEDIATE_KILL else "sigterm"
+                action = "sigkill" if resource in IMMEDIATE_KILL or (resource == "disk" and self.disk.polled) \
+                    else "sigterm"
                 self._breach(Violation(at=self._epoch(), pid=pid, resource=resource, limit=limit,
                                        observed=value, action=action, detected_by="monitor"))
             for level in WARN_LEVELS:

@@ -21,7 +21,8 @@ import psutil
 @dataclass
 class Reading:
     """The whole job at one instant. `cpu` includes processes that already ended; `memory` is the
-    cgroup's charge (None without a memory cgroup)."""
+    cgroup's charge (None without a memory cgroup); `disk` what its work dir holds (None without a
+    disk limit)."""
 
     t: float
     rss: int
@@ -33,6 +34,7 @@ class Reading:
     pids: list[int] = field(default_factory=list)
     gpu_memory: int | None = None
     memory: int | None = None
+    disk: int | None = None
 
 
 class ProcessTable:

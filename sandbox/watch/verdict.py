@@ -12,6 +12,7 @@ import math
 import signal
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from ..core.channel import LeftoversMessage, ResultMessage, RlimitMessage, TiInitMessage
 from ..core.limits import Limits
@@ -49,6 +50,9 @@ class Evidence:
     root_pid: int
     cgroup_limits: CgroupLimits | None = None
     cgroup_final: CgroupStats | None = None  # read after the last process of the job ended
+    # Asked before a return value of this many bytes is read: None, or (the bound, why) it cannot be held.
+    hold_result: Callable[[int], tuple[int, str] | None] | None = None
+    disk_final: int | None = None  # what its work dir held then (sandbox.job.disk; None: no disk limit)
 
 
 def _kernel_violations(ev: Evidence) -> list[Violation]:
@@ -62,14 +66,34 @@ def _kernel_violations(ev: Evidence) -> list[Violation]:
             if (resource, "cgroup") not in seen]
 
 
+def _disk_violation(ev: Evidence, seen: list[Violation]) -> list[Violation]:
+    """A job that filled its disk and ended before the monitor saw it (its writes failed with
+    ENOSPC, then it stopped): the work dir holds its limit at the end."""
+    limit = ev.limits.disk
+    if ev.disk_final is None or limit is None or ev.disk_final < limit or any(v.resource == "disk" for v in seen):
+        return []
+    return [Violation(at=time.time(), pid=None, resource="disk", limit=limit, observed=ev.disk_final,
+                      action="none", detected_by="supervisor")]
+
+
 def decide(ev: Evidence) -> JobResult:
     messages, protocol_errors = ev.pump.channel.messages()
     results = [m for m in messages if isinstance(m, ResultMessage)]
     final = results[-1] if results else None
     violations = ev.violations + _kernel_violations(ev)
+    violations += _disk_violation(ev, violations)
     limits, exit_, notes = ev.limits, ev.exit, list(ev.notes)
     reported_ok = final is not None and final.status == "ok" and exit_.code == 0
-    loaded = load_result(ev.plan.workdir, final.result_bytes if reported_ok else None, limits.max_result)
+    claimed = final.result_bytes if reported_ok else None
+    unheld, unheld_why = None, ""
+    if claimed is not None and ev.hold_result is not None and (limits.max_result is None or claimed <= limits.max_result):
+        refusal = ev.hold_result(claimed)
+        if refusal is not None:  # not read at all: nothing of it is held
+            unheld = Violation(at=time.time(), pid=None, resource="result", limit=refusal[0], observed=claimed,
+                               action="none", detected_by="supervisor")
+            violations.append(unheld)
+            unheld_why, claimed = refusal[1], None
+    loaded = load_result(ev.plan.workdir, claimed, limits.max_result)
     if loaded.over_limit is not None:
         violations.append(Violation(at=time.time(), pid=None, resource="result", limit=limits.max_result,
                                     observed=loaded.size, action="none", detected_by=loaded.over_limit))
@@ -96,6 +120,8 @@ def decide(ev: Evidence) -> JobResult:
     signame = signal_name(exit_.signal) if exit_.signal else None
     if breaking:
         verdict, reason = Verdict(breaking[0].resource), _breach_reason(breaking[0])
+        if breaking[0] is unheld:
+            reason = unheld_why
     elif ev.termination is not None and ev.termination.reason == "cancelled":
         verdict, reason = Verdict.cancelled, "cancelled by request"
     elif final is not None and final.status == "ok" and exit_.code == 0:
@@ -127,7 +153,8 @@ def decide(ev: Evidence) -> JobResult:
     usage = Usage(cpu_seconds=round(cpu, 4), wall_seconds=round(ev.wall, 4),
                   peak_rss=max(ev.peak.rss, exit_.max_rss), peak_vms=ev.peak.vms,
                   peak_memory=kernel_peak if kernel_peak is not None else ev.peak.memory,
-                  peak_processes=ev.peak.processes, peak_gpu_memory=ev.peak_gpu, output_bytes=pump.output_bytes())
+                  peak_processes=ev.peak.processes, peak_gpu_memory=ev.peak_gpu, output_bytes=pump.output_bytes(),
+                  peak_disk=None if ev.disk_final is None else max(ev.disk_final, ev.peak.disk or 0))
     return JobResult(
         job_id=ev.spec.job_id, kernel=ev.spec.kernel, arch=ev.plan.ti_arch, verdict=verdict, reason=reason,
         exit_code=exit_.code, signal=signame,
@@ -161,6 +188,9 @@ def _breach_reason(v: Violation) -> str:
     if v.resource == "result":
         return f"result limit {_fmt('result', v.limit)} exceeded: the return value takes at least " \
                f"{_fmt('result', v.observed)} ({v.detected_by}); raise max_result or return less"
+    if v.resource == "disk":
+        return f"disk limit {_fmt('disk', v.limit)} reached: the job's work dir held {_fmt('disk', v.observed)} " \
+               f"({v.detected_by})"
     if v.detected_by == "cgroup" and v.resource == "processes":
         return f"processes limit reached: the kernel refused a fork at pids.max = {v.limit:g} tasks (cgroup)"
     return f"{v.resource} limit {_fmt(v.resource, v.limit)} exceeded: " \
@@ -179,7 +209,7 @@ def _after(final: ResultMessage | None) -> str:
 
 
 def _fmt(resource: str, value: float) -> str:
-    if resource in ("memory", "address_space", "gpu_memory", "output", "result"):
+    if resource in ("memory", "address_space", "gpu_memory", "output", "result", "disk"):
         return f"{value / (1 << 20):.1f} MiB"
     if resource in ("cpu_time", "wall_time"):
         return f"{value:.2f}s"
