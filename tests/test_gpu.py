@@ -158,11 +158,13 @@ def test_simulated_mps_daemon_sets_pinned_memory_limit(state_dir, tmp_path):
     assert mps_pipe_directory({"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "none")}) is None
     assert mps_env(str(tmp_path), 2 << 30, 2)["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=2048M,1=2048M"
     sup, _ = simulated_supervisor(state_dir)
-    workdir = tmp_path / "job"
-    workdir.mkdir()
     spec = JobSpec(kernel=kernel("saxpy.py"), env={"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)})
     with sup:
-        prepared = sup._prepare(spec, Limits(gpu_memory="1GiB"), "cuda", workdir)
+        jobdir = sup.disks.make(spec.job_id, None)
+        try:
+            prepared = sup._prepare(spec, Limits(gpu_memory="1GiB"), "cuda", jobdir)
+        finally:
+            jobdir.remove()
     assert prepared.plan.env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=1024M,1=1024M"
     assert prepared.enforcement["gpu_memory"].level == "hard"
     assert prepared.enforcement["address_space"].level == "off" and "RLIMIT_AS" not in prepared.rlimits
