@@ -208,7 +208,12 @@ def test_the_tenant_comes_from_the_peers_credentials(node, tmp_path):
 def test_a_tenants_concurrency_quota_holds_across_clients(node, tmp_path):
     home = client_dir(tmp_path, ALICE, **{"sleep.py": SLEEP})
     command = as_uid(ALICE, "-m", "sandbox", "run", "sleep.py", "--json", "--socket", str(node.socket), "--", "1")
-    clients = [subprocess.Popen(command, cwd=home, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    clients = [subprocess.Popen(command, cwd=home, stdout=subprocess.PIPE, text=True)]
+    deadline = time.monotonic() + 60  # alice may queue one job (max_queued = 1): the first must have left the queue
+    while "running" not in [j["state"] for j in node.ask({"op": "ps"})[0]["jobs"]]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    clients.append(subprocess.Popen(command, cwd=home, stdout=subprocess.PIPE, text=True))
     results = sorted((json.loads(c.communicate(timeout=120)[0]) for c in clients), key=lambda r: r["started_at"])
     assert [r["verdict"] for r in results] == ["ok", "ok"]
     assert results[0]["ended_at"] <= results[1]["started_at"], "alice's max_concurrent = 1 was exceeded"
