@@ -24,6 +24,7 @@ JOBS = [
     ("sigterm_ignorer.py", ["--wall-time", "2s", "--grace", "1s"]),
     ("spawner.py", ["--max-processes", "5"]),
     ("output_flood.py", ["--max-output", "8MiB"]),
+    ("disk_filler.py", ["--disk", "64MiB"]),
     ("exception.py", []),
     ("segfault.py", []),
     ("escape_init.py", ["--gpu-memory", "1GiB"]),
