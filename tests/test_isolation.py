@@ -213,11 +213,11 @@ def test_root_jobs_without_namespaces_are_refused_unless_allowed(tmp_path):
 
 AS_UID = """
 import os, sys
-from sandbox.job import namespaces
+from sandbox.job import mounts, namespaces
 uid, code = int(sys.argv[1]), sys.argv[2]
 namespaces.unshare(namespaces.CLONE_NEWNS)  # only to reach the interpreter under a 0700 /root
-namespaces.mount(None, "/", None, namespaces.MS_REC | namespaces.MS_PRIVATE)
-namespaces.expose_paths([(p, False) for p in namespaces.interpreter_paths()], uid, uid)
+mounts.mount(None, "/", None, mounts.MS_REC | mounts.MS_PRIVATE)
+mounts.expose_paths([(p, False) for p in mounts.interpreter_paths()], uid, uid)
 os.setgroups([])
 os.setresgid(uid, uid, uid)
 os.setresuid(uid, uid, uid)

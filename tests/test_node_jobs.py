@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sandbox.core.audit import AuditLog
-from sandbox.node import jobs
+from sandbox.node import reconcile
 
 
 def _log(path, *records) -> AuditLog:
@@ -27,18 +27,18 @@ def test_a_restart_aborts_only_service_jobs_left_unfinished_since_the_previous_s
                {"type": "aborted", "job_id": "forked", "by": "fork-server"},
                {"type": "started", "job_id": "local", "pid": 7},  # a local supervisor's, sharing the log
                {"type": "started", "job_id": "lost", **service})
-    monkeypatch.setattr(jobs, "TAIL_CHUNK", 64)  # the previous start lies several chunks back
-    assert [r["job_id"] for r in jobs.reconcile(log)] == ["lost"]
+    monkeypatch.setattr(reconcile, "TAIL_CHUNK", 64)  # the previous start lies several chunks back
+    assert [r["job_id"] for r in reconcile.reconcile(log)] == ["lost"]
     records = [json.loads(line) for line in log.path.read_text().splitlines()]
     assert records[-2]["type"] == "aborted" and records[-2]["uid"] == 1000
     assert records[-1]["type"] == "service" and records[-1]["event"] == "started"
-    assert jobs.reconcile(log) == []  # reconciled once
+    assert reconcile.reconcile(log) == []  # reconciled once
 
 
 def test_the_first_start_reads_the_whole_log(tmp_path):
     log = _log(tmp_path / "audit.jsonl", {"type": "started", "job_id": "lost", "client_pid": 1})
-    assert [r["job_id"] for r in jobs.reconcile(log)] == ["lost"]
-    assert jobs.reconcile(AuditLog(tmp_path / "none.jsonl")) == []
+    assert [r["job_id"] for r in reconcile.reconcile(log)] == ["lost"]
+    assert reconcile.reconcile(AuditLog(tmp_path / "none.jsonl")) == []
 
 
 def test_the_guard_bounds_what_one_uids_queued_jobs_hold():

@@ -32,11 +32,11 @@ ALICE, BOB, MALLORY = 59901, 59902, 59903  # client uids, below the tenants' job
 SOCKET_GID = 59990
 AS_CLIENT = """
 import os, sys
-from sandbox.job import namespaces
+from sandbox.job import mounts, namespaces
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
 namespaces.unshare(namespaces.CLONE_NEWNS)  # only to reach the interpreter under a 0700 /root
-namespaces.mount(None, "/", None, namespaces.MS_REC | namespaces.MS_PRIVATE)
-namespaces.expose_paths([(p, False) for p in namespaces.interpreter_paths()], uid, uid)
+mounts.mount(None, "/", None, mounts.MS_REC | mounts.MS_PRIVATE)
+mounts.expose_paths([(p, False) for p in mounts.interpreter_paths()], uid, uid)
 os.setgroups([gid])  # the socket's group
 os.setresgid(uid, uid, uid)
 os.setresuid(uid, uid, uid)

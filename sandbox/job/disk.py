@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..core.limits import ConfigError, Settings
 from . import loop
-from .namespaces import umount
+from .mounts import umount
 from .safefs import remove_tree
 
 MAX_ENTRIES = 100_000  # per walk of a polled work dir; beyond it usage is a lower bound

@@ -28,7 +28,7 @@ import socket
 import struct
 import sys
 
-from . import child, namespaces, syscalls
+from . import child, mounts, namespaces, syscalls
 
 PRELOAD = ("taichi", "numpy")
 MAX_PLAN_BYTES = 1 << 22
@@ -236,7 +236,7 @@ def _shut_down(jobs: dict[int, socket.socket], running: dict[int, tuple[str, str
             pass
     for _, path in running.values():
         try:
-            namespaces.umount(path)
+            mounts.umount(path)
         except OSError:
             pass  # not a mount point: the job had no image
     for path in (*(d for _, d in running.values()), os.getcwd()):

@@ -15,7 +15,7 @@ import pwd
 from dataclasses import dataclass
 
 from ..core.limits import ConfigError, Policy
-from .namespaces import permits
+from .mounts import permits
 
 MAP_FILE = "uids.json"
 
@@ -87,5 +87,5 @@ def tenant_ids(policy: Policy, tenant: str) -> Ids:
 
 def may_read(path: str, ids: Ids) -> bool:
     """Whether the job may read the file `path` itself; the directories above it the job's mount
-    namespace makes passable (see namespaces.expose_paths)."""
+    namespace makes passable (see mounts.expose_paths)."""
     return permits(path, ids.uid, ids.gid, 0o004)

@@ -32,7 +32,7 @@ import subprocess
 import threading
 from dataclasses import dataclass
 
-from .namespaces import MS_NOATIME, MS_NODEV, MS_NOSUID, mount, umount
+from .mounts import MS_NOATIME, MS_NODEV, MS_NOSUID, mount, umount
 
 BLOCK = 4096
 INODE_BYTES = 16 << 10  # each file or directory counts at least this much against the limit

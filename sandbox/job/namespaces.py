@@ -22,67 +22,38 @@ Three roles, each with one task (`enter()` returns only in the job):
 
 An init is needed because PID 1 gets no default signal actions: a SIGTERM from the supervisor would
 be dropped, and orphans would never be reaped. Data format on the init → relay pipe:
-"<wait status>\n" (`init_report`, `relayed_status`). Pickle is not used.
+"<wait status>\n" (`init_report`, `relayed_status`). Pickle is not used. The init's mounts
+(`private_cgroups`, `private_tmp`, `expose_paths`, `read_only_rest`) are sandbox.job.mounts'.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import os
-import re
 import signal
 import socket
 import struct
-import sys
-import tempfile
 
-from .cgroup.host import CGROUP_ROOT
-from .cgroup.view import joined_hierarchies
-from .interpreter import PACKAGE, ROOT_CWD, base_env, python
+from .interpreter import ROOT_CWD, base_env, python
+from .mounts import (MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_REC, check, expose_paths, interpreter_paths,
+                     libc, mount, private_cgroups, private_tmp, read_only_rest, shared_tmpfs)
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWUSER, CLONE_NEWCGROUP = 0x20000000, 0x40000000, 0x10000000, 0x02000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 0x1, 0x2, 0x4, 0x8, 0x20
-MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_MOVE, MS_REC = 0x400, 0x800, 0x1000, 0x2000, 0x4000
-MS_PRIVATE, MS_RELATIME, ST_RELATIME = 1 << 18, 1 << 21, 0x1000
-MNT_DETACH = 2
-UMOUNT_NOFOLLOW = 8  # umount2(2): a symlink at the target is not followed (the path may be a tenant's dir)
 PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 4, 38, 24
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 SIOCSIFFLAGS, IFF_UP = 0x8914, 0x1
 HOSTNAME = b"taichi-sandbox"
-TMP_DIRS = ("/tmp", "/var/tmp")  # world-writable: private to each job, or files outlive it and other tenants read them
 HELPERS = 2  # the relay and the init: processes in the job's cgroup that are not the job's
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"{what}: {os.strerror(errno)}")
 
 
 def unshare(flags: int) -> None:
-    _check(_libc.unshare(flags), "unshare")
+    check(libc.unshare(flags), "unshare")
 
 
 def setns(fd: int, nstype: int) -> None:
-    _check(_libc.setns(fd, nstype), "setns")
-
-
-def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    enc = (lambda s: s.encode() if s is not None else None)
-    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
-           f"mount {target}")
-
-
-def umount(target: str, flags: int = MNT_DETACH | UMOUNT_NOFOLLOW) -> None:
-    """umount2(2): by default detached at once, the filesystem released when nothing uses it, and
-    never through a symlink at `target`."""
-    _check(_libc.umount2(target.encode(), flags), f"umount {target}")
+    check(libc.setns(fd, nstype), "setns")
 
 
 def loopback_up() -> None:
@@ -133,8 +104,8 @@ def enter(network: str, tmpfs_bytes: int | None, channel_fd: int, on_leftovers, 
     if netns_fd is not None:
         os.close(netns_fd)
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here reaches the host
-    mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, _shared_tmpfs(tmpfs_bytes))
-    _check(_libc.sethostname(HOSTNAME, len(HOSTNAME)), "sethostname")
+    mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, shared_tmpfs(tmpfs_bytes))
+    check(libc.sethostname(HOSTNAME, len(HOSTNAME)), "sethostname")
     if flags & CLONE_NEWNET:
         loopback_up()
     if status_fd is None:
@@ -165,132 +136,6 @@ def enter(network: str, tmpfs_bytes: int | None, channel_fd: int, on_leftovers, 
     _init(job, status_fd, channel_fd, on_leftovers)
 
 
-def private_cgroups(join_files: list[str]) -> None:
-    """Show the job at /sys/fs/cgroup only its own cgroup, read-only: a fresh mount of each
-    hierarchy it joined (in its cgroup namespace, the job's cgroup is the root: its own limits are
-    readable where a container reads them) on an empty tmpfs that hides the host's hierarchies,
-    other jobs' ids and usage among them. On a unified v2 host, a fresh cgroup2 mount there."""
-    if not os.path.isdir(CGROUP_ROOT):
-        return
-    with open("/proc/self/mountinfo") as f:
-        hierarchies = joined_hierarchies(f.read(), join_files)
-    sealed = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
-    if any(place == "" for place, _, _ in hierarchies):
-        mount("cgroup2", CGROUP_ROOT, "cgroup2", sealed)
-        return
-    stage = tempfile.mkdtemp(prefix="cgroup-", dir="/dev/shm")
-    mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k")
-    for place, fstype, data in hierarchies:
-        os.makedirs(f"{stage}/{place}", 0o755)
-        mount(fstype, f"{stage}/{place}", fstype, sealed, data)
-    mount(None, stage, None, MS_BIND | MS_REMOUNT | sealed)
-    mount(stage, CGROUP_ROOT, None, MS_MOVE)
-    os.rmdir(stage)
-
-
-def interpreter_paths() -> list[str]:
-    """What the job's Python needs to read: its prefixes, every import path and the directory this
-    package is imported from (its site-packages, or the checkout of an editable install, whose
-    modules the functions a caller ships may come from)."""
-    return [sys.base_prefix, sys.prefix, *(p for p in sys.path if p), os.path.dirname(PACKAGE)]
-
-
-def permits(path: str, uid: int, gid: int, other_bit: int) -> bool:
-    """Whether `uid`/`gid`, with no supplementary groups (jobs drop them), hold the permission whose
-    bit for others is `other_bit` (0o004 read, 0o001 pass through) on `path`."""
-    st = os.stat(path)
-    bit = other_bit << 6 if st.st_uid == uid else other_bit << 3 if st.st_gid == gid else other_bit
-    return bool(st.st_mode & bit)
-
-
-def _first_blocked(path: str, uid: int, gid: int) -> str | None:
-    """The outermost directory above `path` that `uid`/`gid` cannot pass."""
-    current = ""
-    for part in path.strip("/").split("/")[:-1]:
-        current += "/" + part
-        if not permits(current, uid, gid, 0o001):
-            return current
-    return None
-
-
-def expose_paths(paths: list[tuple[str, bool]], uid: int, gid: int) -> None:
-    """Make each path reachable for `uid` without changing the host: every directory it cannot
-    pass (such as a 0700 /root holding the interpreter) is covered, in this mount namespace, by a
-    tmpfs that holds only bind mounts of the paths needed under it (read-only unless writable)."""
-    covered: dict[str, list[tuple[str, bool]]] = {}
-    for path, writable in paths:
-        path = os.path.realpath(path)
-        top = _first_blocked(path, uid, gid) if os.path.exists(path) else None
-        if top is not None:
-            covered.setdefault(top, []).append((path, writable))
-    for top, inside in covered.items():
-        _cover(top, inside, "mode=0755,size=1m")
-
-
-def private_tmp(paths: list[tuple[str, bool]], size: int | None) -> None:
-    """Give the job its own empty /tmp and /var/tmp (systemd's PrivateTmp): tmpfs, mode 1777, of
-    `size` bytes at most, charged to the job's memory cgroup and gone with its mount namespace.
-    Those of `paths` that live there (the job's work dir, perhaps its kernel file, cache or
-    interpreter) are bound back at the same place (read-only unless writable)."""
-    options = _shared_tmpfs(size)
-    real = [(os.path.realpath(p), w) for p, w in paths if os.path.exists(p)]
-    for top in filter(os.path.isdir, TMP_DIRS):
-        _cover(top, [(p, w) for p, w in real if p.startswith(top + "/")], options)
-
-
-def read_only_rest(writable: list[str]) -> None:
-    """Remount read-only, in this mount namespace, every mount but /proc, the job's tmpfs (/tmp,
-    /var/tmp, /dev/shm) and the `writable` paths bound for it. Device nodes stay usable (a
-    read-only mount does not stop writes to a device: /dev/null, /dev/nvidia*, /dev/dri)."""
-    keep = {"/proc", "/dev/shm", *TMP_DIRS, *map(os.path.realpath, writable)}
-    for path in keep.difference(("/proc", "/dev/shm", *TMP_DIRS)):
-        mount(path, path, None, MS_BIND | MS_REC)  # a mount of its own, which stays writable
-    with open("/proc/self/mountinfo") as f:
-        points = [_unescape(line.split()[4]) for line in f]
-    for point in dict.fromkeys(points):  # each once, parents first
-        if point in keep or point.startswith("/proc/"):
-            continue
-        try:
-            mount(None, point, None, MS_BIND | MS_REMOUNT | MS_RDONLY | _kept_flags(point))
-        except OSError as err:
-            if err.errno not in (errno.EINVAL, errno.ENOENT):  # covered by a later mount: not a mount point here
-                raise
-
-
-def _unescape(field: str) -> str:
-    """A mountinfo path: space, tab, newline and backslash are written as octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def _shared_tmpfs(size: int | None) -> str:
-    """Mount options of a world-writable (sticky) tmpfs of at most `size` bytes."""
-    return "mode=1777" + (f",size={size}" if size else "")
-
-
-def _cover(top: str, inside: list[tuple[str, bool]], options: str) -> None:
-    """Mount a tmpfs (`options`) over the directory `top` that holds bind mounts of the paths
-    `inside` it, at the same places, read-only unless writable. Built in a staging directory in
-    the job's own /dev/shm, then moved over `top` at once."""
-    stage = tempfile.mkdtemp(prefix="cover-", dir="/dev/shm")
-    mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NODEV, options)
-    bound: list[str] = []
-    for path, writable in sorted(inside, key=lambda item: len(item[0])):
-        if any(path == outer or path.startswith(outer + "/") for outer in bound):
-            continue  # reachable through a path bound already (with that path's access)
-        bound.append(path)
-        target = stage + path[len(top):]
-        if os.path.isdir(path):
-            os.makedirs(target, 0o755, exist_ok=True)
-        else:
-            os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
-            open(target, "a").close()
-        mount(path, target, None, MS_BIND | MS_REC)
-        if not writable:
-            mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | _kept_flags(path))
-    mount(stage, top, None, MS_MOVE)
-    os.rmdir(stage)
-
-
 def enter_user_namespace(flags: int) -> None:
     """For a supervisor that is not root: unshare `flags` together with a new user namespace (created
     first, so it owns the others and this process holds every capability over them), in which this
@@ -306,7 +151,7 @@ def _empty_bounding_set() -> None:
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last = int(f.read())
     for cap in range(last + 1):
-        _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap}")
+        check(libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap}")
 
 
 def drop_capabilities() -> None:
@@ -314,16 +159,8 @@ def drop_capabilities() -> None:
     permitted and inheritable sets), no new privileges."""
     _empty_bounding_set()
     header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
-    _check(_libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")
-    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
-
-
-def _kept_flags(path: str) -> int:
-    """The mount flags of `path` a read-only remount must repeat (in a user namespace the kernel
-    refuses to clear those a more privileged namespace set)."""
-    flags = os.statvfs(path).f_flag
-    kept = flags & (MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME)  # same bits in both
-    return kept | (MS_RELATIME if flags & ST_RELATIME else 0)
+    check(libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")
+    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
 def drop_privileges(uid: int, gid: int) -> None:
@@ -333,14 +170,14 @@ def drop_privileges(uid: int, gid: int) -> None:
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
-    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
     # Changing ids makes a process non-dumpable, which hands its own /proc/self files to root; it
     # is the job's own now (no core dumps: RLIMIT_CORE is 0).
-    _check(_libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+    check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
 
 
 def _die_with_parent() -> None:
-    _check(_libc.prctl(1, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    check(libc.prctl(1, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
 
 
 def _close(*fds: int) -> None:

@@ -1,5 +1,5 @@
 """The node service's jobs: who submitted each, its state, its output and live usage for clients
-that follow it, the events stream, the audit context, and reconciliation after a restart.
+that follow it, the events stream and the audit context.
 
 Lock rules: `Jobs._lock` guards only the job table; `OutputLog` and `Hub` have their own locks.
 None of them is held while calling the executor, the audit log or a client socket, and the
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import codecs
 import collections
-import json
 import os
 import threading
 import time
@@ -387,55 +386,3 @@ def _owned(copy: str, spool: Path, peer: Peer) -> tuple[str, int]:
     if os.geteuid() == 0:
         os.chown(copy, peer.uid, peer.gid)
     return os.path.relpath(copy, spool), os.stat(copy).st_size
-
-
-SERVICE_STARTED = b'{"type":"service","event":"started"'
-TAIL_CHUNK = 1 << 20
-
-
-def reconcile(audit: AuditLog) -> list[dict]:
-    """At the service's start: append an `aborted` record for every service job (one with a
-    `client_pid`) that the audit log shows started but never finished since the previous start (the
-    service was killed or crashed while it ran), then a `service started` record; returns the
-    aborted ones. Reads only what follows the previous `service started` record: earlier jobs were
-    reconciled by that start. Jobs of other supervisors sharing the log (no `client_pid`) are theirs."""
-    started: dict[str, dict] = {}
-    try:
-        with open(audit.path, "rb") as f:
-            f.seek(_last_start(f))
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                kind, job_id = record.get("type"), record.get("job_id")
-                if kind == "started" and "client_pid" in record:
-                    started[job_id] = record
-                elif kind in ("job", "aborted"):
-                    started.pop(job_id, None)
-    except FileNotFoundError:
-        pass
-    aborted = [{**{k: v for k, v in record.items() if k not in ("type", "ts")}, "type": "aborted",
-                "ts": time.time(), "started_at": record.get("ts"),
-                "reason": "the node service ended (killed or crashed) while the job ran; found at its restart"}
-               for record in started.values()]
-    audit.append([*aborted, {"type": "service", "event": "started", "ts": time.time(), "pid": os.getpid()}])
-    return aborted
-
-
-def _last_start(f) -> int:
-    """The offset of the last `service started` record in the open log `f` (0 without one), found by
-    reading backwards from its end."""
-    end = f.seek(0, os.SEEK_END)
-    tail = b""
-    while end > 0:
-        begin = max(0, end - TAIL_CHUNK)
-        f.seek(begin)
-        tail = f.read(end - begin) + tail[:len(SERVICE_STARTED)]  # a marker across the chunks' border
-        found = tail.rfind(b"\n" + SERVICE_STARTED)
-        if found >= 0:
-            return begin + found + 1
-        if begin == 0 and tail.startswith(SERVICE_STARTED):
-            return 0
-        end = begin
-    return 0

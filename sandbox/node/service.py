@@ -46,7 +46,8 @@ from . import frames, protocol
 from .auth import Peer, Refused, check_names, may_use, peer_of, tenant_for, within_rights
 from .executor import QueueFull, SandboxExecutor
 from .guard import Guard
-from .jobs import Descriptors, Hub, JobRecord, Jobs, NodeSupervisor, close_fds, outcome, reconcile
+from .jobs import Descriptors, Hub, JobRecord, Jobs, NodeSupervisor, close_fds, outcome
+from .reconcile import reconcile
 from .streams import Stream
 from .systemd import gid_of, listen, sd_notify, socket_path
 

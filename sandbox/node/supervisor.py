@@ -19,18 +19,16 @@ from typing import Callable
 from ..core.audit import AuditLog
 from ..core.limits import DEFAULT_ENV_ALLOW, GiB, ConfigError, Limits, Policy, address_space_for, load_policy
 from ..core.models import JobResult, JobSpec, Sample, Termination, Verdict, Violation
-from ..job import namespaces, syscalls
-from ..job.cgroup import CgroupError, CgroupHost, CgroupLimits, JobCgroup, discover, task_limit
+from ..job import namespaces
+from ..job.cgroup import CgroupHost, JobCgroup, discover
 from ..job.child import ChildPlan
 from ..job.disk import JobDir, JobDisks
 from ..job.files import Sent, collect_job, stage
 from ..job.forkserver import MAX_PLAN_BYTES
-from ..job.ids import may_read, tenant_ids
 from ..job.interpreter import base_env
 from ..job.launcher import JOB_MARKER, Exit, LaunchFailed, LauncherLost, make_launcher
 from ..job.ticache import TenantCache
-from ..watch.enforcement import (CgroupFacts, DiskFacts, Enforcement, GpuFacts, IsolationFacts, cgroup_facts,
-                                 enforcement_for)
+from ..watch.enforcement import DiskFacts, Enforcement, GpuFacts, enforcement_for
 from ..watch.gpu import (ArchUnavailable, GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, mps_env,
                   mps_pipe_directory, resolve_arch, visible_devices)
 from ..watch.monitor import JobControl, Monitor
@@ -38,6 +36,7 @@ from ..watch.pump import Pump
 from ..watch.terminate import JobProcesses, end_job
 from ..watch.tree import JobTree
 from ..watch.verdict import Evidence, decide
+from .confinement import filter_syscalls, isolate, job_cgroup
 
 RLIMIT_CPU_HARD_EXTRA = 2  # seconds between SIGXCPU (soft) and the kernel's SIGKILL (hard)
 PUMP_DRAIN_TIMEOUT = 2.0
@@ -193,14 +192,16 @@ class Supervisor:
             raise ConfigError(f"job too large: its args, kwargs, argv and env exceed {MAX_PLAN_BYTES} bytes")
         kept = TenantCache(self.policy.settings.resolved_state_dir() / "ticache" / tenant_key(spec),
                            self.policy.cache_quota(spec.tenant), None)
-        isolation = dataclasses.replace(self._isolate(plan, tenant_key(spec), limits, workdir, kept, notes),
-                                        **self._filter_syscalls(plan))
+        isolation = dataclasses.replace(isolate(self.policy, self.namespaces_unavailable(), plan, tenant_key(spec),
+                                                limits, workdir, kept, notes),
+                                        **filter_syscalls(self.policy.settings, plan))
         notes.extend(kept.seed(cache, (plan.uid, plan.gid) if plan.uid is not None else None))
         stage(spec.inputs, spec.output_dir, plan.workdir, (plan.uid, plan.gid) if plan.uid is not None else None,
               sent.inputs if sent is not None else None)
         # The cgroup comes last: nothing after it may raise, or it would be left behind.
-        cgroup, cgroup_known = self._job_cgroup(spec.job_id, limits, caps["cpu_max_num_threads"],
-                                                helpers=namespaces.HELPERS if plan.isolate else 0)
+        cgroup, cgroup_known = job_cgroup(self.cgroups, self.policy.settings, spec.job_id, limits,
+                                          caps["cpu_max_num_threads"],
+                                          helpers=namespaces.HELPERS if plan.isolate else 0)
         if cgroup is not None:
             plan.cgroup_join = cgroup.join_files()
             notes.append(f"{cgroup.label}: {cgroup.path}")
@@ -210,83 +211,6 @@ class Supervisor:
                          gpu_watch=watch, gpu_limit=gpu_limit, cgroup=cgroup, cache=kept, jobdir=jobdir,
                          enforcement=enforcement_for(limits, arch, address_space, facts, cgroup_known, isolation,
                                                      DiskFacts(jobdir.image_size, jobdir.reason)))
-
-    def _isolate(self, plan: ChildPlan, tenant: str, limits: Limits, workdir: Path, kept: TenantCache,
-                 notes: list[str]) -> IsolationFacts:
-        """Namespaces and the tenant's own uid for the job, where this supervisor can give them (and
-        the tenant's group to `kept`, whose kernels the job may read).
-        Raises ConfigError when the policy requires what is missing, or when the job would run as
-        root without `allow_root`."""
-        settings = self.policy.settings
-        no_namespaces = self.namespaces_unavailable()
-        if no_namespaces is not None and settings.isolation == "required":
-            raise ConfigError(f'isolation is required ([sandbox] isolation = "required") but {no_namespaces}')
-        plan.isolate, plan.network, plan.tmpfs_bytes = no_namespaces is None, limits.network, limits.memory
-        plan.read_only = plan.isolate and settings.rootfs == "read-only"
-        if no_namespaces is not None:
-            notes.append(f"no namespaces: {no_namespaces}")
-        plan.expose = [(str(kept.path), False), (str(workdir), True)]
-        if plan.target.endswith(".py"):
-            plan.expose.append((plan.target, False))
-        if os.geteuid() != 0:
-            return IsolationFacts(plan.isolate, limits.network, no_namespaces or "",
-                                  f"jobs run as the supervisor's uid {os.geteuid()} (not root): tenants share it",
-                                  user_namespace=plan.isolate, read_only=plan.read_only)
-        if settings.allow_root:
-            notes.append("WARNING: the job runs as root (allow_root = true)")
-            return IsolationFacts(plan.isolate, limits.network, no_namespaces or "",
-                                  "allow_root = true: jobs run as root and can reach everything root can",
-                                  read_only=plan.read_only)
-        if not plan.isolate:
-            raise ConfigError(f"the job would run as root: it can only run as its tenant's uid in its own namespaces "
-                              f"({no_namespaces}); set [sandbox] allow_root = true to run it as root anyway")
-        ids = tenant_ids(self.policy, tenant)
-        if plan.target.endswith(".py") and not may_read(plan.target, ids):
-            raise ConfigError(f"kernel file {plan.target} is not readable by the job's uid {ids.uid}: make it "
-                              "readable by others, or give the tenant its owner's uid (run_as)")
-        for path in (*workdir.iterdir(), workdir):  # workdir last: from then on the tenant could swap its entries
-            os.chown(path, ids.uid, ids.gid, follow_symlinks=False)
-        kept.group = ids.gid
-        plan.uid, plan.gid = ids.uid, ids.gid
-        return IsolationFacts(True, limits.network, "", tenant_uid=f"uid {ids.uid}", read_only=plan.read_only)
-
-    def _filter_syscalls(self, plan: ChildPlan) -> dict[str, str]:
-        """Give the job the system-call filter (sandbox.job.syscalls) unless the policy turns it
-        off; returns the IsolationFacts fields saying which. A filter that cannot be installed here
-        rejects the job (ConfigError): "default" never silently runs a job unfiltered."""
-        if self.policy.settings.syscall_filter == "off":
-            return {"syscall_filter": "off", "syscalls_note": 'off by policy ([sandbox] syscall_filter = "off")'}
-        why = syscalls.unavailable()
-        if why is not None:
-            raise ConfigError(f'the system-call filter is on ([sandbox] syscall_filter = "default") but {why}; '
-                              'set syscall_filter = "off" to run jobs without it')
-        plan.syscall_filter = True
-        return {"syscall_filter": "hard", "syscalls_note": ""}
-
-    def _job_cgroup(self, job_id: str, limits: Limits, threads: int,
-                    helpers: int) -> tuple[JobCgroup | None, CgroupFacts]:
-        """The job's cgroup, or None and why; with `[sandbox] cgroups = "required"` a job whose limits
-        the kernel cannot enforce here is rejected (ConfigError). `helpers`: the sandbox's own
-        processes in the job (relay and init), allowed on top of `max_processes`."""
-        host, required = self.cgroups, self.policy.settings.cgroups == "required"
-        wanted = {"memory": limits.memory, "processes": limits.max_processes, "cpu_time": limits.cpu_time,
-                  "cpu_threads": limits.cpu_threads}
-        missing = [name for name, value in wanted.items() if value is not None and name not in host.enforces()]
-        if required and (host.version is None or missing):
-            what = f"{host.label} cannot enforce {', '.join(missing)}" if host.version else "unavailable"
-            raise ConfigError(f'cgroups are required ([sandbox] cgroups = "required") but {what}: {host.reason}')
-        if host.version is None:
-            return None, CgroupFacts(reason=host.reason)
-        try:
-            processes = limits.max_processes + helpers if limits.max_processes is not None else None
-            wanted_limits = CgroupLimits(memory=limits.memory, tasks=task_limit(processes, threads),
-                                         cpus=limits.cpu_threads)
-            cgroup = host.create(job_id, wanted_limits)
-        except CgroupError as err:
-            if required:
-                raise ConfigError(f"cgroups are required but the job cgroup failed: {err}") from None
-            return None, CgroupFacts(reason=f"job cgroup not created: {err}")
-        return cgroup, cgroup_facts(host)
 
     def _not_run(self, spec: JobSpec, reason: str, started: float, verdict: Verdict = Verdict.rejected) -> JobResult:
         """The result of a job that never started: `rejected`, or `crashed` when the launcher failed."""

@@ -1,7 +1,7 @@
 """What a job in its own cgroup namespace may see of cgroups: its own cgroup as the root of each
 hierarchy it joined, and nothing else (no other job's directory, id or usage).
 
-Pure: reads mountinfo text, returns what to mount; sandbox.job.namespaces mounts it in the job's
+Pure: reads mountinfo text, returns what to mount; sandbox.job.mounts mounts it in the job's
 mount namespace (`private_cgroups`).
 """
 
