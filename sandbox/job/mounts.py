@@ -16,11 +16,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
 import sys
 import tempfile
 
-from .cgroup.host import CGROUP_ROOT
+from .cgroup.host import CGROUP_ROOT, unescape_mountinfo
 from .cgroup.view import joined_hierarchies
 from .interpreter import PACKAGE
 
@@ -133,7 +132,7 @@ def read_only_rest(writable: list[str]) -> None:
     for path in keep.difference(("/proc", "/dev/shm", *TMP_DIRS)):
         mount(path, path, None, MS_BIND | MS_REC)  # a mount of its own, which stays writable
     with open("/proc/self/mountinfo") as f:
-        points = [_unescape(line.split()[4]) for line in f]
+        points = [unescape_mountinfo(line.split()[4]) for line in f]
     for point in dict.fromkeys(points):  # each once, parents first
         if point in keep or point.startswith("/proc/"):
             continue
@@ -142,11 +141,6 @@ def read_only_rest(writable: list[str]) -> None:
         except OSError as err:
             if err.errno not in (errno.EINVAL, errno.ENOENT):  # covered by a later mount: not a mount point here
                 raise
-
-
-def _unescape(field: str) -> str:
-    """A mountinfo path: space, tab, newline and backslash are written as octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def shared_tmpfs(size: int | None) -> str:

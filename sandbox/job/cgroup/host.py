@@ -44,12 +44,13 @@ def parse_mountinfo(text: str) -> list[Mount]:
         fields, tail = left.split(), right.split()
         if len(fields) < 5 or len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
             continue
-        mounts.append(Mount(_unescape(fields[4]), _unescape(fields[3]), tail[0], frozenset(tail[2].split(","))))
+        mounts.append(Mount(unescape_mountinfo(fields[4]), unescape_mountinfo(fields[3]), tail[0],
+                            frozenset(tail[2].split(","))))
     return mounts
 
 
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+def unescape_mountinfo(field: str) -> str:
+    """A mountinfo path: mountinfo writes space, tab, newline and backslash as octal escapes."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
