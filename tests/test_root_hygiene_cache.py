@@ -185,3 +185,21 @@ def test_a_tenants_kept_kernels_are_not_readable_by_another_tenants_jobs(tmp_pat
         _run(sup, script, "plain", "0.5")
         r = sup.run(JobSpec(kernel=str(peek), argv=[str(state / "ticache" / "alice")], tenant="bob"))
     assert r.stdout_tail.strip() in ("PermissionError", "FileNotFoundError"), r.stdout_tail
+
+
+OVERFLOWING = r'''
+import struct
+body = struct.pack("<3HQQ", 1, 7, 3, 0, 1) + struct.pack("<Q", (1 << 64) - 1) + b"T" * 70  # one key of 2**64-1 bytes
+open("../cache/ticache.tcb", "wb").write(struct.pack("<Q", len(body) + 8) + body)
+'''
+
+
+def test_a_key_length_past_any_offset_in_the_jobs_metadata_does_not_lose_the_verdict(tmp_path):
+    """The offset past a key of 2**64-1 bytes overflowed struct's offset (OverflowError, no
+    ValueError): promotion raised out of the supervisor and the job had no verdict."""
+    script = tmp_path / "job.py"
+    script.write_text(OVERFLOWING)
+    with _supervisor(tmp_path / "state") as sup:
+        r = sup.run(JobSpec(kernel=str(script), tenant="alice"))
+    assert r.verdict is Verdict.ok, (r.reason, r.stderr_tail[-2000:])
+    assert any("offline cache" in note and "not kept" in note for note in r.notes), r.notes

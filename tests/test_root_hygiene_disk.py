@@ -157,6 +157,16 @@ def test_the_polling_fallback_ends_a_job_over_its_disk_limit(state, tmp_path):
     assert r.usage.wall_seconds < 20
 
 
+def test_the_polled_walk_does_not_stop_counting_before_the_limit(state, tmp_path, monkeypatch):
+    """The polled walk stopped at a fixed 100 000 entries (1.6 GiB of inode charge): behind that
+    many empty files a job under a larger limit held any amount of data unmeasured. Scaled down
+    here: a cap of one entry, which the walk no longer has (it stops only past the limit's worth)."""
+    monkeypatch.setattr(disk, "MAX_ENTRIES", 1, raising=False)
+    with Supervisor(make_policy(state, disk_images="off"), audit_log=state / "audit-polling.jsonl") as sup:
+        r = _filler(sup, tmp_path, pause=3.0, poll_interval="20ms")
+    assert r.verdict is Verdict.disk, (r.verdict, r.reason, r.usage.peak_disk)
+
+
 @needs_images
 def test_many_empty_files_count_against_the_disk_limit(imaged, tmp_path):
     """Each file takes an inode: a job out of inodes has filled its disk as surely as with bytes."""

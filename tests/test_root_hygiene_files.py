@@ -326,3 +326,25 @@ def test_remove_tree_is_bounded_in_time_and_says_so(tmp_path):
     note = remove_tree(tree, seconds=0)
     assert note is not None and f"{tree} left on disk" in note and "out of time" in note, note
     assert remove_tree(tree) is None and not tree.exists()
+
+
+GARBLED = r"""
+    import os
+    os.close(os.open(b"out-\xff.txt", os.O_WRONLY | os.O_CREAT, 0o644))
+    open("plain.txt", "w").write("fine")
+    raise ValueError("\udcff")
+"""
+
+
+@root_only
+def test_file_names_and_messages_that_are_not_utf8_do_not_break_the_clis_json_result(tmp_path):
+    """A file the job names in bytes that are not UTF-8, and an error message with a lone surrogate
+    (a JSON \\u escape spells one), reached the result as strings no UTF-8 JSON can hold: the CLI's
+    `--json` died with a traceback instead of printing the verdict."""
+    out = tmp_path / "out"
+    p = cli("run", _job(tmp_path, GARBLED), "--json", "--output-dir", str(out), tmp_path=tmp_path)
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+    result = json.loads(p.stdout)
+    assert result["verdict"] == "error" and result["error_type"] == "ValueError", result
+    assert [Path(o).name for o in result["outputs"]] == ["plain.txt"] and os.listdir(out) == ["plain.txt"]
+    assert any("not UTF-8" in note for note in result["notes"]), result["notes"]

@@ -12,6 +12,8 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from .values import valid_text
+
 MAX_CHANNEL_BYTES = 1 << 20
 MAX_MESSAGES = 64
 
@@ -90,7 +92,7 @@ class ChannelReader:
                 errors.append(f"more than {MAX_MESSAGES} channel messages; rest ignored")
                 break
             try:
-                out.append(_MESSAGE.validate_python(json.loads(line)))
+                out.append(_MESSAGE.validate_python(valid_text(json.loads(line))))
             except (ValueError, RecursionError, ValidationError) as err:
                 errors.append(f"invalid channel message {number}: {str(err).splitlines()[0][:200]}")
         return out, errors

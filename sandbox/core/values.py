@@ -83,19 +83,34 @@ def _plain(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def valid_text(data: Any, depth: int = 0) -> Any:
+    """Parsed JSON (or a string) with each string made valid Unicode: a lone surrogate, which a JSON
+    \\u escape or a file name that is not UTF-8 can put in a Python string, becomes "?", so what a
+    job sent always serializes as UTF-8. ValueError past MAX_DEPTH levels of nesting."""
+    if isinstance(data, str):
+        return data if data.isascii() else data.encode("utf-8", "replace").decode()
+    if depth > MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    if isinstance(data, list):
+        return [valid_text(item, depth + 1) for item in data]
+    if isinstance(data, dict):
+        return {valid_text(k): valid_text(v, depth + 1) for k, v in data.items()}
+    return data
+
+
 def decode(data: Any, array: Callable[[Any], np.ndarray], depth: int = 0) -> Any:
     """The value of a tagged JSON form (parsed JSON); `array(A)` loads an array payload. Raises
     ValueError for anything malformed; never runs code."""
     if depth > MAX_DEPTH:
         raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
     if data is None or isinstance(data, (bool, int, float, str)):
-        return data
+        return valid_text(data)
     if isinstance(data, list):  # the depths of encode(): those of the JSON nesting
         return [decode(item, array, depth + 1) for item in data]
     if not isinstance(data, dict):
         raise ValueError(f"unexpected {type(data).__name__}")
     if len(data) != 1 or next(iter(data)) not in TAGS:
-        return {k: decode(v, array, depth + 1) for k, v in data.items()}
+        return {valid_text(k): decode(v, array, depth + 1) for k, v in data.items()}
     (tag, payload), = data.items()
     if tag == "__float__" and payload in _FLOATS:
         return _FLOATS[payload]

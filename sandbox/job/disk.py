@@ -28,7 +28,6 @@ from . import loop
 from .mounts import umount
 from .safefs import remove_tree
 
-MAX_ENTRIES = 100_000  # per walk of a polled work dir; beyond it usage is a lower bound
 MAX_DEPTH = 256  # directory levels a walk descends (one descriptor each)
 TICK_ENTRIES = 2000  # entries a monitor tick walks at most; a walk resumes on the next tick
 SHUTDOWN_ABOVE = 8 << 20  # bytes a job left in its image above which its filesystem is shut down first
@@ -59,30 +58,31 @@ def _start_ticks(pid: int | str) -> str | None:
 class _Walk:
     """The blocks and inodes under a directory, from descriptors (no symlink followed, nothing
     resolved by name), resumable: `step(budget)` goes on where the last call stopped. Hard links
-    are counted once."""
+    are counted once. A walk stops after `max_entries` entries: as each counts INODE_BYTES, give
+    it more than the limit's worth, so it never stops before the usage it found is over the limit
+    (a fixed cap let a job hide any amount of data behind that many empty files)."""
 
-    def __init__(self, top_fd: int) -> None:
-        self.top_fd = top_fd
+    def __init__(self, top_fd: int, max_entries: int) -> None:
+        self.top_fd, self.max_entries = top_fd, max_entries
         self.done_total: int | None = None  # of the last complete walk
-        self.capped = False  # a walk stopped at MAX_ENTRIES or MAX_DEPTH
+        self.capped = False  # a walk stopped at MAX_DEPTH
         self._stack: list[tuple[int, os.ScandirIterator]] = []
-        self._blocks = self._files = self._entries = 0
+        self._blocks = self._entries = 0
         self._linked: set[tuple[int, int]] = set()
 
     def partial(self) -> int:
-        return max(self._blocks, self._files * loop.INODE_BYTES)
+        return max(self._blocks, self._entries * loop.INODE_BYTES)
 
     def step(self, budget: int | None) -> bool:
         """Walk up to `budget` entries (None: to the end); True when a walk completed."""
         if not self._stack:
-            self._blocks = self._files = self._entries = 0
+            self._blocks = self._entries = 0
             self._linked.clear()
             self._push(os.dup(self.top_fd))
         while self._stack and (budget is None or budget > 0):
             fd, entries = self._stack[-1]
             entry = next(entries, None)
-            if entry is None or self._entries >= MAX_ENTRIES:
-                self.capped |= entry is not None
+            if entry is None or self._entries >= self.max_entries:
                 self._pop()
                 continue
             self._entries += 1
@@ -91,7 +91,6 @@ class _Walk:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            self._files += 1
             if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                 if (st.st_dev, st.st_ino) in self._linked:
                     continue
@@ -168,7 +167,7 @@ class JobDir:
                 files = st.f_files - st.f_ffree - self._base[1]
                 return max(0, used, files * loop.INODE_BYTES)
             if self._walk is None:
-                self._walk = _Walk(self._fd)
+                self._walk = _Walk(self._fd, self.limit // loop.INODE_BYTES + 1)
             if final:
                 self._walk.close()
                 self._walk.step(None)
@@ -184,8 +183,8 @@ class JobDir:
             if self._walk is not None:
                 self._walk.close()
                 if self._walk.capped:
-                    notes.append(f"disk: the polled walk of the work dir stopped at {MAX_ENTRIES} entries or "
-                                 f"{MAX_DEPTH} levels: its usage is a lower bound")
+                    notes.append(f"disk: the polled walk of the work dir stopped at {MAX_DEPTH} levels: its usage "
+                                 "is a lower bound")
             fd, dev, self._fd, self._dev = self._fd, self._dev, None, None
             if dev is None:
                 if fd is not None:

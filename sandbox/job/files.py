@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ..core.limits import ConfigError
 from ..core.models import input_name
+from ..core.values import valid_text
 from .safefs import DIR_FLAGS, create_beneath, open_as
 
 MAX_OUTPUT_FILES = 1000
@@ -144,6 +145,7 @@ class _Walk:
         self.owner, self.exclude = owner, exclude
         self.skipped: list[str] = []
         self.scanned = 0
+        self.unnamed = 0  # entries whose names are not UTF-8 (no result could name them)
 
     def files(self, dirfd: int, prefix: str, depth: int = 0):
         """(relative path, directory fd, name) of each regular file, sorted per directory, depth first."""
@@ -155,6 +157,9 @@ class _Walk:
                     break
                 names.append(entry.name)
         for name in sorted(names):
+            if valid_text(name) != name:
+                self.unnamed += 1
+                continue
             rel = prefix + name
             try:
                 st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
@@ -235,6 +240,8 @@ def collect(patterns: list[str], workdir: str, output_dir: str, owner: int | Non
     if existing:
         notes.append(f"outputs: {len(existing)} file(s) not copied: their names exist in output_dir (nothing is "
                      f"overwritten): {_named(existing)}")
+    if walk.unnamed:
+        notes.append(f"outputs: {walk.unnamed} entries passed over: their names are not UTF-8")
     if walk.scanned > MAX_SCANNED:
         notes.append(f"outputs: stopped looking after {MAX_SCANNED} directory entries")
     if capped:

@@ -24,6 +24,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from ..core.values import valid_text
+
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 REMOVE_SECONDS = 10.0  # of root's time per tree; what is left then is reported
@@ -203,7 +205,7 @@ class _Removal:
         self.left += 1
         if not self.first:
             where = "/".join([lv.name for lv in self.stack[1:]] + [name])
-            self.first = f"{where}: {err.strerror or err}"
+            self.first = f"{valid_text(where)}: {err.strerror or err}"
 
     def _unlink(self, level: _Level, name: str) -> bool:
         """Unlink `name` (kept when that fails); False when it is a directory."""

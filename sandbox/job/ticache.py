@@ -91,6 +91,8 @@ def parse_meta(data: bytes) -> tuple[tuple[int, int, int], Kernels]:
             keys = []
             for _ in range(2):
                 (size,) = struct.unpack_from("<Q", data, pos)
+                if size > len(data) - pos:  # else the next offset may overflow struct's (OverflowError)
+                    raise ValueError(f"a key of {size} bytes at offset {pos}")
                 keys.append(data[pos + 8:pos + 8 + min(size, 65)].decode("ascii", "replace"))
                 pos += 8 + size
             if keys[0] != keys[1] or not KEY.fullmatch(keys[0]):
