@@ -167,6 +167,30 @@ def test_the_polled_walk_does_not_stop_counting_before_the_limit(state, tmp_path
     assert r.verdict is Verdict.disk, (r.verdict, r.reason, r.usage.peak_disk)
 
 
+DEEP_FILLER = """
+import os, time
+for _ in range(300):
+    os.mkdir('d')
+    os.chdir('d')
+block = b'x' * (1 << 20)
+with open('hidden.bin', 'wb') as f:
+    for _ in range(128):
+        f.write(block)
+time.sleep(3)
+"""
+
+
+def test_data_hidden_deeper_than_the_polled_walk_goes_counts_as_full(state, tmp_path):
+    """The polled walk descends 256 levels (a descriptor each): 128 MiB written 300 levels down
+    under a 64 MiB limit was measured as 4 MB and the job ended ok. Now such a tree counts as full."""
+    script = tmp_path / "deep_filler.py"
+    script.write_text(DEEP_FILLER)
+    with Supervisor(make_policy(state, disk_images="off"), audit_log=state / "audit-polling.jsonl") as sup:
+        r = sup.run(JobSpec(kernel=str(script), limits=Limits(disk=LIMIT, wall_time="30s", poll_interval="20ms")))
+    assert r.verdict is Verdict.disk, (r.verdict, r.reason, r.usage.peak_disk)
+    assert any("levels deep" in note for note in r.notes), r.notes
+
+
 @needs_images
 def test_many_empty_files_count_against_the_disk_limit(imaged, tmp_path):
     """Each file takes an inode: a job out of inodes has filled its disk as surely as with bytes."""

@@ -65,7 +65,7 @@ class _Walk:
     def __init__(self, top_fd: int, max_entries: int) -> None:
         self.top_fd, self.max_entries = top_fd, max_entries
         self.done_total: int | None = None  # of the last complete walk
-        self.capped = False  # a walk stopped at MAX_DEPTH
+        self.capped = False  # a walk met a directory deeper than MAX_DEPTH (for good: the job built it)
         self._stack: list[tuple[int, os.ScandirIterator]] = []
         self._blocks = self._entries = 0
         self._linked: set[tuple[int, int]] = set()
@@ -172,8 +172,12 @@ class JobDir:
                 self._walk.close()
                 self._walk.step(None)
             elif self._walk.step(TICK_ENTRIES):
-                return self._walk.done_total
-            return max(self._walk.done_total or 0, self._walk.partial())
+                return self._deep(self._walk.done_total)
+            return self._deep(max(self._walk.done_total or 0, self._walk.partial()))
+
+    def _deep(self, used: int) -> int:
+        """A tree deeper than MAX_DEPTH hides what lies below from the walk: count it as full."""
+        return max(used, self.limit) if self._walk.capped else used
 
     def remove(self) -> list[str]:
         """Unmount the image (its files go with it), or remove the tree; notes for the result (what
@@ -183,8 +187,8 @@ class JobDir:
             if self._walk is not None:
                 self._walk.close()
                 if self._walk.capped:
-                    notes.append(f"disk: the polled walk of the work dir stopped at {MAX_DEPTH} levels: its usage "
-                                 "is a lower bound")
+                    notes.append(f"disk: the work dir is more than {MAX_DEPTH} levels deep, which the polled walk "
+                                 "does not measure: it counted as full")
             fd, dev, self._fd, self._dev = self._fd, self._dev, None, None
             if dev is None:
                 if fd is not None:
