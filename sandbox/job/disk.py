@@ -26,13 +26,12 @@ from pathlib import Path
 from ..core.limits import ConfigError, Settings
 from . import loop
 from .mounts import umount
-from .safefs import remove_tree
+from .safefs import DIR_FLAGS, remove_tree
 
 MAX_DEPTH = 256  # directory levels a walk descends (one descriptor each)
 TICK_ENTRIES = 2000  # entries a monitor tick walks at most; a walk resumes on the next tick
 SHUTDOWN_ABOVE = 8 << 20  # bytes a job left in its image above which its filesystem is shut down first
 _OWNER = re.compile(r"^(\d+)\.(\d+)-")  # image and mount names: "<pid>.<start time>-..."
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def probe() -> str | None:
@@ -101,7 +100,7 @@ class _Walk:
                     self.capped = True
                     continue
                 try:
-                    self._push(os.open(entry.name, _DIR_FLAGS, dir_fd=fd))
+                    self._push(os.open(entry.name, DIR_FLAGS, dir_fd=fd))
                 except OSError:
                     continue
         if self._stack:
@@ -148,7 +147,7 @@ class JobDir:
         usage counts from what the empty image holds."""
         if image is not None:
             self.image_size, self._dev = image
-        self._fd = os.open(self.path, _DIR_FLAGS)
+        self._fd = os.open(self.path, DIR_FLAGS)
         if image is not None:
             st = os.fstatvfs(self._fd)
             self._base = ((st.f_blocks - st.f_bfree) * st.f_frsize, st.f_files - st.f_ffree)
@@ -253,7 +252,7 @@ class JobDisks:
 def _private_dir(path: Path) -> int:
     """A descriptor of `path`, created root's and 0700; refused when anyone else could write it."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, _DIR_FLAGS)
+    fd = os.open(path, DIR_FLAGS)
     st = os.fstat(fd)
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
         os.close(fd)
