@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..core.values import valid_text
+from .mounts import check, libc
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -34,7 +35,6 @@ _SYS_OPENAT2 = 437  # the same number on every architecture (added after the tab
 # setfsuid, setfsgid, setgroups: raw system calls act on the calling thread only (glibc's setgroups
 # changes every thread of the process).
 _SYSCALLS = {"x86_64": (122, 123, 116), "aarch64": (151, 152, 159)}
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class _OpenHow(ctypes.Structure):
@@ -65,8 +65,8 @@ def _openat2(dirfd: int, rel: str, flags: int, mode: int = 0, resolve: int = 0) 
         return None
     how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0,
                    RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | resolve)
-    fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_long(dirfd), os.fsencode(rel), ctypes.byref(how),
-                       ctypes.c_size_t(ctypes.sizeof(how)))
+    fd = libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_long(dirfd), os.fsencode(rel), ctypes.byref(how),
+                      ctypes.c_size_t(ctypes.sizeof(how)))
     if fd >= 0:
         return fd
     code = ctypes.get_errno()
@@ -135,21 +135,17 @@ def _fs_ids(uid: int, gid: int):
     setfsuid, setfsgid, setgroups = _SYSCALLS[platform.machine()]
     groups = os.getgroups()
     saved = (ctypes.c_uint * max(1, len(groups)))(*groups)
-
-    def call(number: int, *args) -> None:
-        if _libc.syscall(ctypes.c_long(number), *args) != 0:
-            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
     try:
-        call(setgroups, ctypes.c_size_t(0), None)
-        _libc.syscall(ctypes.c_long(setfsgid), ctypes.c_long(gid))  # they return the old id, never fail
-        _libc.syscall(ctypes.c_long(setfsuid), ctypes.c_long(uid))
-        if _libc.syscall(ctypes.c_long(setfsuid), ctypes.c_long(-1)) != uid:  # -1 changes nothing: reads it back
+        check(libc.syscall(ctypes.c_long(setgroups), ctypes.c_size_t(0), None), "setgroups")
+        libc.syscall(ctypes.c_long(setfsgid), ctypes.c_long(gid))  # they return the old id, never fail
+        libc.syscall(ctypes.c_long(setfsuid), ctypes.c_long(uid))
+        if libc.syscall(ctypes.c_long(setfsuid), ctypes.c_long(-1)) != uid:  # -1 changes nothing: reads it back
             raise OSError(errno.EPERM, f"cannot take uid {uid} to open files")
         yield
     finally:
-        _libc.syscall(ctypes.c_long(setfsuid), ctypes.c_long(os.geteuid()))
-        _libc.syscall(ctypes.c_long(setfsgid), ctypes.c_long(os.getegid()))
-        call(setgroups, ctypes.c_size_t(len(groups)), saved)
+        libc.syscall(ctypes.c_long(setfsuid), ctypes.c_long(os.geteuid()))
+        libc.syscall(ctypes.c_long(setfsgid), ctypes.c_long(os.getegid()))
+        check(libc.syscall(ctypes.c_long(setgroups), ctypes.c_size_t(len(groups)), saved), "setgroups")
 
 
 def open_as(path: str, flags: int, ids: tuple[int, int] | None) -> int:
