@@ -14,7 +14,6 @@ why every limit is also enforced from the supervisor.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import resource
 import signal
@@ -29,6 +28,7 @@ from ..core import channel
 from ..core.models import Shipped
 from ..core.values import wire
 from . import results, syscalls
+from .mounts import check, libc
 from .shipping import receive
 
 PR_SET_PDEATHSIG = 1
@@ -80,9 +80,7 @@ class ChildPlan(BaseModel):
 
 
 def _prctl(option: int, value: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(option, value, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
+    check(libc.prctl(option, value, 0, 0, 0), f"prctl({option})")
 
 
 def confine(plan: ChildPlan) -> None:
