@@ -109,6 +109,15 @@ def attach(image_fd: int) -> tuple[int, int]:
     raise ImageError(f"no free loop device after {ATTACH_TRIES} tries")
 
 
+def _mount(dev: int, number: int, target: str) -> None:
+    """Mount attached loop device `number` (open as `dev`) at `target`; `dev` is closed if that fails."""
+    try:
+        mount(f"/dev/loop{number}", target, "ext4", MS_NOSUID | MS_NODEV | MS_NOATIME, MOUNT_DATA)
+    except BaseException:
+        os.close(dev)
+        raise
+
+
 class _Closer:
     """Closes loop device descriptors in a thread of its own: the last close clears the device,
     which waits for the block layer to quiesce (a few ms on a busy machine) and need not delay
@@ -201,11 +210,7 @@ class Images:
         finally:
             os.unlink(name, dir_fd=self.dir_fd)
             os.close(fd)
-        try:
-            mount(f"/dev/loop{number}", target, "ext4", MS_NOSUID | MS_NODEV | MS_NOATIME, MOUNT_DATA)
-        except BaseException:
-            os.close(dev)
-            raise
+        _mount(dev, number, target)
         return template.size, dev
 
     def template(self, limit: int) -> Template:
@@ -258,11 +263,7 @@ class Images:
         target = f"/proc/self/fd/{self.dir_fd}/{name}"
         try:
             dev, number = attach(fd)
-            try:
-                mount(f"/dev/loop{number}", target, "ext4", MS_NOSUID | MS_NODEV | MS_NOATIME, MOUNT_DATA)
-            except BaseException:
-                os.close(dev)
-                raise
+            _mount(dev, number, target)
             try:
                 os.rmdir(f"{target}/lost+found")
                 os.chmod(target, 0o700)
