@@ -47,6 +47,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .safefs import CREATE_FLAGS, DIR_FLAGS
+
 META = "ticache.tcb"
 KEY = re.compile(r"T[0-9a-f]{64}")
 TIC_HEAD = b"TIC\0"
@@ -56,7 +58,6 @@ MAX_KERNELS = 10_000  # kernels in one metadata file
 _ENTRY = struct.Struct("<Qqq")  # size, created_at, last_used_at
 _HEAD = struct.Struct("<Q3HQQ")  # length of the file, version, bytes of kernels, count
 MAX_META = _HEAD.size + MAX_KERNELS * (2 * (8 + 65) + _ENTRY.size)
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -152,12 +153,11 @@ class TenantCache:
             kept_version, kept = parse_meta(data)
             if kept_version != version:
                 return notes
-            job = os.open(job_cache, _DIR)
+            job = os.open(job_cache, DIR_FLAGS)
             try:
                 for key in kept:
                     os.symlink(str(self.path / f"{key}.tic"), f"{key}.tic", dir_fd=job)
-                out = os.open(META, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                              dir_fd=job)
+                out = os.open(META, CREATE_FLAGS, 0o600, dir_fd=job)
                 with os.fdopen(out, "wb") as f:
                     if owner is not None:
                         os.fchown(f.fileno(), *owner)
@@ -228,14 +228,14 @@ class TenantCache:
         0750 with the tenant's group (0700 without one)."""
         notes = []
         self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        parent = os.open(self.path.parent, _DIR)
+        parent = os.open(self.path.parent, DIR_FLAGS)
         try:
             name = self.path.name
             try:
                 os.mkdir(name, 0o700, dir_fd=parent)
             except FileExistsError:
                 pass
-            fd = os.open(name, _DIR, dir_fd=parent)
+            fd = os.open(name, DIR_FLAGS, dir_fd=parent)
             if os.fstat(fd).st_uid != os.geteuid():
                 os.close(fd)
                 aside = f".{name}.untrusted-{time.time_ns()}"
@@ -243,7 +243,7 @@ class TenantCache:
                 notes.append(f"offline cache: {self.path} was not the supervisor's (a tenant could write it): "
                              f"set aside unread as {self.path.parent / aside}; remove it")
                 os.mkdir(name, 0o700, dir_fd=parent)
-                fd = os.open(name, _DIR, dir_fd=parent)
+                fd = os.open(name, DIR_FLAGS, dir_fd=parent)
         finally:
             os.close(parent)
         st = os.fstat(fd)
@@ -258,9 +258,9 @@ class TenantCache:
 def _open_beneath(path: Path) -> int:
     """A descriptor of the directory `path` whose parent the supervisor made; the last component
     (the job's) is not followed."""
-    parent = os.open(path.parent, _DIR)
+    parent = os.open(path.parent, DIR_FLAGS)
     try:
-        return os.open(path.name, _DIR, dir_fd=parent)
+        return os.open(path.name, DIR_FLAGS, dir_fd=parent)
     finally:
         os.close(parent)
 
