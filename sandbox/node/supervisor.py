@@ -195,9 +195,9 @@ class Supervisor:
         isolation = dataclasses.replace(isolate(self.policy, self.namespaces_unavailable(), plan, tenant_key(spec),
                                                 limits, workdir, kept, notes),
                                         **filter_syscalls(self.policy.settings, plan))
-        notes.extend(kept.seed(cache, (plan.uid, plan.gid) if plan.uid is not None else None))
-        stage(spec.inputs, spec.output_dir, plan.workdir, (plan.uid, plan.gid) if plan.uid is not None else None,
-              sent.inputs if sent is not None else None)
+        job_ids = (plan.uid, plan.gid) if plan.uid is not None else None  # None: jobs run as this process
+        notes.extend(kept.seed(cache, job_ids))
+        stage(spec.inputs, spec.output_dir, plan.workdir, job_ids, sent.inputs if sent is not None else None)
         # The cgroup comes last: nothing after it may raise, or it would be left behind.
         cgroup, cgroup_known = job_cgroup(self.cgroups, self.policy.settings, spec.job_id, limits,
                                           caps["cpu_max_num_threads"],
