@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..core.limits import ConfigError, Settings
 from . import loop
+from .cgroup.host import unescape_mountinfo
 from .mounts import umount
 from .safefs import DIR_FLAGS, remove_tree
 
@@ -279,7 +280,7 @@ def reap(images_fd: int) -> list[str]:
         mounts = [line.split() for line in f]
     for fields in mounts:
         if fields[2] in devices:
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            point = unescape_mountinfo(fields[4])
             try:
                 umount(point)
                 unmounted.append(point)
