@@ -162,9 +162,7 @@ class JobDir:
             return None
         with self._lock:
             if self.image_size is not None:
-                st = os.fstatvfs(self._fd)
-                used = (st.f_blocks - st.f_bfree) * st.f_frsize - self._base[0]
-                files = st.f_files - st.f_ffree - self._base[1]
+                used, files = self._used(self._fd)
                 return max(0, used, files * loop.INODE_BYTES)
             if self._walk is None:
                 self._walk = _Walk(self._fd, self.limit // loop.INODE_BYTES + 1)
@@ -196,7 +194,7 @@ class JobDir:
                 left = remove_tree(self.path)
                 return notes + ([left] if left else [])
             try:
-                if fd is not None and self._used(fd) <= SHUTDOWN_ABOVE:
+                if fd is not None and self._used(fd)[0] <= SHUTDOWN_ABOVE:
                     os.close(fd)
                     fd = None
                 loop.unmount(str(self.path), dev, fd)
@@ -205,9 +203,10 @@ class JobDir:
                 notes.append(f"disk: the job's filesystem image at {self.path} was not removed: {err}")
         return notes
 
-    def _used(self, fd: int) -> int:
+    def _used(self, fd: int) -> tuple[int, int]:
+        """(bytes, inodes) in use in the image open as `fd`, beyond what the empty image holds."""
         st = os.fstatvfs(fd)
-        return (st.f_blocks - st.f_bfree) * st.f_frsize - self._base[0]
+        return (st.f_blocks - st.f_bfree) * st.f_frsize - self._base[0], st.f_files - st.f_ffree - self._base[1]
 
 
 class JobDisks:
