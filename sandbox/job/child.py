@@ -14,6 +14,7 @@ why every limit is also enforced from the supervisor.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import signal
@@ -28,7 +29,6 @@ from ..core import channel
 from ..core.models import Shipped
 from ..core.values import wire
 from . import results, syscalls
-from .mounts import check, libc
 from .shipping import receive
 
 PR_SET_PDEATHSIG = 1
@@ -80,7 +80,9 @@ class ChildPlan(BaseModel):
 
 
 def _prctl(option: int, value: int) -> None:
-    check(libc.prctl(option, value, 0, 0, 0), f"prctl({option})")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
 
 
 def confine(plan: ChildPlan) -> None:
