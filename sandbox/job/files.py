@@ -36,7 +36,7 @@ from pathlib import Path
 from ..core.limits import ConfigError
 from ..core.models import input_name
 from ..core.values import valid_text
-from .safefs import DIR_FLAGS, create_beneath, open_as
+from .safefs import DIR_FLAGS, create_beneath, data_ranges, open_as
 
 MAX_OUTPUT_FILES = 1000
 MAX_OUTPUT_BYTES = 4 << 30
@@ -290,20 +290,11 @@ def _copy_fd(src: int, dst: int, most: int) -> int:
     most `most` bytes of it, keeping its holes (a sparse file, or a memfd, stays sparse); the copy's
     size. Moves the offsets of both."""
     size = min(os.fstat(src).st_size, most)
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(src, offset, os.SEEK_DATA)
-        except OSError as err:
-            if err.errno == errno.ENXIO:
-                break  # only a hole is left
-            raise
-        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+    for start, end in data_ranges(src, size):
         os.lseek(dst, start, os.SEEK_SET)
         while start < end and (sent := os.sendfile(dst, src, start, end - start)):
             start += sent
         if start < end:
             break  # the file shrank meanwhile
-        offset = end
     os.ftruncate(dst, size)
     return size

@@ -33,6 +33,7 @@ import threading
 from dataclasses import dataclass
 
 from .mounts import MS_NOATIME, MS_NODEV, MS_NOSUID, mount, umount
+from .safefs import data_ranges
 
 BLOCK = 4096
 INODE_BYTES = 16 << 10  # each file or directory counts at least this much against the limit
@@ -162,18 +163,7 @@ def unmount(target: str, dev: int, root_fd: int | None = None) -> None:
 
 def _extents(fd: int, size: int) -> tuple[tuple[int, bytes], ...]:
     """(offset, bytes) of each written range of the open sparse file."""
-    out, offset = [], 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as err:
-            if err.errno == errno.ENXIO:  # only a hole is left
-                break
-            raise
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        out.append((start, os.pread(fd, end - start, start)))
-        offset = end
-    return tuple(out)
+    return tuple((start, os.pread(fd, end - start, start)) for start, end in data_ranges(fd, size))
 
 
 def _first_size(limit: int, inodes: int) -> int:

@@ -12,6 +12,7 @@ here resolves a path a tenant can change by name.
   time, never following a symlink, never entering a mount point (`RESOLVE_NO_XDEV`; without
   openat2 only the mount points of other file systems are seen), bounded in time; it returns what it
   could not remove instead of raising.
+- `data_ranges` lists where an open file holds data (SEEK_DATA/SEEK_HOLE), so a copy skips its holes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import errno
 import os
 import platform
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -314,3 +316,20 @@ def remove_tree(path: str | os.PathLike, seconds: float = REMOVE_SECONDS) -> str
     if removal.left:
         why.append(f"{removal.left} entries could not be removed (first: {removal.first})")
     return f"cleanup: {path} left on disk ({'; '.join(why)})"
+
+
+def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each range of the open file's first `size` bytes that holds data, in order
+    (holes skipped). Moves the file's offset."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:  # only a hole is left
+                return
+            raise
+        if start >= size:
+            return
+        offset = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, offset
