@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import atexit
 import threading
+import warnings
 from typing import Any, Callable
 
 from .core.limits import Limits
 from .core.models import JobResult, JobSpec
 from .node.supervisor import Supervisor
+
+class FilesWarning(UserWarning):
+    """Files a job was given or left that were not copied (a job's note, as a Python warning)."""
+
 
 _default: Supervisor | None = None
 _default_lock = threading.Lock()
@@ -34,8 +39,20 @@ def run_kernel(kernel: str | Callable, arch: str = "cpu", limits: Limits | dict 
     anything picklable). `limits` override the profile from limits.toml. The return value comes back
     in `return_value`. Raises ConfigError for an invalid spec or a callable that cannot be shipped;
     everything the job does becomes the verdict.
+
+    Files as `taichi-sandbox run` handles them: `inputs=[...]` (files or directories, placed as
+    sandbox.core.placement says); the files the job leaves are copied into `output_dir` (default:
+    the current directory), new files only, those matching `outputs` (default ["*"]; [] copies
+    none). What is not copied is named in the result's notes and in a FilesWarning.
     """
     if isinstance(limits, dict):
         limits = Limits(**limits)
+    spec.setdefault("outputs", ["*"])
+    if spec["outputs"]:
+        spec.setdefault("output_dir", ".")
     job = JobSpec(kernel=kernel, arch=arch, limits=limits or Limits(), profile=profile, tenant=tenant, **spec)
-    return (supervisor or default_supervisor()).run(job)
+    result = (supervisor or default_supervisor()).run(job)
+    for note in result.notes:
+        if note.startswith(("WARNING: outputs:", "WARNING: inputs:")):
+            warnings.warn(note.removeprefix("WARNING: "), FilesWarning, stacklevel=2)
+    return result

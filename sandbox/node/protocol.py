@@ -79,6 +79,8 @@ class JobRequest(BaseModel):
             fields = decode_json_fields(fields, ("args", "kwargs"))  # arrays come as tagged JSON (sandbox.core.values)
         except (ValueError, RecursionError) as err:
             raise ProtocolError("BadRequest", f"job {number}: args/kwargs: {str(err)[:200]}") from None
+        if self.input_names():  # names, placed as given (never split at '=' or against a cwd)
+            fields["inputs"] = [(name, name) for name in self.input_names()]
         spec = JobSpec.parse({**fields, "tenant": tenant, "job_id": job_id,
                               "output_dir": str(spool / job_id) if fields.get("outputs") else None}, f"job {number}")
         target, function = spec.target()

@@ -23,7 +23,8 @@ from ..job import namespaces
 from ..job.cgroup import CgroupHost, JobCgroup, discover
 from ..job.child import ChildPlan
 from ..job.disk import JobDir, JobDisks
-from ..job.files import Sent, collect_job, stage
+from ..job.files import collect_job, missing_input_hint
+from ..job.inputs import Sent, stage
 from ..job.forkserver import MAX_PLAN_BYTES
 from ..job.interpreter import base_env
 from ..job.launcher import JOB_MARKER, Exit, LaunchFailed, LauncherLost, make_launcher
@@ -64,6 +65,7 @@ class _Prepared:
     cgroup: JobCgroup | None
     cache: TenantCache
     jobdir: JobDir
+    placed: set[str]  # where its input files are, relative to its cwd
 
 
 class _Job:
@@ -197,7 +199,9 @@ class Supervisor:
                                         **filter_syscalls(self.policy.settings, plan))
         job_ids = (plan.uid, plan.gid) if plan.uid is not None else None  # None: jobs run as this process
         notes.extend(kept.seed(cache, job_ids))
-        stage(spec.inputs, spec.output_dir, plan.workdir, job_ids, sent.inputs if sent is not None else None)
+        placed, staged = stage(spec.inputs, spec.output_dir, plan.workdir, job_ids,
+                               sent.inputs if sent is not None else None, limits.disk)
+        notes.extend(staged)
         # The cgroup comes last: nothing after it may raise, or it would be left behind.
         cgroup, cgroup_known = job_cgroup(self.cgroups, self.policy.settings, spec.job_id, limits,
                                           caps["cpu_max_num_threads"],
@@ -208,7 +212,7 @@ class Supervisor:
         elif cgroup_known.reason:
             notes.append(f"no job cgroup, limits polled: {cgroup_known.reason}")
         return _Prepared(plan=plan, rlimits={RLIMIT_NAMES[k]: v[0] for k, v in rlimits.items()}, notes=notes,
-                         gpu_watch=watch, gpu_limit=gpu_limit, cgroup=cgroup, cache=kept, jobdir=jobdir,
+                         gpu_watch=watch, gpu_limit=gpu_limit, cgroup=cgroup, cache=kept, jobdir=jobdir, placed=placed,
                          enforcement=enforcement_for(limits, arch, address_space, facts, cgroup_known, isolation,
                                                      DiskFacts(jobdir.image_size, jobdir.reason)))
 
@@ -245,7 +249,8 @@ class Supervisor:
             raise
         try:
             result = self._supervise(spec, limits, prepared, on_sample, control, started_epoch, on_output, hold_result)
-            collect_job(spec, prepared.plan, result, limits.disk)
+            collect_job(spec, prepared.plan, result, prepared.placed, limits.disk)
+            missing_input_hint(result, spec.inputs)
             result.notes.extend(prepared.cache.promote(prepared.jobdir.path / "cache"))
         except LaunchFailed as err:
             return self._not_run(spec, str(err), started_epoch, Verdict.crashed)
