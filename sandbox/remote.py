@@ -15,6 +15,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: `typing` costs the client 2 ms to import
     from collections.abc import Callable, Iterator
 
+from .core.placement import check_places, named, place
 from .node import frames
 
 EXIT_USAGE, EXIT_INTERNAL = 2, 125
@@ -114,7 +115,7 @@ class Job:
             self.fields["outputs"] = ["*"] if outputs is None else outputs
         names, self.fds, skipped = open_inputs(inputs or [])
         self.notes = [f"WARNING: inputs: {len(skipped)} entries of input directories not sent (symlinks, devices, "
-                      f"fifos, sockets: nothing in them is followed): {', '.join(skipped[:5])}"] if skipped else []
+                      f"fifos, sockets: nothing in them is followed): {named(skipped)}"] if skipped else []
         if names:
             self.fields["inputs"] = names
 
@@ -128,7 +129,6 @@ def open_inputs(inputs: list) -> tuple[list[str], list[int], list[str]]:
     """(the names in the job's dir, the open descriptors, the entries skipped) of the files that
     `inputs` put there (see sandbox.core.placement): a directory as its files, opened below it
     without following symlinks. Raises ClientError."""
-    from .core.placement import check_places, place
     try:
         places = [place(entry) for entry in inputs]
         check_places(places)
@@ -219,7 +219,7 @@ def submit_and_follow(path: Path, jobs: list[Job], output: bool = True, samples:
     `submitted` one first). A job this client stops following is cancelled by the service."""
     message = {"op": "submit", "jobs": [job.fields for job in jobs], "follow": True, "output": output,
                "samples": samples}
-    submitted, results, dirs, saved, notes, sent_notes = None, [], {}, {}, {}, {}
+    submitted, results, dirs, saved, notes, sent_notes, existing = None, [], {}, {}, {}, {}, {}
     try:
         for answer in request(path, message, [fd for job in jobs for fd in job.fds]):
             kind, job_id = answer.get("type"), answer.get("job_id")
@@ -232,12 +232,19 @@ def submit_and_follow(path: Path, jobs: list[Job], output: bool = True, samples:
             elif kind == "file":
                 try:
                     saved.setdefault(job_id, []).append(save_file(dirs.get(job_id), answer))
+                except FileExistsError:
+                    existing.setdefault(job_id, []).append(str(answer.get("name")))
                 except (OSError, ClientError) as err:
-                    notes.setdefault(job_id, []).append(f"outputs: {answer.get('name')} not saved here: {err}")
+                    notes.setdefault(job_id, []).append(f"WARNING: outputs: {answer.get('name')} not saved here: {err}")
                 continue
             elif kind == "result":
                 answer["result"]["outputs"] = saved.pop(job_id, [])
                 answer["result"]["notes"] += sent_notes.get(job_id, []) + notes.pop(job_id, [])
+                if job_id in existing:
+                    names = existing.pop(job_id)
+                    answer["result"]["notes"].append(
+                        f"WARNING: outputs: {len(names)} file(s) not copied: their names exist in {dirs[job_id]} "
+                        f"(nothing is overwritten): {named(names)}")
                 results.append(answer)
             if on_answer is not None:
                 on_answer(answer)

@@ -1,5 +1,6 @@
 """Where a job's inputs appear in its directory: the one rule `taichi-sandbox run --input`,
-`inputs=` from Python and the node service's client share (standard library only).
+`inputs=` from Python and the node service's client share (standard library only); and `named`,
+how notes about files list them.
 
 An input is a file or a directory, written `SRC`, `SRC=DEST` or, from Python, a pair (SRC, DEST).
 DEST is where it appears relative to the job's cwd. Without one:
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import os
 from pathlib import PurePosixPath
+
+NAMED = 5  # files named in a note; the rest are counted
 
 
 def place(entry, cwd: str | None = None) -> tuple[str, str]:
@@ -64,3 +67,8 @@ def check_places(places: list[tuple[str, str]]) -> None:
             if above in where:
                 raise ValueError(f"{source!r} would be inside {where[above]!r} (at {above!r}) in the job's dir: "
                                  "give one of them")
+
+
+def named(names: list[str]) -> str:
+    """The first few of `names`, and how many more."""
+    return ", ".join(names[:NAMED]) + (f" and {len(names) - NAMED} more" if len(names) > NAMED else "")

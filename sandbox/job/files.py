@@ -25,6 +25,7 @@ import re
 import stat
 from pathlib import Path, PurePosixPath
 
+from ..core.placement import named
 from ..core.values import valid_text
 from .safefs import DIR_FLAGS, create_beneath, data_ranges
 
@@ -32,7 +33,6 @@ MAX_OUTPUT_FILES = 1000
 MAX_OUTPUT_BYTES = 4 << 30
 MAX_DEPTH = 32
 MAX_SCANNED = 100_000
-_NOTED = 5  # skipped entries named in a note; the rest are counted
 
 
 class _Walk:
@@ -159,11 +159,6 @@ def collect(patterns: list[str], workdir: str, output_dir: str | None, owner: in
         notes.append(f"WARNING: outputs: {capped} matching file(s) not copied: the cap is {max_files} files and "
                      f"{max_bytes} bytes per job")
     return copied, notes
-
-
-def named(names: list[str]) -> str:
-    """The first few of `names`, and how many more."""
-    return ", ".join(names[:_NOTED]) + (f" and {len(names) - _NOTED} more" if len(names) > _NOTED else "")
 
 
 def collect_job(spec, plan, result, placed: set[str], disk: int | None = None) -> None:

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.limits import ConfigError
-from .files import MAX_DEPTH, copy_fd, named
+from ..core.placement import named
+from .files import MAX_DEPTH, copy_fd
 from .safefs import DIR_FLAGS, create_beneath, makedirs_beneath, open_as
 
 MAX_INPUTS = 64  # per job through the node service (each is an open descriptor until the job starts)
