@@ -87,9 +87,9 @@ def run(
                                                "job's dir: at its path relative to this dir, else by its name; "
                                                "SRC=DEST places it at DEST; repeatable."),
     output_dir: Optional[str] = typer.Option(None, help="Where the files the job leaves are copied (new files "
-                                                        "only, never overwriting) [default: this dir]."),
+                                                        "only, never overwriting; default: this dir)."),
     outputs: Optional[List[str]] = typer.Option(None, "--output", help="Which files to copy (glob, '*' also "
-                                                "matches '/'; repeatable) [default: '*']."),
+                                                "matches '/'; repeatable; default: '*')."),
     no_outputs: bool = typer.Option(False, "--no-outputs", help="Copy none of the files the job leaves "
                                     "(they are listed in a warning)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JobResult as JSON on stdout, nothing else "

@@ -141,7 +141,7 @@ def test_cli_input_outside_the_cwd_and_the_hint_for_a_file_not_given(tmp_path):
     reason = json.loads(p.stdout)["reason"]
     assert p.returncode == 1 and reason.startswith("FileNotFoundError: [Errno 2] No such file or directory: "
                                                    "'data/init.npy' — data/init.npy is not in the job's directory: "
-                                                   "pass it with --input data/init.npy"), reason
+                                                   "pass it with --input data/init.npy, or --input PATH=data/init.npy"), reason
     outside = f"../{tmp_path.name}-data/init.npy"
     p = cli("run", "reads.py", "--input", outside, "--json", tmp_path=tmp_path)
     assert "pass it with --input data/init.npy" in json.loads(p.stdout)["reason"]  # placed at init.npy

@@ -180,14 +180,14 @@ def missing_input_hint(result, places: list[tuple[str, str]]) -> None:
     channel reported it: type and message text) how to give it that file, unless it had an input
     there."""
     found = _NOT_FOUND.fullmatch(result.error_message or "") if result.error_type == "FileNotFoundError" else None
-    if found is None or result.verdict.value != "error" or "\n" in result.reason:
+    if found is None or result.verdict.value != "error":
         return
     path = os.path.normpath(found["path"])
     if path.startswith("/") or ".." in PurePosixPath(path).parts or any(
             path == place or path.startswith(place + "/") for _, place in places):
         return
-    result.reason += (f" — {path} is not in the job's directory: pass it with --input {path} (inputs=[{path!r}] "
-                      f"from Python; SRC={path} for a file elsewhere)")
+    result.reason += (f" — {path} is not in the job's directory: pass it with --input {path}, or --input "
+                      f"PATH={path} from elsewhere (inputs=[...] from Python)")
 
 
 def _copy(dirfd: int, name: str, owner: int | None, dest: int, rel: str, budget: int) -> int | None:
