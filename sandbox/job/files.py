@@ -139,18 +139,14 @@ def collect(patterns: list[str], workdir: str, output_dir: str | None, owner: in
         os.close(top)
         if dest is not None:
             os.close(dest)
-    if unmatched and patterns:
-        notes.append(f"WARNING: outputs: {len(unmatched)} file(s) matching no --output pattern (outputs=) not "
-                     f"copied: {named(unmatched)}")
-    elif unmatched:
-        notes.append(f"WARNING: outputs: the job left {len(unmatched)} file(s), not copied (outputs are off; "
-                     f"--output-dir/output_dir= keeps them): {named(unmatched)}")
-    if walk.skipped:
-        notes.append(f"WARNING: outputs: skipped {len(walk.skipped)} entries that are not regular files of the job "
-                     f"(symlinks, devices, other owners' files, too deep): {named(walk.skipped)}")
-    if existing:
-        notes.append(f"WARNING: outputs: {len(existing)} file(s) not copied: their names exist in {output_dir} "
-                     f"(nothing is overwritten): {named(existing)}")
+    for names, what in ((unmatched if patterns else [], "file(s) matching no --output pattern (outputs=) not copied"),
+                        ([] if patterns else unmatched, "file(s) the job left not copied (outputs are off; "
+                                                        "--output-dir/output_dir= keeps them)"),
+                        (walk.skipped, "entries skipped: not regular files of the job (symlinks, devices, other "
+                                       "owners' files, too deep)"),
+                        (existing, f"file(s) not copied: their names exist in {output_dir} (nothing is overwritten)")):
+        if names:
+            notes.append(f"WARNING: outputs: {len(names)} {what}: {named(names)}")
     if walk.unnamed:
         notes.append(f"WARNING: outputs: {walk.unnamed} entries passed over: their names are not UTF-8")
     if walk.scanned > MAX_SCANNED:
