@@ -2,7 +2,8 @@
 
 Every bundled kernel runs with a limit it is meant to break; each job's verdict summary is printed
 as `taichi-sandbox run` prints it (sandbox.display), then a table sums them up: verdict, exit code,
-usage and reason.
+usage and reason. The jobs run from a temporary directory, so the files they leave (disk_filler.py
+writes until its disk limit stops it) are copied back there, not into your checkout.
 
     .venv/bin/python examples/demo.py [KERNEL.py ...]    # default: all of them
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from rich.console import Console
@@ -36,16 +38,12 @@ JOBS = {
 }
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sandbox", *args], capture_output=True, text=True, cwd=ROOT)
-
-
-def run(name: str, args: list[str], console: Console) -> tuple[subprocess.CompletedProcess, JobResult | None]:
-    """One job through the CLI (--json, so the result can be tabled too); its summary printed."""
-    command = " ".join(["taichi-sandbox run", f"kernels/{name}", *args])
-    console.rule(command)
+def run(name: str, args: list[str], cwd: str, console: Console) -> tuple[subprocess.CompletedProcess, JobResult | None]:
+    """One job through the CLI, from `cwd` (--json, so the result can be tabled too); its summary printed."""
+    console.rule(" ".join(["taichi-sandbox run", f"kernels/{name}", *args]))
     # --json precedes the kernel's own `--` arguments, which must stay last
-    p = cli("run", "--json", f"kernels/{name}", *args)
+    p = subprocess.run([sys.executable, "-m", "sandbox", "run", "--json", str(ROOT / "kernels" / name), *args],
+                       capture_output=True, text=True, cwd=cwd)
     try:
         result = JobResult.model_validate_json(p.stdout)
     except ValueError:
@@ -65,22 +63,26 @@ def main(names: list[str]) -> None:
     for column in ("kernel", "limits", "verdict", "exit", "cpu s", "wall s", "peak RSS MiB"):
         table.add_column(column, no_wrap=True)
     table.add_column("reason")
-    for name in names or list(JOBS):
-        args = JOBS[name]
-        p, r = run(name, args, console)
-        shown_args = " ".join(a for a in args if a != "--")
-        if r is None:
-            table.add_row(name, shown_args, "[red]no result[/]", str(p.returncode), "", "", "", p.stderr[-200:])
-            continue
-        verdict = r.verdict.value
-        style = "green" if verdict == "ok" else "yellow" if verdict in ("error", "crashed") else "red"
-        reason = r.reason or (f"returned {r.return_value}" if r.return_value is not None else "")
-        if r.ti_init and r.ti_init[0].get("clamped"):
-            reason = (reason + " clamped: " + ", ".join(r.ti_init[0]["clamped"])).strip()
-        u = r.usage
-        table.add_row(name, shown_args, f"[{style}]{verdict}[/]", str(p.returncode), f"{u.cpu_seconds:.2f}",
-                      f"{u.wall_seconds:.2f}", f"{u.peak_rss / 2**20:.0f}", reason)
+    with tempfile.TemporaryDirectory(prefix="taichi-sandbox-demo-") as cwd:
+        for name in names or list(JOBS):
+            _row(table, name, *run(name, JOBS[name], cwd, console))
     console.print(table)
+
+
+def _row(table: Table, name: str, p: subprocess.CompletedProcess, r: JobResult | None) -> None:
+    """The job's line in the closing table."""
+    shown_args = " ".join(a for a in JOBS[name] if a != "--")
+    if r is None:
+        table.add_row(name, shown_args, "[red]no result[/]", str(p.returncode), "", "", "", p.stderr[-200:])
+        return
+    verdict = r.verdict.value
+    style = "green" if verdict == "ok" else "yellow" if verdict in ("error", "crashed") else "red"
+    reason = r.reason or (f"returned {r.return_value}" if r.return_value is not None else "")
+    if r.ti_init and r.ti_init[0].get("clamped"):
+        reason = (reason + " clamped: " + ", ".join(r.ti_init[0]["clamped"])).strip()
+    u = r.usage
+    table.add_row(name, shown_args, f"[{style}]{verdict}[/]", str(p.returncode), f"{u.cpu_seconds:.2f}",
+                  f"{u.wall_seconds:.2f}", f"{u.peak_rss / 2**20:.0f}", reason)
 
 
 if __name__ == "__main__":
