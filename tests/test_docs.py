@@ -115,3 +115,18 @@ def test_the_readme_snippets_marked_runnable_run(tmp_path: Path):
         assert p.returncode == 0, f"snippet {i}:\n{code}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
         for expected in re.findall(r"^print\(.*?#\s*(\S+)", code, re.M):
             assert expected in p.stdout, f"snippet {i}: {expected!r} not printed:\n{p.stdout}"
+
+
+@pytest.mark.xfail(reason="issue 20: the plugin does not bind tmp_path into the job yet (pytest helper's branch); "
+                          "drop this mark when it does", strict=False)
+def test_the_readme_pytest_snippet_passes_under_the_plugin(tmp_path: Path):
+    """The ```python block after `<!-- test: pytest -->` is a test module that passes in the sandbox."""
+    code = re.search(r"<!-- test: pytest -->\s*\n```python\n(.*?)^```", (ROOT / "README.md").read_text(),
+                     re.M | re.S).group(1)
+    (tmp_path / "test_snippet.py").write_text(code)
+    tmp_path.chmod(0o755)
+    (tmp_path / "test_snippet.py").chmod(0o644)
+    env = {**os.environ, "TAICHI_SANDBOX_LIMITS": str(ROOT / "limits.toml"), "XDG_STATE_HOME": str(tmp_path / "state")}
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_snippet.py"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "1 passed" in p.stdout, p.stdout[-3000:] + p.stderr[-2000:]
