@@ -16,11 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
-def run_example(name: str, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_example(name: str, *args: str, cwd: Path, timeout: float = 120, state: Path | None = None,
+                limits: str | None = None) -> subprocess.CompletedProcess:
     """`python examples/NAME ARGS` as a user runs it (as `make demo` does: the repository's limits.toml,
-    a state dir of its own), from `cwd`; the CLI's exit code and output."""
-    env = {**os.environ, "TAICHI_SANDBOX_LIMITS": str(ROOT / "limits.toml"), "XDG_STATE_HOME": str(cwd / "state"),
-           "COLUMNS": "200"}
+    a state dir of its own), from `cwd`; its exit code and output."""
+    env = {**os.environ, "TAICHI_SANDBOX_LIMITS": limits or str(ROOT / "limits.toml"),
+           "XDG_STATE_HOME": str(state or cwd / "state"), "COLUMNS": "200"}
     return subprocess.run([sys.executable, str(EXAMPLES / name), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -33,7 +34,9 @@ def test_sandboxed_simulation_returns_the_positions_and_a_sandbox_error(tmp_path
 
 
 def test_demo_prints_each_jobs_summary_then_the_table(tmp_path):
-    p = run_example("demo.py", "saxpy.py", "cpu_hog.py", "disk_filler.py", cwd=tmp_path)
+    """As `make demo` runs it: from the checkout, the limits file named relative to it."""
+    p = run_example("demo.py", "saxpy.py", "cpu_hog.py", "disk_filler.py", cwd=ROOT, state=tmp_path,
+                    limits="limits.toml")
     assert p.returncode == 0, p.stderr
     out = p.stdout
     for verdict, code in (("ok", 0), ("cpu_time", 123), ("disk", 113)):
