@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -130,3 +131,23 @@ def test_the_readme_pytest_snippet_passes_under_the_plugin(tmp_path: Path):
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_snippet.py"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "1 passed" in p.stdout, p.stdout[-3000:] + p.stderr[-2000:]
+
+
+def test_the_readme_quickstart_commands_run_a_kernel_of_ones_own(tmp_path: Path):
+    """Each `taichi-sandbox run my_kernel.py ...` line of the quickstart, on a script that prints its argv."""
+    quickstart = (ROOT / "README.md").read_text().split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    commands = [shlex.split(line, comments=True) for line in quickstart.splitlines()
+                if line.startswith("taichi-sandbox run my_kernel.py")]
+    assert commands
+    (tmp_path / "my_kernel.py").write_text("import sys\nimport taichi as ti\nti.init(arch=ti.cpu)\n"
+                                           "print('argv', sys.argv[1:])\n")
+    tmp_path.chmod(0o755)
+    (tmp_path / "my_kernel.py").chmod(0o644)
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    env.pop("TAICHI_SANDBOX_LIMITS", None)  # the bundled limits, as for a user
+    for command in commands:
+        argv = [str(Path(sys.executable).parent / "taichi-sandbox"), *command[1:]]
+        p = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and "verdict: ok" in p.stderr, f"{command}\n{p.stdout}\n{p.stderr}"
+        script_args = command[command.index("--") + 1:] if "--" in command else []
+        assert f"argv {script_args!r}" in p.stdout, f"{command}\n{p.stdout}"
