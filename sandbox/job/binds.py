@@ -8,8 +8,9 @@ Safety rules, checked on descriptors (sandbox.job.safefs), never by resolving a 
   the job's mounts;
 - the directory itself belongs to the supervisor's uid (the caller) and is not a mount point.
 A job of a root supervisor runs as its tenant's uid: the directory is handed to that uid for the
-job (fchown) and handed back after it; the symlinks the job left anywhere in it are removed then
-(they could lead the caller's later code, run as root, elsewhere) and named in the notes. The job
+job (fchown) and handed back after it. The symlinks the job left anywhere in it are removed after
+the job and named in the notes: they could lead the caller's later code (root's, or the user's
+outside the job's read-only view) to write elsewhere. The job
 sees the directory through a bind mount of its own (sandbox.job.mounts): nothing above it.
 """
 
@@ -87,12 +88,11 @@ class Binds:
             os.fchown(fd, uid, gid)
 
     def release(self) -> list[str]:
-        """After the job: remove the symlinks it left in lent directories, hand them back, close
+        """After the job: remove the symlinks it left in each directory, hand lent ones back, close
         them. Returns notes; never raises OSError."""
         notes = []
         for path, fd in self.fds.items():
-            if path in self.lent:
-                notes.extend(self._reclaim(path, fd))
+            notes.extend(self._reclaim(path, fd))
             os.close(fd)
         self.fds, self.lent = {}, {}
         return notes
@@ -107,7 +107,8 @@ class Binds:
                     os.unlink(name, dir_fd=dir_fd)
                     removed.append(os.path.normpath(os.path.join(path, top, name)))
                 dirs[:] = [name for name in dirs if name not in links]
-            os.fchown(fd, *self.lent[path])
+            if path in self.lent:
+                os.fchown(fd, *self.lent[path])
         except OSError as err:
             return [f"binds: {path}: not handed back whole ({err.strerror or err}): check it before using it"]
         if not removed:
