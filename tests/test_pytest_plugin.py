@@ -4,6 +4,7 @@ the mechanism that brings `tmp_path` into the job, attacked directly."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 
 from sandbox import JobSpec, Supervisor, api
 from tests.conftest import make_policy
+from tests.test_isolation import AS_UID, WRITE_AROUND
 
 pytest_plugins = ["pytester"]
 
@@ -100,16 +102,12 @@ def test_a_tmp_path_pytest_did_not_make_is_not_bound(session):
 
 # --- JobSpec.binds attacked directly -------------------------------------------------------------
 
-def _bound_job(writes: list[str]) -> dict:
-    found = {}
-    for path in writes:
-        try:
-            with open(path, "w") as f:
-                f.write("job")
-            found[path] = "written"
-        except OSError as err:
-            found[path] = err.strerror
-    return found
+def _write_around(where: Path, paths: list[Path], binds: list[Path], supervisor) -> tuple:
+    """A job that tries to write each path (test_isolation's WRITE_AROUND), with `binds`: (result, what it found)."""
+    script = where / "write_around.py"
+    script.write_text(WRITE_AROUND)
+    r = supervisor.run(JobSpec(kernel=str(script), argv=[str(p) for p in paths], binds=[str(b) for b in binds]))
+    return r, (json.loads(r.stdout_tail) if r.ok else {})
 
 
 def _private_dir(parent: Path, name: str) -> Path:
@@ -138,7 +136,7 @@ def test_binds_refuse_symlinks_other_owners_and_open_parents(own_tmp, supervisor
                str(own_tmp / "none"): "No such file or directory",
                str(others) if os.geteuid() == 0 else "/etc": "belongs to uid " + ("65534" if os.geteuid() == 0 else "0")}
     for path, why in refused.items():
-        r = supervisor.run(JobSpec(kernel=_bound_job, args=[[]], binds=[path]))
+        r = supervisor.run(JobSpec(kernel="nothing.py", binds=[path]))
         assert r.verdict.value == "rejected" and r.reason.startswith(f"binds: {path}: ") and why in r.reason, r.reason
     assert real.stat().st_uid == os.geteuid()
     with pytest.raises(Exception, match="absolute, normalized"):
@@ -148,12 +146,11 @@ def test_binds_refuse_symlinks_other_owners_and_open_parents(own_tmp, supervisor
 def test_a_job_writes_only_in_its_bind_and_gets_it_back_clean(own_tmp, supervisor):
     base = _private_dir(own_tmp, "base")
     bound, beside = _private_dir(base, "bound"), _private_dir(base, "beside")
-    r = supervisor.run(JobSpec(kernel=_bound_job, args=[[str(bound / "in.txt"), str(beside / "x.txt"),
-                                                         str(base / "y.txt")]], binds=[str(bound)]))
+    r, found = _write_around(own_tmp, [bound / "in.txt", beside / "x.txt", base / "y.txt"], [bound], supervisor)
     assert r.ok, (r.reason, r.traceback)
-    assert r.return_value[str(bound / "in.txt")] == "written" and (bound / "in.txt").read_text() == "job"
+    assert found[str(bound / "in.txt")] == "written" and (bound / "in.txt").read_text() == "left behind"
     if os.geteuid() == 0 and supervisor.namespaces_unavailable() is None:  # the job runs as its tenant's uid
-        assert r.return_value[str(beside / "x.txt")] != "written" and r.return_value[str(base / "y.txt")] != "written"
+        assert found[str(beside / "x.txt")] != "written" and found[str(base / "y.txt")] != "written"
         assert (bound / "in.txt").stat().st_uid != 0 and bound.stat().st_uid == 0  # handed back
 
 
@@ -305,18 +302,6 @@ def test_marker_keywords_are_checked_before_tests_run(session):
 
 # --- a user without root ---------------------------------------------------------------------------
 
-AS_OPERATOR = """
-import os, sys
-from sandbox.job import mounts, namespaces
-uid = int(sys.argv[1])
-namespaces.unshare(namespaces.CLONE_NEWNS)  # only to reach the interpreter under a 0700 /root
-mounts.mount(None, "/", None, mounts.MS_REC | mounts.MS_PRIVATE)
-mounts.expose_paths([(p, False) for p in mounts.interpreter_paths()], uid, uid)
-os.setgroups([])
-os.setresgid(uid, uid, uid)
-os.setresuid(uid, uid, uid)
-os.execv(sys.executable, [sys.executable, "-m", "pytest", *sys.argv[2:]])
-"""
 OPERATOR_UID = 59998
 
 
@@ -331,7 +316,7 @@ def test_a_user_without_root_gets_tmp_path_in_the_job(tmp_path):
     os.chown(home / "test_mine.py", OPERATOR_UID, OPERATOR_UID)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "XDG_STATE_HOME": str(home / "state"),
            "TAICHI_SANDBOX_LIMITS": str(ROOT / "limits.toml")}
-    done = subprocess.run([sys.executable, "-c", AS_OPERATOR, str(OPERATOR_UID), "-p", "no:cacheprovider", "-q",
-                           "-rA", "test_mine.py"], capture_output=True, text=True, cwd=home, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", AS_UID, str(OPERATOR_UID), "import pytest; raise SystemExit(pytest.main())",
+                           "-p", "no:cacheprovider", "-q", "-rA", "test_mine.py"], capture_output=True, text=True, cwd=home, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "3 passed" in done.stdout and "/tmp/pytest-of-" in done.stdout
