@@ -170,10 +170,15 @@ def test_symlinks_a_job_leaves_in_a_lent_bind_are_removed_and_named(own_tmp, sup
         assert any("removed 2 symlink(s)" in n and str(bound / "shadow") in n for n in r.notes), r.notes
 
 
-def test_the_service_never_binds_a_clients_path():
+def test_neither_the_service_nor_ray_binds_a_path():
+    """The service's client is another user, a Ray task may run on another machine: binds are for
+    jobs run in the caller's own process."""
+    from sandbox import ConfigError, ray
     from sandbox.node.protocol import JobRequest, ProtocolError
     with pytest.raises(ProtocolError, match="binds: the service never binds"):
         JobRequest(kernel="x.py", binds=["/home/alice"]).spec(None, 0, Path("/nonexistent"))
+    with pytest.raises(ConfigError, match="binds: a Ray task may run on another machine"):
+        ray.submit(JobSpec(kernel="x.py", binds=["/home/alice"]))
 
 
 # --- asserts, outcomes, output --------------------------------------------------------------------
