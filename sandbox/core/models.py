@@ -107,7 +107,8 @@ class JobSpec(_Strict):
     `inputs`: files copied read-only into the job's cwd before it starts, at the relative path
     given (relative to the caller's cwd; an absolute path by its name). `outputs`: fnmatch patterns
     of files in the job's cwd copied to `output_dir` (absolute, or relative to the caller's cwd)
-    after it ends and listed in `JobResult.outputs` (see sandbox.job.files).
+    after it ends and listed in `JobResult.outputs` (see sandbox.job.files). `binds`: directories
+    of the caller the job sees read-write at the same absolute path (see sandbox.job.binds).
     """
 
     kernel: str
@@ -126,6 +127,7 @@ class JobSpec(_Strict):
     inputs: list[str] = []
     outputs: list[str] = []
     output_dir: str | None = None
+    binds: list[str] = []
     job_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @model_validator(mode="wrap")
@@ -165,6 +167,14 @@ class JobSpec(_Strict):
         for path in value:
             input_name(path)
         return value
+
+    @field_validator("binds")
+    @classmethod
+    def _bind_paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not path.startswith("/") or path == "/" or os.path.normpath(path) != path.rstrip("/") or "\0" in path:
+                raise ValueError(f"{path!r}: not an absolute, normalized directory path other than /")
+        return list(dict.fromkeys(path.rstrip("/") for path in value))
 
     @field_validator("output_dir")
     @classmethod
