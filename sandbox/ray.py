@@ -36,7 +36,7 @@ import time
 from typing import Any, Callable
 
 from . import remote
-from .core.limits import Limits, Policy
+from .core.limits import ConfigError, Limits, Policy
 from .core.models import JobResult, JobSpec, Verdict, as_spec
 from .node.executor import Capacity, SandboxExecutor
 from .node.supervisor import Supervisor
@@ -185,6 +185,9 @@ def submit(spec: JobSpec | Callable, policy: Policy | None = None, device_memory
     """
     ray = _ray()
     spec = as_spec(spec)
+    if spec.binds:
+        raise ConfigError("binds: a Ray task may run on another machine; bind directories only for jobs run in "
+                          "this process (run_kernel)")
     policy = policy if policy is not None else Policy()
     limits = policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
     options = {**resource_options(spec, limits, device_memory), **ray_options}

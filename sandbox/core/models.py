@@ -98,7 +98,8 @@ class JobSpec(_Strict):
     path, "SRC=DEST" or a pair, placed as sandbox.core.placement says (kept as (SRC, DEST) pairs,
     DEST decided against the caller's cwd when the spec is made). `outputs`: fnmatch patterns
     of files in the job's cwd copied to `output_dir` (absolute, or relative to the caller's cwd)
-    after it ends and listed in `JobResult.outputs` (see sandbox.job.files).
+    after it ends and listed in `JobResult.outputs` (see sandbox.job.files). `binds`: directories
+    of the caller the job sees read-write at the same absolute path (see sandbox.job.binds).
     """
 
     kernel: str
@@ -117,6 +118,7 @@ class JobSpec(_Strict):
     inputs: list[tuple[str, str]] = []
     outputs: list[str] = []
     output_dir: str | None = None
+    binds: list[str] = []
     job_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @model_validator(mode="wrap")
@@ -158,6 +160,14 @@ class JobSpec(_Strict):
         places = [place(entry) for entry in value]
         check_places(places)
         return places
+
+    @field_validator("binds")
+    @classmethod
+    def _bind_paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not path.startswith("/") or path == "/" or os.path.normpath(path) != path.rstrip("/") or "\0" in path:
+                raise ValueError(f"{path!r}: not an absolute, normalized directory path other than /")
+        return list(dict.fromkeys(path.rstrip("/") for path in value))
 
     @field_validator("output_dir")
     @classmethod

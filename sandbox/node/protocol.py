@@ -70,6 +70,9 @@ class JobRequest(BaseModel):
         if "output_dir" in fields:
             raise ProtocolError("BadRequest", f"job {number}: output_dir: the service never writes a client's "
                                               "path; give `outputs` and `follow`, and the files come back")
+        if "binds" in fields:
+            raise ProtocolError("BadRequest", f"job {number}: binds: the service never binds a client's path into "
+                                              "a job; run the job in your own process (run_kernel) to bind one")
         for name in self.input_names():
             if not isinstance(name, str) or name.startswith("/"):
                 raise ProtocolError("BadRequest", f"job {number}: inputs: {name!r}: the file's name in the job's "

@@ -20,6 +20,7 @@ from ..core.audit import AuditLog
 from ..core.limits import DEFAULT_ENV_ALLOW, GiB, ConfigError, Limits, Policy, address_space_for, load_policy
 from ..core.models import JobResult, JobSpec, Sample, Termination, Verdict, Violation
 from ..job import namespaces
+from ..job.binds import Binds
 from ..job.cgroup import CgroupHost, JobCgroup, discover
 from ..job.child import ChildPlan
 from ..job.disk import JobDir, JobDisks
@@ -132,12 +133,12 @@ class Supervisor:
             return self._gpu
 
     def _prepare(self, spec: JobSpec, limits: Limits, arch: str, jobdir: JobDir,
-                 sent: Sent | None = None) -> _Prepared:
+                 sent: Sent | None = None, binds: Binds | None = None) -> _Prepared:
         """Everything the child needs, decided here once: rlimits, env, dirs, Taichi caps, GPU watch.
         `jobdir`: the job's directory (on its own filesystem image where `disk` is held by one).
         `sent`: what a client sent with the job (read with its own permissions): the kernel file's
         contents, written into the job's work dir under the file's name, and its inputs' descriptors,
-        so the supervisor never opens the client's paths."""
+        so the supervisor never opens the client's paths. `binds`: spec.binds, opened (run() releases them)."""
         target, function = spec.target()
         workdir = jobdir.path
         home, tmp, work, cache = workdir / "home", workdir / "tmp", workdir / "work", workdir / "cache"
@@ -198,10 +199,13 @@ class Supervisor:
                                                 limits, workdir, kept, notes),
                                         **filter_syscalls(self.policy.settings, plan))
         job_ids = (plan.uid, plan.gid) if plan.uid is not None else None  # None: jobs run as this process
+        plan.expose += binds.expose() if binds is not None else []
         notes.extend(kept.seed(cache, job_ids))
         placed, staged = stage(spec.inputs, spec.output_dir, plan.workdir, job_ids,
                                sent.inputs if sent is not None else None, limits.disk)
         notes.extend(staged)
+        if job_ids is not None and binds is not None:
+            binds.lend(*job_ids)  # run() hands them back whatever happens from here
         # The cgroup comes last: nothing after it may raise, or it would be left behind.
         cgroup, cgroup_known = job_cgroup(self.cgroups, self.policy.settings, spec.job_id, limits,
                                           caps["cpu_max_num_threads"],
@@ -235,15 +239,18 @@ class Supervisor:
         `hold_result(size)`: asked before a return value of `size` bytes is read, None or (the bound,
         why) it cannot be held: then the verdict is `result`, for that reason."""
         started_epoch = time.time()
-        jobdir = None
+        jobdir = binds = None
         try:
             limits = self.policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
             arch, arch_note = resolve_arch(spec.arch, self.policy.settings.gpu_fallback_cpu)
+            binds = Binds(spec.binds)
             jobdir = self.disks.make(spec.job_id, limits.disk)
-            prepared = self._prepare(spec, limits, arch, jobdir, sent)
+            prepared = self._prepare(spec, limits, arch, jobdir, sent, binds)
         except BaseException as err:
             if jobdir is not None:
                 jobdir.remove()
+            if binds is not None:
+                binds.release()
             if isinstance(err, (ConfigError, ArchUnavailable)):
                 return self._not_run(spec, str(err), started_epoch)
             raise
@@ -257,6 +264,7 @@ class Supervisor:
         finally:
             cgroup_left = prepared.cgroup.remove() if prepared.cgroup is not None else None
             disk_left = jobdir.remove()  # never raises: the verdict is recorded whatever the job left
+            disk_left += binds.release()
         if cgroup_left:
             result.notes.append(cgroup_left)
         result.notes.extend(disk_left)

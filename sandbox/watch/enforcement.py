@@ -1,7 +1,7 @@
 """How each limit is enforced for a job on a given arch: hard, watched, unavailable or off.
 
 One table, used for every JobResult (`enforcement`) and by `taichi-sandbox probe`. Facts behind it:
-README "Verdicts and enforcement" and ../shared/taichi-facts.md.
+docs/containment.md (which caps are hard, per arch, with the public sources).
 """
 
 from __future__ import annotations
