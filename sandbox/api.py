@@ -48,8 +48,8 @@ def run_kernel(kernel: str | Callable, arch: str = "cpu", limits: Limits | dict 
     if isinstance(limits, dict):
         limits = Limits(**limits)
     spec.setdefault("outputs", ["*"])
-    if spec["outputs"]:
-        spec.setdefault("output_dir", ".")
+    if spec["outputs"] and spec.get("output_dir") is None:
+        spec["output_dir"] = "."
     job = JobSpec(kernel=kernel, arch=arch, limits=limits or Limits(), profile=profile, tenant=tenant, **spec)
     result = (supervisor or default_supervisor()).run(job)
     for note in result.notes:
