@@ -71,42 +71,42 @@ class Echo:
             self._cv.notify()
         if writer is not None:
             writer.join(self.DRAIN)
-        if writer is None or not writer.is_alive():
-            for name, decoder in self._decoders.items():
-                tail = decoder.decode(b"", final=True)
-                if tail:
-                    self._write(name, None, tail)
 
     def _write_all(self) -> None:
+        """The writer thread: the queue in order, then (once closed) the ends of split characters."""
         while True:
             with self._cv:
                 while not self._queue and not self._closed:
                     self._cv.wait()
                 if not self._queue:
-                    return
+                    break
                 name, data, dropped = self._queue.popleft()
                 self._queued -= len(data or b"")
-            try:
-                if data is None:
-                    self._write(name, None, f"\n[taichi-sandbox: {dropped} bytes of the job's {name} not shown: it "
-                                            "wrote faster than they could be displayed]\n")
-                else:
-                    self._write(name, data, None)
-            except Exception:  # noqa: BLE001 - a closed or odd stream: the result keeps the tails
-                pass
+            if data is None:
+                self._write(name, None, f"\n[taichi-sandbox: {dropped} bytes of the job's {name} not shown: it "
+                                        "wrote faster than they could be displayed]\n")
+            else:
+                self._write(name, data, None)
+        for name, decoder in self._decoders.items():
+            self._write(name, None, decoder.decode(b"", final=True))
 
     def _write(self, name: str, data: bytes | None, text: str | None) -> None:
+        """`data` (the job's bytes) or `text` (ours) to the stream for `name`, as it is now; a closed
+        or odd stream loses it (the result keeps the tails)."""
         stream = sys.stdout if name == "stdout" and not self.to_stderr else sys.stderr
-        if stream is None:
+        if stream is None or not (data or text):
             return
-        buffer = getattr(stream, "buffer", None) if self.raw and not isinstance(stream, FileProxy) else None
-        if buffer is not None:
-            stream.flush()
-            buffer.write(data if data is not None else text.encode())
-            buffer.flush()
-        else:
-            stream.write(self._decoders[name].decode(data) if data is not None else text)
-            stream.flush()
+        try:
+            buffer = getattr(stream, "buffer", None) if self.raw and not isinstance(stream, FileProxy) else None
+            if buffer is not None:
+                stream.flush()
+                buffer.write(data if data is not None else text.encode())
+                buffer.flush()
+            else:
+                stream.write(self._decoders[name].decode(data) if data is not None else text)
+                stream.flush()
+        except Exception:  # noqa: BLE001 - whatever the caller's stream is, the job's supervision goes on
+            pass
 
 
 class Interrupts:

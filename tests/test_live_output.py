@@ -151,3 +151,14 @@ def test_a_stalled_stream_never_holds_up_the_supervisor(supervisor, tmp_path, mo
         time.sleep(0.05)
     assert "bytes of the job's stdout not shown" in out.text
     assert len(out.text) < (1 << 20) + (128 << 10)  # the backlog, the chunk in hand, the notice
+
+
+class Broken(io.TextIOBase):
+    def write(self, text: str) -> int:
+        raise ValueError("I/O operation on closed file")
+
+
+def test_a_broken_callers_stream_loses_the_echo_not_the_verdict(supervisor, tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.stdout", Broken())
+    result = run_kernel(script(tmp_path, PROGRESS), supervisor=supervisor)
+    assert result.verdict is Verdict.ok and "step 3" in result.stdout_tail

@@ -133,9 +133,9 @@ class SandboxExecutor:
         """Queue `spec` (a JobSpec, or a callable to run without arguments: use JobSpec(kernel=fn,
         args=...) or functools.partial for arguments). Returns a future that may already hold a
         `rejected` result. While the job runs its stdout and stderr appear on `sys.stdout` and
-        `sys.stderr` (interleaved with other jobs' at chunk boundaries) unless `quiet`. Raises QueueFull when the tenant's queue is full (after waiting up to
-        `timeout` when `block`), ConfigError for a callable that cannot be shipped, and RuntimeError
-        after shutdown."""
+        `sys.stderr` (interleaved with other jobs' at chunk boundaries) unless `quiet`. Raises
+        QueueFull when the tenant's queue is full (after waiting up to `timeout` when `block`),
+        ConfigError for a callable that cannot be shipped, and RuntimeError after shutdown."""
         spec = as_spec(spec)
         future = JobFuture(spec, quiet)
         name = future.tenant
