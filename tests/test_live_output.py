@@ -162,3 +162,25 @@ def test_a_broken_callers_stream_loses_the_echo_not_the_verdict(supervisor, tmp_
     monkeypatch.setattr("sys.stdout", Broken())
     result = run_kernel(script(tmp_path, PROGRESS), supervisor=supervisor)
     assert result.verdict is Verdict.ok and "step 3" in result.stdout_tail
+
+
+def test_in_a_notebook_the_output_appears_in_the_cell_that_ran_the_job(tmp_path, state_dir):
+    """A real Jupyter kernel (ipykernel, driven by nbclient): the job's lines are the running cell's
+    stream outputs, not the next cell's."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    path = script(tmp_path, PROGRESS)
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell(
+            "from sandbox import Policy, Supervisor, run_kernel\nfrom sandbox.core.limits import Settings\n"
+            f"sup = Supervisor(Policy(settings=Settings(state_dir={str(state_dir / 'notebook')!r})))\n"
+            f"result = run_kernel({path!r}, supervisor=sup)"),
+        nbformat.v4.new_code_cell("print('next cell', result.verdict.value)\nsup.close()"),
+    ])
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    streams = [{name: "".join(o["text"] for o in cell.outputs if o.get("name") == name) for name in ("stdout", "stderr")}
+               for cell in nb.cells]
+    assert streams[0] == {"stdout": "".join(f"step {i}\n" for i in range(4)),
+                          "stderr": "".join(f"note {i}\n" for i in range(4))}
+    assert streams[1] == {"stdout": "next cell ok\n", "stderr": ""}
