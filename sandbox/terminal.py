@@ -9,10 +9,10 @@ import collections
 import signal
 import sys
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from rich.console import Console
-from rich.file_proxy import FileProxy
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 class Echo:
@@ -97,7 +97,7 @@ class Echo:
         if stream is None or not (data or text):
             return
         try:
-            buffer = getattr(stream, "buffer", None) if self.raw and not isinstance(stream, FileProxy) else None
+            buffer = getattr(stream, "buffer", None) if self.raw and not _rich_proxy(stream) else None
             if buffer is not None:
                 stream.flush()
                 buffer.write(data if data is not None else text.encode())
@@ -107,6 +107,13 @@ class Echo:
                 stream.flush()
         except Exception:  # noqa: BLE001 - whatever the caller's stream is, the job's supervision goes on
             pass
+
+
+def _rich_proxy(stream) -> bool:
+    """Whether `stream` is a rich Live display's proxy (never, while rich is not imported: run_kernel
+    does not pay for importing it)."""
+    proxy = sys.modules.get("rich.file_proxy")
+    return proxy is not None and isinstance(stream, proxy.FileProxy)
 
 
 class Interrupts:
