@@ -123,8 +123,9 @@ def run(
     live_view = err.is_terminal and not as_json
     control = JobControl()
     try:
-        with Interrupts(control.cancel, err) as interrupts, Supervisor(policy, launcher=launcher) as supervisor:
-            run_job = functools.partial(supervisor.run, spec, control=control, on_output=Echo(to_stderr=as_json))
+        with Interrupts(control.cancel, err) as interrupts, Supervisor(policy, launcher=launcher) as supervisor, \
+                Echo(to_stderr=as_json, raw=True) as echo:
+            run_job = functools.partial(supervisor.run, spec, control=control, on_output=echo)
             if live_view:
                 with Live(_live_table(kernel, effective, None), console=err, refresh_per_second=8,
                           transient=True) as live:
@@ -234,7 +235,7 @@ def batch(
         futures = []
         for spec in specs:
             try:
-                futures.append(executor.submit(spec, block=True))
+                futures.append(executor.submit(spec, block=True, quiet=True))
             except RuntimeError:  # shut down by Ctrl-C/SIGTERM: the rest are cancelled
                 break
         if out.is_terminal and not as_json:

@@ -118,8 +118,6 @@ def test_the_readme_snippets_marked_runnable_run(tmp_path: Path):
             assert expected in p.stdout, f"snippet {i}: {expected!r} not printed:\n{p.stdout}"
 
 
-@pytest.mark.xfail(reason="issue 20: the plugin does not bind tmp_path into the job yet (pytest helper's branch); "
-                          "drop this mark when it does", strict=False)
 def test_the_readme_pytest_snippet_passes_under_the_plugin(tmp_path: Path):
     """The ```python block after `<!-- test: pytest -->` is a test module that passes in the sandbox."""
     code = re.search(r"<!-- test: pytest -->\s*\n```python\n(.*?)^```", (ROOT / "README.md").read_text(),

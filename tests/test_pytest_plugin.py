@@ -8,11 +8,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from sandbox import JobSpec, Supervisor, api
+from sandbox.job.binds import lendable_below
 from tests.conftest import make_policy
 from tests.test_isolation import AS_UID, WRITE_AROUND
 
@@ -117,8 +119,10 @@ def _private_dir(parent: Path, name: str) -> Path:
 
 
 @pytest.fixture
-def own_tmp(tmp_path) -> Path:
-    """tmp_path as pytest makes it: writable by its owner only (conftest opens it to a root's jobs)."""
+def own_tmp(tmp_path, tmp_path_factory) -> Path:
+    """tmp_path as pytest makes it: writable by its owner only (conftest opens it to a root's jobs),
+    below a directory a root supervisor may lend from (as the plugin names it)."""
+    lendable_below(str(tmp_path_factory.getbasetemp()))
     tmp_path.chmod(0o755)
     return tmp_path
 
@@ -141,6 +145,17 @@ def test_binds_refuse_symlinks_other_owners_and_open_parents(own_tmp, supervisor
     assert real.stat().st_uid == os.geteuid()
     with pytest.raises(Exception, match="absolute, normalized"):
         JobSpec(kernel="x.py", binds=["relative/dir"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root supervisor lends directories (needs root)")
+def test_a_root_supervisor_lends_no_directory_outside_the_temp_dir(supervisor):
+    """Lending changes the directory's owner to the tenant for the job: a root caller's `binds=["/etc"]`
+    (root's own directory, so the ownership rule passes) would hand /etc to a tenant."""
+    before = os.stat("/etc")
+    for path in ("/etc", "/usr/lib", tempfile.gettempdir()):
+        r = supervisor.run(JobSpec(kernel="nothing.py", binds=[path]))
+        assert r.verdict.value == "rejected" and "lends only directories below" in r.reason, r.reason
+    assert (os.stat("/etc").st_uid, os.stat("/etc").st_gid) == (before.st_uid, before.st_gid)
 
 
 def test_a_job_writes_only_in_its_bind_and_gets_it_back_clean(own_tmp, supervisor):

@@ -263,6 +263,7 @@ class JobResult(BaseModel):
     limits: Limits = Limits()
     rlimits: dict[str, int | None] = {}
     enforcement: dict[str, Enforcement] = {}
+    enforced: str = ""  # `enforcement` in one line: what held the limits, what was only polled and why
     notes: list[str] = []
     outputs: list[str] = []
     return_value: wire(Any, check=False) = None

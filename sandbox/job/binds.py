@@ -8,7 +8,9 @@ Safety rules, checked on descriptors (sandbox.job.safefs), never by resolving a 
   the job's mounts;
 - the directory itself belongs to the supervisor's uid (the caller) and is not a mount point.
 A job of a root supervisor runs as its tenant's uid: the directory is handed to that uid for the
-job (fchown) and handed back after it. The symlinks the job left anywhere in it are removed after
+job (fchown) and handed back after it, so a root supervisor lends only directories below the temp
+directory (`tempfile.gettempdir()`) or another directory made for temporary directories
+(`lendable_below`: the pytest plugin names its session's base temp directory), never a system one. The symlinks the job left anywhere in it are removed after
 the job and named in the notes: they could lead the caller's later code (root's, or the user's
 outside the job's read-only view) to write elsewhere. The job
 sees the directory through a bind mount of its own (sandbox.job.mounts): nothing above it.
@@ -18,11 +20,24 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 
 from ..core.limits import ConfigError
 from .safefs import DIR_FLAGS
 
 MAX_REMOVED_NAMED = 5  # symlinks named in the note; the rest are counted
+_LENDABLE = {os.path.realpath(tempfile.gettempdir())}  # where a root supervisor's binds may lie
+MAX_SWEPT = 100_000  # entries the symlink sweep looks at: a job's tree cannot hold the supervisor
+
+
+def lendable_below(path: str) -> None:
+    """Let a root supervisor lend directories below `path`, a directory made to hold temporary
+    directories (pytest's base temp directory)."""
+    _LENDABLE.add(os.path.realpath(path))
+
+
+def _lendable(path: str) -> bool:
+    return any(os.path.commonpath([path, top]) == top != path for top in _LENDABLE)
 
 
 def _trusted_above(st: os.stat_result, uid: int) -> bool:
@@ -71,6 +86,10 @@ class Binds:
         self.lent: dict[str, tuple[int, int]] = {}  # path → its (uid, gid) before the job got it
         try:
             for path in paths:
+                if os.geteuid() == 0 and not _lendable(path):
+                    raise ConfigError(f"binds: {path}: a root supervisor lends only directories below "
+                                      f"{' or '.join(sorted(_LENDABLE))} to a job (the directory's owner becomes "
+                                      "the job's uid for its time)")
                 self.fds[path] = open_bound(path, os.geteuid())
         except BaseException:
             self.release()
@@ -99,18 +118,24 @@ class Binds:
 
     def _reclaim(self, path: str, fd: int) -> list[str]:
         removed: list[str] = []
+        seen = 0
         try:
+            if path in self.lent:
+                os.fchown(fd, *self.lent.pop(path))
             for top, dirs, files, dir_fd in os.fwalk(dir_fd=fd, follow_symlinks=False):
+                seen += len(dirs) + len(files)
+                if seen > MAX_SWEPT:
+                    return [f"binds: {path}: more than {MAX_SWEPT} entries, not all checked for symlinks the "
+                            "job left: check it before using it"]
                 links = [name for name in (*dirs, *files)
                          if stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)]
                 for name in links:
                     os.unlink(name, dir_fd=dir_fd)
                     removed.append(os.path.normpath(os.path.join(path, top, name)))
                 dirs[:] = [name for name in dirs if name not in links]
-            if path in self.lent:
-                os.fchown(fd, *self.lent[path])
-        except OSError as err:
-            return [f"binds: {path}: not handed back whole ({err.strerror or err}): check it before using it"]
+        except (OSError, RecursionError) as err:  # a vanished entry, or a tree deeper than fwalk recurses
+            return [f"binds: {path}: not handed back whole ({getattr(err, 'strerror', None) or err}): "
+                    "check it before using it"]
         if not removed:
             return []
         shown = ", ".join(removed[:MAX_REMOVED_NAMED]) + (f" and {len(removed) - MAX_REMOVED_NAMED} more"

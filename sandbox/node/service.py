@@ -248,7 +248,7 @@ class Service:
         record.held = held
         self.jobs.add(record)  # before submit: a worker may start it at once
         try:
-            record.future = self.executor.submit(spec)
+            record.future = self.executor.submit(spec, quiet=True)  # output goes to its client
         except BaseException as err:  # e.g. the audit record of a rejection could not be written
             self.jobs.discard(record)
             self.guard.hold(peer.uid, -len(inputs), -record.held)

@@ -30,7 +30,7 @@ from ..job.forkserver import MAX_PLAN_BYTES
 from ..job.interpreter import base_env
 from ..job.launcher import JOB_MARKER, Exit, LaunchFailed, LauncherLost, make_launcher
 from ..job.ticache import TenantCache
-from ..watch.enforcement import DiskFacts, Enforcement, GpuFacts, enforcement_for
+from ..watch.enforcement import DiskFacts, Enforcement, GpuFacts, enforcement_for, headline
 from ..watch.gpu import (ArchUnavailable, GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, mps_env,
                   mps_pipe_directory, resolve_arch, visible_devices)
 from ..watch.monitor import JobControl, Monitor
@@ -270,6 +270,7 @@ class Supervisor:
         result.notes.extend(disk_left)
         result.rlimits = prepared.rlimits
         result.enforcement = prepared.enforcement
+        result.enforced = headline(prepared.enforcement)
         result.notes = [arch_note, *prepared.notes, *result.notes]
         self.audit.record(result, spec.tenant)
         return result

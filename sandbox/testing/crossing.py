@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from ..core.models import Shipped
+from ..job.binds import lendable_below
 from ..job.shipping import ShippingError, ship
 
 _IN_PYTEST = "use it in a fixture that is not sandboxed and give the test the values it needs"
@@ -57,6 +58,7 @@ def _made_by_pytest(path: Path, factory: pytest.TempPathFactory) -> str:
     if not real.startswith(base + os.sep) or not os.path.isdir(real):
         raise CrossingError(f"{path} is not a directory pytest made under its base temp directory {base}: "
                             "not bound into the job")
+    lendable_below(base)
     return real
 
 
