@@ -75,7 +75,7 @@ def test_run_kernel_and_sandboxed_copy_into_the_cwd_as_the_cli_does(tmp_path, mo
     assert result.ok and sorted(result.outputs) == [str(tmp_path / "frames/a/f0.txt"), str(tmp_path / "result.npy")]
     with pytest.warns(FilesWarning, match="their names exist in .*result.npy"):
         assert run_kernel(job, supervisor=supervisor).outputs == []
-    with pytest.warns(FilesWarning, match="2 file\(s\) the job left not copied"):
+    with pytest.warns(FilesWarning, match=r"2 file\(s\) the job left not copied"):
         assert run_kernel(job, outputs=[], supervisor=supervisor).outputs == []
 
     @sandboxed(output_dir="out")
