@@ -237,3 +237,33 @@ def test_an_input_directory_is_copied_as_the_tenant_and_nothing_in_it_is_followe
         refused = _run(sup, kernel=f"{job}:main", inputs=[str(data)])
     assert refused.verdict is Verdict.rejected and "data/sub/private.txt is not readable by the job's uid" in \
         refused.reason, refused.reason
+
+
+RESEARCHER_UID = 59997  # a user without root (below the tenants' uid_range)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another, unprivileged uid")
+def test_a_user_without_root_gets_inputs_in_place_and_the_files_back(tmp_path):
+    """`taichi-sandbox run` as a researcher's own uid: the job reads data/init.npy from a directory
+    input and leaves its files in the researcher's cwd, owned by them."""
+    import subprocess
+    import sys
+
+    from .test_isolation import AS_UID
+    home = tmp_path / "researcher"
+    write(home / "job.py", """
+        import numpy as np
+        np.save("result.npy", np.load("data/init.npy") * 2)
+    """)
+    save(home / "data" / "init.npy", np.arange(3))
+    for root, dirs, files in os.walk(home):
+        for name in [".", *dirs, *files]:
+            os.chown(os.path.join(root, name), RESEARCHER_UID, RESEARCHER_UID)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "XDG_STATE_HOME": str(home / "state")}
+    done = subprocess.run([sys.executable, "-c", AS_UID, str(RESEARCHER_UID), "import runpy; runpy.run_module("
+                           "'sandbox', run_name='__main__')", "run", "--local", "job.py", "--input", "data", "--json"],
+                          capture_output=True, text=True, cwd=home, env=env, timeout=120)
+    result = json.loads(done.stdout)
+    assert done.returncode == 0, (result["reason"], done.stderr[-2000:])
+    assert np.load(home / "result.npy").tolist() == [0, 2, 4] and (home / "result.npy").stat().st_uid == RESEARCHER_UID
+    assert result["outputs"] == [str(home / "result.npy")]
