@@ -51,7 +51,6 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function):
         refused = None
     if refused is not None:
         pytest.fail(refused, pytrace=False)  # outside the except: no "During handling of the above exception"
-    outcome.show_output(result)
     outcome.raise_outcome(result, pyfuncitem)
     return True
 

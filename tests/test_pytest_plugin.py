@@ -11,7 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
+import dill  # noqa: F401  before pytester: its in-process sessions drop the modules first imported in them,
+import pytest  # and a second dill cannot pickle what the first one made (later tests' shipping broke)
 
 from sandbox import JobSpec, Supervisor, api
 from sandbox.job.binds import lendable_below

@@ -6,7 +6,6 @@ unprivileged uid (polled limits). No breach message shows an observed value belo
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 

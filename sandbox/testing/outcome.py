@@ -1,8 +1,6 @@
 """A sandboxed test's JobResult back into pytest's terms, on pytest's side, from the result's data
 only (exception type name, message and traceback text; nothing of the job is unpickled).
 
-- The job's stdout and stderr go to sys.stdout / sys.stderr (`show_output`), where pytest captures
-  them ("Captured stdout call") or, with `-s`, shows them.
 - A skip or xfail the test raised in the job (sandbox.testing.job) is raised here.
 - A test that raised is a failure reported like pytest's: the job's traceback (the sandbox's own
   frames left out), the exception as `E` lines, and in the short summary the exception (for a
@@ -17,7 +15,6 @@ import builtins
 import functools
 import os
 import re
-import sys
 from dataclasses import dataclass
 
 import _pytest
@@ -28,17 +25,6 @@ from ..core.models import JobResult, Verdict
 _FRAME = re.compile(r'^  File "(?P<path>.*)", line (?P<line>\d+)')
 # Frames of the sandbox package and of pytest's outcome functions, left out as pytest leaves out its own.
 _OWN = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep, os.path.dirname(_pytest.__file__) + os.sep)
-
-
-def show_output(result: JobResult) -> None:
-    """The job's stdout/stderr into this process's, after the job. (When run_kernel streams output
-    as it comes, this is what it does already, and goes.)"""
-    for name, text, total, stream in (("stdout", result.stdout_tail, result.stdout_bytes, sys.stdout),
-                                      ("stderr", result.stderr_tail, result.stderr_bytes, sys.stderr)):
-        lost = total - len(text.encode())
-        if lost > 0:
-            stream.write(f"[sandbox: the first {lost} bytes of the job's {name} were not kept]\n")
-        stream.write(text)
 
 
 @dataclass
