@@ -21,6 +21,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from sandbox.node.metrics import Metrics
+
 from .test_service import SLEEP, Node, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,3 +153,15 @@ def test_a_metrics_address_in_use_is_a_one_line_error(tmp_path):
     assert checked.returncode == 2 and checked.stderr == (
         f'taichi-sandbox: error: {limits} [service]: metrics_address=\'9464\': give HOST:PORT, e.g. "127.0.0.1:9464" '
         'or "[::1]:9464"\n')
+
+
+def test_process_metrics_are_served_but_left_out_of_the_textfile(tmp_path):
+    """node-exporter serves its own process_* and would refuse a textfile that has them too."""
+    metrics = Metrics()
+    server, _ = metrics.serve(0)
+    try:
+        served = scrape(server.server_port)
+    finally:
+        server.shutdown()
+    metrics.write_textfile(str(tmp_path / "m.prom"))
+    assert "\nprocess_open_fds " in served and "process_" not in (tmp_path / "m.prom").read_text()

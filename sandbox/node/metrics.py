@@ -4,7 +4,7 @@ Served over HTTP (`serve`: `[service] metrics_address`, loopback by default) or 
 node-exporter textfile. Three kinds: counters and histograms the executor and the service update as
 things happen; gauges read at scrape time from the sources given to `watch` (the quota state: what
 is reserved of the node and of each tenant's quotas; the jobs' sampled memory; the queue's oldest
-job); and the service's own `process_*` (CPU, RSS, descriptors, start time). Every name the
+job); and, served over HTTP only, the process's own `process_*`. Every name the
 shipped dashboard and alert rules use (deploy/grafana, deploy/prometheus) is one of these.
 """
 
@@ -47,7 +47,6 @@ class Metrics:
                                    registry=r)
         self.refusals = Counter("taichi_sandbox_refused_requests",
                                 "Requests the service refused (no job admitted) by reason", ["reason"], registry=r)
-        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         self._live = _Live()
         r.register(self._live)
 
@@ -60,8 +59,13 @@ class Metrics:
         self._live.sources[name] = source
 
     def serve(self, port: int, addr: str = "127.0.0.1"):
-        """Start the /metrics HTTP server; returns (server, thread). Port 0 picks a free port."""
-        return start_http_server(port, addr=addr, registry=self.registry)
+        """Start the /metrics HTTP server; returns (server, thread). Port 0 picks a free port. Besides
+        the registry it serves this process's `process_*` (CPU, RSS, descriptors, start time), which
+        the textfile leaves out (node-exporter serves its own under those names)."""
+        served = CollectorRegistry()
+        served.register(self.registry)
+        ProcessCollector(registry=served)
+        return start_http_server(port, addr=addr, registry=served)
 
     def write_textfile(self, path: str) -> None:
         write_to_textfile(path, self.registry)
