@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,16 +89,66 @@ def test_the_exposure_score_is_the_documented_one():
     assert f"{SCORE} OK" in (UNIT.parent.parent / "docs" / "operators.md").read_text()
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                    reason="needs root and setpriv (util-linux) to start the service with the unit's capabilities")
-def test_the_service_does_its_job_inside_the_units_capability_bounding_set(tmp_path):
+# The unit's sandbox as systemd would lay it, for argv[3:] (run under `unshare --mount`). Its file
+# system (ProtectSystem=strict, ProtectHome=read-only, PrivateTmp=yes, ProtectKernelTunables=yes):
+# everything read-only but the API file systems and the state directory argv[1]; an empty /tmp.
+# Its seccomp filter: the system calls in argv[2] (SystemCallFilter=~...) fail with EPERM;
+# RestrictNamespaces=~user: unshare/clone with CLONE_NEWUSER fail with EPERM, clone3 with ENOSYS;
+# RestrictAddressFamilies=: sockets of other families fail with EAFNOSUPPORT.
+AS_THE_UNIT = """
+import errno, os, subprocess, sys
+import pyseccomp as seccomp
+def mount(*args):
+    subprocess.run(["mount", *args], check=True)
+mount("--make-rprivate", "/")
+mount("-o", "remount,bind,ro", "/")
+mount("-t", "tmpfs", "-o", "mode=1777", "tmpfs", "/tmp")
+for path in ("/proc/sys", sys.argv[1]):
+    mount("--bind", path, path)
+mount("-o", "remount,bind,ro", "/proc/sys")
+mount("-o", "remount,bind,rw", sys.argv[1])
+eperm, user = seccomp.ERRNO(errno.EPERM), 0x10000000
+f = seccomp.SyscallFilter(seccomp.ALLOW)
+for name in sys.argv[2].split():
+    try:
+        f.add_rule(eperm, name)
+    except (RuntimeError, ValueError):
+        pass  # a name libseccomp does not know on this architecture
+for call in ("unshare", "clone"):
+    f.add_rule(eperm, call, seccomp.Arg(0, seccomp.MASKED_EQ, user, user))
+f.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
+for family in set(range(46)) - {1, 2, 10, 16}:  # AF_UNIX AF_INET AF_INET6 AF_NETLINK
+    f.add_rule(seccomp.ERRNO(errno.EAFNOSUPPORT), "socket", seccomp.Arg(0, seccomp.EQ, family))
+f.load()
+os.execvp(sys.argv[3], sys.argv[3:])
+"""
+
+
+def denied_system_calls() -> str:
+    """The system calls SystemCallFilter=~GROUPS denies, as systemd-analyze lists them."""
+    groups = service_keys()["SystemCallFilter"][0].removeprefix("~").split()
+    listed = subprocess.run([ANALYZE, "syscall-filter", *groups], capture_output=True, text=True, check=True).stdout
+    return " ".join(line.strip() for line in listed.splitlines()
+                    if line.startswith(" ") and not line.strip().startswith(("#", "@")))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or None in (shutil.which("setpriv"), shutil.which("unshare"), ANALYZE),
+                    reason="needs root, setpriv and unshare (util-linux), systemd-analyze to start the service as "
+                           "the unit would")
+def test_the_service_does_its_job_inside_the_units_sandbox(tmp_path):
     caps = ",".join("+" + cap.removeprefix("CAP_").lower() for cap in sorted(bounding_set()))
-    prefix = ("setpriv", "--bounding-set", f"-all,{caps}", "--inh-caps", "-all", "--no-new-privs", "--")
+    prefix = ("unshare", "--mount", "--", sys.executable, "-c", AS_THE_UNIT, str(tmp_path), denied_system_calls(),
+              "setpriv", "--bounding-set", f"-all,{caps}", "--inh-caps", "-all", "--no-new-privs", "--")
     node = Node(tmp_path / "node", prefix=prefix, extra="")
     try:
         status = Path(f"/proc/{node.proc.pid}/status").read_text()
         bounding = int(re.search(r"CapBnd:\s*([0-9a-f]+)", status).group(1), 16)
         assert bin(bounding).count("1") <= len(CAPABILITIES) and "NoNewPrivs:\t1" in status
+        assert "Seccomp:\t2" in status
+        mounts = {line.split()[4]: line.split() for line in Path(f"/proc/{node.proc.pid}/mountinfo").read_text()
+                  .splitlines()}
+        assert "ro" in mounts["/"][5].split(",") and "ro" in mounts["/proc/sys"][5].split(",")
+        assert "tmpfs" in mounts["/tmp"] and "rw" in mounts[str(tmp_path)][5].split(",")
         jobs = [{"kernel": "who.py", "tenant": "bob", "source": "import os, socket\nprint(os.getuid(), "
                  "socket.gethostname(), sorted(os.listdir('/proc'))[:1])\n"},
                 {"kernel": "disk.py", "tenant": "bob", "limits": {"disk": "64MiB"},
