@@ -1,16 +1,21 @@
-"""The systemd units in deploy/: they parse (`systemd-analyze verify`, where installed, else a
-structural check), keep their hardening and reload keys, score what docs/operators.md says
-(`systemd-analyze security --offline`), and the service does its whole job inside the capability
-bounding set and no_new_privs the unit gives it (a real service under setpriv, real jobs as
-tenant uids in namespaces, cgroups and a disk image)."""
+"""The systemd units in deploy/: they parse (`systemd-analyze verify`, where installed; the keys
+are checked in any case), keep their hardening and reload keys, score what docs/operators.md says
+(`systemd-analyze security --offline`), and the service does its whole job inside the sandbox the
+unit gives it, laid here as systemd would (no systemd runs here): its capability bounding set and
+no_new_privs (setpriv), its read-only file system and private /tmp (a mount namespace), its seccomp
+filter (pyseccomp) and device policy (a devices cgroup); a real service, real jobs as tenant uids
+in namespaces and cgroups, one on a disk image (a loop device), one killed at its wall time, one
+with an output file."""
 
 from __future__ import annotations
 
 import configparser
+import fnmatch
 import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -89,15 +94,24 @@ def test_the_exposure_score_is_the_documented_one():
     assert f"{SCORE} OK" in (UNIT.parent.parent / "docs" / "operators.md").read_text()
 
 
-# The unit's sandbox as systemd would lay it, for argv[3:] (run under `unshare --mount`). Its file
+# The unit's sandbox as systemd would lay it, for argv[5:] (run under `unshare --mount`). Its file
 # system (ProtectSystem=strict, ProtectHome=read-only, PrivateTmp=yes, ProtectKernelTunables=yes):
 # everything read-only but the API file systems and the state directory argv[1]; an empty /tmp.
 # Its seccomp filter: the system calls in argv[2] (SystemCallFilter=~...) fail with EPERM;
 # RestrictNamespaces=~user: unshare/clone with CLONE_NEWUSER fail with EPERM, clone3 with ENOSYS;
-# RestrictAddressFamilies=: sockets of other families fail with EAFNOSUPPORT.
+# RestrictAddressFamilies=: sockets of other families fail with EAFNOSUPPORT. Its devices
+# (DevicePolicy=closed, DeviceAllow=): a new devices cgroup (v1) argv[3] with the rules in argv[4].
 AS_THE_UNIT = """
 import errno, os, subprocess, sys
 import pyseccomp as seccomp
+os.mkdir(sys.argv[3])
+with open(sys.argv[3] + "/devices.deny", "w") as f:
+    f.write("a")
+for rule in sys.argv[4].split(","):
+    with open(sys.argv[3] + "/devices.allow", "w") as f:
+        f.write(rule)
+with open(sys.argv[3] + "/cgroup.procs", "w") as f:
+    f.write(str(os.getpid()))
 def mount(*args):
     subprocess.run(["mount", *args], check=True)
 mount("--make-rprivate", "/")
@@ -120,8 +134,38 @@ f.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
 for family in set(range(46)) - {1, 2, 10, 16}:  # AF_UNIX AF_INET AF_INET6 AF_NETLINK
     f.add_rule(seccomp.ERRNO(errno.EAFNOSUPPORT), "socket", seccomp.Arg(0, seccomp.EQ, family))
 f.load()
-os.execvp(sys.argv[3], sys.argv[3:])
+os.execvp(sys.argv[5], sys.argv[5:])
 """
+
+
+DEVICES_CGROUP = Path("/sys/fs/cgroup/devices")
+ALWAYS = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty", "/dev/ptmx")
+
+
+def device_rules() -> str:
+    """DevicePolicy=closed and the unit's DeviceAllow= as devices-cgroup rules, as systemd makes them:
+    the standard pseudo-devices and pseudo-terminals, the real-time clock read-only (ProtectClock=),
+    device nodes by number, device groups by their names in /proc/devices (globs allowed)."""
+    groups, section = [], ""
+    for line in Path("/proc/devices").read_text().splitlines():
+        if line.endswith(":"):
+            section = "char" if line.startswith("Character") else "block"
+        elif line.strip():
+            major, name = line.split()
+            groups.append((section, major, name))
+    allowed = [f"{path} rw" for path in ALWAYS] + ["char-pts rw", "char-rtc r"] + service_keys()["DeviceAllow"]
+    rules = []
+    for entry in allowed:
+        spec, rights = entry.split()
+        if spec.startswith("/dev/"):
+            st = os.stat(spec)
+            rules.append(f"{'c' if stat.S_ISCHR(st.st_mode) else 'b'} {os.major(st.st_rdev)}:{os.minor(st.st_rdev)} "
+                         f"{rights}")
+        else:
+            kind, pattern = spec.split("-", 1)
+            rules += [f"{kind[0]} {major}:* {rights}" for section, major, name in groups
+                      if section == kind and fnmatch.fnmatch(name, pattern)]
+    return ",".join(rules)
 
 
 def denied_system_calls() -> str:
@@ -132,19 +176,22 @@ def denied_system_calls() -> str:
                     if line.startswith(" ") and not line.strip().startswith(("#", "@")))
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or None in (shutil.which("setpriv"), shutil.which("unshare"), ANALYZE),
-                    reason="needs root, setpriv and unshare (util-linux), systemd-analyze to start the service as "
-                           "the unit would")
+@pytest.mark.skipif(os.geteuid() != 0 or None in (shutil.which("setpriv"), shutil.which("unshare"), ANALYZE)
+                    or not (DEVICES_CGROUP / "devices.allow").exists(),
+                    reason="needs root, setpriv and unshare (util-linux), systemd-analyze and a cgroup v1 devices "
+                           "hierarchy to start the service as the unit would")
 def test_the_service_does_its_job_inside_the_units_sandbox(tmp_path):
     caps = ",".join("+" + cap.removeprefix("CAP_").lower() for cap in sorted(bounding_set()))
+    devices = DEVICES_CGROUP / f"taichi-sandbox-test-{os.getpid()}"
     prefix = ("unshare", "--mount", "--", sys.executable, "-c", AS_THE_UNIT, str(tmp_path), denied_system_calls(),
-              "setpriv", "--bounding-set", f"-all,{caps}", "--inh-caps", "-all", "--no-new-privs", "--")
+              str(devices), device_rules(), "setpriv", "--bounding-set", f"-all,{caps}", "--inh-caps", "-all", "--no-new-privs", "--")
     node = Node(tmp_path / "node", prefix=prefix, extra="")
     try:
         status = Path(f"/proc/{node.proc.pid}/status").read_text()
         bounding = int(re.search(r"CapBnd:\s*([0-9a-f]+)", status).group(1), 16)
         assert bin(bounding).count("1") <= len(CAPABILITIES) and "NoNewPrivs:\t1" in status
         assert "Seccomp:\t2" in status
+        assert "devices:/" + devices.name in Path(f"/proc/{node.proc.pid}/cgroup").read_text()
         mounts = {line.split()[4]: line.split() for line in Path(f"/proc/{node.proc.pid}/mountinfo").read_text()
                   .splitlines()}
         assert "ro" in mounts["/"][5].split(",") and "ro" in mounts["/proc/sys"][5].split(",")
@@ -160,10 +207,12 @@ def test_the_service_does_its_job_inside_the_units_sandbox(tmp_path):
         answers = node.ask({"op": "submit", "jobs": jobs, "follow": True})
     finally:
         assert node.stop() == 0
+        devices.rmdir()
     results = {a["result"]["kernel"]: a["result"] for a in answers if a["type"] == "result"}
     assert results["who.py"]["verdict"] == "ok", results["who.py"]
     uid, hostname = results["who.py"]["stdout_tail"].split()[:2]
     assert int(uid) >= 60000 and hostname == "taichi-sandbox"  # a tenant uid, in its own namespaces
-    assert results["disk.py"]["verdict"] == "disk", json.dumps(results["disk.py"])[:2000]
+    disk = results["disk.py"]
+    assert disk["verdict"] == "disk" and "loop device" in disk["enforcement"]["disk"]["by"], json.dumps(disk)[:2000]
     assert results["slow.py"]["verdict"] == "wall_time" and results["out.py"]["verdict"] == "ok"
     assert [a["name"] for a in answers if a["type"] == "file"] == ["r.txt"]
