@@ -140,8 +140,8 @@ def test_a_metrics_address_in_use_is_a_one_line_error(tmp_path):
         held.listen()
         port = held.getsockname()[1]
         limits = tmp_path / "limits.toml"
-        limits.write_text(f'[sandbox]\nstate_dir = "{tmp_path / "state"}"\n[service]\nsocket = "{tmp_path / "s.sock"}"\n'
-                          f'metrics_address = "127.0.0.1:{port}"\n')
+        limits.write_text(f'[sandbox]\nstate_dir = "{tmp_path / "state"}"\n'
+                          f'[service]\nsocket = "{tmp_path / "s.sock"}"\nmetrics_address = "127.0.0.1:{port}"\n')
         done = subprocess.run([sys.executable, "-m", "sandbox", "serve", "--limits-file", str(limits)],
                               capture_output=True, text=True, timeout=120)
     assert done.returncode == 2

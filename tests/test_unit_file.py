@@ -34,8 +34,9 @@ KEPT = {"ExecReload": "/bin/kill -HUP $MAINPID", "NoNewPrivileges": "yes", "Prot
         "PrivateTmp": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes", "DevicePolicy": "closed",
         "RestrictNamespaces": "~user", "RestrictSUIDSGID": "yes", "LockPersonality": "yes",
         "SystemCallArchitectures": "native", "Delegate": "yes", "KillMode": "mixed", "Type": "notify"}
-CAPABILITIES = {"CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_CHOWN",
-                "CAP_DAC_OVERRIDE", "CAP_KILL", "CAP_NET_ADMIN", "CAP_SYS_RESOURCE"}
+CAPABILITY_NUMBERS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_KILL": 5, "CAP_SETGID": 6, "CAP_SETUID": 7,
+                      "CAP_SETPCAP": 8, "CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24}
+CAPABILITIES = set(CAPABILITY_NUMBERS)  # the unit's bounding set (linux/capability.h numbers)
 
 
 def service_keys() -> dict[str, list[str]]:
@@ -184,12 +185,19 @@ def test_the_service_does_its_job_inside_the_units_sandbox(tmp_path):
     caps = ",".join("+" + cap.removeprefix("CAP_").lower() for cap in sorted(bounding_set()))
     devices = DEVICES_CGROUP / f"taichi-sandbox-test-{os.getpid()}"
     prefix = ("unshare", "--mount", "--", sys.executable, "-c", AS_THE_UNIT, str(tmp_path), denied_system_calls(),
-              str(devices), device_rules(), "setpriv", "--bounding-set", f"-all,{caps}", "--inh-caps", "-all", "--no-new-privs", "--")
-    node = Node(tmp_path / "node", prefix=prefix, extra="")
+              str(devices), device_rules(),
+              "setpriv", "--bounding-set", f"-all,{caps}", "--inh-caps", "-all", "--no-new-privs", "--")
+    own = int(re.search(r"CapBnd:\s*([0-9a-f]+)", Path("/proc/self/status").read_text()).group(1), 16)
+    try:
+        node = Node(tmp_path / "node", prefix=prefix)
+    except BaseException:
+        devices.rmdir()
+        raise
     try:
         status = Path(f"/proc/{node.proc.pid}/status").read_text()
         bounding = int(re.search(r"CapBnd:\s*([0-9a-f]+)", status).group(1), 16)
-        assert bin(bounding).count("1") <= len(CAPABILITIES) and "NoNewPrivs:\t1" in status
+        assert bounding == own & sum(1 << CAPABILITY_NUMBERS[cap] for cap in CAPABILITIES)
+        assert "NoNewPrivs:\t1" in status
         assert "Seccomp:\t2" in status
         assert "devices:/" + devices.name in Path(f"/proc/{node.proc.pid}/cgroup").read_text()
         mounts = {line.split()[4]: line.split() for line in Path(f"/proc/{node.proc.pid}/mountinfo").read_text()
