@@ -165,3 +165,15 @@ def test_process_metrics_are_served_but_left_out_of_the_textfile(tmp_path):
         server.shutdown()
     metrics.write_textfile(str(tmp_path / "m.prom"))
     assert "\nprocess_open_fds " in served and "process_" not in (tmp_path / "m.prom").read_text()
+
+
+def test_the_dashboard_uses_only_its_own_variables_and_panels_do_not_overlap():
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"] for v in dashboard["templating"]["list"]} | {"__rate_interval"}
+    used = {name for expr in dashboard_exprs() for name in re.findall(r"\$\{?(\w+)", expr)}
+    used |= {p["datasource"]["uid"].strip("${}") for p in dashboard["panels"] if "datasource" in p}
+    assert used <= variables, used - variables
+    cells = [(x, y) for p in dashboard["panels"] for g in [p["gridPos"]]
+             for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])]
+    assert len(cells) == len(set(cells)) and max(x for x, _ in cells) < 24
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
