@@ -74,7 +74,8 @@ idle_timeout = "3s"
 class Node:
     """A service process on a temporary socket; started ready (sd_notify READY=1 received)."""
 
-    def __init__(self, root: Path, extra: str = "", cpu_slots: int = 4) -> None:
+    def __init__(self, root: Path, extra: str = "", cpu_slots: int = 4, prefix: tuple[str, ...] = ()) -> None:
+        self.prefix = prefix  # runs the service (e.g. setpriv with a unit's capabilities)
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o755)
         self.root, self.socket = root, root / "s.sock"
@@ -90,7 +91,8 @@ class Node:
         ready = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         ready.bind(str(notify))
         ready.settimeout(60)
-        self.proc = subprocess.Popen([sys.executable, "-m", "sandbox", "serve", "--limits-file", str(self.limits)],
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "sandbox", "serve", "--limits-file",
+                                      str(self.limits)],
                                      env={**os.environ, "NOTIFY_SOCKET": str(notify)},
                                      stderr=open(self.root / "service.log", "a"))
         try:

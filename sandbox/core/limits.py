@@ -257,6 +257,16 @@ class Settings(_Strict):
         return Path(self.audit_log).expanduser() if self.audit_log else self.resolved_state_dir() / "audit.jsonl"
 
 
+def _metrics_address(value: Any) -> str | None:
+    """HOST:PORT ([V6]:PORT for IPv6), PORT 0-65535 (0: any free port)."""
+    if value is None:
+        return None
+    host, _, port = str(value).rpartition(":")
+    if not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+        raise ValueError("give HOST:PORT, e.g. \"127.0.0.1:9464\" or \"[::1]:9464\"")
+    return str(value)
+
+
 class Service(_Strict):
     """The `[service]` table: the node service's socket, who may use it, and how it protects itself
     (see sandbox.node.service)."""
@@ -276,6 +286,14 @@ class Service(_Strict):
     idle_timeout: Seconds = 300.0  # between requests
     max_queued: Count = 20000  # jobs queued on the node, all tenants together
     metrics_port: Count = None  # Prometheus /metrics on 127.0.0.1:PORT
+    metrics_address: Annotated[Union[str, None], BeforeValidator(_metrics_address)] = None  # HOST:PORT instead
+
+    def metrics_endpoint(self) -> tuple[str, int] | None:
+        """(host, port) of the /metrics endpoint: `metrics_address`, else 127.0.0.1:`metrics_port`, else None."""
+        if self.metrics_address is not None:
+            host, port = self.metrics_address.rsplit(":", 1)
+            return host.strip("[]"), int(port)
+        return None if self.metrics_port is None else ("127.0.0.1", self.metrics_port)
 
 
 class Policy(BaseModel):
