@@ -18,16 +18,17 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 from rich.console import Console
 from rich.live import Live
 from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
-from .client import entry_args as _parse_entry_args
-from .core.limits import BUNDLED_POLICY, ConfigError, Limits, Policy, load_policy, read_file, tomllib
+from .cmdline import UsageError, check_entry, entry_args, manifest, refuse_stray, split_argv
+from .core.display import VERDICT_STYLE, secs, size, summary, usage_rows
+from .core.limits import BUNDLED_POLICY, ConfigError, Limits, Policy, load_policy, read_file
 from .core.models import EXIT_INTERNAL, EXIT_USAGE, JobResult, JobSpec, Sample, Verdict
-from .display import VERDICT_STYLE, secs, size, summary, usage_rows
 from .node.supervisor import Supervisor
 from .terminal import Echo, Interrupts
 from .watch.monitor import JobControl
@@ -60,12 +61,26 @@ def _live_table(kernel: str, limits: Limits, sample: Sample | None) -> Table:
     return table
 
 
+class _ScriptArgv(TyperCommand):
+    """`run`'s parsing: the script's argv is what follows `--`; a positional word before it is an
+    error (exit 2, one line) rather than silently the script's argv (`--wall-time 5 min`)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        words, script_argv = split_argv(args)
+        rest = super().parse_args(ctx, list(words))  # click consumes the list it is given
+        try:
+            refuse_stray(list(ctx.params.get("extra") or ()), words)
+        except UsageError as e:
+            raise _fail(str(e))
+        ctx.params["extra"] = script_argv
+        return rest
 
 
-@app.command()
+@app.command(cls=_ScriptArgv)
 def run(
     file: str = typer.Argument(..., help="Taichi script to run (as __main__), or FILE:FUNCTION."),
-    extra: Optional[List[str]] = typer.Argument(None, help="After --: script argv, or JSON args for --entry."),
+    extra: Optional[List[str]] = typer.Argument(None, metavar="-- ARGS", help="After '--': the script's argv, or "
+                                                "the entry function's args (each JSON, else a string)."),
     entry: Optional[str] = typer.Option(None, help="Function in FILE to call with the extra args (JSON)."),
     arch: str = typer.Option("cpu", help="cpu | vulkan | cuda | opengl | metal | gpu"),
     profile: Optional[str] = typer.Option(None, help="Profile from the limits file."),
@@ -77,7 +92,7 @@ def run(
     memory: Optional[str] = typer.Option(None, help="memory of the whole job (its cgroup; RSS without one), e.g. 1GiB"),
     address_space: Optional[str] = typer.Option(None, help="RLIMIT_AS: auto | SIZE | unlimited"),
     gpu_memory: Optional[str] = typer.Option(None, help="bytes (e.g. 2GiB) or fraction (e.g. 50%)"),
-    max_processes: Optional[int] = typer.Option(None, help="processes in the job tree"),
+    max_processes: Optional[str] = typer.Option(None, help="processes in the job tree, or unlimited"),
     max_output: Optional[str] = typer.Option(None, help="stdout+stderr bytes, e.g. 10MiB"),
     max_result: Optional[str] = typer.Option(None, help="bytes of an entry function's return value, e.g. 1GiB"),
     disk: Optional[str] = typer.Option(None, help="what the job holds on disk (work dir, outputs), e.g. 4GiB"),
@@ -104,16 +119,18 @@ def run(
         target = kernel.rsplit(":", 1)[0] if ":" in kernel else kernel
         if target.endswith(".py") and not Path(target).is_file():
             raise ConfigError(f"kernel file not found: {target}")
+        if ":" in kernel:
+            check_entry(*kernel.rsplit(":", 1))
         if outputs and output_dir is None:
             raise ConfigError("--output needs --output-dir")
         spec = JobSpec(kernel=kernel, arch=arch, limits=limits, profile=profile, tenant=tenant,
-                       args=_parse_entry_args(extra) if ":" in kernel else [],
+                       args=entry_args(extra) if ":" in kernel else [],
                        argv=[] if ":" in kernel else extra, inputs=inputs or [],
                        outputs=(outputs or ["*"]) if output_dir is not None else [], output_dir=output_dir)
         effective = policy.resolve(profile, tenant, limits)
         if launcher is not None and launcher not in ("forkserver", "exec"):
             raise ConfigError(f"launcher={launcher!r}: expected forkserver or exec")
-    except ConfigError as e:
+    except (ConfigError, UsageError) as e:
         raise _fail(str(e))
     live_view = err.is_terminal and not as_json
     control = JobControl()
@@ -155,7 +172,7 @@ def profiles(limits_file: Optional[Path] = typer.Option(None, help="limits.toml 
 
 def _show(value, name: str) -> str:
     if value is None:
-        return "-"
+        return "unlimited"
     sizes = ("memory", "max_output", "max_file_size", "max_result", "disk")
     if name in sizes or (name in ("address_space", "gpu_memory") and isinstance(value, int)):
         return size(value)
@@ -175,19 +192,10 @@ def check(path: Path = typer.Argument(..., help="limits.toml to validate.")) -> 
                     highlight=False)
 
 
-def _manifest(path: Path) -> list[dict]:
-    """[[job]] tables of a jobs.toml, each a JobSpec's fields (kernel, arch, tenant, limits, ...)."""
-    data = read_file(path, "manifest", tomllib.loads)
-    jobs = data.get("job")
-    if set(data) != {"job"} or not isinstance(jobs, list) or not all(isinstance(j, dict) for j in jobs):
-        raise ConfigError(f"{path}: expected only [[job]] tables")
-    return jobs
-
-
 @app.command()
 def batch(
     files: Optional[List[str]] = typer.Argument(None, help="Kernel files (or FILE:FUNCTION) to run."),
-    manifest: Optional[Path] = typer.Option(None, help="jobs.toml with [[job]] tables (kernel, arch, tenant, "
+    manifest_file: Optional[Path] = typer.Option(None, "--manifest", help="jobs.toml with [[job]] tables (kernel, arch, tenant, "
                                                       "profile, job_type, priority, args, kwargs, [job.limits])."),
     concurrency: Optional[int] = typer.Option(None, min=1, help="Jobs at once (default: node CPU slots)."),
     tenant: Optional[str] = typer.Option(None, help="Tenant for jobs that do not name one."),
@@ -203,7 +211,7 @@ def batch(
     are ok, 1 otherwise."""
     try:
         policy = load_policy(limits_file)
-        entries = _manifest(manifest) if manifest else []
+        entries = manifest(manifest_file) if manifest_file else []
         entries += [{"kernel": f} for f in files or []]
         if not entries:
             raise ConfigError("no jobs: give kernel files or --manifest")
@@ -214,9 +222,11 @@ def batch(
             target = spec.target()[0]
             if (spec.target()[1] is None or target.endswith(".py")) and not Path(target).is_file():
                 raise ConfigError(f"job {number}: kernel file not found: {target}")
+            if spec.target()[1] is not None and spec.shipped is None:
+                check_entry(*spec.target())
             policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
             specs.append(spec)
-    except ConfigError as e:
+    except (ConfigError, UsageError) as e:
         raise _fail(str(e))
     from .node.executor import SandboxExecutor  # imported here: `run` should not pay for prometheus-client
 

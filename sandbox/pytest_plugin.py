@@ -1,5 +1,5 @@
 """pytest plugin (entry point `pytest11`): `@pytest.mark.sandbox(memory="1GiB", cpu_time="10s")` runs
-that test in the sandbox, with its fixture values shipped along (sandbox.job.shipping), and fails it with
+that test in the sandbox, with its fixture values shipped along (sandbox.core.shipping), and fails it with
 the verdict, the violations and the job's traceback. Keywords are Limits fields, plus `arch`,
 `profile` and `tenant`.
 """

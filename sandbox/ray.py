@@ -177,7 +177,7 @@ def _through_service(path, spec: JobSpec) -> str:
 
 def submit(spec: JobSpec | Callable, policy: Policy | None = None, device_memory: int | None = None,
            service: str | None = "auto", **ray_options):
-    """Start `spec` (or a callable, shipped to the job: see sandbox.job.shipping) as a Ray task; returns an
+    """Start `spec` (or a callable, shipped to the job: see sandbox.core.shipping) as a Ray task; returns an
     ObjectRef to the JobResult's JSON (use `result()`, which keeps numpy arrays in the return value).
 
     `service`: the node service socket the task submits through ("auto", a path, or None: never; see

@@ -84,4 +84,4 @@ def test_fuzzed_cli_flags_never_traceback_never_start(flags):
 def test_cli_rejects_before_anything_runs_even_with_a_real_kernel(tmp_path):
     kernel = os.path.join(os.path.dirname(__file__), "..", "kernels", "sleeper.py")
     result = CliRunner().invoke(app, ["run", kernel, "--memory", "-1GiB"])
-    assert result.exit_code == 2 and "memory='-1GiB'" in result.output
+    assert result.exit_code == 2 and "memory: must be a finite number >= 0 (got '-1GiB')" in result.output

@@ -6,9 +6,11 @@ from, the key and the value. Nothing here starts processes or touches the job.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union
 
@@ -20,18 +22,20 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from .units import (GiB, MiB, Bytes, Count, PlausibleBytes, PlausibleSeconds, Quota, Seconds, parse_address_space,
-                    parse_duration, parse_gpu_memory, parse_rate, parse_size, positive)
+                    bounded, duration, parse_duration, parse_gpu_memory, parse_rate, parse_size, positive)
 
 
 class ConfigError(ValueError):
     """A limit, profile, spec or limits.toml value is invalid. The message is one line.
 
-    `detail` is the message without the leading "SOURCE: ", so callers can re-attribute it.
+    `detail` is the message without the leading "SOURCE: ", so callers can re-attribute it;
+    `fields` the (field, problem) pairs it was made of, where it came from a model's validation.
     """
 
-    def __init__(self, message: str, detail: str | None = None) -> None:
+    def __init__(self, message: str, detail: str | None = None, fields: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.detail = detail if detail is not None else message
+        self.fields = fields
 
 
 _TENANT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")  # also a directory name
@@ -55,14 +59,63 @@ def _key(name: str) -> str:
     return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
 
 
-def _one_line(err: ValidationError) -> str:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "value"
-    if first["type"] == "extra_forbidden":
-        return f"unknown key {key!r}"
-    msg = first["msg"].removeprefix("Value error, ")
-    shown = repr(first.get("input"))
-    return f"{key}={shown if len(shown) <= 80 else shown[:77] + '...'}: {msg}"
+def describe(err: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """A pydantic ValidationError as one line for people: "field: problem (got VALUE)" per field at
+    fault, joined by "; " (never pydantic's repr of the whole input). An unknown key of `model` (or
+    of a model inside it) suggests the closest valid name."""
+    return _joined(problems(err, model))
+
+
+def _joined(fields: tuple[tuple[str, str], ...]) -> str:
+    return "; ".join(f"{field}: {problem}" for field, problem in fields)
+
+
+def problems(err: ValidationError, model: type[BaseModel] | None = None) -> tuple[tuple[str, str], ...]:
+    """(field, problem) per field at fault in `err` (see `describe`)."""
+    found: dict[str, str] = {}
+    for error in err.errors():
+        loc = tuple(error["loc"])
+        field = ".".join(str(p) for p in loc) or "value"
+        inner = (error.get("ctx") or {}).get("error")
+        if isinstance(inner, ConfigError) and inner.fields:  # a nested model's own one-line error
+            for name, problem in inner.fields:
+                found.setdefault(f"{field}.{name}" if loc else name, problem)
+        elif field in found:  # a union's members each report the same input
+            continue
+        elif error["type"] == "missing":
+            found[field] = "required"
+        elif error["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _names_at(model, loc[:-1]), n=1)
+            found[field] = "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+        else:
+            message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+            found[field] = f"{message.splitlines()[0] if message else 'invalid'} (got {_shown_input(error)})"
+    return tuple(found.items())
+
+
+def _shown_input(error: dict) -> str:
+    shown = repr(error.get("input"))
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def _names_at(model: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """The field names of the model at `loc` inside `model`, through Optional, lists and dicts of
+    models (a list index or dict key keeps the element's model); [] where there is none."""
+    for part in loc:
+        if model is not None and part in model.model_fields:
+            model = _model_in(model.model_fields[part].annotation)
+    return sorted(model.model_fields) if model is not None else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The (first) pydantic model an annotation holds: itself, or inside Optional/Union/list/dict."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 class _Strict(BaseModel):
@@ -74,8 +127,9 @@ class _Strict(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as err:
-            detail = _one_line(err)
-            raise ConfigError(f"{type(self).__name__}: {detail}", detail) from None
+            fields = problems(err, type(self))
+            detail = _joined(fields)
+            raise ConfigError(f"{type(self).__name__}: {detail}", detail, fields) from None
 
     @classmethod
     def parse(cls, data: Any, source: str):
@@ -85,7 +139,7 @@ class _Strict(BaseModel):
         try:
             return cls(**data)
         except ConfigError as err:
-            raise ConfigError(f"{source}: {err.detail}", err.detail) from None
+            raise ConfigError(f"{source}: {err.detail}", err.detail, err.fields) from None
 
 
 class Limits(_Strict):
@@ -104,8 +158,8 @@ class Limits(_Strict):
     max_result: Bytes = 64 * MiB  # bytes of a job's return value (its result files, see sandbox.job.results)
     disk: PlausibleBytes = None  # what the job holds on disk: its work dir (cache writes too), and its outputs
     network: Literal["none", "host"] = "none"
-    grace: Annotated[float, BeforeValidator(lambda v: parse_duration(v) if v is not None else 2.0)] = 2.0
-    poll_interval: Annotated[float, positive(parse_duration)] = 0.05
+    grace: Annotated[float, bounded(parse_duration, "the SIGTERM -> SIGKILL delay", default=2.0)] = 2.0
+    poll_interval: Annotated[float, bounded(positive(parse_duration).func, "how often usage is sampled")] = 0.05
 
     def above(self, ceiling: "Limits") -> list[str]:
         """Each limit of ours that is laxer than `ceiling`'s ("memory 2 GiB > 1 GiB"): unlimited
@@ -144,7 +198,7 @@ def _shown(name: str, value: Any) -> str:
                                            "disk"):
         return f"{value / GiB:g} GiB" if value >= GiB else f"{value / MiB:g} MiB"
     if name in ("cpu_time", "wall_time", "grace", "poll_interval"):
-        return f"{value:g}s"
+        return duration(value)
     return str(value)
 
 
@@ -303,7 +357,9 @@ class Policy(BaseModel):
         known = {"defaults", "profiles", "tenants", "job_types", "node", "alerts", "sandbox", "service"}
         for key in data:
             if key not in known:
-                raise ConfigError(f"{source}: unknown table [{_key(key)}] (known: {', '.join(sorted(known))})")
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f"did you mean [{close[0]}]? " if close else ""
+                raise ConfigError(f"{source}: unknown table [{_key(key)}] ({hint}known: {', '.join(sorted(known))})")
         for table in ("profiles", "tenants", "job_types"):
             if not isinstance(data.get(table, {}), dict):
                 raise ConfigError(f"{source}: [{table}] must be a table of tables")

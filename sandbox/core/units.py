@@ -21,6 +21,8 @@ _SIZE_UNITS = {
 _TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "m": 60.0, "min": 60.0, "h": 3600.0}
 _NUMBER_UNIT = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z%]*)\s*$")
 _UNLIMITED = {"none", "unlimited", "off"}
+_COMPOUND = re.compile(r"^\s*(?:[0-9]*\.?[0-9]+(?:h|min|ms|us|m|s)\s*){2,}$")  # "1m30s", "1h 30m"
+_PART = re.compile(r"([0-9]*\.?[0-9]+)(h|min|ms|us|m|s)")
 
 
 def _number(value: Any) -> float:
@@ -49,13 +51,33 @@ def parse_size(value: Any) -> int | None:
 
 
 def parse_duration(value: Any) -> float | None:
-    """Seconds from 1.5, '250ms', '2s', '1m'; None for 'unlimited'/'none'."""
+    """Seconds from 1.5, '250ms', '2s', '1m', '1m30s' (as `duration` writes them); None for
+    'unlimited'/'none'."""
     if value is None or (isinstance(value, str) and value.strip().lower() in _UNLIMITED):
         return None
+    if isinstance(value, str) and _COMPOUND.match(value.lower()):
+        return _number(sum(float(n) * _TIME_UNITS[u] for n, u in _PART.findall(value.lower())))
     if isinstance(value, str):
         number, scale = _split(value, _TIME_UNITS)
-        return number * scale
+        return _number(number * scale)
     return _number(value)
+
+
+def duration(seconds: float | None) -> str:
+    """Seconds as people write them: '250ms', '1.5s', '2m', '1m30s', '4h' ('-' for None); three
+    significant digits under a minute, tenths of a second under an hour, whole seconds above."""
+    if seconds is None:
+        return "-"
+    if not math.isfinite(seconds):
+        return str(seconds)
+    if seconds < 0.9995:  # below what rounds to 1000ms
+        return f"{seconds * 1000:.3g}ms" if seconds else "0s"
+    if seconds < 59.95:
+        return f"{seconds:.3g}s"
+    hours, rest = divmod(round(seconds, 1) if seconds < 3600 else round(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [(hours, "h"), (minutes, "m"), (round(secs, 1), "s")]
+    return "".join(f"{value:g}{unit}" for value, unit in parts if value)
 
 
 def parse_gpu_memory(value: Any) -> int | float | None:
@@ -95,6 +117,19 @@ def positive(parser):
     return BeforeValidator(check)
 
 
+def bounded(parser, what: str, default: float | None = None):
+    """A pydantic validator: `parser`'s value, which cannot be "unlimited" (`what` it bounds says
+    why); None is `default` where there is one."""
+    def check(value: Any):
+        if value is None and default is not None:
+            return default
+        parsed = parser(value)
+        if parsed is None:
+            raise ValueError(f"cannot be unlimited: it is {what}; give a duration, e.g. '2s'")
+        return parsed
+    return BeforeValidator(check)
+
+
 def _plausible(parser, floor: float, hint: str):
     """`positive(parser)` that also rejects a value below `floor` written without a unit: most likely
     a typo (a bare number is bytes or seconds), explained by `hint`."""
@@ -106,7 +141,7 @@ def _plausible(parser, floor: float, hint: str):
             return parsed
         has_unit = isinstance(value, str) and bool(_NUMBER_UNIT.match(value).group(2))
         if parsed < floor and not has_unit:
-            raise ValueError(f"{value!r} without a unit is {hint}")
+            raise ValueError(f"without a unit this is {hint}")
         return parsed
     return BeforeValidator(check)
 

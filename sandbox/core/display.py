@@ -2,23 +2,21 @@
 
 All three show the same things: the verdict and its reason, warnings (an arch the job asked for but
 did not get), usage against each limit, violations, how the job was ended, copied outputs, and for
-a failed job the tail of its traceback or stderr.
+a failed job the tail of its traceback or stderr. `models` imports this module (lazily), never the
+other way: "JobResult" in the annotations names `sandbox.core.models.JobResult`.
 """
 
 from __future__ import annotations
 
 import html
 import os
-from typing import TYPE_CHECKING
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .core.limits import Limits
-
-if TYPE_CHECKING:
-    from .core.models import JobResult
+from .limits import Limits
+from .units import duration
 
 VERDICT_STYLE = {"ok": "bold green", "error": "bold red", "crashed": "bold red", "rejected": "bold yellow"}
 VERDICT_COLOUR = {"ok": "#1a7f37", "error": "#cf222e", "crashed": "#cf222e", "rejected": "#9a6700"}
@@ -36,7 +34,8 @@ def size(value: float | None) -> str:
 
 
 def secs(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}s"
+    """A duration as people write it ('250ms', '1.5s', '1m30s', '4h'); '-' for None."""
+    return duration(value)
 
 
 def usage_rows(limits: Limits, cpu: float, wall: float, rss: int, vms: int, procs: int, output: int,
@@ -69,7 +68,7 @@ def _termination(result: "JobResult") -> str | None:
     t = result.termination
     if t is None:
         return None
-    grace = f", SIGKILL {t.sigkill_at - t.sigterm_at:.2f}s after SIGTERM" if t.sigterm_at and t.sigkill_at else ""
+    grace = f", SIGKILL {duration(t.sigkill_at - t.sigterm_at)} after SIGTERM" if t.sigterm_at and t.sigkill_at else ""
     return f"terminated: {'SIGTERM' if t.sigterm_at else 'SIGKILL'} to the process tree{grace}"
 
 
