@@ -53,7 +53,7 @@ def test_script_argv_after_double_dash(tmp_path):
     (["run", "nope.py"], "kernel file not found: nope.py"),
     (["run", kernel("saxpy.py"), "--cpu-time", "-1s"], "command line: cpu_time: must be a finite number >= 0 (got '-1s')"),
     (["run", kernel("saxpy.py"), "--memory", "lots"], "command line: memory: expected a number with a unit"),
-    (["run", kernel("saxpy.py"), "--profile", "nope"], "profile='nope': no such profile"),
+    (["run", kernel("saxpy.py"), "--profile", "nope"], "profile: no such profile (got 'nope'; known: "),
     (["run", kernel("saxpy.py"), "--arch", "tpu"], "arch: Input should be 'cpu', 'vulkan'"),
     (["check", "missing.toml"], "missing.toml: limits file not found"),
 ])

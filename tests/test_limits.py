@@ -89,7 +89,7 @@ def _write(tmp_path, text: str) -> Path:
     ("[profiles.x]\nmemory = \"lots\"\n", "[profiles.x]: memory: expected a number with a unit"),
     ("[defaults\ncpu_time = 5\n", "invalid limits file"),
     ("[limits]\ncpu_time = 5\n", "unknown table [limits]"),
-    ("[tenants.a]\nprofile = \"missing\"\n", "[tenants.a]: profile='missing': no such profile"),
+    ("[tenants.a]\nprofile = \"missing\"\n", "[tenants.a]: profile: no such profile (got 'missing'; known: none defined)"),
     ("[sandbox]\nlauncher = \"fork\"\n", "[sandbox]: launcher: Input should be 'forkserver' or 'exec' (got 'fork')"),
     ("profiles = 3\n", "profiles"),
 ])

@@ -190,6 +190,13 @@ class Limits(_Strict):
         return merged
 
 
+def _no_such(field: str, value: Any, known) -> str:
+    """"FIELD: no such FIELD (got VALUE; did you mean the closest? / known: ...)"."""
+    close = difflib.get_close_matches(value, sorted(known), n=1) if isinstance(value, str) else []
+    hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known)) or 'none defined'}"
+    return f"{field}: no such {field.replace('_', ' ')} (got {value!r}; {hint})"
+
+
 def _shown(name: str, value: Any) -> str:
     """A limit's value for people: bytes in MiB/GiB, seconds with "s", None as "unlimited"."""
     if value is None:
@@ -380,7 +387,7 @@ class Policy(BaseModel):
         for table, entries in (("tenants", tenants), ("job_types", job_types)):
             for name, entry in entries.items():
                 if entry.profile is not None and entry.profile not in profiles:
-                    raise ConfigError(f"{source} [{table}.{_key(name)}]: profile={entry.profile!r}: no such profile")
+                    raise ConfigError(f"{source} [{table}.{_key(name)}]: {_no_such('profile', entry.profile, profiles)}")
         return cls(defaults=defaults, profiles=profiles, tenants=tenants, job_types=job_types,
                    node=Node.parse(data.get("node", {}), f"{source} [node]"),
                    alerts=Alerts.parse(data.get("alerts", {}), f"{source} [alerts]"),
@@ -399,9 +406,9 @@ class Policy(BaseModel):
         defaults), then overrides. A tenant's own profile (else the defaults) is its ceiling: a job
         may lower any limit, never raise one past it (ConfigError naming each)."""
         if tenant is not None and tenant not in self.tenants:
-            raise ConfigError(f"{self.source}: tenant={tenant!r}: no such tenant")
+            raise ConfigError(f"{self.source}: {_no_such('tenant', tenant, self.tenants)}")
         if job_type is not None and job_type not in self.job_types:
-            raise ConfigError(f"{self.source}: job_type={job_type!r}: no such job type")
+            raise ConfigError(f"{self.source}: {_no_such('job_type', job_type, self.job_types)}")
         if profile is None and job_type is not None:
             profile = self.job_types[job_type].profile
         if profile is None and tenant is not None:
@@ -411,8 +418,7 @@ class Policy(BaseModel):
         elif profile in self.profiles:
             base = self.profiles[profile]
         else:
-            known = ", ".join(sorted(self.profiles)) or "none defined"
-            raise ConfigError(f"{self.source}: profile={profile!r}: no such profile (known: {known})")
+            raise ConfigError(f"{self.source}: {_no_such('profile', profile, self.profiles)}")
         limits = base.merged(overrides) if overrides is not None else base
         if tenant is not None:
             own = self.tenants[tenant].profile
