@@ -248,10 +248,12 @@ def _remote(path: Path | None, argv: list[str]) -> int:
         if local_only:
             raise ClientError(f"{local_only[0]} applies only in-process: add --local")
         words, script_argv = split_argv(argv)
-        args = parser().parse_args(words)
+        args, unknown = parser().parse_known_args(words)
         if args.command == "run":
-            refuse_stray(args.extra, words)
+            refuse_stray(args.extra + [w for w in unknown if not w.startswith("-")], words)
             args.extra = script_argv
+        if unknown:
+            parser().error(f"unrecognized arguments: {' '.join(unknown)}")
         return HANDLERS[args.command](path, args)
     except ClientError as err:
         print(f"taichi-sandbox: error: {err}", file=sys.stderr)
