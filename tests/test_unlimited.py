@@ -1,0 +1,75 @@
+""""unlimited" and "none" through each Python way in, with real jobs: run_kernel(limits={...}),
+@sandboxed(...) and @pytest.mark.sandbox(...); a misspelt limit is one line that suggests the
+closest name (the CLI and limits.toml: test_cli_hygiene, test_fuzz)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import sandbox
+from sandbox import ConfigError, run_kernel, sandboxed
+
+from .conftest import ROOT
+
+UNLIMITED = {"cpu_time": "unlimited", "wall_time": "none", "memory": "unlimited", "address_space": "none",
+             "max_processes": "unlimited", "max_output": "none", "max_result": "unlimited", "disk": "unlimited"}
+
+
+@pytest.fixture
+def default_supervisor(tmp_path, monkeypatch):
+    """run_kernel's process-wide supervisor, with this test's state dir; closed afterwards."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("TAICHI_SANDBOX_LIMITS", str(ROOT / "limits.toml"))
+    monkeypatch.setattr(sandbox.api, "_default", None)
+    yield
+    if sandbox.api._default is not None:
+        sandbox.api._default.close()
+
+
+def triple(x: int) -> int:
+    return 3 * x
+
+
+@sandboxed(**UNLIMITED)
+def triple_unlimited(x: int) -> int:
+    return 3 * x
+
+
+def test_run_kernel_and_sandboxed_take_unlimited(default_supervisor):
+    result = run_kernel(triple, limits=UNLIMITED, args=[5])
+    assert result.ok and result.return_value == 15, result.reason
+    assert all(getattr(result.limits, name) is None for name in UNLIMITED)
+    assert triple_unlimited(7) == 21
+
+
+def test_a_misspelt_limit_suggests_the_closest(default_supervisor):
+    with pytest.raises(ConfigError, match=r"^Limits: memroy: unknown key \(did you mean 'memory'\?\)$"):
+        run_kernel(triple, limits={"memroy": "1GiB"}, args=[1])
+    with pytest.raises(ConfigError, match=r"^Limits: cpu_time: must be a finite number >= 0 \(got '-1s'\)$"):
+        sandboxed(cpu_time="-1s")(triple)(1)
+
+
+INNER = '''
+import pytest
+
+@pytest.mark.sandbox(cpu_time="unlimited", wall_time="none", memory="unlimited", max_processes="unlimited")
+def test_unlimited():
+    assert 1 + 1 == 2
+
+@pytest.mark.sandbox(memroy="1GiB")
+def test_misspelt():
+    pass
+'''
+
+
+def test_pytest_marker_takes_unlimited_and_names_a_misspelt_limit(tmp_path):
+    (tmp_path / "test_inner.py").write_text(INNER)
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "TAICHI_SANDBOX_LIMITS": str(ROOT / "limits.toml")}
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path}/t",
+                        "test_inner.py"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert "1 failed, 1 passed" in p.stdout, p.stdout[-4000:]
+    assert "memroy: unknown key (did you mean 'memory'?)" in p.stdout and "Traceback" not in p.stdout, p.stdout[-4000:]
