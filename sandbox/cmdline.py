@@ -1,18 +1,16 @@
 """What both front ends of `taichi-sandbox` (`cli` in-process, `client` of the node service) read
 from a command line: the script's argv (only after `--`), an entry function's arguments, the entry
 function itself (checked before any job starts, without running the user's code), and a jobs.toml
-manifest. Standard library only at import: the client's way to the service stays light.
+manifest. Only `json` at import (ast, difflib and the import system's finder when an entry is
+checked): the client's way to the service stays light.
 
 Every check raises `UsageError`: one line, naming the word or value at fault, for exit status 2.
 """
 
 from __future__ import annotations
 
-import ast
-import difflib
 import json
 import sys
-from importlib.machinery import PathFinder
 from pathlib import Path
 
 
@@ -54,6 +52,8 @@ def check_entry(target: str, function: str) -> None:
     module found on sys.path), suggesting the closest name for a typo. Reads the source with `ast`:
     nothing of the user's is imported or run. A file that does not parse, defines names dynamically
     (`import *`) or a module without Python source is left to the job."""
+    import ast
+    import difflib
     if target.endswith(".py"):
         path = Path(target)
     else:
@@ -75,6 +75,7 @@ def check_entry(target: str, function: str) -> None:
 def _module_source(module: str) -> Path | None:
     """The .py file of `module`, found on sys.path like an import would, without importing its
     packages; None when it has no Python source here. Raises UsageError when there is no such module."""
+    from importlib.machinery import PathFinder
     path, origin = None, None
     for depth, part in enumerate(module.split(".")):
         spec = PathFinder.find_spec(part, path) if part.isidentifier() else None
@@ -86,9 +87,10 @@ def _module_source(module: str) -> Path | None:
     return Path(origin) if origin and origin.endswith(".py") else None
 
 
-def _top_level_names(tree: ast.Module) -> set[str] | None:
+def _top_level_names(tree: "ast.Module") -> set[str] | None:
     """Names a module binds at its top level (defs, classes, assignments, imports, also inside a
     top-level `if`/`try`/`with`/`for`); None when it imports `*` (they cannot be known without running it)."""
+    import ast
     names: set[str] = set()
     statements = list(tree.body)
     while statements:
