@@ -258,12 +258,12 @@ def batch(
             sys.stdout.write(result.model_dump_json() + "\n")
     else:
         table = Table(title=f"{len(results)} jobs")
-        for column in ("job", "kernel", "tenant", "verdict", "exit", "wall s", "reason"):
+        for column in ("job", "kernel", "tenant", "verdict", "exit", "wall", "reason"):
             table.add_column(column)
         for spec, r in zip(specs, results):
             table.add_row(r.job_id, spec.kernel, spec.tenant or "-",
                           Text(r.verdict.value, VERDICT_STYLE.get(r.verdict.value, "bold magenta")),
-                          str(r.exit_status), f"{r.usage.wall_seconds:.2f}", r.reason)
+                          str(r.exit_status), secs(r.usage.wall_seconds), r.reason)
         out.print(table)
     raise typer.Exit(interrupts.exit_code or (0 if all(r.verdict is Verdict.ok for r in results) else 1))
 

@@ -10,24 +10,13 @@ import sys
 
 import pytest
 
-import sandbox
 from sandbox import ConfigError, run_kernel, sandboxed
 
 from .conftest import ROOT
+from .test_decorator import default_supervisor  # noqa: F401 - the fixture
 
 UNLIMITED = {"cpu_time": "unlimited", "wall_time": "none", "memory": "unlimited", "address_space": "none",
              "max_processes": "unlimited", "max_output": "none", "max_result": "unlimited", "disk": "unlimited"}
-
-
-@pytest.fixture
-def default_supervisor(tmp_path, monkeypatch):
-    """run_kernel's process-wide supervisor, with this test's state dir; closed afterwards."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    monkeypatch.setenv("TAICHI_SANDBOX_LIMITS", str(ROOT / "limits.toml"))
-    monkeypatch.setattr(sandbox.api, "_default", None)
-    yield
-    if sandbox.api._default is not None:
-        sandbox.api._default.close()
 
 
 def triple(x: int) -> int:
