@@ -30,7 +30,8 @@ from .core.display import VERDICT_STYLE, secs, size, summary, usage_rows
 from .core.limits import BUNDLED_POLICY, ConfigError, Limits, Policy, load_policy, read_file
 from .core.models import EXIT_INTERNAL, EXIT_USAGE, JobResult, JobSpec, Sample, Verdict
 from .node.supervisor import Supervisor
-from .terminal import Echo, Interrupts
+from .terminal import Interrupts
+from .watch.echo import Echo
 from .watch.monitor import JobControl
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,

@@ -41,7 +41,7 @@ from .core.limits import ConfigError, Limits, Policy
 from .core.models import JobResult, JobSpec, Verdict, as_spec
 from .node.executor import Capacity, SandboxExecutor
 from .node.supervisor import Supervisor
-from .terminal import Echo
+from .watch.echo import Echo
 from .watch.monitor import JobControl
 
 CANCEL_RESEND = 2.0  # seconds between soft cancels of a task that has not ended
