@@ -1,6 +1,6 @@
 """"unlimited" and "none" through each Python way in, with real jobs: run_kernel(limits={...}),
 @sandboxed(...) and @pytest.mark.sandbox(...); a misspelt limit is one line that suggests the
-closest name (the CLI and limits.toml: test_cli_hygiene, test_fuzz)."""
+closest name (the marker: at collection; the CLI and limits.toml: test_cli_hygiene, test_fuzz)."""
 
 from __future__ import annotations
 
@@ -42,12 +42,16 @@ def test_a_misspelt_limit_suggests_the_closest(default_supervisor):
         sandboxed(cpu_time="-1s")(triple)(1)
 
 
-INNER = '''
+UNLIMITED_TEST = '''
 import pytest
 
 @pytest.mark.sandbox(cpu_time="unlimited", wall_time="none", memory="unlimited", max_processes="unlimited")
 def test_unlimited():
     assert 1 + 1 == 2
+'''
+
+MISSPELT_TEST = '''
+import pytest
 
 @pytest.mark.sandbox(memroy="1GiB")
 def test_misspelt():
@@ -56,9 +60,17 @@ def test_misspelt():
 
 
 def test_pytest_marker_takes_unlimited_and_names_a_misspelt_limit(tmp_path):
-    (tmp_path / "test_inner.py").write_text(INNER)
+    (tmp_path / "test_unlimited_inner.py").write_text(UNLIMITED_TEST)
+    (tmp_path / "test_misspelt_inner.py").write_text(MISSPELT_TEST)
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "TAICHI_SANDBOX_LIMITS": str(ROOT / "limits.toml")}
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path}/t",
-                        "test_inner.py"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert "1 failed, 1 passed" in p.stdout, p.stdout[-4000:]
-    assert "memroy: unknown key (did you mean 'memory'?)" in p.stdout and "Traceback" not in p.stdout, p.stdout[-4000:]
+
+    def pytest_run(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               f"--basetemp={tmp_path}/t", name], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=300)
+    ran = pytest_run("test_unlimited_inner.py")
+    assert ran.returncode == 0 and "1 passed" in ran.stdout, ran.stdout[-4000:]
+    refused = pytest_run("test_misspelt_inner.py")
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "'memroy' (did you mean 'memory'?)" in output, output[-4000:]
+    assert "Traceback" not in output
