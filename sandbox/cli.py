@@ -82,7 +82,8 @@ def run(
     file: str = typer.Argument(..., help="Taichi script to run (as __main__), or FILE:FUNCTION."),
     extra: Optional[List[str]] = typer.Argument(None, metavar="-- ARGS", help="After '--': the script's argv, or "
                                                 "the entry function's args (each JSON, else a string)."),
-    entry: Optional[str] = typer.Option(None, help="Function in FILE to call with the extra args (JSON)."),
+    entry: Optional[str] = typer.Option(None, help="Function in FILE to call with the args after '--' (checked before "
+                                         "the job starts)."),
     arch: str = typer.Option("cpu", help="cpu | vulkan | cuda | opengl | metal | gpu"),
     profile: Optional[str] = typer.Option(None, help="Profile from the limits file."),
     tenant: Optional[str] = typer.Option(None, help="Tenant from the limits file."),

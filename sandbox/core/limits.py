@@ -6,11 +6,9 @@ from, the key and the value. Nothing here starts processes or touches the job.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union
 
@@ -21,21 +19,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from .errors import ConfigError, closest, joined, no_such, problems
 from .units import (GiB, MiB, Bytes, Count, PlausibleBytes, PlausibleSeconds, Quota, Seconds, parse_address_space,
                     bounded, duration, parse_duration, parse_gpu_memory, parse_rate, parse_size, positive)
-
-
-class ConfigError(ValueError):
-    """A limit, profile, spec or limits.toml value is invalid. The message is one line.
-
-    `detail` is the message without the leading "SOURCE: ", so callers can re-attribute it;
-    `fields` the (field, problem) pairs it was made of, where it came from a model's validation.
-    """
-
-    def __init__(self, message: str, detail: str | None = None, fields: tuple[tuple[str, str], ...] = ()) -> None:
-        super().__init__(message)
-        self.detail = detail if detail is not None else message
-        self.fields = fields
 
 
 _TENANT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")  # also a directory name
@@ -59,65 +45,6 @@ def _key(name: str) -> str:
     return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
 
 
-def describe(err: ValidationError, model: type[BaseModel] | None = None) -> str:
-    """A pydantic ValidationError as one line for people: "field: problem (got VALUE)" per field at
-    fault, joined by "; " (never pydantic's repr of the whole input). An unknown key of `model` (or
-    of a model inside it) suggests the closest valid name."""
-    return _joined(problems(err, model))
-
-
-def _joined(fields: tuple[tuple[str, str], ...]) -> str:
-    return "; ".join(f"{field}: {problem}" for field, problem in fields)
-
-
-def problems(err: ValidationError, model: type[BaseModel] | None = None) -> tuple[tuple[str, str], ...]:
-    """(field, problem) per field at fault in `err` (see `describe`)."""
-    found: dict[str, str] = {}
-    for error in err.errors():
-        loc = tuple(error["loc"])
-        field = ".".join(str(p) for p in loc) or "value"
-        inner = (error.get("ctx") or {}).get("error")
-        if isinstance(inner, ConfigError) and inner.fields:  # a nested model's own one-line error
-            for name, problem in inner.fields:
-                found.setdefault(f"{field}.{name}" if loc else name, problem)
-        elif field in found:  # a union's members each report the same input
-            continue
-        elif error["type"] == "missing":
-            found[field] = "required"
-        elif error["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(loc[-1]), _names_at(model, loc[:-1]), n=1)
-            found[field] = "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
-        else:
-            message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-            found[field] = f"{message.splitlines()[0] if message else 'invalid'} (got {_shown_input(error)})"
-    return tuple(found.items())
-
-
-def _shown_input(error: dict) -> str:
-    shown = repr(error.get("input"))
-    return shown if len(shown) <= 60 else shown[:57] + "..."
-
-
-def _names_at(model: type[BaseModel] | None, loc: tuple) -> list[str]:
-    """The field names of the model at `loc` inside `model`, through Optional, lists and dicts of
-    models (a list index or dict key keeps the element's model); [] where there is none."""
-    for part in loc:
-        if model is not None and part in model.model_fields:
-            model = _model_in(model.model_fields[part].annotation)
-    return sorted(model.model_fields) if model is not None else []
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The (first) pydantic model an annotation holds: itself, or inside Optional/Union/list/dict."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
 class _Strict(BaseModel):
     """Models whose construction errors are one-line `ConfigError`s."""
 
@@ -128,7 +55,7 @@ class _Strict(BaseModel):
             super().__init__(**data)
         except ValidationError as err:
             fields = problems(err, type(self))
-            detail = _joined(fields)
+            detail = joined(fields)
             raise ConfigError(f"{type(self).__name__}: {detail}", detail, fields) from None
 
     @classmethod
@@ -188,13 +115,6 @@ class Limits(_Strict):
         merged = self.model_copy(update=changes)
         object.__setattr__(merged, "__pydantic_fields_set__", self.model_fields_set | set(changes))
         return merged
-
-
-def _no_such(field: str, value: Any, known) -> str:
-    """"FIELD: no such FIELD (got VALUE; did you mean the closest? / known: ...)"."""
-    close = difflib.get_close_matches(value, sorted(known), n=1) if isinstance(value, str) else []
-    hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known)) or 'none defined'}"
-    return f"{field}: no such {field.replace('_', ' ')} (got {value!r}; {hint})"
 
 
 def _shown(name: str, value: Any) -> str:
@@ -364,8 +284,8 @@ class Policy(BaseModel):
         known = {"defaults", "profiles", "tenants", "job_types", "node", "alerts", "sandbox", "service"}
         for key in data:
             if key not in known:
-                close = difflib.get_close_matches(str(key), sorted(known), n=1)
-                hint = f"did you mean [{close[0]}]? " if close else ""
+                close = closest(str(key), known)
+                hint = f"did you mean [{close}]? " if close else ""
                 raise ConfigError(f"{source}: unknown table [{_key(key)}] ({hint}known: {', '.join(sorted(known))})")
         for table in ("profiles", "tenants", "job_types"):
             if not isinstance(data.get(table, {}), dict):
@@ -387,7 +307,7 @@ class Policy(BaseModel):
         for table, entries in (("tenants", tenants), ("job_types", job_types)):
             for name, entry in entries.items():
                 if entry.profile is not None and entry.profile not in profiles:
-                    raise ConfigError(f"{source} [{table}.{_key(name)}]: {_no_such('profile', entry.profile, profiles)}")
+                    raise ConfigError(f"{source} [{table}.{_key(name)}]: {no_such('profile', entry.profile, profiles)}")
         return cls(defaults=defaults, profiles=profiles, tenants=tenants, job_types=job_types,
                    node=Node.parse(data.get("node", {}), f"{source} [node]"),
                    alerts=Alerts.parse(data.get("alerts", {}), f"{source} [alerts]"),
@@ -406,9 +326,9 @@ class Policy(BaseModel):
         defaults), then overrides. A tenant's own profile (else the defaults) is its ceiling: a job
         may lower any limit, never raise one past it (ConfigError naming each)."""
         if tenant is not None and tenant not in self.tenants:
-            raise ConfigError(f"{self.source}: {_no_such('tenant', tenant, self.tenants)}")
+            raise ConfigError(f"{self.source}: {no_such('tenant', tenant, self.tenants)}")
         if job_type is not None and job_type not in self.job_types:
-            raise ConfigError(f"{self.source}: {_no_such('job_type', job_type, self.job_types)}")
+            raise ConfigError(f"{self.source}: {no_such('job_type', job_type, self.job_types)}")
         if profile is None and job_type is not None:
             profile = self.job_types[job_type].profile
         if profile is None and tenant is not None:
@@ -418,7 +338,7 @@ class Policy(BaseModel):
         elif profile in self.profiles:
             base = self.profiles[profile]
         else:
-            raise ConfigError(f"{self.source}: {_no_such('profile', profile, self.profiles)}")
+            raise ConfigError(f"{self.source}: {no_such('profile', profile, self.profiles)}")
         limits = base.merged(overrides) if overrides is not None else base
         if tenant is not None:
             own = self.tenants[tenant].profile

@@ -23,7 +23,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from ..core.limits import describe
+from ..core.errors import describe
 from ..core.models import JobSpec
 from ..core.values import decode_json_fields
 
