@@ -172,7 +172,7 @@ def profiles(limits_file: Optional[Path] = typer.Option(None, help="limits.toml 
     columns = {"[defaults]": policy.defaults, **policy.profiles}
     table.add_column("limit")
     for name in columns:
-        table.add_column(name)
+        table.add_column(Text(name))  # not markup: "[defaults]" is a table name
     for field in Limits.model_fields:
         table.add_row(field, *[_show(getattr(limits, field), field) for limits in columns.values()])
     Console().print(table)

@@ -97,7 +97,7 @@ def test_profiles_show_durations_and_unlimited_as_people_write_them(tmp_path):
     limits = tmp_path / "limits.toml"
     limits.write_text('[defaults]\ncpu_time = "90s"\nwall_time = "4h"\n[profiles.quick]\ncpu_time = "250ms"\n')
     out = cli("profiles", "--limits-file", str(limits), tmp_path=tmp_path).stdout
-    assert "1m30s" in out and "4h" in out and "250ms" in out and "unlimited" in out
+    assert "1m30s" in out and "4h" in out and "250ms" in out and "unlimited" in out and "[defaults]" in out
 
 
 @pytest.mark.parametrize("seconds,shown", [
