@@ -26,9 +26,10 @@ from rich.table import Table
 from rich.text import Text
 
 from .cmdline import UsageError, check_entry, entry_args, manifest, refuse_stray, split_argv
-from .core.display import VERDICT_STYLE, secs, size, summary, usage_rows
+from .core.display import VERDICT_STYLE, size, summary, usage_rows
 from .core.limits import BUNDLED_POLICY, ConfigError, Limits, Policy, load_policy, read_file
 from .core.models import EXIT_INTERNAL, EXIT_USAGE, JobResult, JobSpec, Sample, Verdict
+from .core.units import duration
 from .node.supervisor import Supervisor
 from .terminal import Interrupts
 from .watch.echo import Echo
@@ -185,7 +186,7 @@ def _show(value, name: str) -> str:
     if name in sizes or (name in ("address_space", "gpu_memory") and isinstance(value, int)):
         return size(value)
     if name in ("cpu_time", "wall_time", "grace", "poll_interval"):
-        return secs(value)
+        return duration(value)
     return str(value)
 
 
@@ -271,7 +272,7 @@ def batch(
         for spec, r in zip(specs, results):
             table.add_row(r.job_id, spec.kernel, spec.tenant or "-",
                           Text(r.verdict.value, VERDICT_STYLE.get(r.verdict.value, "bold magenta")),
-                          str(r.exit_status), secs(r.usage.wall_seconds), r.reason)
+                          str(r.exit_status), duration(r.usage.wall_seconds), r.reason)
         out.print(table)
     raise typer.Exit(interrupts.exit_code or (0 if all(r.verdict is Verdict.ok for r in results) else 1))
 

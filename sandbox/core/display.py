@@ -34,16 +34,11 @@ def size(value: float | None) -> str:
     return f"{value:.0f} B"
 
 
-def secs(value: float | None) -> str:
-    """A duration as people write it ('250ms', '1.5s', '1m30s', '4h'); '-' for None."""
-    return duration(value)
-
-
 def usage_rows(limits: Limits, cpu: float, wall: float, rss: int, vms: int, procs: int, output: int,
                disk: int | None = None):
     """(resource, used, limit) rows, as text."""
-    yield "cpu time", secs(cpu), secs(limits.cpu_time)
-    yield "wall time", secs(wall), secs(limits.wall_time)
+    yield "cpu time", duration(cpu), duration(limits.cpu_time)
+    yield "wall time", duration(wall), duration(limits.wall_time)
     yield "memory (RSS, tree)", size(rss), size(limits.memory)
     yield "virtual memory", size(vms), "auto" if limits.address_space == "auto" else size(limits.address_space)
     yield "processes", str(procs), "-" if limits.max_processes is None else str(limits.max_processes)
@@ -61,7 +56,7 @@ def _result_rows(result: "JobResult"):
 def _violation_rows(result: "JobResult"):
     """(resource, limit, observed, action, detected by, pid) per violation, as text."""
     for v in result.violations:
-        fmt = size if v.resource in SIZE_RESOURCES else secs if v.resource.endswith("_time") else (lambda x: f"{x:g}")
+        fmt = size if v.resource in SIZE_RESOURCES else duration if v.resource.endswith("_time") else (lambda x: f"{x:g}")
         yield v.resource, fmt(v.limit), fmt(v.observed), v.action, v.detected_by, str(v.pid)
 
 
