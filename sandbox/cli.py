@@ -137,7 +137,7 @@ def run(
                        output_dir=None if no_outputs else output_dir or ".")
         effective = policy.resolve(profile, tenant, limits)
         if launcher is not None and launcher not in ("forkserver", "exec"):
-            raise ConfigError(f"launcher={launcher!r}: expected forkserver or exec")
+            raise ConfigError(f"launcher: expected forkserver or exec (got {launcher!r})")
     except (ConfigError, UsageError) as e:
         raise _fail(str(e))
     live_view = err.is_terminal and not as_json
