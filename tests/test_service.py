@@ -505,7 +505,7 @@ def test_garbage_truncated_oversized_and_slow_frames_get_an_error_answer(node):
     named = node.ask({"op": "submit", "jobs": [{"kernel": "x.py", "source": "1", "job_id": "mine"}]})[0]["jobs"][0]
     assert named["state"] == "refused" and named["reason"] == "job 1: job_id: the service names jobs"
     typo = node.ask({"op": "submit", "jobs": [{"kernel": "x.py", "source": "1", "limits": {"memroy": "1GiB"}}]})
-    assert typo[0]["jobs"][0]["reason"].startswith("job 1: ") and "unknown key 'memroy'" in typo[0]["jobs"][0]["reason"]
+    assert typo[0]["jobs"][0]["reason"].startswith("job 1: ") and "limits.memroy: unknown key (did you mean 'memory'?)" in typo[0]["jobs"][0]["reason"]
     truncated = _raw(node, frame(b'{"op": "ps"}')[:8], shut=True)
     assert truncated["code"] == "Truncated" and "4 of 12 bytes" in truncated["message"], truncated
     slow = _raw(node, frame(b'{"op": "ps"}')[:8])  # and nothing more: request_timeout is 1 s
@@ -799,8 +799,8 @@ def test_serve_check_validates_the_configuration(tmp_path):
                         capture_output=True, text=True)
     assert ok.returncode == 0 and "ok (socket /tmp/x.sock, 1 tenants, 1 with users/groups" in ok.stdout
     for text, message in (('[tenants.a]\nusers = ["no-such-user-14"]\n', "users: no such user 'no-such-user-14'"),
-                          ('[service]\nmax_conections_per_uid = 3\n', "unknown key 'max_conections_per_uid'"),
-                          ('[service]\nunknown_users = "maybe"\n', "unknown_users='maybe'"),
+                          ('[service]\nmax_conections_per_uid = 3\n', "max_conections_per_uid: unknown key (did you mean 'max_connections_per_uid'?)"),
+                          ('[service]\nunknown_users = "maybe"\n', "unknown_users: Input should be 'default' or 'refuse' (got 'maybe')"),
                           ('[service]\ngroup = "no-such-group-14"\n', "group='no-such-group-14': no such group")):
         limits.write_text(text)
         bad = subprocess.run([sys.executable, "-m", "sandbox", "serve", "--check", "--limits-file", str(limits)],

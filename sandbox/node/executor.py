@@ -32,12 +32,12 @@ from typing import Callable, Iterable, Iterator
 from ..core.limits import ConfigError, Policy, Tenant
 from ..core.models import JobResult, JobSpec, Verdict, as_spec
 from ..core.ratelimit import TokenBucket
+from ..watch.echo import Echo
 from ..watch.monitor import JobControl
 from .alerts import Alerts
 from .metrics import Metrics, quota_gauges
 from .quotas import (Capacity, Demand, QuotaFile, TenantUsage, admission_problem, demand, fits, node_capacity,
                      report)
-from ..terminal import Echo
 from .supervisor import Supervisor
 
 AGEING_SECONDS = 10.0
