@@ -367,7 +367,7 @@ class NodeSupervisor(Supervisor):
         source, record.source = record.source, None  # not kept in memory once the job has its copy
         try:
             result = super().run(spec, sampled, control, sent=Sent(source, tuple(inputs)), on_output=output,
-                                 hold_result=record.hold_result)
+                                 hold_result=record.hold_result, **kwargs)
             if spool is not None:
                 record.files.put(spool, [_owned(copy, spool, record.peer) for copy in result.outputs
                                          if os.path.isfile(copy)])
