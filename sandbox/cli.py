@@ -309,8 +309,8 @@ def report(since: Optional[str] = typer.Option(None, help="Jobs that ended since
                                                         "or an ISO date/time (default: the whole log)."),
            until: Optional[str] = typer.Option(None, help="... and before: the same forms (default: now)."),
            by: str = typer.Option("tenant", help="Group by tenant, user, verdict or job_type."),
-           audit_log: Optional[Path] = typer.Option(None, help="The audit log (its rotated files beside it are "
-                                                               "read too; default: the policy's)."),
+           audit_log: Optional[str] = typer.Option(None, help="The audit log (its rotated files beside it are "
+                                                              "read too; default: the policy's)."),
            limits_file: Optional[Path] = typer.Option(None, help="limits.toml, for its audit_log."),
            as_json: bool = typer.Option(False, "--json", help="One object per group, and the totals."),
            as_csv: bool = typer.Option(False, "--csv", help="A header and one row per group.")) -> None:
@@ -321,7 +321,7 @@ def report(since: Optional[str] = typer.Option(None, help="Jobs that ended since
     try:
         if as_json and as_csv:
             raise ValueError("--json and --csv: choose one")
-        path = audit_log or load_policy(limits_file).settings.resolved_audit_log()
+        path = Path(audit_log) if audit_log else load_policy(limits_file).settings.resolved_audit_log()
         found = accounting.build(path, by, since, until)
     except (ValueError, ConfigError) as e:
         raise _fail(str(e))

@@ -184,7 +184,8 @@ class _Reader:
             if self._inside(record.get("ts")):
                 self.job(record, earlier, owner)
         elif kind == "refused" and self._inside(record.get("ts")) and self._visible(record, owner):
-            self._group(record, "refused").refused += 1
+            key = _key(record, self.report.by, "refused")
+            self.report.groups.setdefault(key, Group()).refused += 1
 
     def job(self, record: dict, earlier: list[bytes], owner: int) -> None:
         violations: list[dict] = []
@@ -208,8 +209,10 @@ class _Reader:
         if not self._visible(record, owner):
             return
         verdict = record.get("verdict") if record["type"] == "job" else "aborted"
-        group = self._group(record, verdict)
-        account_job(group, record, verdict)
+        key = _key(record, self.report.by, verdict)
+        group = self.report.groups.get(key) or Group()
+        account_job(group, record, verdict)  # raises before adding anything for a malformed record
+        self.report.groups[key] = group
         for v in violations:
             if v.get("action") != "warn":
                 resource = str(v.get("resource"))
@@ -231,13 +234,6 @@ class _Reader:
             return self.uid is None or json.loads(line).get("uid") == self.uid
         except (ValueError, AttributeError):
             return False
-
-    def _group(self, record: dict, verdict) -> Group:
-        key = _key(record, self.report.by, verdict)
-        group = self.report.groups.get(key)
-        if group is None:
-            group = self.report.groups[key] = Group()
-        return group
 
 
 _scan = json.JSONDecoder().scan_once
