@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -88,21 +90,29 @@ def generate(directory: Path, records: int = 1_000_000, seed: int = 21) -> Path:
     return log
 
 
-def timed_report(log: Path) -> tuple[float, dict]:
-    """Seconds `taichi-sandbox report --json --by tenant` takes over `log` in a fresh process, and its output."""
-    began = time.perf_counter()
+def timed_report(log: Path) -> tuple[float, float, dict]:
+    """(wall seconds, CPU seconds of the process and its workers) `taichi-sandbox report --json`
+    takes over `log` in a fresh process, and its output."""
+    began, cpu = time.perf_counter(), _children_cpu()
     done = subprocess.run([sys.executable, "-m", "sandbox", "report", "--audit-log", str(log), "--json"],
                           capture_output=True, text=True, check=True)
-    return time.perf_counter() - began, json.loads(done.stdout)
+    return time.perf_counter() - began, _children_cpu() - cpu, json.loads(done.stdout)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def report_row(bench) -> None:
-    """The `make bench` row: report over 1M records (median of 3 runs)."""
+    """The `make bench` rows: report over 1M records, wall and CPU time (median of 3 runs)."""
     with tempfile.TemporaryDirectory(prefix="tsbx-bench-audit-") as directory:
         log = generate(Path(directory))
-        times = sorted(timed_report(log)[0] for _ in range(3))
-        bench.add("report over 1M audit records, 12 rotated files (s)", times, times[1], f"≤ {GOAL_SECONDS:g}",
-                  times[1] <= GOAL_SECONDS, "s")
+        runs = [timed_report(log)[:2] for _ in range(3)]
+        wall, cpu = sorted(r[0] for r in runs), sorted(r[1] for r in runs)
+        bench.add("report over 1M audit records in 12 rotated files, wall (s)", wall, wall[1],
+                  f"≤ {GOAL_SECONDS:g}", wall[1] <= GOAL_SECONDS, "s")
+        bench.add("... its CPU time, all processes (s)", cpu, cpu[1], "report", None, "s")
 
 
 def main() -> None:
@@ -115,8 +125,9 @@ def main() -> None:
         size = sum(p.stat().st_size for p in Path(directory).iterdir())
         print(f"generated {args.records} records in {time.perf_counter() - began:.1f} s ({size / 2**20:.0f} MiB on disk)")
         for _ in range(3):
-            seconds, out = timed_report(log)
-            print(f"report: {seconds:.2f} s, {out['totals']['jobs']} jobs, {out['totals']['refused']} refused, "
+            seconds, cpu, out = timed_report(log)
+            print(f"report: {seconds:.2f} s ({cpu:.2f} s CPU, load average {os.getloadavg()[0]:.1f}), "
+                  f"{out['totals']['jobs']} jobs, {out['totals']['refused']} refused, "
                   f"{out['totals']['skipped_lines']} skipped")
 
 

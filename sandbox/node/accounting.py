@@ -9,29 +9,23 @@ when it ended (its final record's `ts`) in [since, until). Lines that are not JS
 write, a corrupt file) are skipped and counted; a field an old record lacks is `unknown`, never an
 error.
 
-Fast path: every line is first classified by its prefix; a `job` record outside the window is
-dropped after reading only its `job_id` and `ts` (no JSON parsing), and `started`/`submitted`/
-`violation` lines are kept unparsed until their job's final record needs them.
+Files are scanned in parallel (sandbox.node.auditscan, a process per file up to the CPUs this
+process may use) and joined oldest first.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
+import multiprocessing
 import os
 import re
-import zlib
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 GIB_HOUR = (1 << 30) * 3600.0  # byte-seconds in a GiB·h
 KEYS = ("tenant", "user", "verdict", "job_type")
 ROTATED = r"(?:\.\d+|-\d{8}(?:\d{2})?(?:-\d+)?)(?:\.gz)?"
-JOB_PREFIX = b'{"type":"job","job_id":"'
-KEPT_PREFIXES = (b'{"type":"started","job_id":"', b'{"type":"submitted","job_id":"', b'{"type":"violation","job_id":"')
-SKIPPED_PREFIXES = (b'{"type":"alert"', b'{"type":"service"')
-TS = b'"ts":'
 FILL = frozenset(("tenant", "uid", "user", "job_type", "started_at", "submitted_at", "reserved", "limits", "arch"))
 
 
@@ -119,6 +113,12 @@ class Report:
     files: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
+    def merge(self, other: "Report") -> None:
+        for key, group in other.groups.items():
+            self.groups.setdefault(key, Group()).merge(group)
+        self.skipped_lines += other.skipped_lines
+        self.problems += other.problems
+
     def totals(self) -> Group:
         total = Group()
         for group in self.groups.values():
@@ -126,147 +126,7 @@ class Report:
         return total
 
 
-class _Reader:
-    """One pass over the files, feeding final records to the report."""
-
-    def __init__(self, report: Report, since: float | None, until: float | None, uid: int | None) -> None:
-        self.report, self.since, self.until, self.uid = report, since, until, uid
-        self.pending: dict[str, list[bytes]] = {}  # job id -> its unparsed submitted/started/violation lines
-
-    def read(self, path: Path) -> None:
-        owner = path.stat().st_uid
-        if self.since is not None and path.stat().st_mtime < self.since:
-            return  # written to last before the window: nothing in it ended inside
-        self.report.files.append(str(path))
-        opened = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
-        pending, since, until = self.pending, self.since or -math.inf, self.until or math.inf
-        with opened as lines:
-            try:
-                for line in lines:  # the common forms inline: this loop is the report's cost
-                    if line.startswith(KEPT_PREFIXES):
-                        start = line.index(b'"job_id":"') + 10
-                        end = line.find(b'"', start)
-                        if end > 0 and line.endswith(b"}\n") and line.find(b'{"type":"', 1) < 0:  # not glued
-                            pending.setdefault(line[start:end].decode(), []).append(line)
-                            continue
-                    elif line.startswith(JOB_PREFIX):
-                        job_id, ts = _fast(line)
-                        if ts is not None and not since <= ts < until:
-                            pending.pop(job_id, None)
-                            continue
-                    elif line.startswith(SKIPPED_PREFIXES):
-                        continue
-                    self.line(line, owner)
-            except (OSError, EOFError, zlib.error) as err:
-                self.report.problems.append(f"{path}: unreadable from some point on ({err}): the rest skipped")
-
-    def line(self, line: bytes, owner: int) -> None:
-        """Any line the fast forms did not take."""
-        try:
-            record = _parse(line)
-            kind = record["type"]
-        except (ValueError, TypeError, KeyError):
-            self.report.skipped_lines += 1
-            glued = line.rfind(b'{"type":"')  # a record appended after a torn line, on the same line
-            if glued > 0:
-                self.line(line[glued:], owner)
-            return
-        try:
-            self.record(record, kind, owner)
-        except (TypeError, ValueError, AttributeError):  # fields of the wrong type: not an audit record
-            self.report.skipped_lines += 1
-
-    def record(self, record: dict, kind: str, owner: int) -> None:
-        if kind in ("started", "submitted", "violation"):
-            self.pending.setdefault(str(record.get("job_id")), []).append(json.dumps(record).encode())
-        elif kind in ("job", "aborted"):
-            earlier = self.pending.pop(str(record.get("job_id")), [])
-            if self._inside(record.get("ts")):
-                self.job(record, earlier, owner)
-        elif kind == "refused" and self._inside(record.get("ts")) and self._visible(record, owner):
-            key = _key(record, self.report.by, "refused")
-            self.report.groups.setdefault(key, Group()).refused += 1
-
-    def job(self, record: dict, earlier: list[bytes], owner: int) -> None:
-        violations: list[dict] = []
-        wanting = bool(earlier) and not record.keys() >= FILL
-        for line in earlier:
-            if not (wanting or line.startswith(b'{"type":"violation"')):
-                continue
-            try:
-                other = _parse(line)
-            except (ValueError, AttributeError):
-                self.report.skipped_lines += 1
-                continue
-            if other.get("type") == "violation":
-                violations.append(other)
-            else:
-                if other.get("type") == "submitted" and "submitted_at" not in record:
-                    record["submitted_at"] = other.get("ts")
-                for name in FILL:
-                    if name not in record and name in other:
-                        record[name] = other[name]
-        if not self._visible(record, owner):
-            return
-        verdict = record.get("verdict") if record["type"] == "job" else "aborted"
-        key = _key(record, self.report.by, verdict)
-        group = self.report.groups.get(key) or Group()
-        account_job(group, record, verdict)  # raises before adding anything for a malformed record
-        self.report.groups[key] = group
-        for v in violations:
-            if v.get("action") != "warn":
-                resource = str(v.get("resource"))
-                group.violations[resource] = group.violations.get(resource, 0) + 1
-
-    def _inside(self, ts) -> bool:
-        if not isinstance(ts, (int, float)):
-            return self.since is None and self.until is None  # no time: only an unbounded report counts it
-        return (self.since is None or ts >= self.since) and (self.until is None or ts < self.until)
-
-    def _visible(self, record: dict, owner: int) -> bool:
-        """Whether the reader may see the record: root all; others their own uid's (a record without
-        a uid is the log owner's)."""
-        return self.uid is None or record.get("uid", owner) == self.uid
-
-    def visible_line(self, line: bytes) -> bool:
-        """`_visible` for an unparsed line (one without a uid: only root sees it)."""
-        try:
-            return self.uid is None or json.loads(line).get("uid") == self.uid
-        except (ValueError, AttributeError):
-            return False
-
-
-_scan = json.JSONDecoder().scan_once
-
-
-def _parse(line: bytes):
-    """json.loads for one whole line, without its per-call overhead (ValueError when it is not one
-    JSON value)."""
-    text = line.decode()
-    try:
-        value, end = _scan(text, 0)
-    except StopIteration:
-        raise ValueError("not JSON") from None
-    if end != len(text) and text[end:].strip():
-        raise ValueError("extra data")
-    return value
-
-
-def _fast(line: bytes) -> tuple[str | None, float | None]:
-    """A `job` line's job id and top-level `ts` without parsing it (None where the form differs)."""
-    start = len(JOB_PREFIX)
-    end = line.find(b'"', start)
-    at = line.find(TS, end)
-    if end < 0 or at < 0:
-        return None, None
-    stop = line.find(b",", at)
-    try:
-        return line[start:end].decode(), float(line[at + len(TS):stop])
-    except ValueError:
-        return None, None
-
-
-def _key(record: dict, by: str, verdict) -> str:
+def group_key(record: dict, by: str, verdict) -> str:
     """The record's group: its field `by`; `unknown` where an old record lacks it. No tenant is
     the default tenant; no job type, `-`."""
     if by == "verdict":
@@ -323,15 +183,48 @@ def account(path: Path, by: str, since: float | None = None, until: float | None
     """The report over the log at `path` and its rotated files, grouped `by` one of KEYS, of jobs
     that ended in [since, until) (epoch seconds; None: unbounded). `uid`: see only that uid's records
     (None: all). Raises AccountingError when the log cannot be read."""
-    report = Report(by)
-    reader = _Reader(report, since, until, uid)
+    from .auditscan import Scan, scan_file
+
+    files = []
     for file in log_files(path):
         try:
-            reader.read(file)
+            if since is not None and file.stat().st_mtime < since:
+                continue  # written to last before the window: nothing in it ended inside
+            open(file, "rb").close()
         except PermissionError:
             raise AccountingError(f"cannot read the audit log {file}: permission denied (it is root's: run the "
                                   "report as root, or ask the node's operator)") from None
         except OSError as err:
             raise AccountingError(f"cannot read the audit log {file}: {err.strerror or err}") from None
-    report.unfinished = sum(1 for lines in reader.pending.values() if reader.visible_line(lines[0]))
+        files.append(file)
+    joined = Scan(by, since, until, uid)  # joins each file's part to what the earlier files left
+    report = joined.part.report
+    report.files = [str(file) for file in files]
+    workers = min(len(files), len(os.sched_getaffinity(0)))
+    tasks = ([file, by, since, until, uid] for file in files)
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            _join(joined, pool.map(scan_file, *zip(*tasks)))
+    else:
+        _join(joined, (scan_file(*task) for task in tasks))
+    report.unfinished = sum(1 for lines in joined.part.pending.values() if joined.visible_line(lines[0]))
     return report
+
+
+def _join(joined, parts) -> None:
+    """Join the files' parts, oldest first: each final record takes its job's lines left by earlier
+    files (violations, what it lacked); each file's leftover lines wait for later ones."""
+    pending, report = joined.part.pending, joined.part.report
+    for part in parts:
+        for job_id, key, record, owner in part.finals:
+            earlier = pending.pop(job_id, None)
+            if record is not None:
+                try:
+                    joined.job(record, earlier or [], owner)
+                except (TypeError, ValueError, AttributeError):
+                    report.skipped_lines += 1
+            elif earlier and key is not None:
+                joined.violations(report.groups.setdefault(key, Group()), joined.fill({}, earlier))
+        report.merge(part.report)
+        for job_id, lines in part.pending.items():
+            pending.setdefault(job_id, []).extend(lines)
