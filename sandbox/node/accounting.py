@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,27 +192,37 @@ def account(path: Path, by: str, since: float | None = None, until: float | None
             if since is not None and file.stat().st_mtime < since:
                 continue  # written to last before the window: nothing in it ended inside
             open(file, "rb").close()
-        except PermissionError:
-            raise AccountingError(f"cannot read the audit log {file}: permission denied (it is root's: run the "
-                                  "report as root, or ask the node's operator)") from None
         except OSError as err:
-            raise AccountingError(f"cannot read the audit log {file}: {err.strerror or err}") from None
+            raise _unreadable(file, err) from None
         files.append(file)
-    joined = Scan(by, since, until, uid)  # joins each file's part to what the earlier files left
+    tasks = [(file, by, since, until, uid) for file in files]
+    workers = min(len(files), len(os.sched_getaffinity(0)))
+    joined = None
+    if workers > 1:
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                joined = _join(Scan(by, since, until, uid), pool.map(scan_file, *zip(*tasks)))
+        except (OSError, BrokenProcessPool):  # no processes here (no /dev/shm, a worker killed): in this one
+            joined = None
+    if joined is None:
+        try:
+            joined = _join(Scan(by, since, until, uid), (scan_file(*task) for task in tasks))
+        except OSError as err:  # a file gone or made unreadable since it was checked
+            raise _unreadable(Path(err.filename or path), err) from None
     report = joined.part.report
     report.files = [str(file) for file in files]
-    workers = min(len(files), len(os.sched_getaffinity(0)))
-    tasks = ([file, by, since, until, uid] for file in files)
-    if workers > 1:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            _join(joined, pool.map(scan_file, *zip(*tasks)))
-    else:
-        _join(joined, (scan_file(*task) for task in tasks))
     report.unfinished = sum(1 for lines in joined.part.pending.values() if joined.visible_line(lines[0]))
     return report
 
 
-def _join(joined, parts) -> None:
+def _unreadable(file: Path, err: OSError) -> AccountingError:
+    if isinstance(err, PermissionError):
+        return AccountingError(f"cannot read the audit log {file}: permission denied (it is root's: run the "
+                               "report as root, or ask the node's operator)")
+    return AccountingError(f"cannot read the audit log {file}: {err.strerror or err}")
+
+
+def _join(joined, parts):
     """Join the files' parts, oldest first: each final record takes its job's lines left by earlier
     files (violations, what it lacked); each file's leftover lines wait for later ones."""
     pending, report = joined.part.pending, joined.part.report
@@ -228,3 +239,4 @@ def _join(joined, parts) -> None:
         report.merge(part.report)
         for job_id, lines in part.pending.items():
             pending.setdefault(job_id, []).extend(lines)
+    return joined

@@ -56,7 +56,7 @@ class Scan:
                         start = line.index(b'"job_id":"') + 10
                         end = line.find(b'"', start)
                         if end > 0 and line.endswith(b"}\n") and line.find(b'{"type":"', 1) < 0:  # not glued
-                            pending.setdefault(line[start:end].decode(), []).append(line)
+                            pending.setdefault(line[start:end].decode(errors="replace"), []).append(line)
                             continue
                     elif line.startswith(JOB_PREFIX):
                         job_id, ts = _fast(line)
