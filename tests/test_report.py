@@ -129,11 +129,16 @@ def test_report_by_each_key_and_csv_parses_back(jobs, key, expected):
         assert [row["queue_wait_mean_seconds"] for row in rows if row["verdict"] == "error"] == [""]  # unknown
 
 
-def test_the_table_is_the_default(jobs):
-    log, _, _ = jobs
+def test_the_table_is_the_default_and_the_log_the_policys(jobs, tmp_path):
+    log, _, root = jobs
     done = report(log, "--by", "verdict")
     assert done.returncode == 0 and done.stderr == ""
     assert "wall_time" in done.stdout and "total" in done.stdout and "violations by resource" in done.stdout
+    limits = tmp_path / "limits.toml"
+    limits.write_text(f'[sandbox]\naudit_log = "{log}"\n')
+    command = [sys.executable, "-m", "sandbox", "report", "--limits-file", str(limits), "--csv"]
+    policy = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert policy.returncode == 0 and policy.stdout == report(log, "--csv").stdout
 
 
 def test_since_and_until_select_jobs_by_their_end(jobs):
