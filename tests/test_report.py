@@ -158,6 +158,7 @@ def test_since_and_until_select_jobs_by_their_end(jobs):
     (["--by", "kernel"], "--by 'kernel': expected one of tenant, user, verdict, job_type"),
     (["--json", "--csv"], "--json and --csv: choose one"),
     (["--since", "1h", "--until", "2h"], "--since must be before --until"),
+    (["--since", "2026-13-01"], "--since '2026-13-01': expected"),
 ])
 def test_bad_input_is_one_line_and_exit_2(jobs, args, message):
     log, _, _ = jobs
@@ -260,6 +261,11 @@ def test_a_user_sees_only_their_own_records_and_root_logs_are_refused_in_one_lin
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr == f"taichi-sandbox: error: cannot read the audit log {shared}: permission denied (it is " \
                           "root's: run the report as root, or ask the node's operator)\n"
+    home.chmod(0o700)  # ... or its directory is root's
+    hidden = report(shared, "--json", uid=UID_A)
+    assert hidden.returncode == 1 and "permission denied (it is root's" in hidden.stderr
+    assert hidden.stderr.count("\n") == 1
+    home.chmod(0o755)
     shared.chmod(0o644)  # an operator made it readable: the user still sees only their own jobs
     seen = report(shared, "--json", "--by", "user", uid=UID_A)
     assert seen.returncode == 0, seen.stderr

@@ -40,8 +40,10 @@ def log_files(path: Path) -> list[Path]:
     pattern = re.compile(re.escape(path.name) + ROTATED + r"\Z")
     try:
         names = [name for name in os.listdir(path.parent) if pattern.match(name)]
-    except OSError as err:
-        raise AccountingError(f"cannot read the audit log's directory {path.parent}: {err.strerror}") from None
+    except FileNotFoundError:
+        names = []
+    except OSError as err:  # its directory is root's
+        raise _unreadable(path, err) from None
 
     def age(name: str) -> tuple:
         suffix = name[len(path.name):].removesuffix(".gz")

@@ -35,7 +35,7 @@ def moment(value: str, now: float, option: str) -> float:
         pass
     try:
         return datetime.fromisoformat(value.strip()).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError, OSError):  # not a date, or one the platform cannot place
         raise ValueError(f"{option} {value!r}: expected a duration ago (7d, 12h, 30m, 90s, 2w) or an ISO date "
                          "(2026-12-01, 2026-12-01T08:00)") from None
 
