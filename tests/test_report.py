@@ -215,6 +215,9 @@ def test_torn_corrupt_and_old_format_lines_are_skipped_or_counted_as_unknown(job
         json.dumps({"type": "violation", "job_id": "old1", "tenant": "carol", "ts": 1.0, "resource": "cpu_time",
                     "action": "warn"}) + "\n",
         json.dumps(old) + "\n",
+        json.dumps({**old, "job_id": "rej", "verdict": "rejected", "started_at": old["ts"], "job_type": None,
+                    "usage": {"cpu_seconds": 0.0, "wall_seconds": 0.0, "peak_rss": 0, "peak_memory": None},
+                    "limits": {"memory": None, "gpu_memory": None}}) + "\n",  # it held nothing: not unknown
         json.dumps({"type": "refused", "ts": time.time(), "tenant": "carol", "uid": 5, "reason": "quota"}) + "\n",
         json.dumps({"type": "started", "job_id": "still-running", "tenant": "carol", "ts": time.time()}) + "\n",
         '{"type":"job","job_id":"half',  # the last line, torn
@@ -226,12 +229,12 @@ def test_torn_corrupt_and_old_format_lines_are_skipped_or_counted_as_unknown(job
     assert done.stderr == "taichi-sandbox: warning: 6 unreadable audit lines skipped\n"
     data = json.loads(done.stdout)
     carol = by_name(data)["carol"]
-    assert carol["jobs"] == 1 and carol["refused"] == 1 and carol["violations"] == {"memory": 1}
+    assert carol["jobs"] == 2 and carol["refused"] == 1 and carol["violations"] == {"memory": 1}
     assert carol["cpu_seconds"] == 2.0 and carol["peak_memory_bytes"] == 100
-    assert carol["reserved_memory_gib_hours"] is None and carol["queue_wait"]["jobs"] == 0
+    assert carol["reserved_memory_gib_hours"] == 0 and carol["queue_wait"]["jobs"] == 0  # the old one: unknown
     assert carol["unknown"] == {"gpu_memory_gib_hours": 1, "reserved_memory_gib_hours": 1}
-    assert data["totals"]["jobs"] == 6 and data["totals"]["unfinished"] == 1 and data["totals"]["skipped_lines"] == 6
-    assert by_name(report_json(path, "--by", "user"))["unknown"]["jobs"] == 1  # carol's old record has no uid
+    assert data["totals"]["jobs"] == 7 and data["totals"]["unfinished"] == 1 and data["totals"]["skipped_lines"] == 6
+    assert by_name(report_json(path, "--by", "user"))["unknown"]["jobs"] == 2  # carol's records have no uid
     table = report(path)
     assert table.returncode == 0 and "unknown" in table.stdout and "older records" in table.stdout
 

@@ -158,6 +158,8 @@ def account_job(group: Group, record: dict, verdict) -> None:
     gpu = reserved.get("gpu_memory", limits.get("gpu_memory"))
     if not isinstance(gpu, int) and record.get("arch") == "cpu" and limits:
         gpu = 0  # a CPU job holds no device memory (a fraction, or none, of a device it does not use)
+    if verdict == "rejected" or held == 0:
+        memory = gpu = 0  # it never ran: it held nothing
     values = (("cpu_seconds", usage.get("cpu_seconds") + 0 if "cpu_seconds" in usage else None),
               ("wall_seconds", wall + 0 if wall is not None else None),
               ("reserved_memory_gib_hours", None if memory is None or held is None else memory * held / GIB_HOUR),
