@@ -236,7 +236,7 @@ def test_torn_corrupt_and_old_format_lines_are_skipped_or_counted_as_unknown(job
     assert data["totals"]["jobs"] == 7 and data["totals"]["unfinished"] == 1 and data["totals"]["skipped_lines"] == 6
     assert by_name(report_json(path, "--by", "user"))["unknown"]["jobs"] == 2  # carol's records have no uid
     table = report(path)
-    assert table.returncode == 0 and "unknown" in table.stdout and "older records" in table.stdout
+    assert table.returncode == 0 and "0.0*" in table.stdout and "older records" in table.stdout
 
 
 def test_a_truncated_gzip_file_is_reported_and_the_rest_read(jobs, tmp_path):
