@@ -27,6 +27,7 @@ import time
 from . import DEFAULT_IDLE, ENV_IDLE, private_dir, stamp
 from .worker import Spare, attributes, serve
 
+PRELOAD = ("sandbox.cli", "pynvml")  # pynvml: imported by each run's NVML probe (sandbox.watch.gpu)
 STAMP_CHECK = 30.0  # seconds between checks that the installed code is still the stamp's
 
 
@@ -171,8 +172,11 @@ def main(argv: list[str]) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os._exit(0)  # another server has this stamp
-    importlib.import_module("sandbox.cli")
+    for module in PRELOAD:
+        importlib.import_module(module)
     del sys.modules["sandbox.cli"]  # each worker runs its body again, with the client's stdio and env
+    from ..job import namespaces
+    namespaces.probe()  # its pass is remembered for the workers (see namespaces.probe)
     path = os.path.join(directory, f"{name}.sock")
     try:
         os.unlink(path)  # one a server that died left (we hold the lock)
