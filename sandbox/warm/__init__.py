@@ -57,9 +57,13 @@ def private_dir() -> str:
 
 
 def stamp() -> str:
-    """What identifies the code a server runs: the interpreter, this package's files (path, size,
-    mtime) and the site-packages directory's mtime (changed by pip installs)."""
+    """What identifies a server: the code it runs (the interpreter, this package's files' paths,
+    sizes and mtimes, the site-packages directory's mtime, which pip installs change) and the
+    cgroups it runs in (a run's processes stay in its caller's: another login session or batch
+    allocation gets a server of its own)."""
     digest = hashlib.sha256(f"{sys.executable}\0{PACKAGE}\0{sys.version}".encode())
+    with open("/proc/self/cgroup", "rb") as f:
+        digest.update(f.read())
     for top, dirs, files in os.walk(PACKAGE):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__")
         for name in sorted(f for f in files if f.endswith((".py", ".toml"))):

@@ -31,14 +31,20 @@ PRELOAD = ("sandbox.cli", "pynvml")  # pynvml: imported by each run's NVML probe
 STAMP_CHECK = 30.0  # seconds between checks that the installed code is still the stamp's
 
 
-def _first_key() -> tuple[str | None, dict[str, str]] | None:
-    """The (audit log, base_env) a run from the starting client's directory would give its
-    fork-server; None when its policy does not use one (or does not load)."""
+def _warm_up() -> tuple[str | None, dict[str, str]] | None:
+    """Do ahead, in the starting client's directory and environment, what every run would do
+    first (the namespace probe, the disk image template of its policy's default limit); the
+    (audit log, base_env) of its fork-server, or None when its policy does not use one or does
+    not load."""
     from ..core.audit import AuditLog
-    from ..core.limits import load_policy
+    from ..core.limits import Limits, load_policy
+    from ..job import namespaces
+    from ..job.disk import JobDisks
     from ..job.interpreter import base_env
+    namespaces.probe()  # its pass is remembered for the workers (see namespaces.probe)
     try:
         policy = load_policy()
+        JobDisks(policy.settings).prepare(policy.resolve(None, None, Limits()).disk)
     except Exception:  # noqa: BLE001 - the run itself reports a broken policy
         return None
     if policy.settings.launcher != "forkserver":
@@ -60,7 +66,8 @@ def _start_spare(key: tuple[str | None, dict[str, str]] | None) -> Spare | None:
 
 
 class Zygote:
-    """The accept loop: `name` is its stamp, `lock` the descriptor holding its lock."""
+    """The accept loop: `name` is its stamp, `lock` the descriptor holding its lock, `idle` how
+    long it waits without work (an invalid $TAICHI_SANDBOX_WARM_IDLE gives the default)."""
 
     def __init__(self, name: str, listener: socket.socket, lock: int, idle: float) -> None:
         self.name, self.listener, self.lock, self.idle = name, listener, lock, idle
@@ -76,7 +83,7 @@ class Zygote:
         self.sel.register(listener, selectors.EVENT_READ, "accept")
         self.sel.register(self.wake_r, selectors.EVENT_READ, "signal")
         self.workers: dict[int, int] = {}  # pid -> the read end of its report pipe
-        self.key = _first_key()
+        self.key = _warm_up()
         self.spare = _start_spare(self.key)
         self.last = time.monotonic()
 
@@ -162,6 +169,11 @@ class Zygote:
 
 def main(argv: list[str]) -> None:
     ready, directory, name = int(argv[0]), argv[1], argv[2]
+    try:
+        idle = float(os.environ.get(ENV_IDLE, DEFAULT_IDLE))
+    except ValueError:
+        idle = DEFAULT_IDLE
+    idle = idle if idle > 0 else DEFAULT_IDLE  # NaN and non-positive values too
     if os.fork() > 0:  # detach: the client's starter returns at once; we are reparented
         os._exit(0)
     if private_dir() != directory or stamp() != name:
@@ -175,8 +187,6 @@ def main(argv: list[str]) -> None:
     for module in PRELOAD:
         importlib.import_module(module)
     del sys.modules["sandbox.cli"]  # each worker runs its body again, with the client's stdio and env
-    from ..job import namespaces
-    namespaces.probe()  # its pass is remembered for the workers (see namespaces.probe)
     path = os.path.join(directory, f"{name}.sock")
     try:
         os.unlink(path)  # one a server that died left (we hold the lock)
@@ -187,7 +197,7 @@ def main(argv: list[str]) -> None:
     listener.bind(path)
     os.chmod(path, 0o600)
     listener.listen(64)
-    zygote = Zygote(name, listener, lock, float(os.environ.get(ENV_IDLE, DEFAULT_IDLE)))
+    zygote = Zygote(name, listener, lock, idle)
     os.chdir("/")
     pid_path = os.path.join(directory, f"{name}.pid")
     with open(pid_path, "w") as f:
