@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     from .cli import main as local
     if command in (None, "--help", "-h"):
         print("Node service: taichi-sandbox serve | ps | cancel JOB | logs JOB [--follow] | events "
-              "(run, batch and quota use a running service unless --local).")
+              "(run, batch and quota use a running service unless --local). Warm server of `run`: "
+              "taichi-sandbox warm status | stop.")
     local()
 
 

@@ -82,7 +82,7 @@ class Zygote:
         self.sel = selectors.DefaultSelector()
         self.sel.register(listener, selectors.EVENT_READ, "accept")
         self.sel.register(self.wake_r, selectors.EVENT_READ, "signal")
-        self.workers: dict[int, int] = {}  # pid -> the read end of its report pipe
+        self.workers: dict[int, int | None] = {}  # pid -> the read end of its report pipe, until EOF
         self.key = _warm_up()
         self.spare = _start_spare(self.key)
         self.last = time.monotonic()
@@ -101,6 +101,8 @@ class Zygote:
                     return
                 checked = now
             for key, _ in self.sel.select(min(STAMP_CHECK, max(0.0, self.idle - (now - self.last)) + 0.01)):
+                if self.sel.get_map().get(key.fd) is not key:
+                    continue  # a report pipe closed by an earlier event of this round
                 if key.data == "accept":
                     self._accept()
                 elif key.data == "signal":
@@ -121,12 +123,23 @@ class Zygote:
             conn.close()
             return
         self.last = time.monotonic()
-        report_r, report_w = os.pipe()
-        pid = os.fork()
+        try:
+            report_r, report_w = os.pipe()
+        except OSError:
+            conn.close()  # the client runs in-process
+            return
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (report_r, report_w):
+                os.close(fd)
+            conn.close()
+            return
         if pid == 0:
             signal.set_wakeup_fd(-1)
             self.sel.close()
-            for fd in (self.listener.fileno(), self.lock, self.wake_r, self.wake_w, report_r, *self.workers.values()):
+            for fd in (self.listener.fileno(), self.lock, self.wake_r, self.wake_w, report_r,
+                       *(r for r in self.workers.values() if r is not None)):
                 os.close(fd)
             serve(conn, self.spare, report_w)  # never returns
         conn.close()
@@ -134,17 +147,24 @@ class Zygote:
         if self.spare is not None:
             self.spare.control.close()  # the worker's now
             self.spare = None
+        os.set_blocking(report_r, False)
         self.workers[pid] = report_r
         self.sel.register(report_r, selectors.EVENT_READ, pid)
 
     def _report(self, fd: int) -> None:
         """A worker's fork-server configuration: the next spare gets it (the current one is
-        replaced when it has another)."""
+        replaced when it has another). At EOF the pipe is closed."""
         try:
             data = os.read(fd, 1 << 16)
             audit, env = json.loads(data) if data else (None, None)
-        except (OSError, ValueError, TypeError):
+        except BlockingIOError:
             return
+        except (OSError, ValueError, TypeError):
+            data, env = b"", None
+        if not data:
+            self.sel.unregister(fd)
+            os.close(fd)
+            self.workers.update({pid: None for pid, r in self.workers.items() if r == fd})
         if env is not None and (audit, env) != self.key:
             self.key = (audit, env)
             if self.spare is not None:
@@ -159,11 +179,13 @@ class Zygote:
                 return
             if pid == 0:
                 return
-            fd = self.workers.pop(pid, None)
-            if fd is not None:
-                self._report(fd)
-                self.sel.unregister(fd)
-                os.close(fd)
+            if pid in self.workers:
+                fd = self.workers.pop(pid)
+                if fd is not None:
+                    self._report(fd)  # what it wrote before it ended
+                    if fd in self.sel.get_map():
+                        self.sel.unregister(fd)
+                        os.close(fd)
                 self.last = time.monotonic()
 
 
