@@ -36,6 +36,9 @@ def warm(tmp_path):
     directory = tempfile.mkdtemp(prefix="tsw-")  # short: a socket path has at most 107 bytes
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path), "TAICHI_SANDBOX_LIMITS": str(ROOT / "limits.toml"),
            "TAICHI_SANDBOX_WARM": "1", "TAICHI_SANDBOX_WARM_DIR": directory}
+    start = subprocess.run([sys.executable, "-m", "sandbox", "warm", "start"], capture_output=True, text=True,
+                           env=env, cwd=tmp_path, timeout=60)
+    assert start.returncode == 0 and "running: warm server" in start.stdout, start
     yield env
     found = servers(directory) if os.path.isdir(directory) else []
     for pid, _ in found:
@@ -130,7 +133,16 @@ def _forkserver_descendants() -> list[psutil.Process]:
 
 
 def _workers(server: int) -> list[psutil.Process]:
-    return [p for p in psutil.Process(server).children() if "sandbox.warm.server" in " ".join(p.cmdline())]
+    found = []
+    for proc in psutil.Process(server).children():
+        try:
+            if "sandbox.warm.server" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.ZombieProcess:
+            found.append(proc)  # ended, not yet reaped
+        except psutil.Error:
+            continue
+    return found
 
 
 def test_a_client_killed_mid_job_takes_its_worker_and_job_with_it(warm, tmp_path):
@@ -152,13 +164,20 @@ def test_a_client_killed_mid_job_takes_its_worker_and_job_with_it(warm, tmp_path
     assert _workers(server) == []  # nothing of the run is left; the server waits for the next
 
 
-def test_the_server_exits_when_idle_and_the_next_run_starts_another(warm, tmp_path):
+def test_the_server_exits_when_idle_and_a_run_without_one_starts_another(warm, tmp_path):
+    directory = warm["TAICHI_SANDBOX_WARM_DIR"]
+    subprocess.run([sys.executable, "-m", "sandbox", "warm", "stop"], env=warm, check=True, capture_output=True)
+    assert _gone(servers(directory)[0][0]) if servers(directory) else True
     env = {**warm, "TAICHI_SANDBOX_WARM_IDLE": "1"}
-    assert run(env, tmp_path, "run", kernel("tiny.py")).returncode == 0
-    [(pid, name)] = servers(warm["TAICHI_SANDBOX_WARM_DIR"])
-    assert _gone(pid, 20)
-    assert not os.path.exists(os.path.join(warm["TAICHI_SANDBOX_WARM_DIR"], f"{name}.sock"))
-    assert run(env, tmp_path, "run", kernel("tiny.py")).returncode == 0
+    first = run(env, tmp_path, "run", kernel("tiny.py"), warm_only=False)  # in-process; starts a server
+    assert first.returncode == 0, first.stderr
+    deadline = time.monotonic() + 30
+    while not servers(directory) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [(pid, name)] = servers(directory)
+    assert run(env, tmp_path, "run", kernel("tiny.py")).returncode == 0  # through it
+    assert _gone(pid, 20)  # idle for a second
+    assert not os.path.exists(os.path.join(directory, f"{name}.sock"))
 
 
 def test_warm_stop_and_the_switch(warm, tmp_path):

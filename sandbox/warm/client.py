@@ -1,6 +1,7 @@
-"""The CLI's side of the warm server: `run_warm` hands a `run` to the caller's server (starting one
-when there is none) and exits with its status; it returns, having done nothing, whenever the
-in-process CLI should run instead. `command` is `taichi-sandbox warm status|stop`."""
+"""The CLI's side of the warm server: `run_warm` hands a `run` to the caller's server and exits
+with its status; it returns, having done nothing, whenever the in-process CLI should run instead
+(when there is no server, after starting one for the next run: waiting for it would cost more
+than running in-process). `command` is `taichi-sandbox warm start|status|stop`."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ def run_warm(argv: list[str]) -> None:
         return
     try:
         directory, name = private_dir(), stamp()
-        conn = _connect(directory, name) or _connect(directory, name, start=True)
+        conn = _connect(directory, name)
         if conn is None:
+            start_server(directory, name, wait=False)  # for the next run: this one runs in-process
             return
         with conn:
             if not _hand_over(conn, argv):
@@ -39,12 +41,9 @@ def run_warm(argv: list[str]) -> None:
     sys.exit(code)
 
 
-def _connect(directory: str, name: str, start: bool = False) -> socket.socket | None:
-    """A connection to the server at directory/name.sock, whose peer is this uid; None when none
-    answers (after starting one, with `start`)."""
+def _connect(directory: str, name: str) -> socket.socket | None:
+    """A connection to the server at directory/name.sock, whose peer is this uid; None when none answers."""
     path = os.path.join(directory, f"{name}.sock")
-    if start:
-        _start_server(directory, name)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(path)
@@ -58,22 +57,25 @@ def _connect(directory: str, name: str, start: bool = False) -> socket.socket | 
     return conn
 
 
-def _start_server(directory: str, name: str) -> None:
-    """Start a server (detached, isolated, single-threaded BLAS) and wait until it listens or gives up."""
+def start_server(directory: str, name: str, wait: bool) -> None:
+    """Start a server (detached, isolated, single-threaded BLAS); with `wait`, until it listens
+    or gives up (a server for `name` that runs already makes a new one give up at once)."""
     import subprocess
 
     from ..job.interpreter import sandbox_module
     ready_r, ready_w = os.pipe()
     threads = dict.fromkeys(("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"), "1")
     try:
-        subprocess.run(sandbox_module("sandbox.warm.server", str(ready_w), directory, name),
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       pass_fds=(ready_w,), env={**os.environ, **threads}, start_new_session=True, timeout=10)
+        starter = subprocess.Popen(sandbox_module("sandbox.warm.server", str(ready_w), directory, name),
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   pass_fds=(ready_w,), env={**os.environ, **threads}, start_new_session=True)
     finally:
         os.close(ready_w)  # the server's own copy signals readiness by a line, failure by EOF
     with os.fdopen(ready_r, "rb") as ready:
-        if select.select([ready], [], [], START_TIMEOUT)[0]:
-            ready.readline()
+        if wait:
+            starter.wait()  # it detaches at once
+            if select.select([ready], [], [], START_TIMEOUT)[0]:
+                ready.readline()
 
 
 def _hand_over(conn: socket.socket, argv: list[str]) -> bool:
@@ -134,13 +136,16 @@ def _follow(conn: socket.socket) -> int:
 
 
 def command(argv: list[str]) -> int:
-    """`taichi-sandbox warm status|stop`: list or stop this user's warm servers."""
-    if argv not in (["status"], ["stop"]):
-        sys.stderr.write("usage: taichi-sandbox warm status|stop   (warm servers of this user; "
+    """`taichi-sandbox warm start|status|stop`: start one (and wait until it listens), list or
+    stop this user's warm servers."""
+    if argv not in (["start"], ["status"], ["stop"]):
+        sys.stderr.write("usage: taichi-sandbox warm start|status|stop   (warm servers of this user; "
                          f"{ENV_SWITCH}=0 turns them off, {ENV_DIR} moves their sockets)\n")
         return 2
     try:
         directory = private_dir()
+        if argv == ["start"]:
+            start_server(directory, stamp(), wait=True)
     except OSError as err:
         sys.stderr.write(f"taichi-sandbox: error: {err}\n")
         return 2

@@ -27,7 +27,10 @@ import time
 from . import DEFAULT_IDLE, ENV_IDLE, private_dir, stamp
 from .worker import Spare, attributes, serve
 
-PRELOAD = ("sandbox.cli", "pynvml")  # pynvml: imported by each run's NVML probe (sandbox.watch.gpu)
+# sandbox.cli's imports, and what a run imports on its way (NVML, the system-call filter, typer's
+# and rich's lazy parts); a missing one is skipped.
+PRELOAD = ("sandbox.cli", "pynvml", "pyseccomp", "typer._adapters", "typer._click.decorators", "rich._emoji_codes",
+           "email.parser")
 STAMP_CHECK = 30.0  # seconds between checks that the installed code is still the stamp's
 
 
@@ -207,8 +210,11 @@ def main(argv: list[str]) -> None:
     except BlockingIOError:
         os._exit(0)  # another server has this stamp
     for module in PRELOAD:
-        importlib.import_module(module)
-    del sys.modules["sandbox.cli"]  # each worker runs its body again, with the client's stdio and env
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+    sys.modules.pop("sandbox.cli", None)  # each worker runs its body again, with the client's stdio and env
     path = os.path.join(directory, f"{name}.sock")
     try:
         os.unlink(path)  # one a server that died left (we hold the lock)
@@ -224,7 +230,10 @@ def main(argv: list[str]) -> None:
     pid_path = os.path.join(directory, f"{name}.pid")
     with open(pid_path, "w") as f:
         f.write(f"{os.getpid()}\n")
-    os.write(ready, b"ready\n")
+    try:
+        os.write(ready, b"ready\n")  # to `warm start`; a run's client does not wait
+    except OSError:
+        pass
     os.close(ready)
     try:
         zygote.loop()
