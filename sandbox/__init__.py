@@ -11,7 +11,8 @@ import importlib
 _EXPORTS = {
     "ConfigError": "core.limits", "Limits": "core.limits", "Policy": "core.limits", "load_policy": "core.limits",
     "JobResult": "core.models", "JobSpec": "core.models", "Verdict": "core.models", "Violation": "core.models",
-    "Supervisor": "node.supervisor", "run_kernel": "api", "SandboxError": "decorator", "sandboxed": "decorator",
+    "Supervisor": "node.supervisor", "run_kernel": "api", "FilesWarning": "api", "SandboxError": "decorator",
+    "sandboxed": "decorator",
 }
 __all__ = sorted(_EXPORTS)
 

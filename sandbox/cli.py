@@ -83,11 +83,15 @@ def run(
     disk: Optional[str] = typer.Option(None, help="what the job holds on disk (work dir, outputs), e.g. 4GiB"),
     grace: Optional[str] = typer.Option(None, help="SIGTERM -> SIGKILL delay, e.g. 2s"),
     launcher: Optional[str] = typer.Option(None, help="forkserver | exec"),
-    inputs: Optional[List[str]] = typer.Option(None, "--input", help="File copied read-only into the job's dir "
-                                               "at this relative path (an absolute one by its name); repeatable."),
-    output_dir: Optional[str] = typer.Option(None, help="Copy the files the job writes in its dir here."),
-    outputs: Optional[List[str]] = typer.Option(None, "--output", help="Which files to copy to --output-dir "
-                                                "(glob, '*' also matches '/'; repeatable; default '*')."),
+    inputs: Optional[List[str]] = typer.Option(None, "--input", help="File or directory copied read-only into the "
+                                               "job's dir: at its path relative to this dir, else by its name; "
+                                               "SRC=DEST places it at DEST; repeatable."),
+    output_dir: Optional[str] = typer.Option(None, help="Where the files the job leaves are copied (new files "
+                                                        "only, never overwriting; default: this dir)."),
+    outputs: Optional[List[str]] = typer.Option(None, "--output", help="Which files to copy (glob, '*' also "
+                                                "matches '/'; repeatable; default: '*')."),
+    no_outputs: bool = typer.Option(False, "--no-outputs", help="Copy none of the files the job leaves "
+                                    "(they are listed in a warning)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JobResult as JSON on stdout, nothing else "
                                  "(the job's output goes to stderr)."),
 ) -> None:
@@ -104,12 +108,13 @@ def run(
         target = kernel.rsplit(":", 1)[0] if ":" in kernel else kernel
         if target.endswith(".py") and not Path(target).is_file():
             raise ConfigError(f"kernel file not found: {target}")
-        if outputs and output_dir is None:
-            raise ConfigError("--output needs --output-dir")
+        if no_outputs and (outputs or output_dir is not None):
+            raise ConfigError("--no-outputs contradicts --output/--output-dir")
         spec = JobSpec(kernel=kernel, arch=arch, limits=limits, profile=profile, tenant=tenant,
                        args=_parse_entry_args(extra) if ":" in kernel else [],
                        argv=[] if ":" in kernel else extra, inputs=inputs or [],
-                       outputs=(outputs or ["*"]) if output_dir is not None else [], output_dir=output_dir)
+                       outputs=[] if no_outputs else outputs or ["*"],
+                       output_dir=None if no_outputs else output_dir or ".")
         effective = policy.resolve(profile, tenant, limits)
         if launcher is not None and launcher not in ("forkserver", "exec"):
             raise ConfigError(f"launcher={launcher!r}: expected forkserver or exec")
@@ -118,8 +123,9 @@ def run(
     live_view = err.is_terminal and not as_json
     control = JobControl()
     try:
-        with Interrupts(control.cancel, err) as interrupts, Supervisor(policy, launcher=launcher) as supervisor:
-            run_job = functools.partial(supervisor.run, spec, control=control, on_output=Echo(to_stderr=as_json))
+        with Interrupts(control.cancel, err) as interrupts, Supervisor(policy, launcher=launcher) as supervisor, \
+                Echo(to_stderr=as_json, raw=True) as echo:
+            run_job = functools.partial(supervisor.run, spec, control=control, on_output=echo)
             if live_view:
                 with Live(_live_table(kernel, effective, None), console=err, refresh_per_second=8,
                           transient=True) as live:
@@ -229,7 +235,7 @@ def batch(
         futures = []
         for spec in specs:
             try:
-                futures.append(executor.submit(spec, block=True))
+                futures.append(executor.submit(spec, block=True, quiet=True))
             except RuntimeError:  # shut down by Ctrl-C/SIGTERM: the rest are cancelled
                 break
         if out.is_terminal and not as_json:

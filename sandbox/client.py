@@ -76,9 +76,10 @@ def _render(result: dict) -> None:
 def run(path: Path, args: argparse.Namespace) -> int:
     kernel = f"{args.file}:{args.entry}" if args.entry else args.file
     limits = {name: getattr(args, name) for name in LIMIT_OPTIONS if getattr(args, name) is not None}
-    if args.outputs and args.output_dir is None:
-        raise ClientError("--output needs --output-dir")
-    job = Job(kernel, inputs=args.inputs, output_dir=args.output_dir, outputs=args.outputs, arch=args.arch,
+    if args.no_outputs and (args.outputs or args.output_dir is not None):
+        raise ClientError("--no-outputs contradicts --output/--output-dir")
+    job = Job(kernel, inputs=args.inputs, output_dir=None if args.no_outputs else args.output_dir or ".",
+              outputs=args.outputs, arch=args.arch,
               profile=args.profile, tenant=args.tenant, limits=limits,
               args=entry_args(args.extra) if ":" in kernel else [], argv=[] if ":" in kernel else args.extra)
     show = _Show(echo=not args.json)
@@ -203,8 +204,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("extra", nargs="*")
     for name in ("entry", "profile", "tenant", "output_dir", *LIMIT_OPTIONS):
         r.add_argument(f"--{name.replace('_', '-')}", dest=name)
-    r.add_argument("--input", dest="inputs", action="append", help="a file the job gets in its dir (repeatable)")
+    r.add_argument("--input", dest="inputs", action="append", help="a file or directory the job gets in its dir "
+                   "(SRC=DEST places it at DEST; repeatable)")
     r.add_argument("--output", dest="outputs", action="append", help="which files to copy to --output-dir")
+    r.add_argument("--no-outputs", action="store_true", help="copy none of the files the job leaves")
     r.add_argument("--arch", default="cpu")
     b = command("batch", "Run many jobs through the node service.")
     b.add_argument("files", nargs="*")

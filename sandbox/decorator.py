@@ -18,14 +18,19 @@ class SandboxError(RuntimeError):
 
 
 def sandboxed(fn: Callable | None = None, *, arch: str = "cpu", profile: str | None = None,
-              tenant: str | None = None, **limits: Any):
+              tenant: str | None = None, quiet: bool = False, inputs: list = (), outputs: list[str] = ("*",),
+              output_dir: str = ".", **limits: Any):
     """Decorator: each call of the function runs it in the sandbox (`run_kernel` with these limits,
-    e.g. `memory="1GiB", cpu_time="10s"`) and returns its return value, or raises SandboxError.
-    Works with and without arguments: `@sandboxed` and `@sandboxed(memory="1GiB")`."""
+    e.g. `memory="1GiB", cpu_time="10s"`, and files: `inputs`, `outputs`, `output_dir` as there)
+    and returns its return value, or raises SandboxError. What the function prints appears as it
+    runs (in a notebook, in the cell) unless `quiet=True`. Works with and without arguments:
+    `@sandboxed` and `@sandboxed(memory="1GiB")`."""
     def decorate(func: Callable) -> Callable:
         @functools.wraps(func)
         def call(*args: Any, **kwargs: Any) -> Any:
-            result = run_kernel(func, arch, limits, profile=profile, tenant=tenant, args=list(args), kwargs=kwargs)
+            files = dict(inputs=list(inputs), outputs=list(outputs), output_dir=output_dir if outputs else None)
+            result = run_kernel(func, arch, limits, profile=profile, tenant=tenant, quiet=quiet,
+                                args=list(args), kwargs=kwargs, **files)
             if not result.ok:
                 raise SandboxError(result)
             return result.return_value

@@ -1,8 +1,8 @@
 """How a JobResult looks to people: the CLI summary, `__rich__` and `_repr_html_` (notebooks).
 
 All three show the same things: the verdict and its reason, warnings (an arch the job asked for but
-did not get), usage against each limit, violations, how the job was ended, copied outputs, and for
-a failed job the tail of its traceback or stderr.
+did not get), what enforced its limits (`enforced`), usage against each limit, violations, how the
+job was ended, copied outputs, and for a failed job the tail of its traceback or stderr.
 """
 
 from __future__ import annotations
@@ -94,6 +94,8 @@ def summary(result: "JobResult", stderr_tail: bool = True) -> Group:
                                                         VERDICT_STYLE.get(result.verdict.value, "bold magenta")),
                                  (f"  {result.reason}" if result.reason else "", ""))]
     parts += [Text(w, style="bold yellow") for w in warnings(result)]
+    if result.enforced:
+        parts.append(Text(result.enforced, style="dim"))
     table = Table(show_header=True, title=f"job {result.job_id} · {result.kernel} · arch {result.arch}")
     for column in ("resource", "used (peak)", "limit"):
         table.add_column(column)
@@ -133,6 +135,8 @@ def to_html(result: "JobResult") -> str:
     parts = [f"<div class='taichi-sandbox-result'><p><b>verdict:</b> "
              f"<b style='color:{colour}'>{html.escape(verdict)}</b> {html.escape(result.reason)}</p>"]
     parts += [f"<p style='color:#9a6700'><b>{html.escape(w)}</b></p>" for w in warnings(result)]
+    if result.enforced:
+        parts.append(f"<p style='color:#57606a'>{html.escape(result.enforced)}</p>")
     parts.append(_html_table(f"job {result.job_id} · {result.kernel} · arch {result.arch}",
                              ("resource", "used (peak)", "limit"), _result_rows(result)))
     if result.violations:

@@ -28,6 +28,7 @@ worker's job is cancelled when its connection closes.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import math
 import signal
@@ -36,10 +37,11 @@ import time
 from typing import Any, Callable
 
 from . import remote
-from .core.limits import Limits, Policy
+from .core.limits import ConfigError, Limits, Policy
 from .core.models import JobResult, JobSpec, Verdict, as_spec
 from .node.executor import Capacity, SandboxExecutor
 from .node.supervisor import Supervisor
+from .terminal import Echo
 from .watch.monitor import JobControl
 
 CANCEL_RESEND = 2.0  # seconds between soft cancels of a task that has not ended
@@ -88,9 +90,10 @@ def _labels() -> dict[str, str]:
             "ray_resources": ",".join(f"{k}={v:g}" for k, v in sorted(resources.items()))}
 
 
-def run_in_task(spec_json: str, policy_json: str, service: str | None = "auto") -> str:
+def run_in_task(spec_json: str, policy_json: str, service: str | None = "auto", quiet: bool = False) -> str:
     """The Ray task body: supervise one job here, or have the node service run it (see the module
-    docstring); return its JobResult as JSON.
+    docstring); return its JobResult as JSON. Unless `quiet`, the job's output goes to the worker's
+    stdout and stderr as it comes, which Ray shows on the driver's.
 
     The job runs in a helper thread while this (the task's main) thread waits in short slices, so
     Ray's soft cancel (KeyboardInterrupt) arrives at once; it cancels the job and the task waits for
@@ -106,8 +109,11 @@ def run_in_task(spec_json: str, policy_json: str, service: str | None = "auto") 
         return _through_service(socket_path, spec)
     supervisor = _worker_supervisor(policy_json)
     control = JobControl()
-    return _cancellable(lambda: supervisor.run(spec, control=control).model_dump_json(), control.cancel,
-                        spec.job_id)
+
+    def body() -> str:
+        with contextlib.nullcontext() if quiet else Echo() as echo:
+            return supervisor.run(spec, control=control, on_output=echo).model_dump_json()
+    return _cancellable(body, control.cancel, spec.job_id)
 
 
 def _cancellable(body: Callable[[], str], cancel: Callable[[], None], job_id: str) -> str:
@@ -176,20 +182,25 @@ def _through_service(path, spec: JobSpec) -> str:
 
 
 def submit(spec: JobSpec | Callable, policy: Policy | None = None, device_memory: int | None = None,
-           service: str | None = "auto", **ray_options):
+           service: str | None = "auto", quiet: bool = False, **ray_options):
     """Start `spec` (or a callable, shipped to the job: see sandbox.job.shipping) as a Ray task; returns an
     ObjectRef to the JobResult's JSON (use `result()`, which keeps numpy arrays in the return value).
 
     `service`: the node service socket the task submits through ("auto", a path, or None: never; see
-    the module docstring). `ray_options` override the mapping from limits (e.g. `num_gpus=1`).
+    the module docstring). Unless `quiet`, the job's output appears on the driver's console as Ray
+    shows its workers' output (not when it runs through a node service). `ray_options` override
+    the mapping from limits (e.g. `num_gpus=1`).
     """
     ray = _ray()
     spec = as_spec(spec)
+    if spec.binds:
+        raise ConfigError("binds: a Ray task may run on another machine; bind directories only for jobs run in "
+                          "this process (run_kernel)")
     policy = policy if policy is not None else Policy()
     limits = policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
     options = {**resource_options(spec, limits, device_memory), **ray_options}
     task = ray.remote(run_in_task).options(name=f"taichi-sandbox:{spec.job_id}", **options)
-    ref = task.remote(spec.model_dump_json(), policy.model_dump_json(), service)
+    ref = task.remote(spec.model_dump_json(), policy.model_dump_json(), service, quiet)
     with _submitted_lock:
         _submitted[ref.hex()] = {"job_id": spec.job_id, "kernel": spec.kernel, "arch": spec.arch,
                                  "labels": spec.labels}
@@ -249,10 +260,11 @@ class _RaySupervisor:
     def gpu_facts(self):
         return self._local.gpu_facts()
 
-    def run(self, spec: JobSpec, control: JobControl) -> JobResult:
-        """The job's result from its Ray task (whose supervisor writes the audit record)."""
+    def run(self, spec: JobSpec, control: JobControl, on_output: Callable | None = None) -> JobResult:
+        """The job's result from its Ray task (whose supervisor writes the audit record). Its output
+        reaches the driver as Ray shows its workers' output, not through `on_output` (None: quiet)."""
         ray = _ray()
-        ref = submit(spec, self.policy, self.device_memory, **self.ray_options)
+        ref = submit(spec, self.policy, self.device_memory, quiet=on_output is None, **self.ray_options)
         cancel_sent = 0.0
         while not ray.wait([ref], timeout=WAIT_SLICE)[0]:
             if control.cancelled and time.monotonic() - cancel_sent > CANCEL_RESEND:

@@ -15,12 +15,16 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: `typing` costs the client 2 ms to import
     from collections.abc import Callable, Iterator
 
+from .core.placement import check_places, named, place
 from .node import frames
 
 EXIT_USAGE, EXIT_INTERNAL = 2, 125
 MAX_BATCH = 1000  # jobs per request (sandbox.node.protocol.MAX_JOBS_PER_REQUEST)
 MAX_CONNECTIONS = 8  # requests one batch follows at once (below [service] max_connections_per_uid)
 REQUEST_BYTES = 6 << 20  # per request, below the service's default max_request_bytes (8 MiB)
+MAX_INPUTS = 64  # files per job (sandbox.job.inputs.MAX_INPUTS)
+MAX_DEPTH = 32  # levels of an input directory (sandbox.job.files.MAX_DEPTH)
+_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 
 
 class ClientError(Exception):
@@ -108,21 +112,10 @@ class Job:
         self.fields["kernel"] = kernel
         self.output_dir = None if output_dir is None else str(Path(output_dir).expanduser().absolute())
         if output_dir is not None:
-            self.fields["outputs"] = outputs or ["*"]
-        if len(inputs or []) > frames.MAX_FDS:
-            raise ClientError(f"{len(inputs)} inputs: at most {frames.MAX_FDS} descriptors go with one request")
-        self.fds: list[int] = []
-        names = []
-        try:
-            for path in inputs or []:
-                names.append(PurePosixPath(path).name if path.startswith("/") else path)
-                try:
-                    self.fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK))
-                except OSError as err:
-                    raise ClientError(f"input {path}: {err.strerror or err}") from None
-        except BaseException:
-            self.close()
-            raise
+            self.fields["outputs"] = ["*"] if outputs is None else outputs
+        names, self.fds, skipped = open_inputs(inputs or [])
+        self.notes = [f"WARNING: inputs: {len(skipped)} entries of input directories not sent (symlinks, devices, "
+                      f"fifos, sockets: nothing in them is followed): {named(skipped)}"] if skipped else []
         if names:
             self.fields["inputs"] = names
 
@@ -130,6 +123,65 @@ class Job:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+
+
+def open_inputs(inputs: list) -> tuple[list[str], list[int], list[str]]:
+    """(the names in the job's dir, the open descriptors, the entries skipped) of the files that
+    `inputs` put there (see sandbox.core.placement): a directory as its files, opened below it
+    without following symlinks. Raises ClientError."""
+    try:
+        places = [place(entry) for entry in inputs]
+        check_places(places)
+    except ValueError as err:
+        raise ClientError(f"inputs: {err}") from None
+    names: list[str] = []
+    fds: list[int] = []
+    skipped: list[str] = []
+    try:
+        for source, dest in places:
+            try:
+                fd = os.open(source, _READ)
+            except OSError as err:
+                raise ClientError(f"input {source}: {err.strerror or err}") from None
+            _add_input(fd, source, dest, (names, fds, skipped), 0)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return names, fds, skipped
+
+
+def _add_input(fd: int, source: str, dest: str, found: tuple[list, list, list], depth: int) -> None:
+    """Add the file open as `fd` to `found` (names, descriptors, skipped), or a directory's files
+    (it is closed here)."""
+    import stat
+    names, fds, skipped = found
+    if not stat.S_ISDIR(os.fstat(fd).st_mode):
+        names.append(dest)
+        fds.append(fd)
+        if len(fds) > MAX_INPUTS:
+            raise ClientError(f"input {source}: more than {MAX_INPUTS} files: the node service takes at most "
+                              f"{MAX_INPUTS} per job: pack them (e.g. one .npz), or run with --local")
+        return
+    try:
+        if depth > MAX_DEPTH:
+            raise ClientError(f"input {source}: more than {MAX_DEPTH} levels deep")
+        with os.scandir(fd) as entries:
+            listed = sorted(entry.name for entry in entries)
+        for name in listed:
+            inner = f"{source.rstrip('/')}/{name}"
+            try:
+                mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+                child = os.open(name, _READ | os.O_NOFOLLOW, dir_fd=fd) if stat.S_ISDIR(mode) or stat.S_ISREG(
+                    mode) else None
+            except OSError as err:
+                raise ClientError(f"input {inner}: {err.strerror or err}") from None
+            if child is None:
+                skipped.append(inner)
+            else:
+                _add_input(child, inner, f"{dest}/{name}", found, depth + 1)
+    finally:
+        os.close(fd)
 
 
 def save_file(output_dir: str | None, answer: dict) -> str:
@@ -167,7 +219,7 @@ def submit_and_follow(path: Path, jobs: list[Job], output: bool = True, samples:
     `submitted` one first). A job this client stops following is cancelled by the service."""
     message = {"op": "submit", "jobs": [job.fields for job in jobs], "follow": True, "output": output,
                "samples": samples}
-    submitted, results, dirs, saved, notes = None, [], {}, {}, {}
+    submitted, results, dirs, saved, notes, sent_notes, existing = None, [], {}, {}, {}, {}, {}
     try:
         for answer in request(path, message, [fd for job in jobs for fd in job.fds]):
             kind, job_id = answer.get("type"), answer.get("job_id")
@@ -176,15 +228,23 @@ def submit_and_follow(path: Path, jobs: list[Job], output: bool = True, samples:
                 for job in jobs:
                     job.close()  # sent: the service holds its own copies of the descriptors
                 dirs = {a["job_id"]: job.output_dir for a, job in zip(answer["jobs"], jobs) if a["job_id"]}
+                sent_notes = {a["job_id"]: job.notes for a, job in zip(answer["jobs"], jobs) if a["job_id"]}
             elif kind == "file":
                 try:
                     saved.setdefault(job_id, []).append(save_file(dirs.get(job_id), answer))
+                except FileExistsError:
+                    existing.setdefault(job_id, []).append(str(answer.get("name")))
                 except (OSError, ClientError) as err:
-                    notes.setdefault(job_id, []).append(f"outputs: {answer.get('name')} not saved here: {err}")
+                    notes.setdefault(job_id, []).append(f"WARNING: outputs: {answer.get('name')} not saved here: {err}")
                 continue
             elif kind == "result":
                 answer["result"]["outputs"] = saved.pop(job_id, [])
-                answer["result"]["notes"] += notes.pop(job_id, [])
+                answer["result"]["notes"] += sent_notes.get(job_id, []) + notes.pop(job_id, [])
+                if job_id in existing:
+                    names = existing.pop(job_id)
+                    answer["result"]["notes"].append(
+                        f"WARNING: outputs: {len(names)} file(s) not copied: their names exist in {dirs[job_id]} "
+                        f"(nothing is overwritten): {named(names)}")
                 results.append(answer)
             if on_answer is not None:
                 on_answer(answer)

@@ -101,12 +101,14 @@ def test_unmarked_runs_here():
 def test_pytest_marker_runs_the_test_in_the_sandbox(tmp_path):
     (tmp_path / "test_inner.py").write_text(INNER_TESTS)
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "TAICHI_SANDBOX_LIMITS": str(ROOT / "limits.toml")}
-    # --basetemp: the inner pytest would make /tmp/pytest-of-root 0700 again, closing this directory to the job
+    # --basetemp: the inner pytest would make /tmp/pytest-of-root 0700 again, closing this directory to the job;
+    # writable by its owner only, as a directory above a bound tmp_path must be (sandbox.job.binds)
+    tmp_path.chmod(0o755)
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path}/t",
                         "test_inner.py"],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert "2 failed, 2 passed" in p.stdout, p.stdout[-4000:]
-    assert "FAILED test_inner.py::test_memory_hog - Failed: sandbox verdict memory" in p.stdout
+    assert "FAILED test_inner.py::test_memory_hog - sandbox verdict memory" in p.stdout
     assert "violation: memory" in p.stdout
     assert "AssertionError: arithmetic in the job" in p.stdout
 

@@ -125,7 +125,7 @@ while True:
 def test_an_input_swapped_for_a_symlink_to_a_root_only_file_mid_copy_never_reaches_the_job(tmp_path):
     """A process of the tenant swaps the input's name with a symlink to root's 0600 file as fast as
     it can (rename-exchange: both names always exist) while the input is staged again and again."""
-    from sandbox.job.files import stage
+    from sandbox.job.inputs import stage
     secret = tmp_path / "secret"
     secret.write_text(SECRET)
     secret.chmod(0o600)
@@ -151,7 +151,7 @@ def test_an_input_swapped_for_a_symlink_to_a_root_only_file_mid_copy_never_reach
             tries += 1
             job_dir = Path(tempfile.mkdtemp(dir=tmp_path))
             try:
-                stage([str(drop / "in.txt")], None, str(job_dir), (uid, gid))
+                stage([(str(drop / "in.txt"), "in.txt")], None, str(job_dir), (uid, gid))
             except ConfigError:
                 refused += 1
                 continue

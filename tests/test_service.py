@@ -617,11 +617,29 @@ def test_inputs_and_outputs_travel_as_descriptors_with_the_clients_permissions(n
     assert answer.read_text() == "42" and answer.stat().st_uid == ALICE
     assert result["outputs"] == [str(answer)]  # not the kernel, not the inputs, not the symlink
     assert sorted(p.name for p in (home / "results").rglob("*")) == ["answer.txt", "out"]
-    assert any("skipped 1 entries" in note and "out/shadow" in note for note in result["notes"]), result["notes"]
+    assert any("1 entries skipped" in note and "out/shadow" in note for note in result["notes"]), result["notes"]
     assert not list((node.root / "state" / "spool").iterdir())  # the service's copies are gone
     unreadable = node.cli(ALICE, "run", "main.py", "--input", "/etc/shadow", cwd=home)
     assert unreadable.returncode == 2
     assert unreadable.stderr == "taichi-sandbox: error: input /etc/shadow: Permission denied\n"
+
+
+def test_input_directories_and_the_default_copy_back_work_through_the_service(node, tmp_path):
+    """As in-process: a directory input keeps its layout (its symlink named, not followed), and the
+    files the job leaves come back into the client's cwd, new names only."""
+    home = client_dir(tmp_path, BOB, **{"job.py": "open('out.txt', 'w').write(open('data/sub/n.txt').read() * 2)\n"})
+    (home / "data" / "sub").mkdir(parents=True)
+    (home / "data" / "sub" / "n.txt").write_text("21")
+    os.symlink("/etc/hostname", home / "data" / "link")
+    for path in (home / "data", home / "data" / "sub", home / "data" / "sub" / "n.txt", home / "data" / "link"):
+        os.lchown(path, BOB, BOB)
+    done = node.cli(BOB, "run", "job.py", "--input", "data", "--json", cwd=home)
+    result = json.loads(done.stdout)
+    assert done.returncode == 0 and (home / "out.txt").read_text() == "2121", done.stderr
+    assert result["outputs"] == [str(home / "out.txt")]
+    assert any(n.startswith("WARNING: inputs: 1 entries") and "data/link" in n for n in result["notes"])
+    again = json.loads(node.cli(BOB, "run", "job.py", "--input", "data", "--json", cwd=home).stdout)
+    assert again["outputs"] == [] and any("their names exist" in n and "out.txt" in n for n in again["notes"])
 
 
 def test_a_batch_goes_in_as_many_requests_as_its_jobs_and_inputs_need(node, tmp_path):

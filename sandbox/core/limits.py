@@ -148,7 +148,7 @@ def _shown(name: str, value: Any) -> str:
     return str(value)
 
 
-# Address space Taichi needs to initialise, per arch (see shared/taichi-facts.md and README):
+# Address space Taichi needs to initialise, per arch (see docs/containment.md):
 # CPU maps a 1 GiB host pool chunk plus arenas, OpenBLAS buffers and 8 MiB thread stacks (~1.55 GiB
 # after init, fails at 1.5 GiB); lavapipe Vulkan adds the LLVM/Mesa driver and host-backed "device"
 # memory. CUDA reserves ~2x device memory of VA, so RLIMIT_AS is not usable there at all.

@@ -7,27 +7,18 @@ import re
 import time
 import uuid
 from enum import Enum
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .limits import ConfigError, Limits, Priority, _Strict
+from .placement import check_places, place
 from .values import decode_json_fields, wire
 
 TIMELINE_MAX = 600
 TAIL_BYTES = 16 * 1024
 
-
-
-def input_name(path: str) -> str:
-    """Where input `path` appears relative to the job's cwd: the path itself when relative (without
-    '..'), else its file name. Raises ValueError for a path that names no file."""
-    pure = PurePosixPath(path)
-    name = pure.name if pure.is_absolute() else os.path.normpath(path)
-    if not name or name in (".", "..") or ".." in PurePosixPath(name).parts:
-        raise ValueError(f"{path!r}: not a file path inside the caller's directory (no '..')")
-    return name
 
 
 def output_destination(path: str) -> str:
@@ -104,10 +95,12 @@ class JobSpec(_Strict):
     callable (also "__main__:function"), shipped with its args and kwargs (sandbox.job.shipping); then
     `kernel` becomes its name. Its return value comes back in the result (sandbox.job.results).
 
-    `inputs`: files copied read-only into the job's cwd before it starts, at the relative path
-    given (relative to the caller's cwd; an absolute path by its name). `outputs`: fnmatch patterns
+    `inputs`: files and directories copied read-only into the job's cwd before it starts, each a
+    path, "SRC=DEST" or a pair, placed as sandbox.core.placement says (kept as (SRC, DEST) pairs,
+    DEST decided against the caller's cwd when the spec is made). `outputs`: fnmatch patterns
     of files in the job's cwd copied to `output_dir` (absolute, or relative to the caller's cwd)
-    after it ends and listed in `JobResult.outputs` (see sandbox.job.files).
+    after it ends and listed in `JobResult.outputs` (see sandbox.job.files). `binds`: directories
+    of the caller the job sees read-write at the same absolute path (see sandbox.job.binds).
     """
 
     kernel: str
@@ -123,9 +116,10 @@ class JobSpec(_Strict):
     argv: list[str] = []
     env: dict[str, str] = {}
     labels: dict[str, str] = {}
-    inputs: list[str] = []
+    inputs: list[tuple[str, str]] = []
     outputs: list[str] = []
     output_dir: str | None = None
+    binds: list[str] = []
     job_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @model_validator(mode="wrap")
@@ -159,12 +153,22 @@ class JobSpec(_Strict):
                 raise ValueError(f"invalid environment variable {name!r}")
         return value
 
-    @field_validator("inputs")
+    @field_validator("inputs", mode="before")
     @classmethod
-    def _input_paths(cls, value: list[str]) -> list[str]:
+    def _input_places(cls, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)):
+            return value
+        places = [place(entry) for entry in value]
+        check_places(places)
+        return places
+
+    @field_validator("binds")
+    @classmethod
+    def _bind_paths(cls, value: list[str]) -> list[str]:
         for path in value:
-            input_name(path)
-        return value
+            if not path.startswith("/") or path == "/" or os.path.normpath(path) != path.rstrip("/") or "\0" in path:
+                raise ValueError(f"{path!r}: not an absolute, normalized directory path other than /")
+        return list(dict.fromkeys(path.rstrip("/") for path in value))
 
     @field_validator("output_dir")
     @classmethod
@@ -259,6 +263,7 @@ class JobResult(BaseModel):
     limits: Limits = Limits()
     rlimits: dict[str, int | None] = {}
     enforcement: dict[str, Enforcement] = {}
+    enforced: str = ""  # `enforcement` in one line: what held the limits, what was only polled and why
     notes: list[str] = []
     outputs: list[str] = []
     return_value: wire(Any, check=False) = None

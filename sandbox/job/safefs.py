@@ -150,16 +150,16 @@ def _fs_ids(uid: int, gid: int):
         check(libc.syscall(ctypes.c_long(setgroups), ctypes.c_size_t(len(groups)), saved), "setgroups")
 
 
-def open_as(path: str, flags: int, ids: tuple[int, int] | None) -> int:
-    """Open a caller's `path` (symlinks in it followed, as the opener may) with the file-system
-    uid/gid `ids` and no groups (only root may ask), or as this process when None. `ids` needs
-    Linux on x86_64 or aarch64."""
+def open_as(path: str, flags: int, ids: tuple[int, int] | None, dir_fd: int | None = None) -> int:
+    """Open a caller's `path` (relative to `dir_fd` when given; symlinks followed unless `flags`
+    say O_NOFOLLOW, as the opener may) with the file-system uid/gid `ids` and no groups (only root
+    may ask), or as this process when None. `ids` needs Linux on x86_64 or aarch64."""
     if ids is None:
-        return os.open(path, flags | os.O_CLOEXEC)
+        return os.open(path, flags | os.O_CLOEXEC, dir_fd=dir_fd)
     if platform.machine() not in _SYSCALLS:
         raise OSError(errno.ENOSYS, f"opening files as another uid is not implemented on {platform.machine()}")
     with _fs_ids(*ids):
-        return os.open(path, flags | os.O_CLOEXEC)
+        return os.open(path, flags | os.O_CLOEXEC, dir_fd=dir_fd)
 
 
 _MOUNTED = OSError(errno.EXDEV, "another file system is mounted there")

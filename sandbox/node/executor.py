@@ -37,6 +37,7 @@ from .alerts import Alerts
 from .metrics import Metrics
 from .quotas import (Capacity, Demand, QuotaFile, TenantUsage, admission_problem, demand, fits, node_capacity,
                      report)
+from ..terminal import Echo
 from .supervisor import Supervisor
 
 AGEING_SECONDS = 10.0
@@ -52,11 +53,13 @@ class QueueFull(Exception):
 
 class JobFuture(Future):
     """A Future[JobResult]. `cancel()` on a queued job cancels it (CancelledError, as usual); on a
-    running job it asks the supervisor to end it and returns True: the result is verdict `cancelled`."""
+    running job it asks the supervisor to end it and returns True: the result is verdict `cancelled`.
+    `echo`: what shows the job's output while it runs (None: nothing, `quiet`)."""
 
-    def __init__(self, spec: JobSpec) -> None:
+    def __init__(self, spec: JobSpec, quiet: bool = False) -> None:
         super().__init__()
         self.spec = spec
+        self.echo = None if quiet else Echo()
         self.control = JobControl()
         self.tenant = spec.tenant or DEFAULT_TENANT
 
@@ -125,14 +128,16 @@ class SandboxExecutor:
     def _tenant(self, name: str) -> Tenant:
         return self.policy.tenants.get(name) or Tenant()
 
-    def submit(self, spec: JobSpec | Callable, *, block: bool = False, timeout: float | None = None) -> JobFuture:
+    def submit(self, spec: JobSpec | Callable, *, block: bool = False, timeout: float | None = None,
+               quiet: bool = False) -> JobFuture:
         """Queue `spec` (a JobSpec, or a callable to run without arguments: use JobSpec(kernel=fn,
         args=...) or functools.partial for arguments). Returns a future that may already hold a
-        `rejected` result. Raises QueueFull when the tenant's queue is full (after waiting up to
-        `timeout` when `block`), ConfigError for a callable that cannot be shipped, and RuntimeError
-        after shutdown."""
+        `rejected` result. While the job runs its stdout and stderr appear on `sys.stdout` and
+        `sys.stderr` (interleaved with other jobs' at chunk boundaries) unless `quiet`. Raises
+        QueueFull when the tenant's queue is full (after waiting up to `timeout` when `block`),
+        ConfigError for a callable that cannot be shipped, and RuntimeError after shutdown."""
         spec = as_spec(spec)
-        future = JobFuture(spec)
+        future = JobFuture(spec, quiet)
         name = future.tenant
         try:
             limits = self.policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
@@ -185,10 +190,11 @@ class SandboxExecutor:
         future.set_result(result)
         return future
 
-    def map(self, specs: Iterable[JobSpec | Callable], timeout: float | None = None) -> Iterator[JobResult]:
+    def map(self, specs: Iterable[JobSpec | Callable], timeout: float | None = None,
+            quiet: bool = False) -> Iterator[JobResult]:
         """Submit every spec (or callable), then yield results in submission order (blocking on queue
-        bounds)."""
-        futures = [self.submit(spec, block=True) for spec in specs]
+        bounds); `quiet` as for `submit`."""
+        futures = [self.submit(spec, block=True, quiet=quiet) for spec in specs]
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def results():
@@ -313,10 +319,12 @@ class SandboxExecutor:
         future, name = entry.future, entry.future.tenant
         self.metrics.queue_wait.labels(name).observe(time.monotonic() - entry.submitted)
         try:
-            result = self.supervisor.run(future.spec, control=future.control)
+            result = self.supervisor.run(future.spec, control=future.control, on_output=future.echo)
         except BaseException as err:  # noqa: BLE001 - the future must resolve whatever happens
             result = None
             failure = err
+        if future.echo is not None:
+            future.echo.close()
         self._release(entry)
         with self._cv:
             self._account(entry, -1)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..core.limits import Service as Settings
 from ..core.ratelimit import TokenBucket
-from ..job.files import MAX_INPUTS
+from ..job.inputs import MAX_INPUTS
 from .executor import QueueFull
 
 

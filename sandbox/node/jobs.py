@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from ..core.audit import AuditLog
 from ..core.models import JobResult, JobSpec, Sample, Verdict
-from ..job.files import Sent
+from ..job.inputs import Sent
 from ..job.safefs import remove_tree
 from .auth import Peer
 from .executor import QueueFull

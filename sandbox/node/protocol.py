@@ -70,6 +70,9 @@ class JobRequest(BaseModel):
         if "output_dir" in fields:
             raise ProtocolError("BadRequest", f"job {number}: output_dir: the service never writes a client's "
                                               "path; give `outputs` and `follow`, and the files come back")
+        if "binds" in fields:
+            raise ProtocolError("BadRequest", f"job {number}: binds: the service never binds a client's path into "
+                                              "a job; run the job in your own process (run_kernel) to bind one")
         for name in self.input_names():
             if not isinstance(name, str) or name.startswith("/"):
                 raise ProtocolError("BadRequest", f"job {number}: inputs: {name!r}: the file's name in the job's "
@@ -79,6 +82,8 @@ class JobRequest(BaseModel):
             fields = decode_json_fields(fields, ("args", "kwargs"))  # arrays come as tagged JSON (sandbox.core.values)
         except (ValueError, RecursionError) as err:
             raise ProtocolError("BadRequest", f"job {number}: args/kwargs: {str(err)[:200]}") from None
+        if self.input_names():  # names, placed as given (never split at '=' or against a cwd)
+            fields["inputs"] = [(name, name) for name in self.input_names()]
         spec = JobSpec.parse({**fields, "tenant": tenant, "job_id": job_id,
                               "output_dir": str(spool / job_id) if fields.get("outputs") else None}, f"job {number}")
         target, function = spec.target()

@@ -13,7 +13,7 @@ Contract:
   not read its answers for `request_timeout` is dropped. At most `max_queued` jobs are queued or
   running (QueueFull), besides each tenant's own `max_queued`.
 - Files: input files come as descriptors the client opened (checked: readable regular files, see
-  `files.check_sent_input`), held until the job ends: at most `max_input_files_per_uid` per uid and
+  `inputs.check_sent_input`), held until the job ends: at most `max_input_files_per_uid` per uid and
   half the service's RLIMIT_NOFILE (raised at start) in all, so no uid can use up the file table.
   Output files are collected into the service's spool and handed to the following client as
   descriptors. A followed job whose client goes away is cancelled.
@@ -41,7 +41,7 @@ from pathlib import Path
 
 from ..core.limits import ConfigError, Policy, load_policy
 from ..core.models import EXIT_USAGE
-from ..job.files import MAX_INPUT_BYTES, MAX_INPUTS, check_sent_input
+from ..job.inputs import MAX_INPUT_BYTES, MAX_INPUTS, check_sent_input
 from . import frames, protocol
 from .auth import Peer, Refused, check_names, may_use, peer_of, tenant_for, within_rights
 from .executor import QueueFull, SandboxExecutor
@@ -235,7 +235,7 @@ class Service:
         spec = within_rights(self.policy, spec)
         if len(inputs) > MAX_INPUTS:
             raise ConfigError(f"job {number}: {len(inputs)} inputs, more than {MAX_INPUTS} per job")
-        total = sum(check_sent_input(name, fd) for name, fd in zip(spec.inputs, inputs))
+        total = sum(check_sent_input(name, fd) for (_, name), fd in zip(spec.inputs, inputs))
         if total > MAX_INPUT_BYTES:
             raise ConfigError(f"job {number}: inputs of {total} bytes in all, more than {MAX_INPUT_BYTES} per job")
         if self.settings.max_queued is not None and self.jobs.active() >= self.settings.max_queued:
@@ -248,7 +248,7 @@ class Service:
         record.held = held
         self.jobs.add(record)  # before submit: a worker may start it at once
         try:
-            record.future = self.executor.submit(spec)
+            record.future = self.executor.submit(spec, quiet=True)  # output goes to its client
         except BaseException as err:  # e.g. the audit record of a rejection could not be written
             self.jobs.discard(record)
             self.guard.hold(peer.uid, -len(inputs), -record.held)

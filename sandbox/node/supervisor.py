@@ -20,15 +20,17 @@ from ..core.audit import AuditLog
 from ..core.limits import DEFAULT_ENV_ALLOW, GiB, ConfigError, Limits, Policy, address_space_for, load_policy
 from ..core.models import JobResult, JobSpec, Sample, Termination, Verdict, Violation
 from ..job import namespaces
+from ..job.binds import Binds
 from ..job.cgroup import CgroupHost, JobCgroup, discover
 from ..job.child import ChildPlan
 from ..job.disk import JobDir, JobDisks
-from ..job.files import Sent, collect_job, stage
+from ..job.files import collect_job, missing_input_hint
+from ..job.inputs import Sent, stage
 from ..job.forkserver import MAX_PLAN_BYTES
 from ..job.interpreter import base_env
 from ..job.launcher import JOB_MARKER, Exit, LaunchFailed, LauncherLost, make_launcher
 from ..job.ticache import TenantCache
-from ..watch.enforcement import DiskFacts, Enforcement, GpuFacts, enforcement_for
+from ..watch.enforcement import DiskFacts, Enforcement, GpuFacts, enforcement_for, headline
 from ..watch.gpu import (ArchUnavailable, GpuDevice, GpuSampler, GpuUnavailable, GpuWatch, NvmlSampler, mps_env,
                   mps_pipe_directory, resolve_arch, visible_devices)
 from ..watch.monitor import JobControl, Monitor
@@ -64,6 +66,7 @@ class _Prepared:
     cgroup: JobCgroup | None
     cache: TenantCache
     jobdir: JobDir
+    placed: set[str]  # where its input files are, relative to its cwd
 
 
 class _Job:
@@ -130,12 +133,12 @@ class Supervisor:
             return self._gpu
 
     def _prepare(self, spec: JobSpec, limits: Limits, arch: str, jobdir: JobDir,
-                 sent: Sent | None = None) -> _Prepared:
+                 sent: Sent | None = None, binds: Binds | None = None) -> _Prepared:
         """Everything the child needs, decided here once: rlimits, env, dirs, Taichi caps, GPU watch.
         `jobdir`: the job's directory (on its own filesystem image where `disk` is held by one).
         `sent`: what a client sent with the job (read with its own permissions): the kernel file's
         contents, written into the job's work dir under the file's name, and its inputs' descriptors,
-        so the supervisor never opens the client's paths."""
+        so the supervisor never opens the client's paths. `binds`: spec.binds, opened (run() releases them)."""
         target, function = spec.target()
         workdir = jobdir.path
         home, tmp, work, cache = workdir / "home", workdir / "tmp", workdir / "work", workdir / "cache"
@@ -196,8 +199,13 @@ class Supervisor:
                                                 limits, workdir, kept, notes),
                                         **filter_syscalls(self.policy.settings, plan))
         job_ids = (plan.uid, plan.gid) if plan.uid is not None else None  # None: jobs run as this process
+        plan.expose += binds.expose() if binds is not None else []
         notes.extend(kept.seed(cache, job_ids))
-        stage(spec.inputs, spec.output_dir, plan.workdir, job_ids, sent.inputs if sent is not None else None)
+        placed, staged = stage(spec.inputs, spec.output_dir, plan.workdir, job_ids,
+                               sent.inputs if sent is not None else None, limits.disk)
+        notes.extend(staged)
+        if job_ids is not None and binds is not None:
+            binds.lend(*job_ids)  # run() hands them back whatever happens from here
         # The cgroup comes last: nothing after it may raise, or it would be left behind.
         cgroup, cgroup_known = job_cgroup(self.cgroups, self.policy.settings, spec.job_id, limits,
                                           caps["cpu_max_num_threads"],
@@ -208,7 +216,7 @@ class Supervisor:
         elif cgroup_known.reason:
             notes.append(f"no job cgroup, limits polled: {cgroup_known.reason}")
         return _Prepared(plan=plan, rlimits={RLIMIT_NAMES[k]: v[0] for k, v in rlimits.items()}, notes=notes,
-                         gpu_watch=watch, gpu_limit=gpu_limit, cgroup=cgroup, cache=kept, jobdir=jobdir,
+                         gpu_watch=watch, gpu_limit=gpu_limit, cgroup=cgroup, cache=kept, jobdir=jobdir, placed=placed,
                          enforcement=enforcement_for(limits, arch, address_space, facts, cgroup_known, isolation,
                                                      DiskFacts(jobdir.image_size, jobdir.reason)))
 
@@ -231,32 +239,38 @@ class Supervisor:
         `hold_result(size)`: asked before a return value of `size` bytes is read, None or (the bound,
         why) it cannot be held: then the verdict is `result`, for that reason."""
         started_epoch = time.time()
-        jobdir = None
+        jobdir = binds = None
         try:
             limits = self.policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
             arch, arch_note = resolve_arch(spec.arch, self.policy.settings.gpu_fallback_cpu)
+            binds = Binds(spec.binds)
             jobdir = self.disks.make(spec.job_id, limits.disk)
-            prepared = self._prepare(spec, limits, arch, jobdir, sent)
+            prepared = self._prepare(spec, limits, arch, jobdir, sent, binds)
         except BaseException as err:
             if jobdir is not None:
                 jobdir.remove()
+            if binds is not None:
+                binds.release()
             if isinstance(err, (ConfigError, ArchUnavailable)):
                 return self._not_run(spec, str(err), started_epoch)
             raise
         try:
             result = self._supervise(spec, limits, prepared, on_sample, control, started_epoch, on_output, hold_result)
-            collect_job(spec, prepared.plan, result, limits.disk)
+            collect_job(spec, prepared.plan, result, prepared.placed, limits.disk)
+            missing_input_hint(result, spec.inputs)
             result.notes.extend(prepared.cache.promote(prepared.jobdir.path / "cache"))
         except LaunchFailed as err:
             return self._not_run(spec, str(err), started_epoch, Verdict.crashed)
         finally:
             cgroup_left = prepared.cgroup.remove() if prepared.cgroup is not None else None
             disk_left = jobdir.remove()  # never raises: the verdict is recorded whatever the job left
+            disk_left += binds.release()
         if cgroup_left:
             result.notes.append(cgroup_left)
         result.notes.extend(disk_left)
         result.rlimits = prepared.rlimits
         result.enforcement = prepared.enforcement
+        result.enforced = headline(prepared.enforcement)
         result.notes = [arch_note, *prepared.notes, *result.notes]
         self.audit.record(result, spec.tenant)
         return result

@@ -1,7 +1,7 @@
 """How each limit is enforced for a job on a given arch: hard, watched, unavailable or off.
 
 One table, used for every JobResult (`enforcement`) and by `taichi-sandbox probe`. Facts behind it:
-README "Verdicts and enforcement" and ../shared/taichi-facts.md.
+docs/containment.md (which caps are hard, per arch, with the public sources).
 """
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ def _kernel(limit: str, cgroup: CgroupFacts) -> Enforcement:
             return Enforcement(level="hard", by=f"{label} pids.max (fork fails with EAGAIN); processes counted "
                                "from cgroup membership", note="pids.max counts threads: max_processes + "
                                "2 x cpu_threads + 64 tasks")
-        return _polled("processes of the tree (RLIMIT_NPROC does not bind root)", cgroup)
+        return _polled("processes of the tree (not RLIMIT_NPROC: it counts every process of the uid, not the "
+                       "job's)", cgroup)
     if limit in cgroup.enforces:  # cpu_threads
         return Enforcement(level="hard", by=f"{label} CPU bandwidth of cpu_threads cores; Taichi "
                            "cpu_max_num_threads clamped")
@@ -189,6 +190,36 @@ def enforcement_for(limits: Limits, arch: str, address_space: int | None, gpu: G
         if value is None and out[name].level != "unavailable":
             out[name] = Enforcement(level="off", note="no limit set")
     return {**out, **_isolation(isolation)}
+
+
+RLIMIT_HELD = {"cpu_time": "RLIMIT_CPU", "address_space": "RLIMIT_AS", "open_files": "RLIMIT_NOFILE",
+               "file_size": "RLIMIT_FSIZE"}
+_OFF = Enforcement(level="off")
+
+
+def headline(table: dict[str, Enforcement]) -> str:
+    """One line for a job's summary, from its `enforcement` table: which of its limits are only
+    polled and why, what holds the rest (its cgroup, rlimits, a disk image, MPS), and its isolation."""
+    def held(name: str, prefix: str, level: str = "hard") -> bool:
+        return table.get(name, _OFF).level == level and table[name].by.startswith(prefix)
+    parts = []
+    polled = [n for n in table if n != "disk" and held(n, "polling:", "watched")]
+    if polled:
+        parts.append(f"limits polled ({', '.join(polled)}) — {table[polled[0]].note.split(';')[0]}")
+    cgroup = [n for n in table if held(n, "cgroup ")]
+    mechanisms = [f"{table[cgroup[0]].by[:len('cgroup v1')]} ({', '.join(cgroup)})"] if cgroup else []
+    mechanisms += [rlimit for name, rlimit in RLIMIT_HELD.items() if rlimit in table.get(name, _OFF).by]
+    mechanisms += ["a disk image"] * held("disk", "a filesystem image") + ["MPS"] * held("gpu_memory", "NVIDIA MPS")
+    if mechanisms:
+        parts.append("enforced by " + " + ".join(mechanisms))
+    if held("disk", "polling:", "watched"):
+        parts.append(f"disk polled — {table['disk'].note.split(':')[0]}")
+    isolation = [what for name, what in (("namespaces", "namespaces"), ("tenant_isolation", "its tenant's uid"),
+                                         ("syscalls", "seccomp")) if table.get(name, _OFF).level == "hard"]
+    if "user (" in table.get("namespaces", _OFF).by:
+        isolation[0] = "namespaces (user)"
+    parts.append("isolated by " + ", ".join(isolation) if isolation else "not isolated")
+    return "; ".join(parts)
 
 
 PROBED_ARCHS = ("cpu", "cuda", "vulkan", "opengl", "metal")

@@ -9,6 +9,7 @@ needs exit status 0); then how the process ended.
 from __future__ import annotations
 
 import math
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Callable
 
 from ..core.channel import LeftoversMessage, ResultMessage, RlimitMessage, TiInitMessage
 from ..core.limits import Limits
+from ..core.units import parse_size
 from ..core.models import JobResult, JobSpec, Sample, Termination, Usage, Verdict, Violation
 from ..job.cgroup import CgroupLimits, CgroupStats
 from ..job.child import ChildPlan
@@ -26,6 +28,8 @@ from .pump import Pump
 from .tree import Reading
 
 AS_ERROR_MARKERS = ("memory allocation", "cannot allocate memory", "out of memory")
+# how numpy (and others) name a refused allocation: "Unable to allocate 2.44 GiB for an array ..."
+ALLOCATION_SIZE = re.compile(r"allocate (\d+(?:\.\d*)?) ?([KMGT]i?B|B|bytes)\b")
 
 
 @dataclass
@@ -85,14 +89,14 @@ def decide(ev: Evidence) -> JobResult:
     limits, exit_, notes = ev.limits, ev.exit, list(ev.notes)
     reported_ok = final is not None and final.status == "ok" and exit_.code == 0
     claimed = final.result_bytes if reported_ok else None
-    unheld, unheld_why = None, ""
+    explained: dict[int, str] = {}  # id(violation) -> its reason, where _breach_reason's would mislead
     if claimed is not None and ev.hold_result is not None and (limits.max_result is None or claimed <= limits.max_result):
         refusal = ev.hold_result(claimed)
         if refusal is not None:  # not read at all: nothing of it is held
             unheld = Violation(at=time.time(), pid=None, resource="result", limit=refusal[0], observed=claimed,
                                action="none", detected_by="supervisor")
             violations.append(unheld)
-            unheld_why, claimed = refusal[1], None
+            explained[id(unheld)], claimed = refusal[1], None
     loaded = load_result(ev.plan.workdir, claimed, limits.max_result)
     if loaded.over_limit is not None:
         violations.append(Violation(at=time.time(), pid=None, resource="result", limit=limits.max_result,
@@ -115,13 +119,14 @@ def decide(ev: Evidence) -> JobResult:
     if (final is not None and final.status == "error" and not violations and "as" in ev.plan.rlimits
             and (final.error_type == "MemoryError"
                  or any(k in (final.error_message or "").lower() for k in AS_ERROR_MARKERS))):
-        rlimit_hit("address_space", ev.plan.rlimits["as"][0], ev.peak.vms)
+        refused, explained[id(refused)] = _refused_allocation(limits, ev.plan.rlimits["as"][0], ev.peak.vms, final,
+                                                              ev.root_pid)
+        violations.append(refused)
     breaking = [v for v in violations if v.action != "warn"]
     signame = signal_name(exit_.signal) if exit_.signal else None
     if breaking:
-        verdict, reason = Verdict(breaking[0].resource), _breach_reason(breaking[0])
-        if breaking[0] is unheld:
-            reason = unheld_why
+        verdict = Verdict(breaking[0].resource)
+        reason = explained.get(id(breaking[0])) or _breach_reason(breaking[0])
     elif ev.termination is not None and ev.termination.reason == "cancelled":
         verdict, reason = Verdict.cancelled, "cancelled by request"
     elif final is not None and final.status == "ok" and exit_.code == 0:
@@ -181,6 +186,39 @@ def arch_override(ti_init: list[dict], ran_on: str) -> str | None:
             f"was given; run it with arch={wanted} (CLI: --arch {wanted}) to get that arch")
 
 
+def _refused_allocation(limits: Limits, rlimit_as: int, peak_vms: int, final: ResultMessage,
+                        pid: int) -> tuple[Violation, str]:
+    """The violation and reason for an allocation RLIMIT_AS refused (the job raised MemoryError).
+    An RLIMIT_AS that `address_space = "auto"` derived from the memory limit makes it a `memory`
+    verdict; the reason says which limit refused how much (the size where the error names it, as
+    numpy's does) and never shows a usage figure as if it had passed the limit. `observed` is the
+    address space the allocation needed: over the limit, as it was refused."""
+    asked = ALLOCATION_SIZE.search(final.error_message or "")
+    size = f"an allocation of {asked.group(1)} {asked.group(2)}" if asked else "an allocation"
+    needed = max(rlimit_as, peak_vms + (_size(asked) or 0))
+    mapped = f" with at least {_fmt('address_space', peak_vms)} already mapped" if peak_vms else ""
+    refused = f"refused {size}{mapped} ({final.error_type})"
+    if limits.address_space == "auto" and limits.memory is not None:
+        reason = f"memory limit {_fmt('memory', limits.memory)}: the address-space limit it implies (RLIMIT_AS " \
+                 f"{_fmt('address_space', rlimit_as)}: Taichi's floor + the memory limit, address_space auto) {refused}"
+        resource, limit = "memory", limits.memory
+    else:
+        how = ", auto: Taichi's floor + 8 GiB as no memory limit is set" if limits.address_space == "auto" else ""
+        reason = f"address_space limit {_fmt('address_space', rlimit_as)} (RLIMIT_AS{how}) {refused}"
+        resource, limit = "address_space", rlimit_as
+    return Violation(at=time.time(), pid=pid, resource=resource, limit=limit, observed=needed, action="none",
+                     detected_by="rlimit"), reason
+
+
+def _size(asked: re.Match | None) -> int | None:
+    if asked is None:
+        return None
+    try:
+        return parse_size(f"{float(asked.group(1))}{'B' if asked.group(2) == 'bytes' else asked.group(2)}")
+    except ValueError:
+        return None
+
+
 def _breach_reason(v: Violation) -> str:
     if v.detected_by == "cgroup" and v.resource == "memory":
         return f"memory limit {_fmt('memory', v.limit)} reached: the kernel OOM-killed the job " \
@@ -193,6 +231,8 @@ def _breach_reason(v: Violation) -> str:
                f"({v.detected_by})"
     if v.detected_by == "cgroup" and v.resource == "processes":
         return f"processes limit reached: the kernel refused a fork at pids.max = {v.limit:g} tasks (cgroup)"
+    if v.observed < v.limit:  # e.g. a polled figure behind the kernel's: the value would contradict the verdict
+        return f"{v.resource} limit {_fmt(v.resource, v.limit)} reached ({v.detected_by})"
     return f"{v.resource} limit {_fmt(v.resource, v.limit)} exceeded: " \
            f"observed {_fmt(v.resource, v.observed)} ({v.detected_by})"
 
