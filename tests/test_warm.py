@@ -106,19 +106,21 @@ def test_usage_errors_and_files_are_the_in_process_ones(warm, tmp_path):
     assert hot.returncode == cool.returncode == 2 and hot.stderr == cool.stderr
 
 
-def test_ctrl_c_on_the_client_cancels_the_job_as_in_process(warm, tmp_path):
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_on_the_client_cancels_the_job_as_in_process(warm, tmp_path, signum, code):
     job = write(tmp_path, "slow.py", "import time\nprint('started', flush=True)\ntime.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", WARM_ONLY, "run", job], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=warm, cwd=tmp_path,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout.readline() == "started\n"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
-    assert "verdict: cancelled" in err and "SIGINT: cancelling the job" in err and "Traceback" not in err
+    assert proc.returncode == code, err
+    assert "verdict: cancelled" in err and f"{signal.Signals(signum).name}: cancelling the job" in err
+    assert "Traceback" not in err
 
 
 def _forkserver_descendants() -> list[psutil.Process]:

@@ -12,9 +12,10 @@ it in-process itself. Off with TAICHI_SANDBOX_WARM=0; the server exits after
 TAICHI_SANDBOX_WARM_IDLE seconds (default 600) without a request, or `taichi-sandbox warm stop`.
 
 Wire format, on the connection (client → worker): 4-byte big-endian length + JSON request, with
-SCM_RIGHTS [stdin, stdout, stderr, cwd] on its first bytes; then "sig <n>\\n" per forwarded
-SIGINT/SIGTERM/SIGHUP. Worker → client: "ok\\n" (the CLI runs: nothing has happened before it) or
-"cold <why>\\n" (run in-process), then "exit <status>\\n".
+SCM_RIGHTS [stdin, stdout, stderr, cwd] on its first bytes. Worker → client: "ok\\n" (ready;
+nothing has happened yet) or "cold <why>\\n" (run in-process). Client → worker: "go\\n" (the
+worker runs the CLI only then, so a client that gave up waiting never has its run done twice),
+then "sig <n>\\n" per forwarded SIGINT/SIGTERM/SIGHUP. Worker → client: "exit <status>\\n".
 """
 
 from __future__ import annotations

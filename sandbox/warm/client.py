@@ -17,7 +17,7 @@ import sys
 from . import ENV_DIR, ENV_SWITCH, FORWARDED, HEADER, Unsafe, private_dir, stamp
 
 EXIT_INTERNAL = 125
-START_TIMEOUT = 30.0  # seconds for a new server to import the CLI and listen
+START_TIMEOUT = 30.0  # seconds for a new server to listen (`warm start`), or a worker to answer
 JOB_MARKER = "TAICHI_SANDBOX_JOB"  # sandbox.job.launcher's: inside a job, sandboxes are refused in-process
 
 
@@ -92,7 +92,11 @@ def _hand_over(conn: socket.socket, argv: list[str]) -> bool:
         conn.sendall(data[sent:])
     finally:
         os.close(cwd)
-    return _line(conn) == b"ok"
+    conn.settimeout(START_TIMEOUT)  # a stopped server: run in-process rather than hang
+    if _line(conn) != b"ok":
+        return False
+    conn.settimeout(None)
+    return True
 
 
 def rlimits() -> dict[str, list[int]]:
@@ -119,20 +123,41 @@ def _line(conn: socket.socket) -> bytes:
 
 
 def _follow(conn: socket.socket) -> int:
-    """Forward our signals until the worker's exit status; 125 when it ends without one."""
+    """Commit ("go"), then forward our signals until the worker's exit status. A worker that ends
+    without one after a forwarded signal died of it (as the CLI would have, before its handlers
+    were in place): so do we; otherwise 125."""
+    forwarded: list[int] = []
+
     def forward(signum: int, _frame) -> None:
-        try:
-            conn.sendall(f"sig {signum}\n".encode())
-        except OSError:
-            pass
-    for name in FORWARDED:
-        signal.signal(getattr(signal, name), forward)
-    line = _line(conn).split()
+        forwarded.append(signum)
+        _send(conn, f"sig {signum}\n")
+    signals = [getattr(signal, name) for name in FORWARDED]
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # none between "go" and our handlers
+    try:
+        for signum in signals:
+            signal.signal(signum, forward)
+        conn.sendall(b"go\n")  # a worker that does not hear this never runs the CLI
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    try:
+        line = _line(conn).split()
+    except OSError:  # committed: never run in-process after this
+        line = []
     if len(line) == 2 and line[0] == b"exit" and line[1].isdigit():
         return int(line[1])
+    if forwarded:
+        signal.signal(forwarded[0], signal.SIG_DFL)
+        os.kill(os.getpid(), forwarded[0])
     sys.stderr.write("taichi-sandbox: error: the warm server's worker ended before the verdict "
                      f"(set {ENV_SWITCH}=0 to run in-process)\n")
     return EXIT_INTERNAL
+
+
+def _send(conn: socket.socket, line: str) -> None:
+    try:
+        conn.sendall(line.encode())
+    except OSError:
+        pass
 
 
 def command(argv: list[str]) -> int:

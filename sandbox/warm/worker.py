@@ -2,7 +2,8 @@
 
 Forked by the zygote (sandbox.warm.server) on a connection from its own uid. It reads the request
 (see sandbox.warm), takes the client's stdin/stdout/stderr, working directory, environment, argv,
-umask, nice value, CPU affinity and rlimits, answers "ok" and runs `sandbox.cli.main()`: whatever
+umask, nice value, CPU affinity and rlimits, answers "ok" and, once the client says "go", runs
+`sandbox.cli.main()`: whatever
 the CLI does, it does as it would in the client's process. Its fork-server is the zygote's spare
 when that was started with the configuration this run asks for (`Spare`), else a fresh one. The
 client's signals come as "sig <n>" lines and are raised here; the client's end of the connection
@@ -69,6 +70,8 @@ def serve(conn: socket.socket, spare: Spare | None, report: int) -> None:
             os._exit(0)
         _install_spare(spare, report)
         _send(conn, "ok\n")
+        if not _committed(conn):
+            os._exit(0)  # the client gave up waiting and runs in-process
         threading.Thread(target=_relay, args=(conn,), daemon=True).start()
         code = _run_cli(argv)
     finally:
@@ -181,6 +184,22 @@ def _relay(conn: socket.socket) -> None:
             if len(words) == 2 and words[0] == b"sig" and words[1].isdigit() and int(words[1]) in SIGNALS:
                 os.kill(os.getpid(), int(words[1]))
         data = data[-256:]
+
+
+def _committed(conn: socket.socket) -> bool:
+    """Whether the client answers "go" to our "ok"."""
+    conn.settimeout(RECEIVE_TIMEOUT)
+    data = b""
+    try:
+        while len(data) < 3 and not data.endswith(b"\n"):
+            chunk = conn.recv(3 - len(data))
+            if not chunk:
+                return False
+            data += chunk
+    except OSError:
+        return False
+    conn.settimeout(None)
+    return data == b"go\n"
 
 
 def _run_cli(argv: list[str]) -> int:
