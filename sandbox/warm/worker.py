@@ -58,7 +58,7 @@ class Spare:
 
 def serve(conn: socket.socket, spare: Spare | None, report: int) -> None:
     """Run one client's request in this (forked) process; never returns."""
-    code = 0
+    code = 125  # the in-process CLI's internal error, should anything fail before or around it
     try:
         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
