@@ -123,11 +123,13 @@ def test_ctrl_c_on_the_client_cancels_the_job_as_in_process(warm, tmp_path, sign
     assert "Traceback" not in err
 
 
-def _forkserver_descendants() -> list[psutil.Process]:
+def _forkserver_descendants(state: Path) -> list[psutil.Process]:
+    """The processes of the fork-servers whose audit log is under `state` (this test's)."""
     found = []
     for proc in psutil.process_iter():
         try:
-            if "sandbox.job.forkserver" in proc.cmdline():
+            command = proc.cmdline()
+            if "sandbox.job.forkserver" in command and any(a.startswith(str(state)) for a in command):
                 found += proc.children(recursive=True)
         except psutil.Error:
             continue
@@ -154,7 +156,7 @@ def test_a_client_killed_mid_job_takes_its_worker_and_job_with_it(warm, tmp_path
     try:
         assert proc.stdout.readline() == "started\n"
         [(server, _)] = servers(warm["TAICHI_SANDBOX_WARM_DIR"])
-        workers, jobs = _workers(server), _forkserver_descendants()
+        workers, jobs = _workers(server), _forkserver_descendants(tmp_path)
         assert len(workers) == 1 and jobs
     finally:
         proc.kill()
