@@ -3,8 +3,8 @@
 Each run is a new process started from an idle moment (a pause before each, as a person types
 commands); the CLI's and plain Python's runs alternate, so drift on a shared machine hits both
 alike. The CLI runs through a warm server of its own (sandbox.warm, in a private socket
-directory): the first run starts it and is reported on its own; then in-process
-(TAICHI_SANDBOX_WARM=0), as before the warm server.
+directory): the first run (in-process, starting the server) is reported on its own; then also
+in-process throughout (TAICHI_SANDBOX_WARM=0), as before the warm server.
 """
 
 from __future__ import annotations
@@ -33,10 +33,16 @@ def _timed(command: list[str], env: dict[str, str], cwd: str) -> float:
 
 def measure(tiny: str, plain_env: dict[str, str], state: str, n: int) -> list[tuple]:
     """Rows (name, samples, value, goal, pass) for the bench table."""
-    env = {**os.environ, "XDG_STATE_HOME": state, "TAICHI_SANDBOX_WARM_DIR": os.path.join(state, "warm")}
+    env = {**os.environ, "XDG_STATE_HOME": state, "TAICHI_SANDBOX_WARM": "1",
+           "TAICHI_SANDBOX_WARM_DIR": os.path.join(state, "warm")}
     cli = [*_cli(), "run", tiny]
     plain_cmd = [sys.executable, tiny]
     first = _timed(cli, env, state)
+    deadline = time.monotonic() + 60
+    while b"running" not in subprocess.run([*_cli(), "warm", "status"], env=env, capture_output=True).stdout:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the first run started no warm server")
+        time.sleep(0.1)
     warm, plain, cold = [], [], []
     try:
         for _ in range(n):
