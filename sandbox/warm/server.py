@@ -68,6 +68,12 @@ def _start_spare(key: tuple[str | None, dict[str, str]] | None) -> Spare | None:
     return Spare(control, process, home, (key[0], base_env()), attributes())
 
 
+def _core_free() -> bool:
+    """Whether a spare may start beside a running job without slowing it: a core is idle (the load
+    average is below the cores less one). Otherwise it starts once no run is left."""
+    return os.getloadavg()[0] < (os.cpu_count() or 1) - 1
+
+
 class Zygote:
     """The accept loop: `name` is its stamp, `lock` the descriptor holding its lock, `idle` how
     long it waits without work (an invalid $TAICHI_SANDBOX_WARM_IDLE gives the default)."""
@@ -113,7 +119,7 @@ class Zygote:
                     self._reap()
                 else:
                     self._report(key.fd)
-            if self.spare is None:
+            if self.spare is None and (not self.workers or _core_free()):
                 self.spare = _start_spare(self.key)
 
     def _accept(self) -> None:
