@@ -23,6 +23,7 @@ import pytest
 from sandbox.warm import HEADER, stamp
 from sandbox.warm.client import servers
 
+from . import test_cli_run
 from .conftest import ROOT, kernel
 
 # The CLI's client with sandbox.cli unimportable: only a run handed to a warm worker can succeed.
@@ -106,35 +107,38 @@ def test_usage_errors_and_files_are_the_in_process_ones(warm, tmp_path):
     assert hot.returncode == cool.returncode == 2 and hot.stderr == cool.stderr
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_ctrl_c_on_the_client_cancels_the_job_as_in_process(warm, tmp_path, signum, code):
-    job = write(tmp_path, "slow.py", "import time\nprint('started', flush=True)\ntime.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", WARM_ONLY, "run", job], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=warm, cwd=tmp_path,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        assert proc.stdout.readline() == "started\n"
-        proc.send_signal(signum)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-    assert proc.returncode == code, err
-    assert "verdict: cancelled" in err and f"{signal.Signals(signum).name}: cancelling the job" in err
-    assert "Traceback" not in err
-
-
-def _jobs(state: Path) -> list[psutil.Process]:
-    """The job processes under the fork-servers whose audit log is under `state` (this test's);
-    not a fork-server itself (a spare, detaching from its starter), which runs in its own home."""
+def _forkservers(state: Path) -> list[psutil.Process]:
+    """The fork-servers whose audit log is under `state` (this test's)."""
     found = []
     for proc in psutil.process_iter():
         try:
             command = proc.cmdline()
             if "sandbox.job.forkserver" in command and any(a.startswith(str(state)) for a in command):
-                found += [p for p in proc.children(recursive=True) if "tsbx-fs-" not in p.cwd()]
+                found.append(proc)
         except psutil.Error:
             continue
     return found
+
+
+def _jobs(state: Path) -> list[psutil.Process]:
+    """The job processes under those fork-servers; not a fork-server itself (a spare, detaching
+    from its starter), which runs in its own home."""
+    found = []
+    for server in _forkservers(state):
+        try:
+            found += [p for p in server.children(recursive=True) if "tsbx-fs-" not in p.cwd()]
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_on_a_warm_run_are_the_in_process_ones(warm, tmp_path, monkeypatch, signum, code):
+    for name in ("TAICHI_SANDBOX_WARM", "TAICHI_SANDBOX_WARM_DIR"):
+        monkeypatch.setenv(name, warm[name])  # the in-process CLI's test, run against the warm server
+    [spare] = _forkservers(tmp_path)
+    test_cli_run.test_signal_on_run_cancels_the_job_prints_and_audits_it(tmp_path, signum, code)
+    assert _gone(spare.pid)  # the run took the warm server's spare (and closed it): it ran there
 
 
 def _workers(server: int) -> list[psutil.Process]:
