@@ -2,8 +2,9 @@
 than `python kernel.py`. Standard library only, up to `server`.
 
 `client` (in the CLI's process) connects to the caller's server over a unix socket in a private
-directory (`private_dir`), named by a stamp of the installed code (`stamp`: an upgrade gets a new
-server), and starts one when there is none. `server` is a single-threaded zygote with the CLI's
+directory (`private_dir`), named by a stamp of the installed code and the caller's cgroups
+(`stamp`: an upgrade gets a new server); when there is none it starts one and runs this run
+in-process. `server` is a single-threaded zygote with the CLI's
 modules imported and one fork-server started ahead (a spare); per request it forks a `worker`,
 which takes the client's stdio, working directory, environment, argv, umask, nice value, CPU
 affinity and rlimits and runs the ordinary CLI (`sandbox.cli`), so limits, verdicts, output and
