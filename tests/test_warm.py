@@ -290,3 +290,11 @@ def test_the_stamp_follows_the_installed_code():
     finally:
         os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
     assert stamp() == before
+
+
+@root_only
+def test_a_client_with_other_groups_is_not_served_by_a_server_with_these(warm, tmp_path):
+    assert run(warm, tmp_path, "run", kernel("tiny.py")).returncode == 0
+    extra = next(gid for gid in range(5, 1000) if gid not in os.getgroups())
+    other = run(warm, tmp_path, "run", kernel("tiny.py"), extra_groups=[*os.getgroups(), extra])
+    assert other.returncode == 1 and "sandbox.cli" in other.stderr  # not warm: in-process, which WARM_ONLY forbids

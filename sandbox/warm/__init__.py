@@ -33,6 +33,7 @@ HEADER = struct.Struct("!I")
 MAX_REQUEST = 1 << 20
 FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP")
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CREDENTIALS = (b"Uid:", b"Gid:", b"Groups:", b"Cap", b"NoNewPrivs:", b"Seccomp")  # the lines of /proc/self/status in a stamp
 
 
 class Unsafe(OSError):
@@ -60,12 +61,15 @@ def private_dir() -> str:
 
 def stamp() -> str:
     """What identifies a server: the code it runs (the interpreter, this package's files' paths,
-    sizes and mtimes, the site-packages directory's mtime, which pip installs change) and the
-    cgroups it runs in (a run's processes stay in its caller's: another login session or batch
-    allocation gets a server of its own)."""
+    sizes and mtimes, the site-packages directory's mtime, which pip installs change), the cgroups
+    it runs in (a run's processes stay in its caller's: another login session or batch allocation
+    gets a server of its own) and its credentials (ids, groups, capabilities, no_new_privs, seccomp:
+    a run never gets more, or less, than its caller has)."""
     digest = hashlib.sha256(f"{sys.executable}\0{PACKAGE}\0{sys.version}".encode())
     with open("/proc/self/cgroup", "rb") as f:
         digest.update(f.read())
+    with open("/proc/self/status", "rb") as f:
+        digest.update(b"".join(line for line in f if line.startswith(CREDENTIALS)))
     for top, dirs, files in os.walk(PACKAGE):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__")
         for name in sorted(f for f in files if f.endswith((".py", ".toml"))):
