@@ -33,6 +33,7 @@ HEADER = struct.Struct("!I")
 MAX_REQUEST = 1 << 20
 FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP")
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMESPACES = ("mnt", "pid", "net", "user", "ipc", "uts", "cgroup")  # a container's client: a server there
 CREDENTIALS = (b"Uid:", b"Gid:", b"Groups:", b"Cap", b"NoNewPrivs:", b"Seccomp")  # the lines of /proc/self/status in a stamp
 
 
@@ -62,14 +63,16 @@ def private_dir() -> str:
 def stamp() -> str:
     """What identifies a server: the code it runs (the interpreter, this package's files' paths,
     sizes and mtimes, the site-packages directory's mtime, which pip installs change), the cgroups
-    it runs in (a run's processes stay in its caller's: another login session or batch allocation
-    gets a server of its own) and its credentials (ids, groups, capabilities, no_new_privs, seccomp:
-    a run never gets more, or less, than its caller has)."""
+    and namespaces it runs in (a run's processes stay in its caller's: another login session, batch
+    allocation or container gets a server of its own) and its credentials (ids, groups,
+    capabilities, no_new_privs, seccomp: a run never gets more, or less, than its caller has)."""
     digest = hashlib.sha256(f"{sys.executable}\0{PACKAGE}\0{sys.version}".encode())
     with open("/proc/self/cgroup", "rb") as f:
         digest.update(f.read())
     with open("/proc/self/status", "rb") as f:
         digest.update(b"".join(line for line in f if line.startswith(CREDENTIALS)))
+    for name in NAMESPACES:
+        digest.update(os.readlink(f"/proc/self/ns/{name}").encode())
     for top, dirs, files in os.walk(PACKAGE):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__")
         for name in sorted(f for f in files if f.endswith((".py", ".toml"))):
