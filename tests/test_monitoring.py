@@ -151,8 +151,8 @@ def test_a_metrics_address_in_use_is_a_one_line_error(tmp_path):
     checked = subprocess.run([sys.executable, "-m", "sandbox", "serve", "--check", "--limits-file", str(limits)],
                              capture_output=True, text=True, timeout=120)
     assert checked.returncode == 2 and checked.stderr == (
-        f'taichi-sandbox: error: {limits} [service]: metrics_address=\'9464\': give HOST:PORT, e.g. "127.0.0.1:9464" '
-        'or "[::1]:9464"\n')
+        f'taichi-sandbox: error: {limits} [service]: metrics_address: give HOST:PORT, e.g. "127.0.0.1:9464" '
+        'or "[::1]:9464" (got \'9464\')\n')
 
 
 def test_process_metrics_are_served_but_left_out_of_the_textfile(tmp_path):

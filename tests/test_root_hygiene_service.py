@@ -77,7 +77,7 @@ class HoldingNode(Node):
     def __init__(self, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o755)
-        self.root, self.socket, self.limits = root, root / "s.sock", root / "limits.toml"
+        self.root, self.socket, self.limits, self.prefix = root, root / "s.sock", root / "limits.toml", ()
         self.limits.write_text(POLICY.format(bob=BOB, state=root / "state", socket=self.socket, gid=SOCKET_GID, cap=CAP))
         self.audit = root / "state" / "audit.jsonl"
         self.start()

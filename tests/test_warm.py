@@ -298,3 +298,10 @@ def test_a_client_with_other_groups_is_not_served_by_a_server_with_these(warm, t
     extra = next(gid for gid in range(5, 1000) if gid not in os.getgroups())
     other = run(warm, tmp_path, "run", kernel("tiny.py"), extra_groups=[*os.getgroups(), extra])
     assert other.returncode == 1 and "sandbox.cli" in other.stderr  # not warm: in-process, which WARM_ONLY forbids
+
+
+def test_a_client_in_a_ray_drivers_environment_is_served_warm(warm, tmp_path):
+    """Ray's driver sets PYTHONBREAKPOINT in its own environment (tests that ran Ray leave it in
+    the suite's): it acts only in breakpoint(), so it does not send a run in-process."""
+    env = {**warm, "PYTHONBREAKPOINT": "ray.util.rpdb._driver_set_trace"}
+    assert run(env, tmp_path, "run", kernel("tiny.py")).returncode == 0

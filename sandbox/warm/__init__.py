@@ -93,6 +93,8 @@ def startup_env(env: dict[str, str]) -> dict[str, str]:
     them, so a client that sets one runs in-process."""
     keep = ("LANG", "TERMINAL_WIDTH", "TYPER_USE_RICH", "TYPER_STANDARD_TRACEBACK", "_TYPER_STANDARD_TRACEBACK",
             "_TYPER_FORCE_DISABLE_TERMINAL", "GITHUB_ACTIONS", "FORCE_COLOR", "PY_COLORS")
-    harmless = ("PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED")  # the worker does as the latter says
+    # the worker does as PYTHONUNBUFFERED says; PYTHONBREAKPOINT acts only in breakpoint(), which the CLI
+    # never calls (Ray's driver sets it in its own environment, so every Ray user has it)
+    harmless = ("PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PYTHONBREAKPOINT")
     return {k: v for k, v in env.items()
             if k in keep or k.startswith(("LC_", "LD_", "MALLOC_")) or (k.startswith("PYTHON") and k not in harmless)}
