@@ -24,6 +24,7 @@ from typing import Callable
 from ..core.limits import Node
 from ..job.cgroup.common import read_int, read_keyed, read_text
 from ..job.cgroup.host import _within, parse_mountinfo, parse_proc_cgroup, select_hierarchy
+from .quotas import _size
 
 INTERVAL = 0.5  # seconds between readings of the watch
 # The per-version file names: limit, usage, the memory.stat key of inactive file pages.
@@ -192,17 +193,19 @@ def eviction_due(reading: Reading | None, node: Node) -> str | None:
 
 class Watch:
     """A daemon thread that reads `probe` every `interval` seconds and hands each Reading to
-    `on_reading` (which must not block) until that returns False or `stop()` is called."""
+    `on_reading` (which must not block) until that returns False or `stop()` is called. The first
+    reading is taken before the thread starts, so nothing is decided without one."""
 
     def __init__(self, probe: Probe, on_reading: Callable[[Reading], bool], interval: float = INTERVAL) -> None:
         self.probe, self.on_reading, self.interval = probe, on_reading, interval
         self._stop = threading.Event()
+        on_reading(probe.read())
         self._thread = threading.Thread(target=self._run, name="tsbx-pressure", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set() and self.on_reading(self.probe.read()):
-            self._stop.wait(self.interval)
+        while not self._stop.wait(self.interval) and self.on_reading(self.probe.read()):
+            pass
 
     def stop(self) -> None:
         self._stop.set()
@@ -210,6 +213,4 @@ class Watch:
 
 
 def size(n: int | None) -> str:
-    if n is None:
-        return "unknown"
-    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
+    return "unknown" if n is None else _size(n)
