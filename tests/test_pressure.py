@@ -6,8 +6,8 @@ jobs (not the service) are the kernel's first choice."""
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -18,7 +18,12 @@ from unittest import mock
 
 import pytest
 
-from sandbox.core.limits import Node as NodePolicy
+from prometheus_client import generate_latest
+
+from sandbox.core.limits import Node as NodePolicy, Policy, Settings
+from sandbox.core.models import JobSpec
+from sandbox.node.executor import SandboxExecutor
+from sandbox.node.quotas import Capacity
 from sandbox.job.cgroup import CgroupLimits, CgroupStats
 from sandbox.node.pressure import (INTERVAL, Probe, Reading, admission_wait, cgroup_room, eviction_due, own_memory_cgroup,
                                    parse_meminfo, parse_psi)
@@ -124,6 +129,25 @@ def test_room_in_a_real_v1_memory_cgroup_with_a_limit_is_what_is_available(paren
     eater.kill()
     assert limit == 600 * MiB and available == room < mem_available
     assert 300 * MiB < room < 400 * MiB  # 600 MiB less the eater's 200 MiB and the two interpreters
+
+
+def test_every_launcher_makes_jobs_the_kernels_first_choice(any_supervisor, tmp_path):
+    path = tmp_path / "adj.py"
+    path.write_text("print(open('/proc/self/oom_score_adj').read().strip())\n")
+    result = any_supervisor.run(JobSpec(kernel=str(path)))
+    assert result.verdict.value == "ok" and result.stdout_tail == "500\n"
+
+
+def test_the_executor_exports_what_it_reads_of_the_node(tmp_path):
+    psi = tmp_path / "memory"
+    psi.write_text("some avg10=7.25 avg60=0 avg300=0 total=1\nfull avg10=1.00 avg60=0 avg300=0 total=1\n")
+    with SandboxExecutor(capacity=Capacity(1, 8 * GiB, None), policy=Policy(settings=Settings(state_dir=str(tmp_path))),
+                         probe=Probe(psi=str(psi), cgroup=None)) as ex:
+        assert ex.pressure.psi_some10 == 7.25
+        text = generate_latest(ex.metrics.registry).decode()
+    assert "taichi_sandbox_node_memory_pressure_percent 7.25" in text
+    available = re.search(r"\ntaichi_sandbox_node_memory_available_bytes ([0-9.e+]+)\n", text)
+    assert available and float(available.group(1)) > 0
 
 
 # --- decisions --------------------------------------------------------------------------------------

@@ -251,6 +251,10 @@ class SandboxExecutor:
     def _read_pressure(self, reading: Reading) -> bool:
         """The watch's callback: keep the reading, wake the workers when jobs wait; False (no more
         readings) once shut down with nothing left to run."""
+        if reading.available is not None:
+            self.metrics.memory_available.set(reading.available)
+        if reading.psi_some10 is not None:
+            self.metrics.memory_pressure.set(reading.psi_some10)
         with self._cv:
             self.pressure = reading
             if self._queue:
