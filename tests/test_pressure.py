@@ -119,16 +119,27 @@ def eat(cgroup: Path, mib: int) -> subprocess.Popen:
     return eater
 
 
+PROBE = """
+import sys
+from sandbox.core.limits import Policy, Settings
+from sandbox.node.executor import SandboxExecutor
+from sandbox.node.pressure import Probe
+r = Probe().read()
+with SandboxExecutor(policy=Policy(settings=Settings(state_dir=sys.argv[1]))) as ex:
+    print(r.cgroup_room, r.cgroup_limit, r.available, r.mem_available, ex.capacity.memory)
+"""
+
+
 @needs_v1
-def test_room_in_a_real_v1_memory_cgroup_with_a_limit_is_what_is_available(parent_cgroup):
+def test_room_in_a_real_v1_memory_cgroup_with_a_limit_is_what_is_available(parent_cgroup, tmp_path):
     eater = eat(parent_cgroup, 200)
-    probe = start_in(parent_cgroup, sys.executable, "-c", "from sandbox.node.pressure import Probe; r = Probe().read(); "
-                     "print(r.cgroup_room, r.cgroup_limit, r.available, r.mem_available)",
-                     stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
-    room, limit, available, mem_available = map(int, probe.communicate(timeout=30)[0].split())
+    probe = start_in(parent_cgroup, sys.executable, "-c", PROBE, str(tmp_path), stdout=subprocess.PIPE, text=True,
+                     cwd=Path(__file__).parent.parent)
+    room, limit, available, mem_available, capacity = map(int, probe.communicate(timeout=30)[0].split())
     eater.kill()
     assert limit == 600 * MiB and available == room < mem_available
     assert 300 * MiB < room < 400 * MiB  # 600 MiB less the eater's 200 MiB and the two interpreters
+    assert capacity == 600 * MiB  # the node's capacity is the cgroup's limit, not the host's memory
 
 
 def test_every_launcher_makes_jobs_the_kernels_first_choice(any_supervisor, tmp_path):

@@ -102,9 +102,11 @@ class SandboxExecutor:
         self.supervisor = supervisor if supervisor is not None else Supervisor(policy)
         self._owns_supervisor = supervisor is None
         self.policy = self.supervisor.policy
+        probe = probe or Probe(self.supervisor.cgroups.parents.get("memory"))
         if capacity is None:
             devices, _ = self.supervisor.gpu_facts()
-            capacity = node_capacity(self.policy, devices[0].memory_total if devices else None)
+            capacity = node_capacity(self.policy, devices[0].memory_total if devices else None,
+                                     probe.read().cgroup_limit)
         self.capacity = capacity
         self.max_concurrent = max_concurrent or capacity.cpu_slots
         self.metrics = metrics if metrics is not None else Metrics()
@@ -120,7 +122,7 @@ class SandboxExecutor:
         self._running: set[JobFuture] = set()
         self._shutdown = self._cancel_queued = False
         self.pressure: Reading | None = None  # the latest reading of the node's memory
-        self._watch = Watch(probe or Probe(self.supervisor.cgroups.parents.get("memory")), self._read_pressure)
+        self._watch = Watch(probe, self._read_pressure)
         self._workers = [threading.Thread(target=self._work, name=f"tsbx-exec-{i}", daemon=True)
                          for i in range(self.max_concurrent)]
         for worker in self._workers:
