@@ -1,8 +1,9 @@
 """The job side: runs inside the sandboxed child process, never in the supervisor.
 
 Order matters and is the contract: join the job cgroup (before anything else runs, so everything the
-job does is counted) → oom_score_adj JOB_OOM_SCORE_ADJ (the kernel's first choice; written while still
-root, which also makes it the floor the job cannot lower it below again) → die with the parent (PR_SET_PDEATHSIG) → own session → subreaper → rlimits
+job does is counted) → oom_score_adj JOB_OOM_SCORE_ADJ (the kernel's first choice; written while
+still root, which also makes it the floor the job cannot lower it below again) → die with the parent
+(PR_SET_PDEATHSIG) → own session → subreaper → rlimits
 → the work dir as cwd → with isolation, new namespaces, a relay outside, an init inside and the
 tenant's uid (sandbox.job.namespaces) → the job's scrubbed environment (only now: nothing that runs
 as root sees it) → the system-call filter (sandbox.job.syscalls) → guarded `ti.init` → run the job (a shipped

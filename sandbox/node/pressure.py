@@ -38,8 +38,8 @@ class Reading:
     """One measurement of the node's memory. Bytes; PSI in % (None: not available)."""
 
     mem_available: int | None
-    cgroup_room: int | None  # room under the tightest limit of the service's cgroup and its ancestors
-    cgroup_limit: int | None  # that limit
+    cgroup_room: int | None  # the least room under the limits of the service's cgroup and its ancestors
+    cgroup_limit: int | None  # the smallest of those limits (the sandbox's memory capacity)
     jobs_memory: int | None  # charged to the jobs' parent cgroup now (None: no such cgroup)
     psi_some10: float | None
     psi_full10: float | None
@@ -81,21 +81,21 @@ def parse_psi(text: str) -> tuple[float | None, float | None]:
 
 
 def cgroup_room(dirs: list[str], version: int) -> tuple[int | None, int | None]:
-    """(room, limit) under the tightest memory limit among cgroup directories `dirs` (the service's own
-    and its ancestors); (None, None) when none of them has a limit. Room = limit - working set."""
+    """(the least room, the smallest limit) over the memory limits of cgroup directories `dirs` (the
+    service's own and its ancestors); (None, None) when none has a limit. Room = limit - working set."""
     limit_file, usage_file, inactive_key = FILES[version]
-    best: tuple[int | None, int | None] = (None, None)
+    rooms, limits = [], []
     for d in dirs:
         try:
             limit, usage = read_int(f"{d}/{limit_file}"), read_int(f"{d}/{usage_file}")
+            if limit is None or usage is None or limit >= UNLIMITED:
+                continue
+            inactive = read_keyed(f"{d}/memory.stat").get(inactive_key, 0)
         except (OSError, ValueError):
             continue
-        if limit is None or usage is None or limit >= UNLIMITED:
-            continue
-        room = max(0, limit - max(0, usage - read_keyed(f"{d}/memory.stat").get(inactive_key, 0)))
-        if best[0] is None or room < best[0]:
-            best = (room, limit)
-    return best
+        rooms.append(max(0, limit - max(0, usage - inactive)))
+        limits.append(limit)
+    return (min(rooms), min(limits)) if limits else (None, None)
 
 
 def own_memory_cgroup(mountinfo: str, proc_cgroup: str) -> tuple[int, list[str]] | None:
