@@ -98,15 +98,15 @@ class SandboxExecutor:
                  policy: Policy | None = None, supervisor: Supervisor | None = None,
                  alert_hook: Callable[[dict], None] | None = None, metrics: Metrics | None = None,
                  state_file: str | os.PathLike | None = None, probe: Probe | None = None) -> None:
-        """`probe`: what reads the node's real memory (default: this node's, see `pressure.Probe`)."""
+        """`probe`: what reads the node's real memory (default: `_node_probe()`)."""
         self.supervisor = supervisor if supervisor is not None else Supervisor(policy)
         self._owns_supervisor = supervisor is None
         self.policy = self.supervisor.policy
-        probe = probe or Probe(self.supervisor.cgroups.parents.get("memory"))
+        probe = probe or self._node_probe()
         if capacity is None:
             devices, _ = self.supervisor.gpu_facts()
             capacity = node_capacity(self.policy, devices[0].memory_total if devices else None,
-                                     probe.read().cgroup_limit)
+                                     probe.read().cgroup_limit if probe is not None else None)
         self.capacity = capacity
         self.max_concurrent = max_concurrent or capacity.cpu_slots
         self.metrics = metrics if metrics is not None else Metrics()
@@ -122,7 +122,7 @@ class SandboxExecutor:
         self._running: set[JobFuture] = set()
         self._shutdown = self._cancel_queued = False
         self.pressure: Reading | None = None  # the latest reading of the node's memory
-        self._watch = Watch(probe, self._read_pressure)
+        self._watch = Watch(probe, self._read_pressure) if probe is not None else None
         self._workers = [threading.Thread(target=self._work, name=f"tsbx-exec-{i}", daemon=True)
                          for i in range(self.max_concurrent)]
         for worker in self._workers:
@@ -232,7 +232,8 @@ class SandboxExecutor:
         if wait:
             for worker in self._workers:
                 worker.join()
-            self._watch.stop()
+            if self._watch is not None:
+                self._watch.stop()
             self.alerts.close(timeout=ALERTS_FLUSH)
             if self._owns_supervisor:
                 self.supervisor.close()
@@ -242,6 +243,11 @@ class SandboxExecutor:
     def _fits(self, entry: _Entry) -> bool:
         name = entry.future.tenant
         return fits(entry.demand, self._used, self.capacity, self._tenant(name), self._tenants[name])
+
+    def _node_probe(self) -> Probe | None:
+        """Hook: what reads the memory of the node the jobs run on (this one, with the supervisor's job
+        cgroups); None where they run elsewhere (see RayExecutor)."""
+        return Probe(self.supervisor.cgroups.parents.get("memory"))
 
     def _memory_allows(self, entry: _Entry) -> bool:
         """Whether the node's real memory lets `entry` start now; if not, its future says why (call
