@@ -36,13 +36,13 @@ from typing import Callable, Iterable, Iterator
 from ..core.limits import ConfigError, Policy, Tenant
 from ..core.models import JobResult, JobSpec, Verdict, as_spec
 from ..core.ratelimit import TokenBucket
+from ..watch.echo import Echo
 from ..watch.monitor import JobControl
 from .alerts import Alerts
-from .metrics import Metrics
+from .metrics import Metrics, quota_gauges
 from .pressure import Probe, Reading, Watch, admission_wait
 from .quotas import (Capacity, Demand, QuotaFile, TenantUsage, admission_problem, demand, fits, node_capacity,
                      report)
-from ..terminal import Echo
 from .supervisor import Supervisor
 
 AGEING_SECONDS = 10.0
@@ -110,6 +110,7 @@ class SandboxExecutor:
         self.capacity = capacity
         self.max_concurrent = max_concurrent or capacity.cpu_slots
         self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.watch("quota", lambda: quota_gauges(self.quota_state()))
         self.alerts = Alerts(self.supervisor.audit, self.policy.alerts.levels, alert_hook, self.policy.alerts.command,
                              on_drop=self.metrics.alerts_dropped.inc)
         self.quota_file = QuotaFile(Path(state_file) if state_file else
@@ -259,8 +260,6 @@ class SandboxExecutor:
     def _read_pressure(self, reading: Reading) -> bool:
         """The watch's callback: keep the reading, wake the workers when jobs wait; False (no more
         readings) once shut down with nothing left to run."""
-        if reading.available is not None:
-            self.metrics.memory_available.set(reading.available)
         if reading.psi_some10 is not None:
             self.metrics.memory_pressure.set(reading.psi_some10)
         with self._cv:
@@ -377,6 +376,7 @@ class SandboxExecutor:
             return
         self.metrics.jobs.labels(result.verdict.value, name).inc()
         self.metrics.duration.labels(name).observe(result.usage.wall_seconds)
+        self.metrics.cpu_seconds.labels(name).inc(result.usage.cpu_seconds)
         for v in result.violations:
             if v.action != "warn":
                 self.metrics.violations.labels(v.resource, name).inc()
