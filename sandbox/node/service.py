@@ -63,9 +63,7 @@ class Service:
     """The node service over one policy. `serve()` blocks until SIGTERM/SIGINT, then drains."""
 
     def __init__(self, policy: Policy, socket_path: Path) -> None:
-        protection = set_oom_score_adj(SERVICE_OOM_SCORE_ADJ)  # before the fork-server starts: it inherits
-        if protection is not None:
-            print(f"taichi-sandbox: not protected from the OOM killer: {protection}", file=sys.stderr, flush=True)
+        self.unprotected = set_oom_score_adj(SERVICE_OOM_SCORE_ADJ)  # before the fork-server starts: it inherits
         self.policy, self.settings, self.path = policy, policy.service, socket_path
         self.hub = Hub()
         self.jobs = Jobs(self.hub)
@@ -98,6 +96,8 @@ class Service:
         sd_notify("READY=1")
         print(f"taichi-sandbox: serving on {self.path} (pid {os.getpid()}; {len(self.aborted)} aborted job(s) "
               "found in the audit log)", file=sys.stderr, flush=True)
+        if self.unprotected is not None:
+            print(f"taichi-sandbox: not protected from the OOM killer: {self.unprotected}", file=sys.stderr, flush=True)
         with selectors.DefaultSelector() as sel:
             sel.register(listener, selectors.EVENT_READ)
             while not self._stop.is_set():
