@@ -317,6 +317,41 @@ def quota(state: Optional[Path] = typer.Option(None, help="quota.json written by
     Console().print(table)
 
 
+@app.command()
+def report(since: Optional[str] = typer.Option(None, help="Jobs that ended since: a duration ago (7d, 12h, 30m) "
+                                                        "or an ISO date/time (default: the whole log)."),
+           until: Optional[str] = typer.Option(None, help="... and before: the same forms (default: now)."),
+           by: str = typer.Option("tenant", help="Group by tenant, user, verdict or job_type."),
+           audit_log: Optional[str] = typer.Option(None, help="The audit log (its rotated files beside it are "
+                                                              "read too; default: the policy's)."),
+           limits_file: Optional[Path] = typer.Option(None, help="limits.toml, for its audit_log."),
+           as_json: bool = typer.Option(False, "--json", help="One object per group, and the totals."),
+           as_csv: bool = typer.Option(False, "--csv", help="A header and one row per group.")) -> None:
+    """Accounting from the audit log: per group, jobs, CPU and wall seconds, reserved memory and GPU
+    memory × time, peak memory, violations, preemptions, refused requests and queue wait."""
+    from .node import report as accounting
+    from .node.accounting import AccountingError
+    try:
+        if as_json and as_csv:
+            raise ValueError("--json and --csv: choose one")
+        path = Path(audit_log) if audit_log else load_policy(limits_file).settings.resolved_audit_log()
+        found = accounting.build(path, by, since, until)
+    except (ValueError, ConfigError) as e:
+        raise _fail(str(e))
+    except AccountingError as e:
+        raise _fail(str(e), 1)
+    for problem in found.problems:
+        err.print(f"taichi-sandbox: warning: {problem}", markup=False, highlight=False, soft_wrap=True)
+    if found.skipped_lines:
+        err.print(f"taichi-sandbox: warning: {found.skipped_lines} unreadable audit lines skipped", highlight=False)
+    if as_json or as_csv:
+        sys.stdout.write(accounting.to_json(found) if as_json else accounting.to_csv(found))
+        return
+    out = Console()
+    (out if out.is_terminal else Console(width=160)).print(accounting.table(found, f"jobs by {by} ({path}{', since ' + since if since else ''}"
+                                            f"{', until ' + until if until else ''})"))
+
+
 LEVEL_STYLE = {"hard": "green", "watched": "cyan", "unavailable": "red", "off": "dim"}
 
 

@@ -260,9 +260,11 @@ class _RaySupervisor:
     def gpu_facts(self):
         return self._local.gpu_facts()
 
-    def run(self, spec: JobSpec, control: JobControl, on_output: Callable | None = None) -> JobResult:
-        """The job's result from its Ray task (whose supervisor writes the audit record). Its output
-        reaches the driver as Ray shows its workers' output, not through `on_output` (None: quiet)."""
+    def run(self, spec: JobSpec, control: JobControl, on_output: Callable | None = None,
+            queued: dict | None = None) -> JobResult:
+        """The job's result from its Ray task (whose supervisor writes the audit record, without this
+        driver's `queued`: its queue wait is unknown). Its output reaches the driver as Ray shows its
+        workers' output, not through `on_output` (None: quiet)."""
         ray = _ray()
         ref = submit(spec, self.policy, self.device_memory, quiet=on_output is None, **self.ray_options)
         cancel_sent = 0.0

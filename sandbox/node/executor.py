@@ -193,7 +193,7 @@ class SandboxExecutor:
     def _reject(self, future: JobFuture, code: str, message: str) -> JobFuture:
         spec = future.spec
         result = JobResult.not_run(spec, Verdict.rejected, message, launcher=self.supervisor.launcher.name)
-        self.supervisor.audit.record(result, spec.tenant)
+        self.supervisor.audit.record(result, spec.tenant, spec.job_type)
         with self._cv:
             self._tenants.setdefault(future.tenant, TenantUsage()).rejections += 1
         self.metrics.rejections.labels(code, future.tenant).inc()
@@ -354,9 +354,13 @@ class SandboxExecutor:
 
     def _run(self, entry: _Entry) -> None:
         future, name = entry.future, entry.future.tenant
-        self.metrics.queue_wait.labels(name).observe(time.monotonic() - entry.submitted)
+        waited = time.monotonic() - entry.submitted
+        self.metrics.queue_wait.labels(name).observe(waited)
+        d = entry.demand
+        queued = {"submitted_at": time.time() - waited,
+                  "reserved": {"memory": d.memory, "gpu_memory": d.gpu_memory, "cpu": d.cpu}}
         try:
-            result = self.supervisor.run(future.spec, control=future.control, on_output=future.echo)
+            result = self.supervisor.run(future.spec, control=future.control, on_output=future.echo, queued=queued)
         except BaseException as err:  # noqa: BLE001 - the future must resolve whatever happens
             result = None
             failure = err

@@ -287,7 +287,7 @@ class Service:
         result, unrecorded = outcome(record, future, self.supervisor.launcher.name, self._cancel_reason)
         try:
             if unrecorded:
-                self.supervisor.audit.record(result, record.spec.tenant)
+                self.supervisor.audit.record(result, record.spec.tenant, record.spec.job_type)
         except OSError as err:
             print(f"taichi-sandbox: cannot write the audit record of job {result.job_id}: {err}", file=sys.stderr,
                   flush=True)
