@@ -140,6 +140,8 @@ def ps(path: Path, args: argparse.Namespace) -> int:
         u = j["usage"] or {}
         print(f"{j['job_id']:14} {str(j['tenant']):12} {j['user']:10} {j['state']:8} "
               f"{u.get('cpu', 0):7.2f} {u.get('wall', 0):7.2f} {_size(u.get('rss')):>8}  {j['kernel']}")
+        if j.get("waiting"):
+            print(f"{'':14} waits: {j['waiting']}")
     return 0
 
 

@@ -353,6 +353,11 @@ class RayExecutor(SandboxExecutor):
                          supervisor=_RaySupervisor(policy, device_memory, ray_options), **kwargs)
         self._owns_supervisor = True
 
+    def _node_probe(self) -> None:
+        """Jobs run on the cluster's nodes, not the driver's: each node's own service (where one runs)
+        admits them against its real memory."""
+        return None
+
     def _reserve(self, entry) -> bool:
         tenant = self._tenant(entry.future.tenant)
         return _ray().get(self._ledger.reserve.remote(

@@ -154,6 +154,7 @@ def address_space_for(limits: Limits, arch: str) -> tuple[int | None, str]:
 
 
 Priority = Annotated[int, Field(ge=-1_000_000, le=1_000_000)]  # ageing adds 0.1 per second waited
+Percent = Annotated[float, Field(ge=0, le=100)]
 
 
 def _cache_quota(value: Any) -> int:
@@ -191,11 +192,16 @@ class JobType(_Strict):
 
 
 class Node(_Strict):
-    """Declared capacity of this node. Unset: what psutil (CPU, memory) and NVML (GPU) report."""
+    """Declared capacity of this node (unset: what psutil (CPU, memory) and NVML (GPU) report), and
+    what real memory admission and eviction ask for (sandbox.node.pressure)."""
 
     cpu_slots: Count = None
     memory: Bytes = None
     gpu_memory: Bytes = None
+    memory_headroom: Quota = 512 * MiB  # a job starts when available memory covers its reservation + this
+    memory_pressure_wait: Percent = 20.0  # ... and PSI memory `some avg10` (%) is at most this
+    evict_available: Quota = 256 * MiB  # past either: the node is under pressure (eviction_due)
+    evict_pressure: Percent = 60.0
 
 
 class Alerts(_Strict):

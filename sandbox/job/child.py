@@ -1,7 +1,9 @@
 """The job side: runs inside the sandboxed child process, never in the supervisor.
 
 Order matters and is the contract: join the job cgroup (before anything else runs, so everything the
-job does is counted) → die with the parent (PR_SET_PDEATHSIG) → own session → subreaper → rlimits
+job does is counted) → oom_score_adj JOB_OOM_SCORE_ADJ (the kernel's first choice; written while
+still root, which also makes it the floor the job cannot lower it below again) → die with the parent
+(PR_SET_PDEATHSIG) → own session → subreaper → rlimits
 → the work dir as cwd → with isolation, new namespaces, a relay outside, an init inside and the
 tenant's uid (sandbox.job.namespaces) → the job's scrubbed environment (only now: nothing that runs
 as root sees it) → the system-call filter (sandbox.job.syscalls) → guarded `ti.init` → run the job (a shipped
@@ -15,6 +17,7 @@ why every limit is also enforced from the supervisor.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import resource
 import signal
@@ -33,6 +36,7 @@ from ..core.shipping import receive
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+JOB_OOM_SCORE_ADJ = 500  # jobs go first when the kernel must kill (the service and fork-server stand below 0)
 
 # Taichi config the job may not change: the supervisor's value always wins.
 FORCED_TI_KEYS = ("offline_cache_file_path",)
@@ -85,6 +89,19 @@ def _prctl(option: int, value: int) -> None:
         raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
 
 
+def set_oom_score_adj(value: int) -> str | None:
+    """Set this process's /proc/self/oom_score_adj (inherited by its children); None, or why not
+    (lowering it needs CAP_SYS_RESOURCE; a write with that capability also sets the floor below which
+    the process, and every process it forks, cannot lower it without the capability)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+    except OSError as err:
+        return f"cannot set oom_score_adj {value}: {err.strerror}" + (
+            " (lowering it needs CAP_SYS_RESOURCE)" if err.errno == errno.EACCES else "")
+    return None
+
+
 def confine(plan: ChildPlan) -> None:
     """Apply everything that must hold before job code runs. Exits at once if the parent is gone."""
     if plan.cgroup_join and len(os.listdir("/proc/self/task")) != 1:
@@ -92,6 +109,7 @@ def confine(plan: ChildPlan) -> None:
     for path in plan.cgroup_join:
         with open(path, "w") as f:
             f.write("0")
+    set_oom_score_adj(JOB_OOM_SCORE_ADJ)  # raising needs no privilege: only an inherited higher value stays
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != plan.parent_pid:
         os._exit(70)

@@ -34,6 +34,7 @@ PRELOAD = ("taichi", "numpy", "psutil")  # psutil: for `_shut_down`, which its s
 MAX_PLAN_BYTES = 1 << 22
 HEADER = struct.Struct("!I")
 FDS_PER_REQUEST = 4  # stdout, stderr, channel, reply socket
+OOM_SCORE_ADJ = -800  # protected from the OOM killer, a little less than the service; jobs raise theirs
 
 
 def encode_request(plan_json: bytes) -> bytes:
@@ -147,6 +148,7 @@ def detach(pid_fd: int) -> None:
 def serve(control_fd: int, audit: str | None = None) -> None:
     """Fork a job per request until the control socket closes. `audit`: the supervisor's audit log."""
     child._prctl(child.PR_SET_CHILD_SUBREAPER, 1)
+    child.set_oom_score_adj(OOM_SCORE_ADJ)  # without CAP_SYS_RESOURCE it stays as inherited
     for name in PRELOAD:
         __import__(name)
     syscalls.prepare()  # each job only loads the filter

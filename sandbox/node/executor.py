@@ -12,6 +12,10 @@ free now (node capacity and the tenant's concurrency and quotas) runs next; FIFO
 Effective priority = priority + seconds waited / AGEING_SECONDS. Once the best job has waited
 RESERVE_AFTER seconds without fitting, nothing is started past it until it fits: no job waits
 longer than RESERVE_AFTER plus the time for running jobs to free its resources.
+Real memory (sandbox.node.pressure): a job that fits the reservations also waits while the node's
+available memory does not cover its reservation + `[node] memory_headroom`, or PSI memory pressure
+is past `[node] memory_pressure_wait`; its future's `waiting` says why. A watch thread reads the
+node every pressure.INTERVAL seconds and wakes the workers.
 Lock rule: `_cv` guards the queue, the tenants' state and the capacity in use, and nothing that can
 block runs under it: jobs, ledger calls (`_reserve`/`_release`, e.g. Ray's `ray.get`), quota.json
 and audit writes, and alert delivery (`Alerts.emit` only queues) all happen without it.
@@ -36,6 +40,7 @@ from ..watch.echo import Echo
 from ..watch.monitor import JobControl
 from .alerts import Alerts
 from .metrics import Metrics, quota_gauges
+from .pressure import Probe, Reading, Watch, admission_wait
 from .quotas import (Capacity, Demand, QuotaFile, TenantUsage, admission_problem, demand, fits, node_capacity,
                      report)
 from .supervisor import Supervisor
@@ -62,6 +67,7 @@ class JobFuture(Future):
         self.echo = None if quiet else Echo()
         self.control = JobControl()
         self.tenant = spec.tenant or DEFAULT_TENANT
+        self.waiting: str | None = None  # why it waits in the queue though it fits the reservations
 
     def cancel(self) -> bool:
         if super().cancel():
@@ -91,13 +97,16 @@ class SandboxExecutor:
     def __init__(self, max_concurrent: int | None = None, capacity: Capacity | None = None,
                  policy: Policy | None = None, supervisor: Supervisor | None = None,
                  alert_hook: Callable[[dict], None] | None = None, metrics: Metrics | None = None,
-                 state_file: str | os.PathLike | None = None) -> None:
+                 state_file: str | os.PathLike | None = None, probe: Probe | None = None) -> None:
+        """`probe`: what reads the node's real memory (default: `_node_probe()`)."""
         self.supervisor = supervisor if supervisor is not None else Supervisor(policy)
         self._owns_supervisor = supervisor is None
         self.policy = self.supervisor.policy
+        probe = probe or self._node_probe()
         if capacity is None:
             devices, _ = self.supervisor.gpu_facts()
-            capacity = node_capacity(self.policy, devices[0].memory_total if devices else None)
+            capacity = node_capacity(self.policy, devices[0].memory_total if devices else None,
+                                     probe.read().cgroup_limit if probe is not None else None)
         self.capacity = capacity
         self.max_concurrent = max_concurrent or capacity.cpu_slots
         self.metrics = metrics if metrics is not None else Metrics()
@@ -113,6 +122,8 @@ class SandboxExecutor:
         self._tenants: dict[str, TenantUsage] = {}
         self._running: set[JobFuture] = set()
         self._shutdown = self._cancel_queued = False
+        self.pressure: Reading | None = None  # the latest reading of the node's memory
+        self._watch = Watch(probe, self._read_pressure) if probe is not None else None
         self._workers = [threading.Thread(target=self._work, name=f"tsbx-exec-{i}", daemon=True)
                          for i in range(self.max_concurrent)]
         for worker in self._workers:
@@ -222,6 +233,8 @@ class SandboxExecutor:
         if wait:
             for worker in self._workers:
                 worker.join()
+            if self._watch is not None:
+                self._watch.stop()
             self.alerts.close(timeout=ALERTS_FLUSH)
             if self._owns_supervisor:
                 self.supervisor.close()
@@ -232,6 +245,29 @@ class SandboxExecutor:
         name = entry.future.tenant
         return fits(entry.demand, self._used, self.capacity, self._tenant(name), self._tenants[name])
 
+    def _node_probe(self) -> Probe | None:
+        """Hook: what reads the memory of the node the jobs run on (this one, with the supervisor's job
+        cgroups); None where they run elsewhere (see RayExecutor)."""
+        return Probe(self.supervisor.cgroups.parents.get("memory"))
+
+    def _memory_allows(self, entry: _Entry) -> bool:
+        """Whether the node's real memory lets `entry` start now; if not, its future says why (call
+        under _cv). A job without a memory limit (it reserves the whole node) asks only for the headroom."""
+        need = entry.demand.memory if entry.demand.memory < self.capacity.memory else None
+        entry.future.waiting = admission_wait(self.pressure, need, self._used.memory, self.policy.node)
+        return entry.future.waiting is None
+
+    def _read_pressure(self, reading: Reading) -> bool:
+        """The watch's callback: keep the reading, wake the workers when jobs wait; False (no more
+        readings) once shut down with nothing left to run."""
+        if reading.psi_some10 is not None:
+            self.metrics.memory_pressure.set(reading.psi_some10)
+        with self._cv:
+            self.pressure = reading
+            if self._queue:
+                self._cv.notify_all()
+            return not (self._shutdown and not self._queue and not self._running)
+
     def _pick(self) -> _Entry | None:
         """The queued job to start next, taken off the queue, or None (call under _cv)."""
         now = time.monotonic()
@@ -239,7 +275,7 @@ class SandboxExecutor:
             self._queue.remove(entry)
             self._dequeued(entry)
         for position, entry in enumerate(sorted(self._queue, key=lambda e: (-e.effective(now), e.seq))):
-            if entry.retry_at <= now and self._fits(entry):
+            if entry.retry_at <= now and self._fits(entry) and self._memory_allows(entry):
                 self._queue.remove(entry)
                 self._dequeued(entry)
                 return entry

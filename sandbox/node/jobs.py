@@ -214,13 +214,14 @@ class JobRecord:
             self.result = self.result.model_copy(update={"return_value": None})
 
     def row(self) -> dict:
-        """The job for `ps`: id, tenant, user, state, usage."""
+        """The job for `ps`: id, tenant, user, state, usage, and why a queued job waits for real memory."""
         s = self.sample
         usage = {"cpu": s.cpu, "wall": s.t, "rss": s.rss, "memory": s.memory, "processes": s.processes,
                  "output": s.output} if s is not None else None
         return {"job_id": self.spec.job_id, "tenant": self.spec.tenant, "user": self.peer.user,
                 "uid": self.peer.uid, "state": self.state, "kernel": self.spec.kernel, "usage": usage,
-                "submitted": self.submitted}
+                "submitted": self.submitted,
+                "waiting": getattr(self.future, "waiting", None) if self.state == "queued" else None}
 
 
 class Subscriber:

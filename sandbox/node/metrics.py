@@ -41,6 +41,8 @@ class Metrics:
                                     ["tenant"], buckets=DURATION_BUCKETS, registry=r)
         self.rejections = Counter("taichi_sandbox_admission_rejections", "Jobs rejected at admission by reason",
                                   ["reason", "tenant"], registry=r)
+        self.memory_pressure = Gauge("taichi_sandbox_node_memory_pressure_percent",
+                                     "PSI /proc/pressure/memory some avg10 (absent: the kernel has no PSI)", registry=r)
         self.alerts_dropped = Counter("taichi_sandbox_alerts_dropped", "Alerts dropped: their delivery queue was full",
                                       registry=r)
         self.cpu_seconds = Counter("taichi_sandbox_cpu_seconds", "CPU seconds used by finished jobs", ["tenant"],

@@ -47,11 +47,12 @@ class TenantUsage:
     bucket: TokenBucket | None = None  # submissions, when the tenant has a `rate`
 
 
-def node_capacity(policy: Policy, gpu_total: int | None) -> Capacity:
-    """[node] from limits.toml, defaulting to what psutil and NVML report."""
+def node_capacity(policy: Policy, gpu_total: int | None, memory_limit: int | None = None) -> Capacity:
+    """[node] from limits.toml, defaulting to what psutil and NVML report (memory: no more than
+    `memory_limit`, the tightest limit of the service's own memory cgroup)."""
     node = policy.node
     return Capacity(cpu_slots=node.cpu_slots or os.cpu_count() or 1,
-                    memory=node.memory or psutil.virtual_memory().total,
+                    memory=node.memory or min(psutil.virtual_memory().total, memory_limit or 1 << 62),
                     gpu_memory=node.gpu_memory if node.gpu_memory is not None else gpu_total)
 
 

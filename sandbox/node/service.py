@@ -21,6 +21,8 @@ Contract:
   `drain_timeout`, cancel the rest (verdict `cancelled`), then exit 0. Jobs die with the service
   even on SIGKILL (the fork-server kills them when its control socket closes). On start, jobs the
   audit log shows started but never finished get an `aborted` record.
+- OOM: the service sets its oom_score_adj to -900, the fork-server -800, each job +500 (root with
+  CAP_SYS_RESOURCE only can lower it; without, the service says so and stays as it was).
 Threads: the main thread accepts; one thread per connection (its answers: `streams`); the
 executor's workers run jobs. The bounds per uid and for the node are `guard`'s.
 """
@@ -41,6 +43,7 @@ from pathlib import Path
 
 from ..core.limits import ConfigError, Policy, load_policy
 from ..core.models import EXIT_USAGE
+from ..job.child import set_oom_score_adj
 from ..job.inputs import MAX_INPUT_BYTES, MAX_INPUTS, check_sent_input
 from . import frames, protocol
 from .auth import Peer, Refused, check_names, may_use, peer_of, tenant_for, within_rights
@@ -53,10 +56,14 @@ from .streams import Stream
 from .systemd import gid_of, listen, sd_notify, socket_path
 
 
+SERVICE_OOM_SCORE_ADJ = -900  # the kernel's last choice (the fork-server's is -800, jobs' +500)
+
+
 class Service:
     """The node service over one policy. `serve()` blocks until SIGTERM/SIGINT, then drains."""
 
     def __init__(self, policy: Policy, socket_path: Path) -> None:
+        self.unprotected = set_oom_score_adj(SERVICE_OOM_SCORE_ADJ)  # before the fork-server starts: it inherits
         self.policy, self.settings, self.path = policy, policy.service, socket_path
         self.hub = Hub()
         self.jobs = Jobs(self.hub)
@@ -89,6 +96,8 @@ class Service:
         sd_notify("READY=1")
         print(f"taichi-sandbox: serving on {self.path} (pid {os.getpid()}; {len(self.aborted)} aborted job(s) "
               "found in the audit log)", file=sys.stderr, flush=True)
+        if self.unprotected is not None:
+            print(f"taichi-sandbox: not protected from the OOM killer: {self.unprotected}", file=sys.stderr, flush=True)
         with selectors.DefaultSelector() as sel:
             sel.register(listener, selectors.EVENT_READ)
             while not self._stop.is_set():

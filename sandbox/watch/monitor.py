@@ -17,6 +17,7 @@ from typing import Callable
 from ..core.limits import Limits
 from ..core.models import TIMELINE_MAX, Sample, Violation
 from ..job.cgroup import CgroupLimits, CgroupStats, JobCgroup
+from ..job.cgroup.common import page_floor
 from ..job.disk import JobDir
 from .gpu import GpuWatch
 from .tree import JobTree, Reading
@@ -26,6 +27,7 @@ WARN_LEVELS = (0.8, 0.9)
 # Breaches that get SIGKILL at once: waiting a grace period near OOM (host or device) or in a fork
 # storm only makes things worse for everyone else.
 IMMEDIATE_KILL = ("memory", "gpu_memory", "processes")
+LIMIT_SLACK = 1 << 20  # an OOM at the limit leaves the charge within a charge batch (64 pages) of it
 
 
 def watched(limits: Limits, gpu_limit: int | None) -> dict[str, float]:
@@ -54,15 +56,26 @@ def breaches(watched_limits: dict[str, float], reading: Reading,
 
 def kernel_breaches(stats: CgroupStats, limits: CgroupLimits) -> list[tuple[str, float, float]]:
     """(resource, limit, observed) for what the kernel already enforced in the job's cgroup: an OOM
-    kill (observed: the kernel's peak charge; at an OOM kill the charge stood at the limit) and forks
-    refused at pids.max (observed: tasks)."""
+    kill at the job's own limit (observed: the kernel's peak charge; at an OOM kill the charge stood
+    at the limit; see `own_limit_oom`) and forks refused at pids.max (observed: tasks)."""
     out = []
-    if stats.oom_kills and limits.memory is not None:
+    if own_limit_oom(stats, limits) and limits.memory is not None:
         peak = stats.memory_peak if stats.memory_peak is not None else limits.memory
         out.append(("memory", float(limits.memory), float(peak)))
     if stats.pids_refused and limits.tasks is not None:
         out.append(("processes", float(limits.tasks), float(limits.tasks)))
     return out
+
+
+def own_limit_oom(stats: CgroupStats, limits: CgroupLimits) -> bool:
+    """Whether the kernel OOM-killed a process of the job because the job's own cgroup reached its
+    memory limit: v2 counts that (memory.events `oom`); v1 does not (memory.failcnt stays 0 on
+    recent kernels), so there the evidence is the peak charge at the limit. An OOM kill without
+    either was an ancestor cgroup's or the host's (node memory pressure), not the job's."""
+    if not stats.oom_kills or limits.memory is None:
+        return False
+    return bool(stats.limit_hits) or (stats.memory_peak is not None
+                                       and stats.memory_peak >= page_floor(limits.memory) - LIMIT_SLACK)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from ..job.cgroup import CgroupLimits, CgroupStats
 from ..job.child import ChildPlan
 from ..job.launcher import Exit
 from ..job.results import load as load_result
-from .monitor import kernel_breaches
+from .monitor import kernel_breaches, own_limit_oom
 from .pump import Pump
 from .tree import Reading
 
@@ -123,6 +123,7 @@ def decide(ev: Evidence) -> JobResult:
                                                               ev.root_pid)
         violations.append(refused)
     breaking = [v for v in violations if v.action != "warn"]
+    foreign = foreign_oom(ev.cgroup_final, ev.cgroup_limits) if not breaking else None
     signame = signal_name(exit_.signal) if exit_.signal else None
     if breaking:
         verdict = Verdict(breaking[0].resource)
@@ -134,6 +135,8 @@ def decide(ev: Evidence) -> JobResult:
     elif final is not None and final.status == "error":
         verdict = Verdict.error
         reason = f"{final.error_type}: {final.error_message}".splitlines()[0][:300]
+    elif signame is not None and foreign is not None and exit_.signal == signal.SIGKILL:
+        verdict, reason = Verdict.crashed, f"killed by the kernel under node memory pressure ({signame}; {foreign})"
     elif signame is not None:
         verdict, reason = Verdict.crashed, f"killed by {signame} {_after(final)}"
     elif exit_.code is None:
@@ -143,6 +146,8 @@ def decide(ev: Evidence) -> JobResult:
         notes.append("no result message: the job left through os._exit(0)")
     else:
         verdict, reason = Verdict.error, f"exited with status {exit_.code} {_after(final)}"
+    if foreign is not None and not reason.startswith("killed by the kernel"):
+        notes.append(f"the kernel OOM-killed process(es) of the job under node memory pressure: {foreign}")
     ti_init = [m.model_dump(exclude={"type"}) for m in messages if isinstance(m, TiInitMessage)]
     notes.extend(filter(None, [arch_override(ti_init, ev.plan.ti_arch)]))
     for m in messages:
@@ -173,6 +178,20 @@ def decide(ev: Evidence) -> JobResult:
         ti_init=ti_init,
         timeline=ev.timeline, termination=ev.termination, launcher=ev.launcher,
         labels=ev.spec.labels, started_at=ev.started_epoch, ended_at=time.time())
+
+
+def foreign_oom(stats: CgroupStats | None, limits: CgroupLimits | None) -> str | None:
+    """The evidence when the kernel OOM-killed a process of the job although the job's own cgroup
+    never hit its memory limit: the OOM was an ancestor cgroup's or the host's (node memory
+    pressure), not the job's. None otherwise."""
+    if stats is None or not stats.oom_kills or own_limit_oom(stats, limits or CgroupLimits()):
+        return None
+    peak = f"its cgroup peak {_fmt('memory', stats.memory_peak)}" if stats.memory_peak is not None else \
+        "its cgroup peak unknown"
+    limit = f"below its limit {_fmt('memory', limits.memory)}" if limits is not None and limits.memory is not None \
+        else "it has no memory limit of its own"
+    return (f"{peak}, {limit}; the job's cgroup counted {stats.oom_kills} OOM kill(s) and no hit of its own limit: "
+            "the OOM was an ancestor cgroup's or the host's")
 
 
 def arch_override(ti_init: list[dict], ran_on: str) -> str | None:

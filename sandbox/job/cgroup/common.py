@@ -47,7 +47,8 @@ class CgroupStats:
     memory: int | None = None  # bytes charged now (anon, page cache, tmpfs, memfd, shm, kernel)
     memory_peak: int | None = None
     cpu_seconds: float | None = None  # whole tree, reaped children included
-    oom_kills: int = 0
+    oom_kills: int = 0  # processes of the job the kernel OOM-killed, whichever limit (or the host) ran out
+    limit_hits: int = 0  # v2 memory.events `oom`: OOMs at the job's own limit (v1 has no such counter)
     pids_refused: int = 0  # forks and clones refused at pids.max
 
 

@@ -144,7 +144,8 @@ def stats_from(path: str, controllers: frozenset[str], peak: bool = True) -> Cgr
     if "memory" in controllers:
         out.memory = read_int(f"{path}/memory.current")
         out.memory_peak = read_int(f"{path}/memory.peak") if peak else None
-        out.oom_kills = read_keyed(f"{path}/memory.events").get("oom_kill", 0)
+        events = read_keyed(f"{path}/memory.events")
+        out.oom_kills, out.limit_hits = events.get("oom_kill", 0), events.get("oom", 0)
     if "pids" in controllers:
         out.pids_refused = read_keyed(f"{path}/pids.events").get("max", 0)
     return out
