@@ -7,11 +7,16 @@ Admission (at `submit`, before anything starts):
   3. the tenant's submission rate (token bucket) allows it;
   otherwise the future resolves at once with verdict `rejected` and the reason.
   4. the tenant's queue has room, else `QueueFull` (or wait for room, caller's choice).
-Scheduling (worker threads): the queued job with the highest effective priority that fits what is
-free now (node capacity and the tenant's concurrency and quotas) runs next; FIFO within a priority.
-Effective priority = priority + seconds waited / AGEING_SECONDS. Once the best job has waited
+Scheduling (worker threads): the first queued job in `scheduling`'s order (strict priority, then
+fair share and bounded ageing within a priority, then FIFO) that fits what is free now (node
+capacity and the tenant's concurrency and quotas) runs next. Once the first job has waited
 RESERVE_AFTER seconds without fitting, nothing is started past it until it fits: no job waits
 longer than RESERVE_AFTER plus the time for running jobs to free its resources.
+Preemption: a queued job that does not fit ends the preemptible running jobs of lower priorities
+that `scheduling.victims` picks (SIGTERM, their grace, SIGKILL: verdict `preempted`, the reason
+naming it); nothing ranked after it starts until they are gone. A job whose tenant or job type has
+`requeue` goes back to the queue instead, under the same id and future, which resolves with the
+result of its last run; the audit log has a record of each run. `preempt()` does the same on request.
 Lock rule: `_cv` guards the queue, the tenants' state and the capacity in use, and nothing that can
 block runs under it: jobs, ledger calls (`_reserve`/`_release`, e.g. Ray's `ray.get`), quota.json
 and audit writes, and alert delivery (`Alerts.emit` only queues) all happen without it.
@@ -20,6 +25,7 @@ and audit writes, and alert delivery (`Alerts.emit` only queues) all happen with
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import threading
@@ -37,14 +43,15 @@ from .alerts import Alerts
 from .metrics import Metrics
 from .quotas import (Capacity, Demand, QuotaFile, TenantUsage, admission_problem, demand, fits, node_capacity,
                      report)
+from .scheduling import FairShare, Running, describe, rank, victims
 from ..terminal import Echo
 from .supervisor import Supervisor
 
-AGEING_SECONDS = 10.0
 RESERVE_AFTER = 30.0
 LEDGER_RETRY = 0.2  # seconds before a job the ledger refused is offered to it again
 ALERTS_FLUSH = 10.0  # seconds `shutdown(wait=True)` gives queued alerts to be delivered
 DEFAULT_TENANT = "_default"
+log = logging.getLogger("sandbox.node.executor")
 
 
 class QueueFull(Exception):
@@ -60,19 +67,21 @@ class JobFuture(Future):
         super().__init__()
         self.spec = spec
         self.echo = None if quiet else Echo()
-        self.control = JobControl()
+        self.control = JobControl()  # the current run's (a requeued job gets a new one)
         self.tenant = spec.tenant or DEFAULT_TENANT
+        self.cancel_asked = False  # a running (or requeued) job was asked to end
 
     def cancel(self) -> bool:
         if super().cancel():
             return True
         if self.running():
+            self.cancel_asked = True
             self.control.cancel()
             return True
         return False
 
 
-@dataclass
+@dataclass(eq=False)
 class _Entry:
     future: JobFuture
     demand: Demand
@@ -80,9 +89,11 @@ class _Entry:
     seq: int
     submitted: float = field(default_factory=time.monotonic)
     retry_at: float = 0.0  # refused by a ledger outside this executor (`_reserve`): not before then
-
-    def effective(self, now: float) -> float:
-        return self.priority + (now - self.submitted) / AGEING_SECONDS
+    preemptible: bool = False
+    requeue: bool = False
+    started: float = 0.0  # when its current run started (monotonic)
+    runs: int = 0  # runs ended by a preemption that requeued it
+    room: list["_Entry"] = field(default_factory=list)  # running jobs preempted to make room for it
 
 
 class SandboxExecutor:
@@ -110,7 +121,9 @@ class SandboxExecutor:
         self._seq = itertools.count()
         self._used = Demand(0, 0, 0)
         self._tenants: dict[str, TenantUsage] = {}
-        self._running: set[JobFuture] = set()
+        self._running: set[_Entry] = set()
+        self._abandoned: list[_Entry] = []  # requeued jobs cancelled in the queue: resolved by a worker
+        self._fair = FairShare(self.policy.scheduler)
         self._shutdown = self._cancel_queued = False
         self._workers = [threading.Thread(target=self._work, name=f"tsbx-exec-{i}", daemon=True)
                          for i in range(self.max_concurrent)]
@@ -151,6 +164,8 @@ class SandboxExecutor:
         job_type = self.policy.job_types.get(spec.job_type) if spec.job_type else None
         priority = spec.priority if spec.priority is not None else (
             job_type.priority if job_type is not None else tenant.priority)
+        preemptible = tenant.preemptible or (job_type is not None and job_type.preemptible)
+        requeue = tenant.requeue or (job_type is not None and job_type.requeue)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
             if self._shutdown:
@@ -168,7 +183,8 @@ class SandboxExecutor:
                         raise QueueFull(f"tenant {name} has {state.queued} queued jobs (max_queued="
                                         f"{tenant.max_queued})")
                     self._cv.wait(remaining)
-                self._enqueue(_Entry(future, need, priority, next(self._seq)))
+                self._enqueue(_Entry(future, need, priority, next(self._seq), preemptible=preemptible,
+                                     requeue=requeue))
                 self._cv.notify_all()
         if rate_problem is not None:
             return self._reject(future, *rate_problem)
@@ -179,15 +195,11 @@ class SandboxExecutor:
         return tenant.burst or max(1, math.ceil(tenant.rate or 1))
 
     def _reject(self, future: JobFuture, code: str, message: str) -> JobFuture:
-        spec = future.spec
-        result = JobResult.not_run(spec, Verdict.rejected, message, launcher=self.supervisor.launcher.name)
-        self.supervisor.audit.record(result, spec.tenant)
         with self._cv:
             self._tenants.setdefault(future.tenant, TenantUsage()).rejections += 1
         self.metrics.rejections.labels(code, future.tenant).inc()
-        self.metrics.jobs.labels("rejected", future.tenant).inc()
-        self.alerts.emit("rejected", tenant=future.tenant, job_id=spec.job_id, reason=code, message=message)
-        future.set_result(result)
+        self.alerts.emit("rejected", tenant=future.tenant, job_id=future.spec.job_id, reason=code, message=message)
+        self._resolve(future, Verdict.rejected, message)
         return future
 
     def map(self, specs: Iterable[JobSpec | Callable], timeout: float | None = None,
@@ -211,12 +223,13 @@ class SandboxExecutor:
             if cancel_futures:
                 for entry in self._queue:
                     entry.future.cancel()
+                self._abandoned += [entry for entry in self._queue if entry.runs]
                 self._queue.clear()
                 for state in self._tenants.values():
                     state.queued = 0
             if cancel_running:
-                for future in self._running:
-                    future.control.cancel()
+                for entry in self._running:
+                    entry.future.control.cancel()
             self._cv.notify_all()
         if wait:
             for worker in self._workers:
@@ -232,19 +245,80 @@ class SandboxExecutor:
         return fits(entry.demand, self._used, self.capacity, self._tenant(name), self._tenants[name])
 
     def _pick(self) -> _Entry | None:
-        """The queued job to start next, taken off the queue, or None (call under _cv)."""
+        """The queued job to start next, taken off the queue, or None; preempts running jobs for the
+        first that does not fit, where that makes room (call under _cv)."""
         now = time.monotonic()
-        for entry in [e for e in self._queue if e.future.cancelled()]:
+        for entry in [e for e in self._queue if e.future.cancelled() or e.future.cancel_asked]:
             self._queue.remove(entry)
             self._dequeued(entry)
-        for position, entry in enumerate(sorted(self._queue, key=lambda e: (-e.effective(now), e.seq))):
+            if entry.runs:  # its future runs on: resolved outside the lock
+                self._abandoned.append(entry)
+        names = set(self.policy.tenants) | set(self._tenants)
+        factors = self._fair.factors({name: self._tenant(name).shares for name in names}, time.time())
+        order = sorted(self._queue, key=lambda e: rank(e.priority, factors[e.future.tenant], now - e.submitted,
+                                                       e.seq, self.policy.scheduler))
+        for position, entry in enumerate(order):
             if entry.retry_at <= now and self._fits(entry):
                 self._queue.remove(entry)
                 self._dequeued(entry)
                 return entry
+            if self._make_room(entry):
+                return None  # the room it gets is its own: nothing after it starts meanwhile
             if position == 0 and now - entry.submitted >= RESERVE_AFTER:
                 return None  # reserve the node for the job that has waited longest at the top
         return None
+
+    def _make_room(self, entry: _Entry) -> bool:
+        """Preempt what `scheduling.victims` picks for `entry`, unless its victims are still ending;
+        whether room is coming for it (call under _cv). The room that other waiting jobs' victims
+        will free is theirs."""
+        entry.room = [victim for victim in entry.room if victim in self._running]
+        if entry.room:
+            return True
+        ending = [victim for victim in self._running if victim.future.control.preempted is not None]
+        promised = [e.demand for e in self._queue if e is not entry and e.room]
+        used = self._used
+        for sign, demands in ((-1, [v.demand for v in ending]), (1, promised)):
+            for d in demands:
+                used = Demand(used.cpu + sign * d.cpu, used.memory + sign * d.memory,
+                              used.gpu_memory + sign * d.gpu_memory)
+        name = entry.future.tenant
+        candidates = [Running(e, e.future.tenant, e.demand, e.priority, e.started) for e in self._running
+                      if e.preemptible and e.future.control.preempted is None and not e.future.control.cancelled]
+        chosen = victims(entry.demand, entry.priority, used, self.capacity, self._tenant(name), name,
+                         self._tenants[name], candidates)
+        why = f"preempted for {describe(entry.future.spec.job_id, name, entry.priority)}, which needed its room"
+        entry.room = [victim.handle for victim in chosen if self._preempt(victim.handle, why)]
+        return bool(entry.room)
+
+    def _preempt(self, entry: _Entry, reason: str) -> bool:
+        """End the running job of `entry` with verdict `preempted` (requeued if it says so): the
+        alert, audit record and metric (call under _cv)."""
+        requeue = entry.requeue and not self._shutdown
+        if not entry.future.control.preempt(reason + ("; it goes back to the queue" if requeue else ""), requeue):
+            return False
+        spec, name = entry.future.spec, entry.future.tenant
+        self.metrics.preemptions.labels(name).inc()
+        self.alerts.emit("preempted", tenant=name, job_id=spec.job_id, priority=entry.priority, reason=reason,
+                         requeue=requeue)
+        return True
+
+    def preemptible(self) -> list[tuple[str, str, int]]:
+        """The running jobs that may be preempted, as (job id, tenant, priority): the lowest priority
+        first, then the youngest (the least work lost)."""
+        with self._cv:
+            chosen = sorted((e for e in self._running if e.preemptible and e.future.control.preempted is None),
+                            key=lambda e: (e.priority, -e.started))
+            return [(e.future.spec.job_id, e.future.tenant, e.priority) for e in chosen]
+
+    def preempt(self, job_id: str, reason: str) -> bool:
+        """Preempt the running job `job_id` (verdict `preempted`, `reason`; requeued if its tenant or
+        job type says so): False, and nothing done, unless it runs and is preemptible."""
+        with self._cv:
+            for entry in self._running:
+                if entry.future.spec.job_id == job_id and entry.preemptible:
+                    return self._preempt(entry, reason)
+        return False
 
     def _reserve(self, entry: _Entry) -> bool:
         """Hook: a ledger outside this executor may refuse a job that fits here (see RayExecutor).
@@ -289,19 +363,29 @@ class SandboxExecutor:
         while True:
             with self._cv:
                 entry = self._pick()
-                while entry is None:
+                while entry is None and not self._abandoned:
                     if self._shutdown and not self._queue:
                         return
                     self._cv.wait(timeout=LEDGER_RETRY if any(e.retry_at for e in self._queue) else 1.0)
                     entry = self._pick()
-                self._account(entry, +1)  # held while the ledger answers, so no other worker overbooks
+                abandoned, self._abandoned = self._abandoned, []
+                if entry is not None:
+                    self._account(entry, +1)  # held while the ledger answers, so no other worker overbooks
+            for gone in abandoned:
+                try:
+                    self._resolve(gone.future, Verdict.cancelled, "cancelled while queued again after its preemption")
+                except OSError as err:
+                    log.error("job %s: no audit record of its cancellation: %s", gone.future.spec.job_id, err)
+            if entry is None:
+                continue
             granted = self._reserve(entry)
-            started = granted and entry.future.set_running_or_notify_cancel()
+            started = granted and (entry.runs > 0 or entry.future.set_running_or_notify_cancel())
             if granted and not started:
                 self._release(entry)  # cancelled while the ledger answered
             with self._cv:
                 if started:
-                    self._running.add(entry.future)
+                    entry.started = time.monotonic()
+                    self._running.add(entry)
                 else:
                     self._account(entry, -1)
                     if not granted and self._cancel_queued:
@@ -318,6 +402,8 @@ class SandboxExecutor:
     def _run(self, entry: _Entry) -> None:
         future, name = entry.future, entry.future.tenant
         self.metrics.queue_wait.labels(name).observe(time.monotonic() - entry.submitted)
+        if future.cancel_asked:  # while it was queued again after a preemption
+            future.control.cancel()
         try:
             result = self.supervisor.run(future.spec, control=future.control, on_output=future.echo)
         except BaseException as err:  # noqa: BLE001 - the future must resolve whatever happens
@@ -328,9 +414,12 @@ class SandboxExecutor:
         self._release(entry)
         with self._cv:
             self._account(entry, -1)
-            self._running.discard(future)
+            self._running.discard(entry)
+            requeued = result is not None and self._requeue(entry, result)
             if result is not None:
                 self._tenants[name].violations += sum(1 for v in result.violations if v.action != "warn")
+                self._fair.charge(name, result.usage.cpu_seconds, entry.demand.memory, result.usage.wall_seconds,
+                                  time.time())
             state = self._snapshot()
             self._cv.notify_all()
         self.quota_file.save(*state)
@@ -344,7 +433,27 @@ class SandboxExecutor:
                 self.metrics.violations.labels(v.resource, name).inc()
                 self.alerts.emit("violation", tenant=name, job_id=result.job_id, resource=v.resource,
                                  limit=v.limit, observed=v.observed, action=v.action)
-        future.set_result(result)
+        if not requeued:
+            future.set_result(result)
+
+    def _requeue(self, entry: _Entry, result: JobResult) -> bool:
+        """Put a job preempted with `requeue` back in the queue, with a new control (call under _cv)."""
+        if result.verdict is not Verdict.preempted or not entry.future.control.requeue or self._shutdown:
+            return False
+        entry.runs += 1
+        entry.future.control = JobControl()
+        self._enqueue(entry)
+        return True
+
+    def _resolve(self, future: JobFuture, verdict: Verdict, reason: str) -> None:
+        """Give a job that ends without running (again) its result and audit record (raises OSError
+        when the record cannot be written, the future resolved all the same)."""
+        result = JobResult.not_run(future.spec, verdict, reason, launcher=self.supervisor.launcher.name)
+        self.metrics.jobs.labels(verdict.value, future.tenant).inc()
+        try:
+            self.supervisor.audit.record(result, future.spec.tenant)
+        finally:
+            future.set_result(result)
 
     # --- reporting -------------------------------------------------------------------------------
 

@@ -28,6 +28,8 @@ class Metrics:
                                     ["tenant"], buckets=DURATION_BUCKETS, registry=r)
         self.rejections = Counter("taichi_sandbox_admission_rejections", "Jobs rejected at admission by reason",
                                   ["reason", "tenant"], registry=r)
+        self.preemptions = Counter("taichi_sandbox_preemptions", "Running jobs preempted (ended, or requeued, to "
+                                   "make room for a job of a higher priority, or on request)", ["tenant"], registry=r)
         self.alerts_dropped = Counter("taichi_sandbox_alerts_dropped", "Alerts dropped: their delivery queue was full",
                                       registry=r)
 

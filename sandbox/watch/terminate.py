@@ -84,13 +84,16 @@ class JobProcesses:
         return sorted(set(in_cgroup) | set(rest))
 
 
-def end_job(job, violation: Violation | None) -> None:
+def end_job(job, violation: Violation | None, requested: Callable[[], Termination] | None = None) -> None:
     """SIGTERM the whole job (the supervisor's `_Job`), wait its grace, then kill what is left
-    (or kill at once for a `sigkill` violation). `violation` None means the job was cancelled."""
+    (or kill at once for a `sigkill` violation). `violation` None means the job was ended on request:
+    `requested()` says how to record it (default: cancelled)."""
     with job.lock:
         if violation is not None:
             job.violations.append(violation)
-        job.termination = Termination(reason=violation.resource if violation is not None else "cancelled")
+            job.termination = Termination(reason=violation.resource)
+        else:
+            job.termination = requested() if requested is not None else Termination(reason="cancelled")
     term = job.termination
     if violation is None or violation.action != "sigkill":
         term.terminated_pids = job.procs.signal(signal.SIGTERM)
