@@ -185,6 +185,8 @@ class SandboxExecutor:
                     self._cv.wait(remaining)
                 self._enqueue(_Entry(future, need, priority, next(self._seq), preemptible=preemptible,
                                      requeue=requeue))
+                if any(e.preemptible and e.priority < priority for e in self._running):
+                    self._pick(take=False)
                 self._cv.notify_all()
         if rate_problem is not None:
             return self._reject(future, *rate_problem)
@@ -244,9 +246,10 @@ class SandboxExecutor:
         name = entry.future.tenant
         return fits(entry.demand, self._used, self.capacity, self._tenant(name), self._tenants[name])
 
-    def _pick(self) -> _Entry | None:
+    def _pick(self, take: bool = True) -> _Entry | None:
         """The queued job to start next, taken off the queue, or None; preempts running jobs for the
-        first that does not fit, where that makes room (call under _cv)."""
+        first that does not fit, where that makes room (call under _cv). `take` False: only that
+        (after a submission, when every worker may be busy running what is to be preempted)."""
         now = time.monotonic()
         for entry in [e for e in self._queue if e.future.cancelled() or e.future.cancel_asked]:
             self._queue.remove(entry)
@@ -257,24 +260,30 @@ class SandboxExecutor:
         factors = self._fair.factors({name: self._tenant(name).shares for name in names}, time.time())
         order = sorted(self._queue, key=lambda e: rank(e.priority, factors[e.future.tenant], now - e.submitted,
                                                        e.seq, self.policy.scheduler))
+        candidates = [Running(e, e.future.tenant, e.demand, e.priority, e.started) for e in self._running
+                      if e.preemptible and e.future.control.preempted is None and not e.future.control.cancelled]
         for position, entry in enumerate(order):
             if entry.retry_at <= now and self._fits(entry):
+                if not take:
+                    return None  # a worker is free for it
                 self._queue.remove(entry)
                 self._dequeued(entry)
                 return entry
-            if self._make_room(entry):
+            if self._make_room(entry, candidates):
                 return None  # the room it gets is its own: nothing after it starts meanwhile
             if position == 0 and now - entry.submitted >= RESERVE_AFTER:
                 return None  # reserve the node for the job that has waited longest at the top
         return None
 
-    def _make_room(self, entry: _Entry) -> bool:
-        """Preempt what `scheduling.victims` picks for `entry`, unless its victims are still ending;
-        whether room is coming for it (call under _cv). The room that other waiting jobs' victims
-        will free is theirs."""
+    def _make_room(self, entry: _Entry, candidates: list[Running]) -> bool:
+        """Preempt what `scheduling.victims` picks among `candidates` for `entry`, unless its victims
+        are still ending; whether room is coming for it (call under _cv). The room that other
+        waiting jobs' victims will free is theirs."""
         entry.room = [victim for victim in entry.room if victim in self._running]
         if entry.room:
             return True
+        if not any(c.priority < entry.priority for c in candidates):
+            return False
         ending = [victim for victim in self._running if victim.future.control.preempted is not None]
         promised = [e.demand for e in self._queue if e is not entry and e.room]
         used = self._used
@@ -283,8 +292,6 @@ class SandboxExecutor:
                 used = Demand(used.cpu + sign * d.cpu, used.memory + sign * d.memory,
                               used.gpu_memory + sign * d.gpu_memory)
         name = entry.future.tenant
-        candidates = [Running(e, e.future.tenant, e.demand, e.priority, e.started) for e in self._running
-                      if e.preemptible and e.future.control.preempted is None and not e.future.control.cancelled]
         chosen = victims(entry.demand, entry.priority, used, self.capacity, self._tenant(name), name,
                          self._tenants[name], candidates)
         why = f"preempted for {describe(entry.future.spec.job_id, name, entry.priority)}, which needed its room"

@@ -6,20 +6,21 @@ Order of the queue (as Slurm's multifactor priority, with the job's priority as 
      all tenants, decayed with `[scheduler] fair_share_half_life`; S: its share of all tenants'
      `shares`), plus ageing: `age_weight` × seconds waited / `max_age`, at most `age_weight`;
   3. then first come, first served.
-Preemption (as Kubernetes' scheduler picks victims): a job that does not fit may end running jobs of
-a lower priority that are preemptible; all of them are taken, then each is spared in turn (the
-highest priority first, then the oldest: the most work kept) while the waiting job still fits without
-it, so the victims are the lowest-priority, youngest and fewest that make room. When even all of
-them would not make room, none is taken.
+Preemption: a job that does not fit may end running jobs of a lower priority that are preemptible:
+those of the lowest priorities that can make room, the fewest of them, and among as few the
+youngest (the least work lost). When even all of them would not make room, none is taken.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..core.limits import Scheduler, Tenant
 from .quotas import Capacity, Demand, TenantUsage, fits
+
+SEARCH_BOUND = 20000  # sets of victims tried before settling for fewer tries (`_spare`)
 
 
 class FairShare:
@@ -69,9 +70,9 @@ def victims(need: Demand, priority: int, used: Demand, cap: Capacity, tenant: Te
             usage: TenantUsage, running: Sequence[Running]) -> list[Running]:
     """The running jobs to preempt so that a job of `tenant_name` at `priority` demanding `need` fits
     (`running`: the preemptible ones, `used`: what the node has in use); [] when none would do."""
-    eligible = [r for r in running if r.priority < priority]
+    eligible = sorted((r for r in running if r.priority < priority), key=lambda r: (r.priority, -r.started))
 
-    def fits_without(chosen: list[Running]) -> bool:
+    def fits_without(chosen: Sequence[Running]) -> bool:
         freed = Demand(sum(r.demand.cpu for r in chosen), sum(r.demand.memory for r in chosen),
                        sum(r.demand.gpu_memory for r in chosen))
         own = [r for r in chosen if r.tenant == tenant_name]
@@ -80,14 +81,30 @@ def victims(need: Demand, priority: int, used: Demand, cap: Capacity, tenant: Te
         left = Demand(used.cpu - freed.cpu, used.memory - freed.memory, used.gpu_memory - freed.gpu_memory)
         return fits(need, left, cap, tenant, mine)
 
-    if not eligible or not fits_without(eligible):
-        return []
-    chosen = list(eligible)
-    for spared in sorted(eligible, key=lambda r: (-r.priority, r.started)):
+    for level in sorted({r.priority for r in eligible}):
+        pool = [r for r in eligible if r.priority <= level]
+        if not fits_without(pool):
+            continue
+        tried = 0
+        for size in range(1, len(pool) + 1):
+            for chosen in itertools.combinations(pool, size):  # the lowest and youngest come first
+                if fits_without(chosen):
+                    return list(chosen)
+                tried += 1
+                if tried > SEARCH_BOUND:
+                    return _spare(pool, fits_without)
+    return []
+
+
+def _spare(pool: list[Running], fits_without) -> list[Running]:
+    """Past SEARCH_BOUND tries: all of `pool`, then each spared in turn (the highest priority, then
+    the oldest first) while the job still fits without it."""
+    chosen = list(pool)
+    for spared in sorted(pool, key=lambda r: (-r.priority, r.started)):
         rest = [r for r in chosen if r is not spared]
         if fits_without(rest):
             chosen = rest
-    return sorted(chosen, key=lambda r: (r.priority, -r.started))
+    return chosen
 
 
 def describe(job_id: str, tenant: str, priority: int) -> str:
