@@ -12,11 +12,8 @@ fair share and bounded ageing within a priority, then FIFO) that fits what is fr
 capacity and the tenant's concurrency and quotas) runs next. Once the first job has waited
 RESERVE_AFTER seconds without fitting, nothing is started past it until it fits: no job waits
 longer than RESERVE_AFTER plus the time for running jobs to free its resources.
-Preemption: a queued job that does not fit ends the preemptible running jobs of lower priorities
-that `scheduling.victims` picks (SIGTERM, their grace, SIGKILL: verdict `preempted`, the reason
-naming it); nothing ranked after it starts until they are gone. A job whose tenant or job type has
-`requeue` goes back to the queue instead, under the same id and future, which resolves with the
-result of its last run; the audit log has a record of each run. `preempt()` does the same on request.
+Preemption (`preemption`): a queued job that does not fit ends preemptible running jobs of lower
+priorities to make room; nothing ranked after it starts until they are gone.
 Lock rule: `_cv` guards the queue, the tenants' state and the capacity in use, and nothing that can
 block runs under it: jobs, ledger calls (`_reserve`/`_release`, e.g. Ray's `ray.get`), quota.json
 and audit writes, and alert delivery (`Alerts.emit` only queues) all happen without it.
@@ -43,7 +40,8 @@ from .alerts import Alerts
 from .metrics import Metrics
 from .quotas import (Capacity, Demand, QuotaFile, TenantUsage, admission_problem, demand, fits, node_capacity,
                      report)
-from .scheduling import FairShare, Running, describe, rank, victims
+from .preemption import Preemption
+from .scheduling import FairShare, rank
 from ..terminal import Echo
 from .supervisor import Supervisor
 
@@ -96,7 +94,7 @@ class _Entry:
     room: list["_Entry"] = field(default_factory=list)  # running jobs preempted to make room for it
 
 
-class SandboxExecutor:
+class SandboxExecutor(Preemption):
     """Runs JobSpecs on this node through one Supervisor. Thread-safe; use as a context manager."""
 
     def __init__(self, max_concurrent: int | None = None, capacity: Capacity | None = None,
@@ -260,8 +258,7 @@ class SandboxExecutor:
         factors = self._fair.factors({name: self._tenant(name).shares for name in names}, time.time())
         order = sorted(self._queue, key=lambda e: rank(e.priority, factors[e.future.tenant], now - e.submitted,
                                                        e.seq, self.policy.scheduler))
-        candidates = [Running(e, e.future.tenant, e.demand, e.priority, e.started) for e in self._running
-                      if e.preemptible and e.future.control.preempted is None and not e.future.control.cancelled]
+        candidates = self._candidates()
         for position, entry in enumerate(order):
             if entry.retry_at <= now and self._fits(entry):
                 if not take:
@@ -274,58 +271,6 @@ class SandboxExecutor:
             if position == 0 and now - entry.submitted >= RESERVE_AFTER:
                 return None  # reserve the node for the job that has waited longest at the top
         return None
-
-    def _make_room(self, entry: _Entry, candidates: list[Running]) -> bool:
-        """Preempt what `scheduling.victims` picks among `candidates` for `entry`, unless its victims
-        are still ending; whether room is coming for it (call under _cv). The room that other
-        waiting jobs' victims will free is theirs."""
-        entry.room = [victim for victim in entry.room if victim in self._running]
-        if entry.room:
-            return True
-        if not any(c.priority < entry.priority for c in candidates):
-            return False
-        ending = [victim for victim in self._running if victim.future.control.preempted is not None]
-        promised = [e.demand for e in self._queue if e is not entry and e.room]
-        used = self._used
-        for sign, demands in ((-1, [v.demand for v in ending]), (1, promised)):
-            for d in demands:
-                used = Demand(used.cpu + sign * d.cpu, used.memory + sign * d.memory,
-                              used.gpu_memory + sign * d.gpu_memory)
-        name = entry.future.tenant
-        chosen = victims(entry.demand, entry.priority, used, self.capacity, self._tenant(name), name,
-                         self._tenants[name], candidates)
-        why = f"preempted for {describe(entry.future.spec.job_id, name, entry.priority)}, which needed its room"
-        entry.room = [victim.handle for victim in chosen if self._preempt(victim.handle, why)]
-        return bool(entry.room)
-
-    def _preempt(self, entry: _Entry, reason: str) -> bool:
-        """End the running job of `entry` with verdict `preempted` (requeued if it says so): the
-        alert, audit record and metric (call under _cv)."""
-        requeue = entry.requeue and not self._shutdown
-        if not entry.future.control.preempt(reason + ("; it goes back to the queue" if requeue else ""), requeue):
-            return False
-        spec, name = entry.future.spec, entry.future.tenant
-        self.metrics.preemptions.labels(name).inc()
-        self.alerts.emit("preempted", tenant=name, job_id=spec.job_id, priority=entry.priority, reason=reason,
-                         requeue=requeue)
-        return True
-
-    def preemptible(self) -> list[tuple[str, str, int]]:
-        """The running jobs that may be preempted, as (job id, tenant, priority): the lowest priority
-        first, then the youngest (the least work lost)."""
-        with self._cv:
-            chosen = sorted((e for e in self._running if e.preemptible and e.future.control.preempted is None),
-                            key=lambda e: (e.priority, -e.started))
-            return [(e.future.spec.job_id, e.future.tenant, e.priority) for e in chosen]
-
-    def preempt(self, job_id: str, reason: str) -> bool:
-        """Preempt the running job `job_id` (verdict `preempted`, `reason`; requeued if its tenant or
-        job type says so): False, and nothing done, unless it runs and is preemptible."""
-        with self._cv:
-            for entry in self._running:
-                if entry.future.spec.job_id == job_id and entry.preemptible:
-                    return self._preempt(entry, reason)
-        return False
 
     def _reserve(self, entry: _Entry) -> bool:
         """Hook: a ledger outside this executor may refuse a job that fits here (see RayExecutor).
@@ -442,15 +387,6 @@ class SandboxExecutor:
                                  limit=v.limit, observed=v.observed, action=v.action)
         if not requeued:
             future.set_result(result)
-
-    def _requeue(self, entry: _Entry, result: JobResult) -> bool:
-        """Put a job preempted with `requeue` back in the queue, with a new control (call under _cv)."""
-        if result.verdict is not Verdict.preempted or not entry.future.control.requeue or self._shutdown:
-            return False
-        entry.runs += 1
-        entry.future.control = JobControl()
-        self._enqueue(entry)
-        return True
 
     def _resolve(self, future: JobFuture, verdict: Verdict, reason: str) -> None:
         """Give a job that ends without running (again) its result and audit record (raises OSError
