@@ -66,13 +66,12 @@ class Preemption:
                          requeue=requeue)
         return True
 
-    def preemptible(self) -> list[tuple[str, str, int]]:
-        """The running jobs that may be preempted, as (job id, tenant, priority): the lowest priority
-        first, then the youngest (the least work lost)."""
+    def preemptible(self) -> list[tuple[str, str, int, int]]:
+        """The running jobs that may still be preempted, as (job id, tenant, priority, bytes of memory
+        reserved): the lowest priority first, then the youngest (the least work lost)."""
         with self._cv:
-            chosen = sorted((e for e in self._running if e.preemptible and e.future.control.preempted is None),
-                            key=lambda e: (e.priority, -e.started))
-            return [(e.future.spec.job_id, e.future.tenant, e.priority) for e in chosen]
+            chosen = sorted(self._candidates(), key=lambda r: (r.priority, -r.started))
+            return [(r.handle.future.spec.job_id, r.tenant, r.priority, r.demand.memory) for r in chosen]
 
     def preempt(self, job_id: str, reason: str) -> bool:
         """Preempt the running job `job_id` (verdict `preempted`, `reason`; requeued if its tenant or
