@@ -258,3 +258,30 @@ def test_fair_share_decays_with_its_half_life_and_ageing_stays_within_a_class():
     fresh_high = rank(1, factors["heavy"], waited=0, seq=1, settings=settings)
     assert fresh_high < aged_low
     assert json.loads(json.dumps(settings.model_dump()))["age_weight"] == 1000
+
+
+def test_preempt_on_request_ends_only_a_preemptible_running_job_with_the_reason_given(tmp_path):
+    from sandbox import JobSpec, Limits, Policy, Verdict
+    from sandbox.core.limits import GiB, Settings
+    from sandbox.node.executor import SandboxExecutor
+
+    script = tmp_path / "nap.py"
+    script.write_text("import time\ntime.sleep(30)\n")
+    policy = Policy(settings=Settings(state_dir=str(tmp_path / "state")),
+                    tenants={"low": Tenant(preemptible=True), "steady": Tenant()})
+    with SandboxExecutor(capacity=Capacity(2, 8 * GiB, None), policy=policy) as ex:
+        spec = lambda tenant: JobSpec(kernel=str(script), tenant=tenant, limits=Limits(memory="1GiB", grace="0.5s"))  # noqa: E731
+        low, steady = ex.submit(spec("low")), ex.submit(spec("steady"))
+        deadline = time.monotonic() + 30
+        while not (low.running() and steady.running()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert [(job_id, tenant) for job_id, tenant, _, _ in ex.preemptible()] == [(low.spec.job_id, "low")]
+        assert not ex.preempt(steady.spec.job_id, "node memory pressure")
+        assert ex.preempt(low.spec.job_id, "node memory pressure") and not ex.preempt(low.spec.job_id, "again")
+        result = low.result(timeout=30)
+        assert result.verdict is Verdict.preempted and result.reason == "node memory pressure"
+        assert result.exit_status == 126 and result.termination.reason == "preempted"
+        assert steady.running()
+        steady.cancel()
+        assert steady.result(timeout=30).verdict is Verdict.cancelled
