@@ -24,6 +24,7 @@ from .test_service import ALICE, BOB, SOCKET_GID, Node, as_uid, client_dir, free
 STUBBORN = ("import signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
             "print('started', flush=True)\ntime.sleep(float(sys.argv[1]))\nprint('slept', flush=True)\n")
 SLEEP = "import sys, time\nprint('started', flush=True)\ntime.sleep(float(sys.argv[1]))\nprint('slept', flush=True)\n"
+READS = "import sys, time\nprint('started', flush=True)\ntime.sleep(float(sys.argv[1]))\nprint(open('data.txt').read())\n"
 BURN = "import time\nend = time.process_time() + float(__import__('sys').argv[1])\nwhile time.process_time() < end:\n" \
        "    pass\n"
 POLICY = """
@@ -181,15 +182,25 @@ def test_non_preemptible_or_equal_priority_work_is_never_preempted_nor_room_that
 
 
 @root_only
-def test_a_requeued_job_runs_again_under_its_id_and_its_client_gets_the_last_runs_result(make_node):
+def test_a_requeued_job_runs_again_under_its_id_and_its_client_gets_the_last_runs_result(make_node, tmp_path):
     node = make_node(slots=1)
+    data = tmp_path / "data.txt"
+    data.write_text("the input, sent once")
     results: list[dict] = []
-    follower = threading.Thread(target=lambda: results.append(node.follow("again", 2)))
+
+    def follow() -> None:  # a job with an input descriptor: the second run reads it too
+        job = {"kernel": "k.py", "source": READS, "argv": ["2"], "tenant": "again", "inputs": ["data.txt"]}
+        with node.connect() as sock, open(data) as f:
+            frames.send(sock, {"op": "submit", "jobs": [job], "follow": True, "output": False}, fds=[f.fileno()])
+            while (answer := frames.recv(sock, idle=60, within=60))["type"] != "end":
+                results.extend([answer["result"]] if answer["type"] == "result" else [])
+    follower = threading.Thread(target=follow)
     follower.start()
     node.running(1)
     assert node.follow("high", 0)["verdict"] == "ok"
     follower.join(60)
     assert [r["verdict"] for r in results] == ["ok"], results
+    assert "the input, sent once" in results[0]["stdout_tail"]
     job_id = results[0]["job_id"]
     assert node.verdicts()[job_id] == ["preempted", "ok"]
     assert [r["job_id"] for r in node.records("started")].count(job_id) == 2
