@@ -43,9 +43,9 @@ def ask(sock_path: Path, request: dict) -> list[dict]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.connect(str(sock_path))
         frames.send(conn, request)
-        answers = [frames.recv(conn)]
+        answers = [frames.recv(conn, idle=120, within=120)]  # never a silent hang: FrameError past that
         while request.get("follow") and answers[-1]["type"] not in ("end", "error"):
-            answers.append(frames.recv(conn))
+            answers.append(frames.recv(conn, idle=120, within=120))
         return answers
 
 
