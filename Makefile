@@ -8,12 +8,13 @@ DEMO_STATE := $(CURDIR)/.sandbox-state/demo
 .PHONY: setup test demo bench clean
 
 # venv + editable install with test extras; Debian packages (root or sudo): libseccomp2 for the system-call
-# filter, Mesa lavapipe for arch=vulkan.
+# filter, Mesa lavapipe for arch=vulkan; promtool (from Debian's prometheus package) for deploy/prometheus.
 $(STAMP): pyproject.toml
 	./scripts/install-system-deps.sh || echo "warning: libseccomp2 or Mesa lavapipe not installed: jobs are rejected unless [sandbox] syscall_filter = \"off\"; vulkan tests are skipped"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	./scripts/install-promtool.sh $(VENV)/bin || echo "warning: promtool not installed: the checks of deploy/prometheus are skipped"
 	touch $(STAMP)
 
 setup: $(STAMP)

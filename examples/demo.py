@@ -1,7 +1,7 @@
 """`make demo`: run the bundled kernels through the taichi-sandbox CLI and show their verdicts.
 
 Every bundled kernel runs with a limit it is meant to break; each job's verdict summary is printed
-as `taichi-sandbox run` prints it (sandbox.display), then a table sums them up: verdict, exit code,
+as `taichi-sandbox run` prints it (sandbox.core.display), then a table sums them up: verdict, exit code,
 usage and reason. The jobs run from a temporary directory, so the files they leave (disk_filler.py
 writes until its disk limit stops it) are copied back there, not into your checkout.
 
@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sandbox import JobResult
-from sandbox.display import summary
+from sandbox.core.display import summary
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = {

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from .core.limits import Limits
 from .core.models import JobResult, JobSpec
 from .node.supervisor import Supervisor
-from .terminal import Echo
+from .watch.echo import Echo
 
 
 class FilesWarning(UserWarning):

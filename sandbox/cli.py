@@ -18,18 +18,21 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 from rich.console import Console
 from rich.live import Live
 from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
-from .client import entry_args as _parse_entry_args
-from .core.limits import BUNDLED_POLICY, ConfigError, Limits, Policy, load_policy, read_file, tomllib
+from .cmdline import UsageError, check_entry, entry_args, manifest, refuse_stray, split_argv
+from .core.display import VERDICT_STYLE, size, summary, usage_rows
+from .core.limits import BUNDLED_POLICY, ConfigError, Limits, Policy, load_policy, read_file
 from .core.models import EXIT_INTERNAL, EXIT_USAGE, JobResult, JobSpec, Sample, Verdict
-from .display import VERDICT_STYLE, secs, size, summary, usage_rows
+from .core.units import duration
 from .node.supervisor import Supervisor
-from .terminal import Echo, Interrupts
+from .terminal import Interrupts
+from .watch.echo import Echo
 from .watch.monitor import JobControl
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -60,13 +63,28 @@ def _live_table(kernel: str, limits: Limits, sample: Sample | None) -> Table:
     return table
 
 
+class _ScriptArgv(TyperCommand):
+    """`run`'s parsing: the script's argv is what follows `--`; a positional word before it is an
+    error (exit 2, one line) rather than silently the script's argv (`--wall-time 5 min`)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        words, script_argv = split_argv(args)
+        rest = super().parse_args(ctx, list(words))  # click consumes the list it is given
+        try:
+            refuse_stray(list(ctx.params.get("extra") or ()), words)
+        except UsageError as e:
+            raise _fail(str(e))
+        ctx.params["extra"] = script_argv
+        return rest
 
 
-@app.command()
+@app.command(cls=_ScriptArgv)
 def run(
     file: str = typer.Argument(..., help="Taichi script to run (as __main__), or FILE:FUNCTION."),
-    extra: Optional[List[str]] = typer.Argument(None, help="After --: script argv, or JSON args for --entry."),
-    entry: Optional[str] = typer.Option(None, help="Function in FILE to call with the extra args (JSON)."),
+    extra: Optional[List[str]] = typer.Argument(None, metavar="-- ARGS", help="After '--': the script's argv, or "
+                                                "the entry function's args (each JSON, else a string)."),
+    entry: Optional[str] = typer.Option(None, help="Function in FILE to call with the args after '--' (checked before "
+                                         "the job starts)."),
     arch: str = typer.Option("cpu", help="cpu | vulkan | cuda | opengl | metal | gpu"),
     profile: Optional[str] = typer.Option(None, help="Profile from the limits file."),
     tenant: Optional[str] = typer.Option(None, help="Tenant from the limits file."),
@@ -77,7 +95,7 @@ def run(
     memory: Optional[str] = typer.Option(None, help="memory of the whole job (its cgroup; RSS without one), e.g. 1GiB"),
     address_space: Optional[str] = typer.Option(None, help="RLIMIT_AS: auto | SIZE | unlimited"),
     gpu_memory: Optional[str] = typer.Option(None, help="bytes (e.g. 2GiB) or fraction (e.g. 50%)"),
-    max_processes: Optional[int] = typer.Option(None, help="processes in the job tree"),
+    max_processes: Optional[str] = typer.Option(None, help="processes in the job tree, or unlimited"),
     max_output: Optional[str] = typer.Option(None, help="stdout+stderr bytes, e.g. 10MiB"),
     max_result: Optional[str] = typer.Option(None, help="bytes of an entry function's return value, e.g. 1GiB"),
     disk: Optional[str] = typer.Option(None, help="what the job holds on disk (work dir, outputs), e.g. 4GiB"),
@@ -108,17 +126,19 @@ def run(
         target = kernel.rsplit(":", 1)[0] if ":" in kernel else kernel
         if target.endswith(".py") and not Path(target).is_file():
             raise ConfigError(f"kernel file not found: {target}")
+        if ":" in kernel:
+            check_entry(*kernel.rsplit(":", 1))
         if no_outputs and (outputs or output_dir is not None):
             raise ConfigError("--no-outputs contradicts --output/--output-dir")
         spec = JobSpec(kernel=kernel, arch=arch, limits=limits, profile=profile, tenant=tenant,
-                       args=_parse_entry_args(extra) if ":" in kernel else [],
+                       args=entry_args(extra) if ":" in kernel else [],
                        argv=[] if ":" in kernel else extra, inputs=inputs or [],
                        outputs=[] if no_outputs else outputs or ["*"],
                        output_dir=None if no_outputs else output_dir or ".")
         effective = policy.resolve(profile, tenant, limits)
         if launcher is not None and launcher not in ("forkserver", "exec"):
-            raise ConfigError(f"launcher={launcher!r}: expected forkserver or exec")
-    except ConfigError as e:
+            raise ConfigError(f"launcher: expected forkserver or exec (got {launcher!r})")
+    except (ConfigError, UsageError) as e:
         raise _fail(str(e))
     live_view = err.is_terminal and not as_json
     control = JobControl()
@@ -153,7 +173,7 @@ def profiles(limits_file: Optional[Path] = typer.Option(None, help="limits.toml 
     columns = {"[defaults]": policy.defaults, **policy.profiles}
     table.add_column("limit")
     for name in columns:
-        table.add_column(name)
+        table.add_column(Text(name))  # not markup: "[defaults]" is a table name
     for field in Limits.model_fields:
         table.add_row(field, *[_show(getattr(limits, field), field) for limits in columns.values()])
     Console().print(table)
@@ -161,12 +181,12 @@ def profiles(limits_file: Optional[Path] = typer.Option(None, help="limits.toml 
 
 def _show(value, name: str) -> str:
     if value is None:
-        return "-"
+        return "unlimited"
     sizes = ("memory", "max_output", "max_file_size", "max_result", "disk")
     if name in sizes or (name in ("address_space", "gpu_memory") and isinstance(value, int)):
         return size(value)
     if name in ("cpu_time", "wall_time", "grace", "poll_interval"):
-        return secs(value)
+        return duration(value)
     return str(value)
 
 
@@ -181,19 +201,10 @@ def check(path: Path = typer.Argument(..., help="limits.toml to validate.")) -> 
                     highlight=False)
 
 
-def _manifest(path: Path) -> list[dict]:
-    """[[job]] tables of a jobs.toml, each a JobSpec's fields (kernel, arch, tenant, limits, ...)."""
-    data = read_file(path, "manifest", tomllib.loads)
-    jobs = data.get("job")
-    if set(data) != {"job"} or not isinstance(jobs, list) or not all(isinstance(j, dict) for j in jobs):
-        raise ConfigError(f"{path}: expected only [[job]] tables")
-    return jobs
-
-
 @app.command()
 def batch(
     files: Optional[List[str]] = typer.Argument(None, help="Kernel files (or FILE:FUNCTION) to run."),
-    manifest: Optional[Path] = typer.Option(None, help="jobs.toml with [[job]] tables (kernel, arch, tenant, "
+    manifest_file: Optional[Path] = typer.Option(None, "--manifest", help="jobs.toml with [[job]] tables (kernel, arch, tenant, "
                                                       "profile, job_type, priority, args, kwargs, [job.limits])."),
     concurrency: Optional[int] = typer.Option(None, min=1, help="Jobs at once (default: node CPU slots)."),
     tenant: Optional[str] = typer.Option(None, help="Tenant for jobs that do not name one."),
@@ -209,7 +220,7 @@ def batch(
     are ok, 1 otherwise."""
     try:
         policy = load_policy(limits_file)
-        entries = _manifest(manifest) if manifest else []
+        entries = manifest(manifest_file) if manifest_file else []
         entries += [{"kernel": f} for f in files or []]
         if not entries:
             raise ConfigError("no jobs: give kernel files or --manifest")
@@ -220,9 +231,11 @@ def batch(
             target = spec.target()[0]
             if (spec.target()[1] is None or target.endswith(".py")) and not Path(target).is_file():
                 raise ConfigError(f"job {number}: kernel file not found: {target}")
+            if spec.target()[1] is not None and spec.shipped is None:
+                check_entry(*spec.target())
             policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
             specs.append(spec)
-    except ConfigError as e:
+    except (ConfigError, UsageError) as e:
         raise _fail(str(e))
     from .node.executor import SandboxExecutor  # imported here: `run` should not pay for prometheus-client
 
@@ -254,12 +267,12 @@ def batch(
             sys.stdout.write(result.model_dump_json() + "\n")
     else:
         table = Table(title=f"{len(results)} jobs")
-        for column in ("job", "kernel", "tenant", "verdict", "exit", "wall s", "reason"):
+        for column in ("job", "kernel", "tenant", "verdict", "exit", "wall", "reason"):
             table.add_column(column)
         for spec, r in zip(specs, results):
             table.add_row(r.job_id, spec.kernel, spec.tenant or "-",
                           Text(r.verdict.value, VERDICT_STYLE.get(r.verdict.value, "bold magenta")),
-                          str(r.exit_status), f"{r.usage.wall_seconds:.2f}", r.reason)
+                          str(r.exit_status), duration(r.usage.wall_seconds), r.reason)
         out.print(table)
     raise typer.Exit(interrupts.exit_code or (0 if all(r.verdict is Verdict.ok for r in results) else 1))
 
@@ -302,6 +315,41 @@ def quota(state: Optional[Path] = typer.Option(None, help="quota.json written by
                       used(t["memory"], size), used(t["gpu_memory"], size), str(t["rejections"]),
                       str(t["violations"]))
     Console().print(table)
+
+
+@app.command()
+def report(since: Optional[str] = typer.Option(None, help="Jobs that ended since: a duration ago (7d, 12h, 30m) "
+                                                        "or an ISO date/time (default: the whole log)."),
+           until: Optional[str] = typer.Option(None, help="... and before: the same forms (default: now)."),
+           by: str = typer.Option("tenant", help="Group by tenant, user, verdict or job_type."),
+           audit_log: Optional[str] = typer.Option(None, help="The audit log (its rotated files beside it are "
+                                                              "read too; default: the policy's)."),
+           limits_file: Optional[Path] = typer.Option(None, help="limits.toml, for its audit_log."),
+           as_json: bool = typer.Option(False, "--json", help="One object per group, and the totals."),
+           as_csv: bool = typer.Option(False, "--csv", help="A header and one row per group.")) -> None:
+    """Accounting from the audit log: per group, jobs, CPU and wall seconds, reserved memory and GPU
+    memory × time, peak memory, violations, preemptions, refused requests and queue wait."""
+    from .node import report as accounting
+    from .node.accounting import AccountingError
+    try:
+        if as_json and as_csv:
+            raise ValueError("--json and --csv: choose one")
+        path = Path(audit_log) if audit_log else load_policy(limits_file).settings.resolved_audit_log()
+        found = accounting.build(path, by, since, until)
+    except (ValueError, ConfigError) as e:
+        raise _fail(str(e))
+    except AccountingError as e:
+        raise _fail(str(e), 1)
+    for problem in found.problems:
+        err.print(f"taichi-sandbox: warning: {problem}", markup=False, highlight=False, soft_wrap=True)
+    if found.skipped_lines:
+        err.print(f"taichi-sandbox: warning: {found.skipped_lines} unreadable audit lines skipped", highlight=False)
+    if as_json or as_csv:
+        sys.stdout.write(accounting.to_json(found) if as_json else accounting.to_csv(found))
+        return
+    out = Console()
+    (out if out.is_terminal else Console(width=160)).print(accounting.table(found, f"jobs by {by} ({path}{', since ' + since if since else ''}"
+                                            f"{', until ' + until if until else ''})"))
 
 
 LEVEL_STYLE = {"hard": "green", "watched": "cyan", "unavailable": "red", "off": "dim"}

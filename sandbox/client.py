@@ -18,23 +18,14 @@ import json
 import sys
 from pathlib import Path
 
-from .remote import (EXIT_INTERNAL, ClientError, Job, choose_socket, one, request, submit_and_follow,
+from .cmdline import UsageError, check_entry, entry_args, manifest, refuse_stray, split_argv
+from .remote import (EXIT_INTERNAL, EXIT_USAGE, ClientError, Job, choose_socket, one, request, submit_and_follow,
                      submit_in_requests)
 
 SERVICE_COMMANDS = {"ps", "cancel", "logs", "events"}
 EITHER_COMMANDS = {"run", "batch", "quota"}
 LIMIT_OPTIONS = ("cpu_time", "wall_time", "memory", "address_space", "gpu_memory", "max_processes", "max_output",
                  "max_result", "disk", "grace")
-
-
-def entry_args(extra: list[str]) -> list:
-    """Arguments for FILE:FUNCTION: each a JSON value, else the string itself."""
-    def value(text: str):
-        try:
-            return json.loads(text)
-        except ValueError:
-            return text
-    return [value(a) for a in extra]
 
 
 class _Show:
@@ -67,7 +58,7 @@ def _render(result: dict) -> None:
     from rich.console import Console
 
     from .core.models import JobResult
-    from .display import summary
+    from .core.display import summary
     if sys.stderr.isatty():
         sys.stderr.write("\r\033[2K")
     Console(stderr=True).print(summary(JobResult.model_validate(result), stderr_tail=False))
@@ -75,6 +66,8 @@ def _render(result: dict) -> None:
 
 def run(path: Path, args: argparse.Namespace) -> int:
     kernel = f"{args.file}:{args.entry}" if args.entry else args.file
+    if ":" in kernel:
+        check_entry(*kernel.rsplit(":", 1))
     limits = {name: getattr(args, name) for name in LIMIT_OPTIONS if getattr(args, name) is not None}
     if args.no_outputs and (args.outputs or args.output_dir is not None):
         raise ClientError("--no-outputs contradicts --output/--output-dir")
@@ -103,10 +96,9 @@ def run(path: Path, args: argparse.Namespace) -> int:
 def batch(path: Path, args: argparse.Namespace) -> int:
     entries = []
     if args.manifest:
-        from .cli import _manifest  # only for a manifest: it validates the TOML as the local CLI does
         from .core.limits import ConfigError
         try:
-            entries = _manifest(Path(args.manifest))
+            entries = manifest(Path(args.manifest))
         except ConfigError as err:
             raise ClientError(str(err)) from None
     entries += [{"kernel": f} for f in args.files]
@@ -201,7 +193,7 @@ def parser() -> argparse.ArgumentParser:
         return sub
     r = command("run", "Run one job through the node service and print its verdict.")
     r.add_argument("file")
-    r.add_argument("extra", nargs="*")
+    r.add_argument("extra", nargs="*", help=argparse.SUPPRESS)  # only to name a stray word: argv goes after --
     for name in ("entry", "profile", "tenant", "output_dir", *LIMIT_OPTIONS):
         r.add_argument(f"--{name.replace('_', '-')}", dest=name)
     r.add_argument("--input", dest="inputs", action="append", help="a file or directory the job gets in its dir "
@@ -258,14 +250,20 @@ def _remote(path: Path | None, argv: list[str]) -> int:
         local_only = [a.split("=")[0] for a in argv if a.split("=")[0] in LOCAL_ONLY]
         if local_only:
             raise ClientError(f"{local_only[0]} applies only in-process: add --local")
-        cut = argv.index("--") if "--" in argv else len(argv)
-        args = parser().parse_args(argv[:cut])
+        words, script_argv = split_argv(argv)
+        args, unknown = parser().parse_known_args(words)
         if args.command == "run":
-            args.extra += argv[cut + 1:]
+            refuse_stray(args.extra + [w for w in unknown if not w.startswith("-")], words)
+            args.extra = script_argv
+        if unknown:
+            parser().error(f"unrecognized arguments: {' '.join(unknown)}")
         return HANDLERS[args.command](path, args)
     except ClientError as err:
         print(f"taichi-sandbox: error: {err}", file=sys.stderr)
         return err.code
+    except UsageError as err:
+        print(f"taichi-sandbox: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:  # the service cancels the jobs this client followed when it leaves
         print("taichi-sandbox: interrupted: the service cancels the jobs this client followed", file=sys.stderr)
         return 130

@@ -41,7 +41,7 @@ from .core.limits import ConfigError, Limits, Policy
 from .core.models import JobResult, JobSpec, Verdict, as_spec
 from .node.executor import Capacity, SandboxExecutor
 from .node.supervisor import Supervisor
-from .terminal import Echo
+from .watch.echo import Echo
 from .watch.monitor import JobControl
 
 CANCEL_RESEND = 2.0  # seconds between soft cancels of a task that has not ended
@@ -183,7 +183,7 @@ def _through_service(path, spec: JobSpec) -> str:
 
 def submit(spec: JobSpec | Callable, policy: Policy | None = None, device_memory: int | None = None,
            service: str | None = "auto", quiet: bool = False, **ray_options):
-    """Start `spec` (or a callable, shipped to the job: see sandbox.job.shipping) as a Ray task; returns an
+    """Start `spec` (or a callable, shipped to the job: see sandbox.core.shipping) as a Ray task; returns an
     ObjectRef to the JobResult's JSON (use `result()`, which keeps numpy arrays in the return value).
 
     `service`: the node service socket the task submits through ("auto", a path, or None: never; see
@@ -260,9 +260,11 @@ class _RaySupervisor:
     def gpu_facts(self):
         return self._local.gpu_facts()
 
-    def run(self, spec: JobSpec, control: JobControl, on_output: Callable | None = None) -> JobResult:
-        """The job's result from its Ray task (whose supervisor writes the audit record). Its output
-        reaches the driver as Ray shows its workers' output, not through `on_output` (None: quiet)."""
+    def run(self, spec: JobSpec, control: JobControl, on_output: Callable | None = None,
+            queued: dict | None = None) -> JobResult:
+        """The job's result from its Ray task (whose supervisor writes the audit record, without this
+        driver's `queued`: its queue wait is unknown). Its output reaches the driver as Ray shows its
+        workers' output, not through `on_output` (None: quiet)."""
         ray = _ray()
         ref = submit(spec, self.policy, self.device_memory, quiet=on_output is None, **self.ray_options)
         cancel_sent = 0.0

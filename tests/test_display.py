@@ -18,10 +18,10 @@ def rendered(result) -> str:
 def test_rich_and_html_reprs_of_a_limit_breach(supervisor):
     result = run(supervisor, "cpu_hog.py", cpu_time="1s", memory="1GiB")
     text = rendered(result)
-    assert "verdict: cpu_time" in text and "violations" in text and "1.00s" in text and "1.0 GiB" in text
+    assert "verdict: cpu_time" in text and "violations" in text and "1s" in text and "1.0 GiB" in text
     page = result._repr_html_()
     assert "cpu_time</b>" in page and "<caption style='text-align:left'>violations</caption>" in page
-    assert "<td>cpu time</td>" in page and "<td>1.00s</td>" in page
+    assert "<td>cpu time</td>" in page and "<td>1s</td>" in page
 
 
 def test_html_repr_escapes_what_the_job_wrote(supervisor, tmp_path):

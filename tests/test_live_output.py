@@ -12,7 +12,7 @@ import pytest
 
 from sandbox import JobSpec, Verdict, run_kernel, sandboxed
 from sandbox.node.executor import SandboxExecutor
-from sandbox.terminal import Echo
+from sandbox.watch.echo import Echo
 
 
 class Arrivals(io.TextIOBase):

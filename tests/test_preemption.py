@@ -66,6 +66,7 @@ class PolicyNode(Node):
     """A service with this file's tenants."""
 
     def __init__(self, root, slots: int = 2, scheduler: str = "") -> None:
+        self.prefix = ()
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o755)
         self.root, self.socket, self.limits = root, root / "s.sock", root / "limits.toml"

@@ -74,7 +74,8 @@ idle_timeout = "3s"
 class Node:
     """A service process on a temporary socket; started ready (sd_notify READY=1 received)."""
 
-    def __init__(self, root: Path, extra: str = "", cpu_slots: int = 4) -> None:
+    def __init__(self, root: Path, extra: str = "", cpu_slots: int = 4, prefix: tuple[str, ...] = ()) -> None:
+        self.prefix = prefix  # runs the service (e.g. setpriv with a unit's capabilities)
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o755)
         self.root, self.socket = root, root / "s.sock"
@@ -90,7 +91,8 @@ class Node:
         ready = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         ready.bind(str(notify))
         ready.settimeout(60)
-        self.proc = subprocess.Popen([sys.executable, "-m", "sandbox", "serve", "--limits-file", str(self.limits)],
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "sandbox", "serve", "--limits-file",
+                                      str(self.limits)],
                                      env={**os.environ, "NOTIFY_SOCKET": str(notify)},
                                      stderr=open(self.root / "service.log", "a"))
         try:
@@ -503,7 +505,7 @@ def test_garbage_truncated_oversized_and_slow_frames_get_an_error_answer(node):
     named = node.ask({"op": "submit", "jobs": [{"kernel": "x.py", "source": "1", "job_id": "mine"}]})[0]["jobs"][0]
     assert named["state"] == "refused" and named["reason"] == "job 1: job_id: the service names jobs"
     typo = node.ask({"op": "submit", "jobs": [{"kernel": "x.py", "source": "1", "limits": {"memroy": "1GiB"}}]})
-    assert typo[0]["jobs"][0]["reason"].startswith("job 1: ") and "unknown key 'memroy'" in typo[0]["jobs"][0]["reason"]
+    assert typo[0]["jobs"][0]["reason"].startswith("job 1: ") and "limits.memroy: unknown key (did you mean 'memory'?)" in typo[0]["jobs"][0]["reason"]
     truncated = _raw(node, frame(b'{"op": "ps"}')[:8], shut=True)
     assert truncated["code"] == "Truncated" and "4 of 12 bytes" in truncated["message"], truncated
     slow = _raw(node, frame(b'{"op": "ps"}')[:8])  # and nothing more: request_timeout is 1 s
@@ -797,8 +799,8 @@ def test_serve_check_validates_the_configuration(tmp_path):
                         capture_output=True, text=True)
     assert ok.returncode == 0 and "ok (socket /tmp/x.sock, 1 tenants, 1 with users/groups" in ok.stdout
     for text, message in (('[tenants.a]\nusers = ["no-such-user-14"]\n', "users: no such user 'no-such-user-14'"),
-                          ('[service]\nmax_conections_per_uid = 3\n', "unknown key 'max_conections_per_uid'"),
-                          ('[service]\nunknown_users = "maybe"\n', "unknown_users='maybe'"),
+                          ('[service]\nmax_conections_per_uid = 3\n', "max_conections_per_uid: unknown key (did you mean 'max_connections_per_uid'?)"),
+                          ('[service]\nunknown_users = "maybe"\n', "unknown_users: Input should be 'default' or 'refuse' (got 'maybe')"),
                           ('[service]\ngroup = "no-such-group-14"\n', "group='no-such-group-14': no such group")):
         limits.write_text(text)
         bad = subprocess.run([sys.executable, "-m", "sandbox", "serve", "--check", "--limits-file", str(limits)],

@@ -1,4 +1,4 @@
-"""Callables in: functions, closures, lambdas and `__main__` code shipped to real jobs (sandbox.job.shipping),
+"""Callables in: functions, closures, lambdas and `__main__` code shipped to real jobs (sandbox.core.shipping),
 kernels compiled from shipped source, numpy arguments, and no nested sandboxes."""
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ def test_missing_kernel_file_is_rejected_with_reason(supervisor):
 
 def test_unknown_profile_is_rejected(supervisor):
     r = supervisor.run(JobSpec(kernel=kernel("saxpy.py"), profile="nope"))
-    assert r.verdict is Verdict.rejected and "profile='nope'" in r.reason
+    assert r.verdict is Verdict.rejected and "profile: no such profile (got 'nope'" in r.reason
 
 
 def test_syntax_error_is_error_with_one_line_reason(supervisor, tmp_path):

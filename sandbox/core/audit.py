@@ -2,13 +2,18 @@
 
 Record types: `started` (a job was launched), `job` (its verdict), `violation`, `alert`, and
 `aborted` (a job started that will have no `job` record: its supervisor died, written by whoever
-outlived it, such as its fork-server).
+outlived it, such as its fork-server). A `job` record carries what accounting needs (see
+sandbox.node.accounting): who (`uid`, `user`, `tenant`, `job_type`), when (`submitted_at` where a
+queue knew it, `started_at`, `ts` its end) and what it held (`limits`, `reserved` where a queue
+reserved it, `usage`). Files are opened per write, so a log renamed by logrotate is followed.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import pwd
 import threading
 import time
 from pathlib import Path
@@ -47,8 +52,11 @@ class AuditLog:
         self.append([{"type": "started", "job_id": spec.job_id, "tenant": spec.tenant, "ts": time.time(),
                       "kernel": spec.kernel, "pid": pid, "launcher": launcher, "labels": spec.labels}], sync=False)
 
-    def record(self, result: JobResult, tenant: str | None) -> None:
-        """One record per violation (warnings included), then the job record."""
+    def record(self, result: JobResult, tenant: str | None, job_type: str | None = None,
+               submitted_at: float | None = None, reserved: dict | None = None) -> None:
+        """One record per violation (warnings included), then the job record. `submitted_at` (epoch
+        seconds) and `reserved` (memory and gpu_memory bytes, CPU slots): from the queue that admitted
+        the job, where there was one."""
         base = {"job_id": result.job_id, "tenant": tenant}
         records = [{"type": "violation", **base, "ts": v.at, "pid": v.pid, "resource": v.resource,
                     "limit": v.limit, "observed": v.observed, "action": v.action, "detected_by": v.detected_by}
@@ -56,5 +64,23 @@ class AuditLog:
         records.append({"type": "job", **base, "ts": result.ended_at, "kernel": result.kernel,
                         "arch": result.arch, "verdict": result.verdict.value, "reason": result.reason,
                         "exit_code": result.exit_code, "signal": result.signal,
-                        "usage": result.usage.model_dump(), "labels": result.labels})
+                        "usage": result.usage.model_dump(), "labels": result.labels,
+                        "job_type": job_type, "started_at": result.started_at,
+                        "limits": result.limits.model_dump(include=ACCOUNTED_LIMITS),
+                        **({"submitted_at": submitted_at} if submitted_at is not None else {}),
+                        **({"reserved": reserved} if reserved is not None else {}), **_writer()})
         self.append(records)
+
+
+ACCOUNTED_LIMITS = {"memory", "gpu_memory", "cpu_time", "wall_time", "cpu_threads", "disk"}
+
+
+@functools.cache
+def _writer() -> dict:
+    """uid and user name of this process: who ran a job that no service submitted (the service's
+    records name the client instead, see sandbox.node.jobs.NodeAudit)."""
+    uid = os.getuid()
+    try:
+        return {"uid": uid, "user": pwd.getpwuid(uid).pw_name}
+    except KeyError:
+        return {"uid": uid, "user": str(uid)}

@@ -19,19 +19,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from .errors import ConfigError, closest, joined, no_such, problems
 from .units import (GiB, MiB, Bytes, Count, PlausibleBytes, PlausibleSeconds, Quota, Seconds, parse_address_space,
-                    parse_duration, parse_gpu_memory, parse_rate, parse_size, positive)
-
-
-class ConfigError(ValueError):
-    """A limit, profile, spec or limits.toml value is invalid. The message is one line.
-
-    `detail` is the message without the leading "SOURCE: ", so callers can re-attribute it.
-    """
-
-    def __init__(self, message: str, detail: str | None = None) -> None:
-        super().__init__(message)
-        self.detail = detail if detail is not None else message
+                    bounded, duration, parse_duration, parse_gpu_memory, parse_rate, parse_size, positive)
 
 
 _TENANT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")  # also a directory name
@@ -55,16 +45,6 @@ def _key(name: str) -> str:
     return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
 
 
-def _one_line(err: ValidationError) -> str:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "value"
-    if first["type"] == "extra_forbidden":
-        return f"unknown key {key!r}"
-    msg = first["msg"].removeprefix("Value error, ")
-    shown = repr(first.get("input"))
-    return f"{key}={shown if len(shown) <= 80 else shown[:77] + '...'}: {msg}"
-
-
 class _Strict(BaseModel):
     """Models whose construction errors are one-line `ConfigError`s."""
 
@@ -74,8 +54,9 @@ class _Strict(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as err:
-            detail = _one_line(err)
-            raise ConfigError(f"{type(self).__name__}: {detail}", detail) from None
+            fields = problems(err, type(self))
+            detail = joined(fields)
+            raise ConfigError(f"{type(self).__name__}: {detail}", detail, fields) from None
 
     @classmethod
     def parse(cls, data: Any, source: str):
@@ -85,7 +66,7 @@ class _Strict(BaseModel):
         try:
             return cls(**data)
         except ConfigError as err:
-            raise ConfigError(f"{source}: {err.detail}", err.detail) from None
+            raise ConfigError(f"{source}: {err.detail}", err.detail, err.fields) from None
 
 
 class Limits(_Strict):
@@ -104,8 +85,8 @@ class Limits(_Strict):
     max_result: Bytes = 64 * MiB  # bytes of a job's return value (its result files, see sandbox.job.results)
     disk: PlausibleBytes = None  # what the job holds on disk: its work dir (cache writes too), and its outputs
     network: Literal["none", "host"] = "none"
-    grace: Annotated[float, BeforeValidator(lambda v: parse_duration(v) if v is not None else 2.0)] = 2.0
-    poll_interval: Annotated[float, positive(parse_duration)] = 0.05
+    grace: Annotated[float, bounded(parse_duration, "the SIGTERM -> SIGKILL delay", default=2.0)] = 2.0
+    poll_interval: Annotated[float, bounded(positive(parse_duration).func, "how often usage is sampled")] = 0.05
 
     def above(self, ceiling: "Limits") -> list[str]:
         """Each limit of ours that is laxer than `ceiling`'s ("memory 2 GiB > 1 GiB"): unlimited
@@ -144,7 +125,7 @@ def _shown(name: str, value: Any) -> str:
                                            "disk"):
         return f"{value / GiB:g} GiB" if value >= GiB else f"{value / MiB:g} MiB"
     if name in ("cpu_time", "wall_time", "grace", "poll_interval"):
-        return f"{value:g}s"
+        return duration(value)
     return str(value)
 
 
@@ -275,6 +256,16 @@ class Settings(_Strict):
         return Path(self.audit_log).expanduser() if self.audit_log else self.resolved_state_dir() / "audit.jsonl"
 
 
+def _metrics_address(value: Any) -> str | None:
+    """HOST:PORT ([V6]:PORT for IPv6), PORT 0-65535 (0: any free port)."""
+    if value is None:
+        return None
+    host, _, port = str(value).rpartition(":")
+    if not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+        raise ValueError("give HOST:PORT, e.g. \"127.0.0.1:9464\" or \"[::1]:9464\"")
+    return str(value)
+
+
 class Service(_Strict):
     """The `[service]` table: the node service's socket, who may use it, and how it protects itself
     (see sandbox.node.service)."""
@@ -294,6 +285,14 @@ class Service(_Strict):
     idle_timeout: Seconds = 300.0  # between requests
     max_queued: Count = 20000  # jobs queued on the node, all tenants together
     metrics_port: Count = None  # Prometheus /metrics on 127.0.0.1:PORT
+    metrics_address: Annotated[Union[str, None], BeforeValidator(_metrics_address)] = None  # HOST:PORT instead
+
+    def metrics_endpoint(self) -> tuple[str, int] | None:
+        """(host, port) of the /metrics endpoint: `metrics_address`, else 127.0.0.1:`metrics_port`, else None."""
+        if self.metrics_address is not None:
+            host, port = self.metrics_address.rsplit(":", 1)
+            return host.strip("[]"), int(port)
+        return None if self.metrics_port is None else ("127.0.0.1", self.metrics_port)
 
 
 class Policy(BaseModel):
@@ -322,7 +321,9 @@ class Policy(BaseModel):
         known = {"defaults", "profiles", "tenants", "job_types", "node", "alerts", "sandbox", "service", "scheduler"}
         for key in data:
             if key not in known:
-                raise ConfigError(f"{source}: unknown table [{_key(key)}] (known: {', '.join(sorted(known))})")
+                close = closest(str(key), known)
+                hint = f"did you mean [{close}]? " if close else ""
+                raise ConfigError(f"{source}: unknown table [{_key(key)}] ({hint}known: {', '.join(sorted(known))})")
         for table in ("profiles", "tenants", "job_types"):
             if not isinstance(data.get(table, {}), dict):
                 raise ConfigError(f"{source}: [{table}] must be a table of tables")
@@ -343,7 +344,7 @@ class Policy(BaseModel):
         for table, entries in (("tenants", tenants), ("job_types", job_types)):
             for name, entry in entries.items():
                 if entry.profile is not None and entry.profile not in profiles:
-                    raise ConfigError(f"{source} [{table}.{_key(name)}]: profile={entry.profile!r}: no such profile")
+                    raise ConfigError(f"{source} [{table}.{_key(name)}]: {no_such('profile', entry.profile, profiles)}")
         return cls(defaults=defaults, profiles=profiles, tenants=tenants, job_types=job_types,
                    node=Node.parse(data.get("node", {}), f"{source} [node]"),
                    alerts=Alerts.parse(data.get("alerts", {}), f"{source} [alerts]"),
@@ -363,9 +364,9 @@ class Policy(BaseModel):
         defaults), then overrides. A tenant's own profile (else the defaults) is its ceiling: a job
         may lower any limit, never raise one past it (ConfigError naming each)."""
         if tenant is not None and tenant not in self.tenants:
-            raise ConfigError(f"{self.source}: tenant={tenant!r}: no such tenant")
+            raise ConfigError(f"{self.source}: {no_such('tenant', tenant, self.tenants)}")
         if job_type is not None and job_type not in self.job_types:
-            raise ConfigError(f"{self.source}: job_type={job_type!r}: no such job type")
+            raise ConfigError(f"{self.source}: {no_such('job_type', job_type, self.job_types)}")
         if profile is None and job_type is not None:
             profile = self.job_types[job_type].profile
         if profile is None and tenant is not None:
@@ -375,8 +376,7 @@ class Policy(BaseModel):
         elif profile in self.profiles:
             base = self.profiles[profile]
         else:
-            known = ", ".join(sorted(self.profiles)) or "none defined"
-            raise ConfigError(f"{self.source}: profile={profile!r}: no such profile (known: {known})")
+            raise ConfigError(f"{self.source}: {no_such('profile', profile, self.profiles)}")
         limits = base.merged(overrides) if overrides is not None else base
         if tenant is not None:
             own = self.tenants[tenant].profile

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .limits import ConfigError, Limits, Priority, _Strict
 from .placement import check_places, place
+from .shipping import Shipped, prepare
+from .units import duration
 from .values import decode_json_fields, wire
 
 TIMELINE_MAX = 600
@@ -35,18 +37,6 @@ class Enforcement(BaseModel):
     by: str = ""
     note: str = ""
 
-
-class Shipped(BaseModel):
-    """A callable on its way to the job (see sandbox.job.shipping): `payload` is base64 of dill's
-    (function, args, kwargs); `sources` the text of each file its shipped code came from; `path` the
-    caller's sys.path."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    payload: str
-    sources: dict[str, str] = {}
-    path: list[str] = []
 
 class Verdict(str, Enum):
     """How a job ended. Limit verdicts are named after the limit that was broken."""
@@ -93,7 +83,7 @@ class JobSpec(_Strict):
 
     `kernel` is a Python file run as `__main__` (unmodified Taichi scripts work), or `file.py:function`
     / `package.module:function`, called with `args`/`kwargs` (JSON values and numpy arrays), or any
-    callable (also "__main__:function"), shipped with its args and kwargs (sandbox.job.shipping); then
+    callable (also "__main__:function"), shipped with its args and kwargs (sandbox.core.shipping); then
     `kernel` becomes its name. Its return value comes back in the result (sandbox.job.results).
 
     `inputs`: files and directories copied read-only into the job's cwd before it starts, each a
@@ -126,9 +116,8 @@ class JobSpec(_Strict):
     @model_validator(mode="wrap")
     @classmethod
     def _prepare(cls, data: Any, handler, info) -> "JobSpec":
-        """A callable kernel is shipped (sandbox.job.shipping). From JSON, args and kwargs are decoded
+        """A callable kernel is shipped (sandbox.core.shipping). From JSON, args and kwargs are decoded
         here: pydantic validates JSON through the custom __init__, in Python mode."""
-        from ..job.shipping import prepare  # the job layer's: imported when a JobSpec is made, not before
         return handler(prepare(decode_json_fields(data, ("args", "kwargs")) if info.mode == "json" else data))
 
     @field_validator("kernel")
@@ -307,10 +296,23 @@ class JobResult(BaseModel):
             return self.exit_code
         return EXIT_CODES[self.verdict]
 
+    def __repr__(self) -> str:
+        """One line: job, kernel, verdict, the reason abbreviated, wall time (never the whole record)."""
+        return (f"JobResult(job_id={self.job_id!r}, kernel={self.kernel!r}, verdict={self.verdict.value}, "
+                f"reason={self._short_reason()!r}, wall={duration(self.usage.wall_seconds)})")
+
+    def __str__(self) -> str:
+        """`print(result)`: the same line for people."""
+        reason = f": {self._short_reason()}" if self.reason else ""
+        return f"{self.kernel}: {self.verdict.value} after {duration(self.usage.wall_seconds)}{reason} (job {self.job_id})"
+
+    def _short_reason(self) -> str:
+        return self.reason if len(self.reason) <= 60 else self.reason[:59] + "…"
+
     def __rich__(self):
-        from ..display import summary
+        from .display import summary
         return summary(self)
 
     def _repr_html_(self) -> str:
-        from ..display import to_html
+        from .display import to_html
         return to_html(self)

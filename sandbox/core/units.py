@@ -21,6 +21,13 @@ _SIZE_UNITS = {
 _TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "m": 60.0, "min": 60.0, "h": 3600.0}
 _NUMBER_UNIT = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z%]*)\s*$")
 _UNLIMITED = {"none", "unlimited", "off"}
+# The largest values accepted: beyond them a limit means nothing, and the kernel's and Python's C
+# types (rlimits, cgroup files, timeouts) overflow. "unlimited" is the way to ask for no limit.
+MAX_BYTES = 1 << 60  # 1 EiB
+MAX_SECONDS = 1e9  # about 31 years
+MAX_COUNT = (1 << 31) - 1
+_COMPOUND = re.compile(r"^\s*(?:[0-9]*\.?[0-9]+(?:h|min|ms|us|m|s)\s*){2,}$")  # "1m30s", "1h 30m"
+_PART = re.compile(r"([0-9]*\.?[0-9]+)(h|min|ms|us|m|s)")
 
 
 def _number(value: Any) -> float:
@@ -29,6 +36,12 @@ def _number(value: Any) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError("must be a finite number >= 0")
     return float(value)
+
+
+def _at_most(value, ceiling, shown: str):
+    if value > ceiling:
+        raise ValueError(f"too large: at most {shown} (for no limit, 'unlimited')")
+    return value
 
 
 def _split(value: str, units: dict) -> tuple[float, float]:
@@ -44,18 +57,40 @@ def parse_size(value: Any) -> int | None:
         return None
     if isinstance(value, str):
         number, scale = _split(value, _SIZE_UNITS)
-        return int(number * scale)
-    return int(_number(value))
+        return int(_at_most(number * scale, MAX_BYTES, "1 EiB"))
+    return int(_at_most(_number(value), MAX_BYTES, "1 EiB"))
 
 
 def parse_duration(value: Any) -> float | None:
-    """Seconds from 1.5, '250ms', '2s', '1m'; None for 'unlimited'/'none'."""
+    """Seconds from 1.5, '250ms', '2s', '1m', '1m30s' (as `duration` writes them); None for
+    'unlimited'/'none'."""
     if value is None or (isinstance(value, str) and value.strip().lower() in _UNLIMITED):
         return None
-    if isinstance(value, str):
+    if isinstance(value, str) and _COMPOUND.match(value.lower()):
+        seconds = _number(sum(float(n) * _TIME_UNITS[u] for n, u in _PART.findall(value.lower())))
+    elif isinstance(value, str):
         number, scale = _split(value, _TIME_UNITS)
-        return number * scale
-    return _number(value)
+        seconds = _number(number * scale)
+    else:
+        seconds = _number(value)
+    return _at_most(seconds, MAX_SECONDS, "1e9s")
+
+
+def duration(seconds: float | None) -> str:
+    """Seconds as people write them: '250ms', '1.5s', '2m', '1m30s', '4h' ('-' for None); three
+    significant digits under a minute, tenths of a second under an hour, whole seconds above."""
+    if seconds is None:
+        return "-"
+    if not math.isfinite(seconds):
+        return str(seconds)
+    if seconds < 0.9995:  # below what rounds to 1000ms
+        return f"{seconds * 1000:.3g}ms" if seconds else "0s"
+    if seconds < 59.95:
+        return f"{seconds:.3g}s"
+    hours, rest = divmod(round(seconds, 1) if seconds < 3600 else round(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [(hours, "h"), (minutes, "m"), (round(secs, 1), "s")]
+    return "".join(f"{value:g}{unit}" for value, unit in parts if value)
 
 
 def parse_gpu_memory(value: Any) -> int | float | None:
@@ -67,6 +102,8 @@ def parse_gpu_memory(value: Any) -> int | float | None:
         return fraction
     if isinstance(value, float) and 0 < value <= 1:
         return value
+    if isinstance(value, float) and not math.isnan(value) and value > 1:
+        raise ValueError("a fraction of the device is in (0, 1]; bytes are a whole number or a size like '2GiB'")
     return parse_size(value)
 
 
@@ -80,9 +117,11 @@ def parse_address_space(value: Any) -> int | str | None:
 def _count(value: Any) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in _UNLIMITED):
         return None
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]+\s*", value):  # from a command line
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError("expected a whole number")
-    return value
+    return _at_most(value, MAX_COUNT, str(MAX_COUNT))
 
 
 def positive(parser):
@@ -91,6 +130,19 @@ def positive(parser):
         parsed = parser(value)
         if parsed is not None and not isinstance(parsed, str) and parsed <= 0:
             raise ValueError("must be greater than zero")
+        return parsed
+    return BeforeValidator(check)
+
+
+def bounded(parser, what: str, default: float | None = None):
+    """A pydantic validator: `parser`'s value, which cannot be "unlimited" (`what` it bounds says
+    why); None is `default` where there is one."""
+    def check(value: Any):
+        if value is None and default is not None:
+            return default
+        parsed = parser(value)
+        if parsed is None:
+            raise ValueError(f"cannot be unlimited: it is {what}; give a duration, e.g. '2s'")
         return parsed
     return BeforeValidator(check)
 
@@ -104,9 +156,10 @@ def _plausible(parser, floor: float, hint: str):
         parsed = checked(value)
         if parsed is None:  # "unlimited"
             return parsed
-        has_unit = isinstance(value, str) and bool(_NUMBER_UNIT.match(value).group(2))
+        single = _NUMBER_UNIT.match(value) if isinstance(value, str) else None
+        has_unit = isinstance(value, str) and (single is None or bool(single.group(2)))  # None: "1m30s"
         if parsed < floor and not has_unit:
-            raise ValueError(f"{value!r} without a unit is {hint}")
+            raise ValueError(f"without a unit this is {hint}")
         return parsed
     return BeforeValidator(check)
 

@@ -5,7 +5,7 @@ job does is counted) → die with the parent (PR_SET_PDEATHSIG) → own session 
 → the work dir as cwd → with isolation, new namespaces, a relay outside, an init inside and the
 tenant's uid (sandbox.job.namespaces) → the job's scrubbed environment (only now: nothing that runs
 as root sees it) → the system-call filter (sandbox.job.syscalls) → guarded `ti.init` → run the job (a shipped
-callable is unpickled here, sandbox.job.shipping) → write its return value (sandbox.job.results) → report
+callable is unpickled here, sandbox.core.shipping) → write its return value (sandbox.job.results) → report
 one JSON result on the channel → `ti.reset()` (writes the offline cache) → `os._exit`.
 
 Everything here helps honest jobs and reports truthfully; a hostile job can undo any of it, which is
@@ -29,7 +29,7 @@ from ..core import channel
 from ..core.models import Shipped
 from ..core.values import wire
 from . import results, syscalls
-from .shipping import receive
+from ..core.shipping import receive
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36

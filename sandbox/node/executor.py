@@ -35,14 +35,14 @@ from typing import Callable, Iterable, Iterator
 from ..core.limits import ConfigError, Policy, Tenant
 from ..core.models import JobResult, JobSpec, Verdict, as_spec
 from ..core.ratelimit import TokenBucket
+from ..watch.echo import Echo
 from ..watch.monitor import JobControl
 from .alerts import Alerts
-from .metrics import Metrics
+from .metrics import Metrics, quota_gauges
 from .quotas import (Capacity, Demand, QuotaFile, TenantUsage, admission_problem, demand, fits, node_capacity,
                      report)
 from .preemption import Preemption
 from .scheduling import FairShare, rank
-from ..terminal import Echo
 from .supervisor import Supervisor
 
 RESERVE_AFTER = 30.0
@@ -110,6 +110,7 @@ class SandboxExecutor(Preemption):
         self.capacity = capacity
         self.max_concurrent = max_concurrent or capacity.cpu_slots
         self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.watch("quota", lambda: quota_gauges(self.quota_state()))
         self.alerts = Alerts(self.supervisor.audit, self.policy.alerts.levels, alert_hook, self.policy.alerts.command,
                              on_drop=self.metrics.alerts_dropped.inc)
         self.quota_file = QuotaFile(Path(state_file) if state_file else
@@ -353,11 +354,15 @@ class SandboxExecutor(Preemption):
 
     def _run(self, entry: _Entry) -> None:
         future, name = entry.future, entry.future.tenant
-        self.metrics.queue_wait.labels(name).observe(time.monotonic() - entry.submitted)
+        waited = time.monotonic() - entry.submitted
+        self.metrics.queue_wait.labels(name).observe(waited)
+        d = entry.demand
+        queued = {"submitted_at": time.time() - waited,
+                  "reserved": {"memory": d.memory, "gpu_memory": d.gpu_memory, "cpu": d.cpu}}
         if future.cancel_asked:  # while it was queued again after a preemption
             future.control.cancel()
         try:
-            result = self.supervisor.run(future.spec, control=future.control, on_output=future.echo)
+            result = self.supervisor.run(future.spec, control=future.control, on_output=future.echo, queued=queued)
         except BaseException as err:  # noqa: BLE001 - the future must resolve whatever happens
             result = None
             failure = err
@@ -380,6 +385,7 @@ class SandboxExecutor(Preemption):
             return
         self.metrics.jobs.labels(result.verdict.value, name).inc()
         self.metrics.duration.labels(name).observe(result.usage.wall_seconds)
+        self.metrics.cpu_seconds.labels(name).inc(result.usage.cpu_seconds)
         for v in result.violations:
             if v.action != "warn":
                 self.metrics.violations.labels(v.resource, name).inc()
@@ -394,7 +400,7 @@ class SandboxExecutor(Preemption):
         result = JobResult.not_run(future.spec, verdict, reason, launcher=self.supervisor.launcher.name)
         self.metrics.jobs.labels(verdict.value, future.tenant).inc()
         try:
-            self.supervisor.audit.record(result, future.spec.tenant)
+            self.supervisor.audit.record(result, future.spec.tenant, future.spec.job_type)
         finally:
             future.set_result(result)
 

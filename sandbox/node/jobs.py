@@ -352,10 +352,10 @@ class NodeSupervisor(Supervisor):
         remove_tree(self.spool)  # what a killed service left
         self.spool.mkdir(mode=0o700, parents=True)
 
-    def run(self, spec: JobSpec, on_sample=None, control=None, **kwargs) -> JobResult:
+    def run(self, spec: JobSpec, on_sample=None, control=None, queued: dict | None = None, **kwargs) -> JobResult:
         record = self.jobs.get(spec.job_id)
         if record is None:
-            return super().run(spec, on_sample, control, **kwargs)
+            return super().run(spec, on_sample, control, queued=queued, **kwargs)
         record.state = "running"
         record.notify()
 
@@ -371,7 +371,7 @@ class NodeSupervisor(Supervisor):
         handed = requeued = False
         try:
             result = super().run(spec, sampled, control, sent=Sent(record.source, tuple(inputs)), on_output=output,
-                                 hold_result=record.hold_result)
+                                 hold_result=record.hold_result, queued=queued)
             requeued = control is not None and control.requeue and result.verdict is Verdict.preempted
             if spool is not None and not requeued:
                 record.files.put(spool, [_owned(copy, spool, record.peer) for copy in result.outputs

@@ -23,6 +23,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from ..core.errors import describe
 from ..core.models import JobSpec
 from ..core.values import decode_json_fields
 
@@ -145,9 +146,7 @@ def parse(message: dict) -> Submit | Ps | Cancel | Logs | Events | Quota:
     try:
         return _REQUEST.validate_python(message)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "request"
-        raise ProtocolError("BadRequest", f"{where}: {first['msg']}"[:300]) from None
+        raise ProtocolError("BadRequest", describe(err)[:300]) from None
 
 
 def error(code: str, message: str) -> dict:

@@ -47,6 +47,7 @@ from .auth import Peer, Refused, check_names, may_use, peer_of, tenant_for, with
 from .executor import QueueFull, SandboxExecutor
 from .guard import Guard
 from .jobs import Descriptors, Hub, JobRecord, Jobs, NodeSupervisor, close_fds, outcome
+from .metrics import job_gauges
 from .reconcile import reconcile
 from .streams import Stream
 from .systemd import gid_of, listen, sd_notify, socket_path
@@ -63,6 +64,9 @@ class Service:
         self.aborted = reconcile(self.supervisor.audit)
         self.executor = SandboxExecutor(supervisor=self.supervisor, alert_hook=self.hub.publish)
         self.guard = Guard(self.settings)
+        self.executor.metrics.watch("jobs", lambda: job_gauges(
+            (r.spec.tenant or "", r.state, r.submitted, r.sample and (r.sample.memory or r.sample.rss))
+            for r in self.jobs.all()))
         self._threads: set[threading.Thread] = set()
         self._stop = threading.Event()
         self.draining = False
@@ -71,10 +75,15 @@ class Service:
     # --- accepting -------------------------------------------------------------------------------
 
     def serve(self) -> None:
+        endpoint = self.settings.metrics_endpoint()
+        if endpoint is not None:
+            try:
+                self.executor.metrics.serve(endpoint[1], endpoint[0])
+            except OSError as err:
+                raise ConfigError(f"[service] metrics_address {endpoint[0]}:{endpoint[1]}: cannot serve /metrics "
+                                  f"there: {err.strerror or err}") from None
         listener, created = listen(self.path, self.settings.group)
         listener.setblocking(False)
-        if self.settings.metrics_port is not None:
-            self.executor.metrics.serve(self.settings.metrics_port)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         sd_notify("READY=1")
@@ -114,7 +123,10 @@ class Service:
         thread.start()
 
     def _answer(self, conn: socket.socket, code: str, message: str) -> None:
-        """An error answer; best effort: the client may be gone."""
+        """An error answer, counted as a refused request (an idle connection is closed, not refused);
+        best effort: the client may be gone."""
+        if code != "IdleTimeout":
+            self.executor.metrics.refused(code)
         try:
             frames.send(conn, protocol.error(code, message))
         except OSError:
@@ -209,6 +221,7 @@ class Service:
                 if not isinstance(err, (Refused, ConfigError, protocol.ProtocolError, QueueFull)):
                     raise
                 code = getattr(err, "code", type(err).__name__)
+                self.executor.metrics.refused(code)
                 answers.append({"job_id": None, "state": "refused", "code": code, "reason": str(err)})
                 continue
             records.append(record)
@@ -265,7 +278,7 @@ class Service:
         result, unrecorded = outcome(record, future, self.supervisor.launcher.name, self._cancel_reason)
         try:
             if unrecorded:
-                self.supervisor.audit.record(result, record.spec.tenant)
+                self.supervisor.audit.record(result, record.spec.tenant, record.spec.job_type)
         except OSError as err:
             print(f"taichi-sandbox: cannot write the audit record of job {result.job_id}: {err}", file=sys.stderr,
                   flush=True)

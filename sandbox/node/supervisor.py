@@ -220,10 +220,11 @@ class Supervisor:
                          enforcement=enforcement_for(limits, arch, address_space, facts, cgroup_known, isolation,
                                                      DiskFacts(jobdir.image_size, jobdir.reason)))
 
-    def _not_run(self, spec: JobSpec, reason: str, started: float, verdict: Verdict = Verdict.rejected) -> JobResult:
+    def _not_run(self, spec: JobSpec, reason: str, started: float, verdict: Verdict = Verdict.rejected,
+                 queued: dict | None = None) -> JobResult:
         """The result of a job that never started: `rejected`, or `crashed` when the launcher failed."""
         result = JobResult.not_run(spec, verdict, reason, started, self.launcher.name)
-        self.audit.record(result, spec.tenant)
+        self.audit.record(result, spec.tenant, spec.job_type, **(queued or {}))
         return result
 
     # --- running ---------------------------------------------------------------------------------
@@ -231,13 +232,15 @@ class Supervisor:
     def run(self, spec: JobSpec, on_sample: Callable[[Sample], None] | None = None,
             control: JobControl | None = None, *, sent: Sent | None = None,
             on_output: Callable[[str, bytes], None] | None = None,
-            hold_result: Callable[[int], tuple[int, str] | None] | None = None) -> JobResult:
+            hold_result: Callable[[int], tuple[int, str] | None] | None = None,
+            queued: dict | None = None) -> JobResult:
         """Run one job to its verdict. Never raises for anything the job does; returns `rejected`
         for a spec that cannot run (unknown profile, missing kernel file, unusable arch).
         `control.cancel()` ends the job with verdict `cancelled`, `control.preempt()` with `preempted`. `sent`: see `_prepare`;
         `on_output(stream, data)`: the job's stdout/stderr as it comes (from its I/O thread);
         `hold_result(size)`: asked before a return value of `size` bytes is read, None or (the bound,
-        why) it cannot be held: then the verdict is `result`, for that reason."""
+        why) it cannot be held: then the verdict is `result`, for that reason. `queued`: what the queue
+        that ran the job adds to its audit record (`submitted_at`, `reserved`: see AuditLog.record)."""
         started_epoch = time.time()
         jobdir = binds = None
         try:
@@ -252,7 +255,7 @@ class Supervisor:
             if binds is not None:
                 binds.release()
             if isinstance(err, (ConfigError, ArchUnavailable)):
-                return self._not_run(spec, str(err), started_epoch)
+                return self._not_run(spec, str(err), started_epoch, queued=queued)
             raise
         try:
             result = self._supervise(spec, limits, prepared, on_sample, control, started_epoch, on_output, hold_result)
@@ -260,7 +263,7 @@ class Supervisor:
             missing_input_hint(result, spec.inputs)
             result.notes.extend(prepared.cache.promote(prepared.jobdir.path / "cache"))
         except LaunchFailed as err:
-            return self._not_run(spec, str(err), started_epoch, Verdict.crashed)
+            return self._not_run(spec, str(err), started_epoch, Verdict.crashed, queued)
         finally:
             cgroup_left = prepared.cgroup.remove() if prepared.cgroup is not None else None
             disk_left = jobdir.remove()  # never raises: the verdict is recorded whatever the job left
@@ -272,7 +275,7 @@ class Supervisor:
         result.enforcement = prepared.enforcement
         result.enforced = headline(prepared.enforcement)
         result.notes = [arch_note, *prepared.notes, *result.notes]
-        self.audit.record(result, spec.tenant)
+        self.audit.record(result, spec.tenant, spec.job_type, **(queued or {}))
         return result
 
     def _supervise(self, spec: JobSpec, limits: Limits, prepared: _Prepared, on_sample: Callable[[Sample], None] | None,

@@ -1,4 +1,4 @@
-"""A sandboxed test on its way into the job: its fixture values shipped with it (sandbox.job.shipping),
+"""A sandboxed test on its way into the job: its fixture values shipped with it (sandbox.core.shipping),
 its temporary directories bound into the job (JobSpec.binds), the modules pytest rewrote sent along.
 
 Fixtures that only work in pytest's own process (request, monkeypatch, capsys, ...) are refused by
@@ -22,7 +22,7 @@ import pytest
 
 from ..core.models import Shipped
 from ..job.binds import lendable_below
-from ..job.shipping import ShippingError, ship
+from ..core.shipping import ShippingError, ship
 
 _IN_PYTEST = "use it in a fixture that is not sandboxed and give the test the values it needs"
 _OUTPUT = "the job's stdout and stderr show in pytest's captured output; check output in a test that is not sandboxed"

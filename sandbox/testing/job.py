@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from ..core.models import Shipped
-from ..job.shipping import receive
+from ..core.shipping import receive
 
 
 class _Rewriter(importlib.abc.MetaPathFinder, importlib.abc.Loader):

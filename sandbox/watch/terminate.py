@@ -54,12 +54,17 @@ class JobProcesses:
         self.outside_cgroup: list[int] = []  # killed job processes that had left the cgroup (root can)
 
     def alive(self) -> bool:
-        return bool(self.cgroup.pids()) if self.cgroup is not None else bool(self.tree.alive())
+        """Whether a process of the job lives: in its cgroup, or, until it has joined it (the job
+        joins it itself, just after its launch), in its tree."""
+        return (self.cgroup is not None and bool(self.cgroup.pids())) or bool(self.tree.alive())
 
     def signal(self, sig: int) -> list[int]:
-        """Send `sig` to every process of the job (not atomic: for SIGTERM)."""
+        """Send `sig` to every process of the job (not atomic: for SIGTERM): those in its cgroup, or
+        its tree's when the cgroup has none yet (a job cancelled or preempted as it starts)."""
         if self.cgroup is not None:
-            return self.cgroup.signal(sig)
+            hit = self.cgroup.signal(sig)
+            if hit:
+                return hit
         try:
             os.killpg(self.pgid, sig)
         except OSError:

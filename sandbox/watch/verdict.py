@@ -17,7 +17,7 @@ from typing import Callable
 
 from ..core.channel import LeftoversMessage, ResultMessage, RlimitMessage, TiInitMessage
 from ..core.limits import Limits
-from ..core.units import parse_size
+from ..core.units import duration, parse_size
 from ..core.models import JobResult, JobSpec, Sample, Termination, Usage, Verdict, Violation
 from ..job.cgroup import CgroupLimits, CgroupStats
 from ..job.child import ChildPlan
@@ -254,5 +254,5 @@ def _fmt(resource: str, value: float) -> str:
     if resource in ("memory", "address_space", "gpu_memory", "output", "result", "disk"):
         return f"{value / (1 << 20):.1f} MiB"
     if resource in ("cpu_time", "wall_time"):
-        return f"{value:.2f}s"
+        return duration(value)
     return f"{value:g}"

@@ -22,10 +22,23 @@ import sys
 import types
 from typing import Any, Callable
 
-from ..core.models import Shipped
+from pydantic import BaseModel, ConfigDict
 
 MAX_SOURCE_BYTES = 1 << 20  # a larger file's source is not shipped (Taichi then needs to read it)
 _HINT = "define them inside the job function, or in a module the job can import"
+
+
+class Shipped(BaseModel):
+    """A callable on its way to the job: `payload` is base64 of dill's
+    (function, args, kwargs); `sources` the text of each file its shipped code came from; `path` the
+    caller's sys.path."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    payload: str
+    sources: dict[str, str] = {}
+    path: list[str] = []
 
 
 class ShippingError(ValueError):

@@ -2,23 +2,22 @@
 
 All three show the same things: the verdict and its reason, warnings (an arch the job asked for but
 did not get), what enforced its limits (`enforced`), usage against each limit, violations, how the
-job was ended, copied outputs, and for a failed job the tail of its traceback or stderr.
+job was ended, copied outputs, and for a failed job the tail of its traceback or stderr. `models`
+imports this module (lazily), never the other way: "JobResult" in the annotations names
+`sandbox.core.models.JobResult`.
 """
 
 from __future__ import annotations
 
 import html
 import os
-from typing import TYPE_CHECKING
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .core.limits import Limits
-
-if TYPE_CHECKING:
-    from .core.models import JobResult
+from .limits import Limits
+from .units import duration
 
 VERDICT_STYLE = {"ok": "bold green", "error": "bold red", "crashed": "bold red", "rejected": "bold yellow"}
 VERDICT_COLOUR = {"ok": "#1a7f37", "error": "#cf222e", "crashed": "#cf222e", "rejected": "#9a6700"}
@@ -35,15 +34,11 @@ def size(value: float | None) -> str:
     return f"{value:.0f} B"
 
 
-def secs(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}s"
-
-
 def usage_rows(limits: Limits, cpu: float, wall: float, rss: int, vms: int, procs: int, output: int,
                disk: int | None = None):
     """(resource, used, limit) rows, as text."""
-    yield "cpu time", secs(cpu), secs(limits.cpu_time)
-    yield "wall time", secs(wall), secs(limits.wall_time)
+    yield "cpu time", duration(cpu), duration(limits.cpu_time)
+    yield "wall time", duration(wall), duration(limits.wall_time)
     yield "memory (RSS, tree)", size(rss), size(limits.memory)
     yield "virtual memory", size(vms), "auto" if limits.address_space == "auto" else size(limits.address_space)
     yield "processes", str(procs), "-" if limits.max_processes is None else str(limits.max_processes)
@@ -61,7 +56,7 @@ def _result_rows(result: "JobResult"):
 def _violation_rows(result: "JobResult"):
     """(resource, limit, observed, action, detected by, pid) per violation, as text."""
     for v in result.violations:
-        fmt = size if v.resource in SIZE_RESOURCES else secs if v.resource.endswith("_time") else (lambda x: f"{x:g}")
+        fmt = size if v.resource in SIZE_RESOURCES else duration if v.resource.endswith("_time") else (lambda x: f"{x:g}")
         yield v.resource, fmt(v.limit), fmt(v.observed), v.action, v.detected_by, str(v.pid)
 
 
@@ -69,7 +64,7 @@ def _termination(result: "JobResult") -> str | None:
     t = result.termination
     if t is None:
         return None
-    grace = f", SIGKILL {t.sigkill_at - t.sigterm_at:.2f}s after SIGTERM" if t.sigterm_at and t.sigkill_at else ""
+    grace = f", SIGKILL {duration(t.sigkill_at - t.sigterm_at)} after SIGTERM" if t.sigterm_at and t.sigkill_at else ""
     return f"terminated: {'SIGTERM' if t.sigterm_at else 'SIGKILL'} to the process tree{grace}"
 
 
