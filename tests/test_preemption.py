@@ -297,3 +297,34 @@ def test_preempt_on_request_ends_only_a_preemptible_running_job_with_the_reason_
         assert steady.running()
         steady.cancel()
         assert steady.result(timeout=30).verdict is Verdict.cancelled
+
+
+def test_a_requeued_job_cancelled_while_it_waits_again_ends_cancelled_with_its_record(tmp_path):
+    from sandbox import JobSpec, Limits, Policy, Verdict
+    from sandbox.core.limits import GiB, Settings
+    from sandbox.node.executor import SandboxExecutor
+
+    script = tmp_path / "nap.py"
+    script.write_text("import sys, time\ntime.sleep(float(sys.argv[1]))\n")
+    policy = Policy(settings=Settings(state_dir=str(tmp_path / "state")),
+                    tenants={"again": Tenant(preemptible=True, requeue=True), "high": Tenant(priority=100)})
+    with SandboxExecutor(capacity=Capacity(1, 8 * GiB, None), policy=policy) as ex:
+        spec = lambda tenant, s: JobSpec(kernel=str(script), argv=[s], tenant=tenant,  # noqa: E731
+                                         limits=Limits(memory="1GiB", grace="0.5s"))
+        again = ex.submit(spec("again", "30"))
+        deadline = time.monotonic() + 30
+        while not again.running():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+        high = ex.submit(spec("high", "3"))
+        while not high.running():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert again.cancel()  # queued again, its future still running
+        result = again.result(timeout=30)
+        assert result.verdict is Verdict.cancelled and "queued again after its preemption" in result.reason
+        assert high.result(timeout=30).verdict is Verdict.ok
+    records = [json.loads(line) for line in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert [r["verdict"] for r in records if r["type"] == "job" and r["job_id"] == again.spec.job_id] == \
+        ["preempted", "cancelled"]

@@ -22,7 +22,6 @@ and audit writes, and alert delivery (`Alerts.emit` only queues) all happen with
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import os
 import threading
@@ -49,7 +48,6 @@ RESERVE_AFTER = 30.0
 LEDGER_RETRY = 0.2  # seconds before a job the ledger refused is offered to it again
 ALERTS_FLUSH = 10.0  # seconds `shutdown(wait=True)` gives queued alerts to be delivered
 DEFAULT_TENANT = "_default"
-log = logging.getLogger("sandbox.node.executor")
 
 
 class QueueFull(Exception):
@@ -324,11 +322,7 @@ class SandboxExecutor(Preemption):
                 abandoned, self._abandoned = self._abandoned, []
                 if entry is not None:
                     self._account(entry, +1)  # held while the ledger answers, so no other worker overbooks
-            for gone in abandoned:
-                try:
-                    self._resolve(gone.future, Verdict.cancelled, "cancelled while queued again after its preemption")
-                except OSError as err:
-                    log.error("job %s: no audit record of its cancellation: %s", gone.future.spec.job_id, err)
+            self._cancel_requeued(abandoned)
             if entry is None:
                 continue
             granted = self._reserve(entry)

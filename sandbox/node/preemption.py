@@ -6,12 +6,13 @@ A queued job that does not fit ends the preemptible running jobs of lower priori
 alert command) and `taichi_sandbox_preemptions_total{tenant}` count it. A job whose tenant or job
 type has `requeue` goes back to the queue when that run ends, under the same id and future (which
 resolves with its last run's result). `preempt()` is the same on request (node memory pressure).
-Lock rule: every method but `preemptible` and `preempt` is called with the executor's `_cv` held,
-and none does I/O (alerts only queue).
+Lock rule: every method but `preemptible`, `preempt` and `_cancel_requeued` is called with the
+executor's `_cv` held, and none of those does I/O (alerts only queue).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from ..core.models import JobResult, Verdict
@@ -21,6 +22,8 @@ from .scheduling import Running, describe, victims
 
 if TYPE_CHECKING:
     from .executor import _Entry as Entry
+
+log = logging.getLogger("sandbox.node.executor")
 
 
 class Preemption:
@@ -90,4 +93,12 @@ class Preemption:
         entry.future.control = JobControl()
         self._enqueue(entry)
         return True
+
+    def _cancel_requeued(self, entries: list[Entry]) -> None:
+        """Resolve requeued jobs cancelled in the queue (verdict `cancelled`, audited); without _cv."""
+        for entry in entries:
+            try:
+                self._resolve(entry.future, Verdict.cancelled, "cancelled while queued again after its preemption")
+            except OSError as err:
+                log.error("job %s: no audit record of its cancellation: %s", entry.future.spec.job_id, err)
 
