@@ -27,7 +27,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m compileall -q sandbox  # byte-compiled, as an installed package is (PYTHONDONTWRITEBYTECODE may be set)
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH_ARGS)  # e.g. make bench BENCH_ARGS="--only cli_cold"
 
 clean:
 	rm -rf $(VENV) .sandbox-state .pytest_cache

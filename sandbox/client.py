@@ -234,11 +234,18 @@ def main(argv: list[str] | None = None) -> None:
         path = choose_socket(explicit)
         if path is not None or command in SERVICE_COMMANDS:
             sys.exit(_remote(path, argv))
-    from .cli import main as local
+    if command == "warm":
+        from .warm.client import command as warm
+        sys.exit(warm(argv[1:]))
     sys.argv = [sys.argv[0], *[a for a in argv if a != "--local"]]
+    if command == "run":
+        from .warm.client import run_warm
+        run_warm(sys.argv)  # exits with the run's status, or returns: run it in-process
+    from .cli import main as local
     if command in (None, "--help", "-h"):
         print("Node service: taichi-sandbox serve | ps | cancel JOB | logs JOB [--follow] | events "
-              "(run, batch and quota use a running service unless --local).")
+              "(run, batch and quota use a running service unless --local). Warm server of `run`: "
+              "taichi-sandbox warm status | stop.")
     local()
 
 

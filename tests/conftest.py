@@ -19,6 +19,8 @@ from sandbox.core.limits import Settings
 
 # Read by Ray when it is imported: on Linux, without it Ray binds the machine's non-loopback address.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# CLI runs in-process, leaving no warm server (sandbox.warm) behind; tests/test_warm.py turns it on.
+os.environ.setdefault("TAICHI_SANDBOX_WARM", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "kernels"

@@ -259,7 +259,8 @@ def test_a_user_without_root_gets_inputs_in_place_and_the_files_back(tmp_path):
     for root, dirs, files in os.walk(home):
         for name in [".", *dirs, *files]:
             os.chown(os.path.join(root, name), RESEARCHER_UID, RESEARCHER_UID)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "XDG_STATE_HOME": str(home / "state")}
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "XDG_STATE_HOME": str(home / "state"),
+           "TAICHI_SANDBOX_WARM": "0"}  # no warm server of this uid left after the test (sandbox.warm)
     done = subprocess.run([sys.executable, "-c", AS_UID, str(RESEARCHER_UID), "import runpy; runpy.run_module("
                            "'sandbox', run_name='__main__')", "run", "--local", "job.py", "--input", "data", "--json"],
                           capture_output=True, text=True, cwd=home, env=env, timeout=120)

@@ -300,18 +300,18 @@ def test_files_scanned_in_parallel_give_what_one_process_gives(tmp_path, monkeyp
     """The benchmark's generated year: 12 rotated files, jobs' records across their borders."""
     import importlib.util
 
-    from sandbox.node import accounting
+    from sandbox.node import auditscan
     spec = importlib.util.spec_from_file_location("bench_accounting", Path(__file__).parent.parent / "benchmarks" /
                                                   "accounting.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     log = bench.generate(tmp_path, 6000)
-    parallel = accounting.account(log, "tenant")
-    monkeypatch.setattr(accounting.os, "sched_getaffinity", lambda pid: {0})
-    alone = accounting.account(log, "tenant")
+    parallel = auditscan.account(log, "tenant")
+    monkeypatch.setattr(auditscan.os, "sched_getaffinity", lambda pid: {0})
+    alone = auditscan.account(log, "tenant")
     assert len(parallel.files) == 12 and parallel.totals().jobs > 1900
     assert {k: g.as_dict() for k, g in parallel.groups.items()} == {k: g.as_dict() for k, g in alone.groups.items()}
     assert (parallel.unfinished, parallel.skipped_lines) == (alone.unfinished, alone.skipped_lines)
     assert parallel.unfinished <= 1 and parallel.skipped_lines == 0  # at most the job the log ends in
-    week = accounting.account(log, "tenant", since=time.time() - 7 * 86400)
+    week = auditscan.account(log, "tenant", since=time.time() - 7 * 86400)
     assert week.files == [str(log)] and 0 < week.totals().jobs < parallel.totals().jobs / 12

@@ -242,6 +242,15 @@ class JobDisks:
             why = f"the job's filesystem image failed: {err}"
         return self._polled(JobDir(Path(tempfile.mkdtemp(prefix=f"tsbx-{job_id}-")), limit, why))
 
+    def prepare(self, limit: int | None) -> None:
+        """Make ahead what a job with a `limit` would wait for (its image's template; see
+        loop.Images.template): a warm server does, for its workers. Never raises."""
+        if self._images is not None and limit is not None:
+            try:
+                self._images.template(limit)
+            except (OSError, loop.ImageError):
+                pass
+
     def _polled(self, jobdir: JobDir) -> JobDir:
         if self.mode == "required":
             jobdir.remove()

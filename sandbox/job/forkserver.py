@@ -30,7 +30,7 @@ import sys
 
 from . import child, mounts, namespaces, syscalls
 
-PRELOAD = ("taichi", "numpy")
+PRELOAD = ("taichi", "numpy", "psutil")  # psutil: for `_shut_down`, which its supervisor waits for
 MAX_PLAN_BYTES = 1 << 22
 HEADER = struct.Struct("!I")
 FDS_PER_REQUEST = 4  # stdout, stderr, channel, reply socket

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import psutil
 
@@ -112,6 +113,42 @@ class ExecLauncher:
         pass
 
 
+# Where a launcher first looks for a fork-server already started: None, or a callable
+# (audit, base_env()) -> what `start_server(audit)` returns, for a server started with exactly that
+# configuration, or None (sandbox.warm's server keeps one spare).
+SPARES: Callable[[str | None, dict[str, str]], tuple[socket.socket, psutil.Process, str] | None] | None = None
+
+
+def start_server(audit: str | None) -> tuple[socket.socket, psutil.Process, str]:
+    """Start (by exec) a fork-server: (our end of its control socket, its process, its cwd and HOME,
+    which it removes itself when it exits). `audit`: see `ForkServerLauncher`."""
+    home = tempfile.mkdtemp(prefix="tsbx-fs-")
+    control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid_r, pid_w = os.pipe()
+    fds = (theirs.fileno(), pid_w)
+    try:
+        starter = subprocess.Popen(
+            sandbox_module("sandbox.job.forkserver", *map(str, fds), *([audit] if audit else [])),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=fds,
+            env={**base_env(), "HOME": home}, cwd=home, start_new_session=True)
+    except BaseException:
+        os.close(pid_r)
+        control.close()
+        remove_tree(home)
+        raise
+    finally:
+        theirs.close()
+        os.close(pid_w)
+    starter.wait()  # the server detaches itself (see forkserver.detach) and reports its pid
+    with os.fdopen(pid_r, "rb") as f:
+        pid = f.readline().strip()
+    if not pid:
+        control.close()
+        remove_tree(home)
+        raise LaunchFailed("the fork-server failed to start")
+    return control, psutil.Process(int(pid)), home
+
+
 class _ForkLaunched(Launched):
     def __init__(self, conn: socket.socket, timeout: float) -> None:
         self._file = conn.makefile("rb")
@@ -166,23 +203,8 @@ class ForkServerLauncher:
                 self._server.resume()
             return
         self._close()
-        self._dir = tempfile.mkdtemp(prefix="tsbx-fs-")
-        self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pid_r, pid_w = os.pipe()
-        fds = (theirs.fileno(), pid_w)
-        starter = subprocess.Popen(
-            sandbox_module("sandbox.job.forkserver", *map(str, fds), *([self.audit] if self.audit else [])),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=fds,
-            env={**base_env(), "HOME": self._dir}, cwd=self._dir, start_new_session=True)
-        theirs.close()
-        os.close(pid_w)
-        starter.wait()  # the server detaches itself (see forkserver.detach) and reports its pid
-        with os.fdopen(pid_r, "rb") as f:
-            pid = f.readline().strip()
-        if not pid:
-            raise LaunchFailed("the fork-server failed to start")
-        self._server = psutil.Process(int(pid))
+        spare = SPARES(self.audit, base_env()) if SPARES is not None else None
+        self._control, self._server, self._dir = spare or start_server(self.audit)
 
     def start(self, plan: ChildPlan, stdout_w: int, stderr_w: int, channel_w: int) -> Launched:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -175,14 +175,18 @@ def _first_size(limit: int, inodes: int) -> int:
     return (blocks + reserved + inodes * 256 // BLOCK + 4 * groups + 64) * BLOCK
 
 
+# Templates by limit, shared by every `Images` of this process (and inherited by a warm server's
+# workers, sandbox.warm): a template depends only on its limit.
+_TEMPLATES: collections.OrderedDict[int, Template] = collections.OrderedDict()
+_TEMPLATES_LOCK = threading.Lock()
+
+
 class Images:
     """Job filesystem images, made in the directory open as `dir_fd` (root's, mode 0700). File
     names start with `tag` (the owning process, for sandbox.job.disk.reap). Thread-safe."""
 
     def __init__(self, dir_fd: int, tag: str) -> None:
         self.dir_fd, self.tag = dir_fd, tag
-        self._templates: collections.OrderedDict[int, Template] = collections.OrderedDict()
-        self._lock = threading.Lock()
 
     def mount(self, label: str, target: str, limit: int) -> tuple[int, int]:
         """Mount a fresh image with at least `limit` bytes free at `target`: (its size, its loop
@@ -204,14 +208,14 @@ class Images:
         return template.size, dev
 
     def template(self, limit: int) -> Template:
-        with self._lock:
-            if limit in self._templates:
-                self._templates.move_to_end(limit)
-                return self._templates[limit]
+        with _TEMPLATES_LOCK:
+            if limit in _TEMPLATES:
+                _TEMPLATES.move_to_end(limit)
+                return _TEMPLATES[limit]
             template = self._make(limit)
-            self._templates[limit] = template
-            if len(self._templates) > TEMPLATES_KEPT:
-                self._templates.popitem(last=False)
+            _TEMPLATES[limit] = template
+            if len(_TEMPLATES) > TEMPLATES_KEPT:
+                _TEMPLATES.popitem(last=False)
             return template
 
     def _make(self, limit: int) -> Template:

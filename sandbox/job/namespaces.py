@@ -275,10 +275,35 @@ if os.waitstatus_to_exitcode(status):
 """
 
 
+# What decides whether a process of ours can make namespaces, besides transient failures: the
+# user-namespace sysctls (all of /proc/sys/user, and these).
+USERNS_SYSCTLS = ("/proc/sys/kernel/unprivileged_userns_clone", "/proc/sys/kernel/apparmor_restrict_unprivileged_userns")
+_passed: set[tuple] = set()  # the `_conditions()` under which `probe()` passed in this process
+
+
+def _conditions() -> tuple:
+    """euid, our user namespace and the sysctls, read in well under a millisecond."""
+    values = []
+    for path in (*(f"/proc/sys/user/{n}" for n in sorted(os.listdir("/proc/sys/user"))), *USERNS_SYSCTLS):
+        try:
+            with open(path, "rb") as f:
+                values.append(f.read())
+        except OSError:
+            values.append(None)
+    return os.geteuid(), os.readlink("/proc/self/ns/user"), tuple(values)
+
+
 def probe() -> str | None:
-    """Whether this process's children can enter new namespaces: None, or why not (checked once,
-    in a throwaway interpreter: the supervisor itself never unshares or forks)."""
+    """Whether this process's children can enter new namespaces: None, or why not (checked in a
+    throwaway interpreter: the supervisor itself never unshares or forks). A pass is remembered
+    while `_conditions()` stay the same (a warm server's workers inherit it)."""
     import subprocess
+    try:
+        conditions = _conditions()
+    except OSError:
+        conditions = None
+    if conditions is not None and conditions in _passed:
+        return None
     flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET | CLONE_NEWCGROUP
     try:
         done = subprocess.run(python("-S", "-c", PROBE % (flags, CLONE_NEWUSER, MS_REC | MS_PRIVATE)),
@@ -291,4 +316,6 @@ def probe() -> str | None:
         who = "as root" if os.geteuid() == 0 else "without root, in a user namespace (unprivileged user namespaces " \
             "may be disabled: user.max_user_namespaces, kernel.unprivileged_userns_clone)"
         return f"cannot create namespaces here {who}: {why}"
+    if conditions is not None:
+        _passed.add(conditions)
     return None

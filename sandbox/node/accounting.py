@@ -16,11 +16,8 @@ process may use) and joined oldest first.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +40,7 @@ def log_files(path: Path) -> list[Path]:
     except FileNotFoundError:
         names = []
     except OSError as err:  # its directory is root's
-        raise _unreadable(path, err) from None
+        raise unreadable(path, err) from None
 
     def age(name: str) -> tuple:
         suffix = name[len(path.name):].removesuffix(".gz")
@@ -183,64 +180,8 @@ def account_job(group: Group, record: dict, verdict) -> None:
         group.preemptions += 1
 
 
-def account(path: Path, by: str, since: float | None = None, until: float | None = None,
-            uid: int | None = None) -> Report:
-    """The report over the log at `path` and its rotated files, grouped `by` one of KEYS, of jobs
-    that ended in [since, until) (epoch seconds; None: unbounded). `uid`: see only that uid's records
-    (None: all). Raises AccountingError when the log cannot be read."""
-    from .auditscan import Scan, scan_file
-
-    files = []
-    for file in log_files(path):
-        try:
-            if since is not None and file.stat().st_mtime < since:
-                continue  # written to last before the window: nothing in it ended inside
-            open(file, "rb").close()
-        except OSError as err:
-            raise _unreadable(file, err) from None
-        files.append(file)
-    tasks = [(file, by, since, until, uid) for file in files]
-    workers = min(len(files), len(os.sched_getaffinity(0)))
-    joined = None
-    if workers > 1:
-        try:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                joined = _join(Scan(by, since, until, uid), pool.map(scan_file, *zip(*tasks)))
-        except (OSError, BrokenProcessPool):  # no processes here (no /dev/shm, a worker killed): in this one
-            joined = None
-    if joined is None:
-        try:
-            joined = _join(Scan(by, since, until, uid), (scan_file(*task) for task in tasks))
-        except OSError as err:  # a file gone or made unreadable since it was checked
-            raise _unreadable(Path(err.filename or path), err) from None
-    report = joined.part.report
-    report.files = [str(file) for file in files]
-    report.unfinished = sum(1 for lines in joined.part.pending.values() if joined.visible_line(lines[0]))
-    return report
-
-
-def _unreadable(file: Path, err: OSError) -> AccountingError:
+def unreadable(file: Path, err: OSError) -> AccountingError:
     if isinstance(err, PermissionError):
         return AccountingError(f"cannot read the audit log {file}: permission denied (it is root's: run the "
                                "report as root, or ask the node's operator)")
     return AccountingError(f"cannot read the audit log {file}: {err.strerror or err}")
-
-
-def _join(joined, parts):
-    """Join the files' parts, oldest first: each final record takes its job's lines left by earlier
-    files (violations, what it lacked); each file's leftover lines wait for later ones."""
-    pending, report = joined.part.pending, joined.part.report
-    for part in parts:
-        for job_id, key, record, owner in part.finals:
-            earlier = pending.pop(job_id, None)
-            if record is not None:
-                try:
-                    joined.job(record, earlier or [], owner)
-                except (TypeError, ValueError, AttributeError):
-                    report.skipped_lines += 1
-            elif earlier and key is not None:
-                joined.violations(report.groups.setdefault(key, Group()), joined.fill({}, earlier))
-        report.merge(part.report)
-        for job_id, lines in part.pending.items():
-            pending.setdefault(job_id, []).extend(lines)
-    return joined

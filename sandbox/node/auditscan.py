@@ -4,7 +4,7 @@ and what may join records of other files (the job's earlier lines, its final rec
 Fast path: every line is first classified by its first bytes; a `job` record outside the window is
 dropped after reading only its `job_id` and `ts` (no JSON parsing), and `started`/`submitted`/
 `violation` lines are kept unparsed until their job's final record needs them. Files are
-independent, so `accounting.account` scans them in parallel and joins them in order.
+independent, so `account` scans them in parallel and joins them in order.
 """
 
 from __future__ import annotations
@@ -12,11 +12,15 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import multiprocessing
+import os
 import zlib
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .accounting import FILL, Group, Report, account_job, group_key
+from .accounting import FILL, Group, Report, account_job, group_key, log_files, unreadable
 
 JOB_PREFIX = b'{"type":"job","job_id":"'
 KEPT_PREFIXES = (b'{"type":"started","job_id":"', b'{"type":"submitted","job_id":"', b'{"type":"violation","job_id":"')
@@ -198,3 +202,57 @@ def _fast(line: bytes) -> tuple[str | None, float | None]:
         return line[start:end].decode(), float(line[at + len(TS):stop])
     except ValueError:
         return None, None
+
+
+def account(path: Path, by: str, since: float | None = None, until: float | None = None,
+            uid: int | None = None) -> Report:
+    """The report over the log at `path` and its rotated files, grouped `by` one of KEYS, of jobs
+    that ended in [since, until) (epoch seconds; None: unbounded). `uid`: see only that uid's records
+    (None: all). Raises AccountingError when the log cannot be read."""
+    files = []
+    for file in log_files(path):
+        try:
+            if since is not None and file.stat().st_mtime < since:
+                continue  # written to last before the window: nothing in it ended inside
+            open(file, "rb").close()
+        except OSError as err:
+            raise unreadable(file, err) from None
+        files.append(file)
+    tasks = [(file, by, since, until, uid) for file in files]
+    workers = min(len(files), len(os.sched_getaffinity(0)))
+    joined = None
+    if workers > 1:
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                joined = _join(Scan(by, since, until, uid), pool.map(scan_file, *zip(*tasks)))
+        except (OSError, BrokenProcessPool):  # no processes here (no /dev/shm, a worker killed): in this one
+            joined = None
+    if joined is None:
+        try:
+            joined = _join(Scan(by, since, until, uid), (scan_file(*task) for task in tasks))
+        except OSError as err:  # a file gone or made unreadable since it was checked
+            raise unreadable(Path(err.filename or path), err) from None
+    report = joined.part.report
+    report.files = [str(file) for file in files]
+    report.unfinished = sum(1 for lines in joined.part.pending.values() if joined.visible_line(lines[0]))
+    return report
+
+
+def _join(joined, parts):
+    """Join the files' parts, oldest first: each final record takes its job's lines left by earlier
+    files (violations, what it lacked); each file's leftover lines wait for later ones."""
+    pending, report = joined.part.pending, joined.part.report
+    for part in parts:
+        for job_id, key, record, owner in part.finals:
+            earlier = pending.pop(job_id, None)
+            if record is not None:
+                try:
+                    joined.job(record, earlier or [], owner)
+                except (TypeError, ValueError, AttributeError):
+                    report.skipped_lines += 1
+            elif earlier and key is not None:
+                joined.violations(report.groups.setdefault(key, Group()), joined.fill({}, earlier))
+        report.merge(part.report)
+        for job_id, lines in part.pending.items():
+            pending.setdefault(job_id, []).extend(lines)
+    return joined

@@ -16,7 +16,8 @@ from datetime import datetime
 from pathlib import Path
 
 from ..core.units import _TIME_UNITS, _split
-from .accounting import KEYS, Report, account
+from .accounting import KEYS, Report
+from .auditscan import account
 
 AGO_UNITS = {**_TIME_UNITS, "d": 86400.0, "w": 7 * 86400.0}
 COLUMNS = ("jobs", "cpu_seconds", "wall_seconds", "reserved_memory_gib_hours", "peak_memory_bytes",
@@ -100,7 +101,7 @@ def table(report: Report, title: str):
     from rich import box
     from rich.table import Table
 
-    from ..display import size
+    from ..core.display import size
     totals = report.totals().as_dict()
     grid = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False,
                  caption="* some jobs' records lack this value (older records): summed over the others"
