@@ -27,7 +27,6 @@ import os
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -41,7 +40,7 @@ from .metrics import Metrics, quota_gauges
 from .quotas import (Capacity, Demand, QuotaFile, TenantUsage, admission_problem, demand, fits, node_capacity,
                      report)
 from .preemption import Preemption
-from .scheduling import FairShare, rank
+from .scheduling import Entry, FairShare, rank
 from .supervisor import Supervisor
 
 RESERVE_AFTER = 30.0
@@ -77,21 +76,6 @@ class JobFuture(Future):
         return False
 
 
-@dataclass(eq=False)
-class _Entry:
-    future: JobFuture
-    demand: Demand
-    priority: int
-    seq: int
-    submitted: float = field(default_factory=time.monotonic)
-    retry_at: float = 0.0  # refused by a ledger outside this executor (`_reserve`): not before then
-    preemptible: bool = False
-    requeue: bool = False
-    started: float = 0.0  # when its current run started (monotonic)
-    runs: int = 0  # runs ended by a preemption that requeued it
-    room: list["_Entry"] = field(default_factory=list)  # running jobs preempted to make room for it
-
-
 class SandboxExecutor(Preemption):
     """Runs JobSpecs on this node through one Supervisor. Thread-safe; use as a context manager."""
 
@@ -114,12 +98,12 @@ class SandboxExecutor(Preemption):
         self.quota_file = QuotaFile(Path(state_file) if state_file else
                                     self.policy.settings.resolved_state_dir() / "quota.json")
         self._cv = threading.Condition()
-        self._queue: list[_Entry] = []
+        self._queue: list[Entry] = []
         self._seq = itertools.count()
         self._used = Demand(0, 0, 0)
         self._tenants: dict[str, TenantUsage] = {}
-        self._running: set[_Entry] = set()
-        self._abandoned: list[_Entry] = []  # requeued jobs cancelled in the queue: resolved by a worker
+        self._running: set[Entry] = set()
+        self._abandoned: list[Entry] = []  # requeued jobs cancelled in the queue: resolved by a worker
         self._fair = FairShare(self.policy.scheduler)
         self._shutdown = self._cancel_queued = False
         self._workers = [threading.Thread(target=self._work, name=f"tsbx-exec-{i}", daemon=True)
@@ -180,7 +164,7 @@ class SandboxExecutor(Preemption):
                         raise QueueFull(f"tenant {name} has {state.queued} queued jobs (max_queued="
                                         f"{tenant.max_queued})")
                     self._cv.wait(remaining)
-                self._enqueue(_Entry(future, need, priority, next(self._seq), preemptible=preemptible,
+                self._enqueue(Entry(future, need, priority, next(self._seq), preemptible=preemptible,
                                      requeue=requeue))
                 if any(e.preemptible and e.priority < priority for e in self._running):
                     self._pick(take=False)
@@ -239,11 +223,11 @@ class SandboxExecutor(Preemption):
 
     # --- scheduling ------------------------------------------------------------------------------
 
-    def _fits(self, entry: _Entry) -> bool:
+    def _fits(self, entry: Entry) -> bool:
         name = entry.future.tenant
         return fits(entry.demand, self._used, self.capacity, self._tenant(name), self._tenants[name])
 
-    def _pick(self, take: bool = True) -> _Entry | None:
+    def _pick(self, take: bool = True) -> Entry | None:
         """The queued job to start next, taken off the queue, or None; preempts running jobs for the
         first that does not fit, where that makes room (call under _cv). `take` False: only that
         (after a submission, when every worker may be busy running what is to be preempted)."""
@@ -271,28 +255,28 @@ class SandboxExecutor(Preemption):
                 return None  # reserve the node for the job that has waited longest at the top
         return None
 
-    def _reserve(self, entry: _Entry) -> bool:
+    def _reserve(self, entry: Entry) -> bool:
         """Hook: a ledger outside this executor may refuse a job that fits here (see RayExecutor).
         Called without _cv, the job's demand already counted here while it answers."""
         return True
 
-    def _release(self, entry: _Entry) -> None:
+    def _release(self, entry: Entry) -> None:
         """Hook: give back what `_reserve` took, once the job has its verdict. Called without _cv."""
 
-    def _enqueue(self, entry: _Entry) -> None:
+    def _enqueue(self, entry: Entry) -> None:
         """Bookkeeping for a job joining the queue (call under _cv)."""
         state = self._tenants[entry.future.tenant]
         state.queued += 1
         self._queue.append(entry)
         self.metrics.queued.labels(entry.future.tenant).set(state.queued)
 
-    def _dequeued(self, entry: _Entry) -> None:
+    def _dequeued(self, entry: Entry) -> None:
         """Bookkeeping for a job leaving the queue (to run, or cancelled; call under _cv)."""
         state = self._tenants[entry.future.tenant]
         state.queued -= 1
         self.metrics.queued.labels(entry.future.tenant).set(state.queued)
 
-    def _account(self, entry: _Entry, sign: int) -> None:
+    def _account(self, entry: Entry, sign: int) -> None:
         d, name = entry.demand, entry.future.tenant
         self._used = Demand(self._used.cpu + sign * d.cpu, self._used.memory + sign * d.memory,
                             self._used.gpu_memory + sign * d.gpu_memory)
@@ -346,7 +330,7 @@ class SandboxExecutor(Preemption):
             if started:
                 self._run(entry)
 
-    def _run(self, entry: _Entry) -> None:
+    def _run(self, entry: Entry) -> None:
         future, name = entry.future, entry.future.tenant
         waited = time.monotonic() - entry.submitted
         self.metrics.queue_wait.labels(name).observe(waited)

@@ -13,15 +13,11 @@ executor's `_cv` held, and none of those does I/O (alerts only queue).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from ..core.models import JobResult, Verdict
 from ..watch.monitor import JobControl
 from .quotas import Demand
-from .scheduling import Running, describe, victims
-
-if TYPE_CHECKING:
-    from .executor import _Entry as Entry
+from .scheduling import Entry, Running, describe, victims
 
 log = logging.getLogger("sandbox.node.executor")
 

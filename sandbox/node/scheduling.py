@@ -1,4 +1,5 @@
-"""Who runs next and who yields, pure: the executor holds the state and the lock; nothing here blocks.
+"""Who runs next and who yields, pure: the executor holds the state (its queue's `Entry`s) and the
+lock; nothing here blocks.
 
 Order of the queue (as Slurm's multifactor priority, with the job's priority as a strict class):
   1. priority, strictly: no job of a lower priority starts while one of a higher priority could;
@@ -14,7 +15,8 @@ youngest (the least work lost). When even all of them would not make room, none 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..core.limits import Scheduler, Tenant
@@ -53,6 +55,23 @@ def rank(priority: int, factor: float, waited: float, seq: int, settings: Schedu
     """The sort key of a queued job: smaller runs first."""
     age = settings.age_weight * min(1.0, max(0.0, waited) / settings.max_age)
     return -priority, -(factor + age), seq
+
+
+@dataclass(eq=False)
+class Entry:
+    """A job in the executor's queue, or running (the executor's lock guards it)."""
+
+    future: Any  # the executor's JobFuture
+    demand: Demand
+    priority: int
+    seq: int
+    submitted: float = field(default_factory=time.monotonic)
+    retry_at: float = 0.0  # refused by a ledger outside this executor (`_reserve`): not before then
+    preemptible: bool = False
+    requeue: bool = False
+    started: float = 0.0  # when its current run started (monotonic)
+    runs: int = 0  # runs ended by a preemption that requeued it
+    room: list["Entry"] = field(default_factory=list)  # running jobs preempted to make room for it
 
 
 @dataclass(frozen=True)
