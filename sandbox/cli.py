@@ -4,7 +4,7 @@ probe the machine, show quota usage.
 `run` streams the job's stdout/stderr live, then prints the summary on stderr. Exit codes (see
 README): 0 ok, 1 error, 2 usage/config error, 3-112 the job's own exit status, 113 disk limit, 114 result limit,
 115 cancelled, 116 crashed, 117 rejected, 118-124 one per limit (124 = wall time as in timeout(1)), 125 internal
-error, 130/143 after Ctrl-C/SIGTERM (the jobs are cancelled, their results printed and audited).
+error, 126 preempted, 130/143 after Ctrl-C/SIGTERM (the jobs are cancelled, their results printed and audited).
 """
 
 from __future__ import annotations

@@ -204,20 +204,26 @@ def test_an_oom_kill_below_the_jobs_own_limit_is_not_its_memory_violation():
 
 # --- a real service in a small parent cgroup --------------------------------------------------------
 
-@pytest.fixture
-def service(parent_cgroup, tmp_path):
-    """A real service (tests.test_service.Node) in `parent_cgroup`: jobs reserve 300 MiB, headroom 64 MiB."""
+def small_node(parent_cgroup, root: Path, node: str = "", bob: str = ""):
+    """A real service (tests.test_service.Node) in `parent_cgroup`: jobs reserve 300 MiB, headroom 64 MiB;
+    `node` and `bob`: more lines for its [node] and [tenants.bob] tables."""
     from tests.test_service import Node
 
     class SmallNode(Node):
         def start(self) -> None:
             self.limits.write_text(self.limits.read_text().replace('memory = "1GiB"', 'memory = "300MiB"')
-                                   .replace("[node]\n", '[node]\nmemory_headroom = "64MiB"\n'))
+                                   .replace("[node]\n", f'[node]\nmemory_headroom = "64MiB"\n{node}')
+                                   .replace("[tenants.bob]\n", f"[tenants.bob]\n{bob}"))
             joined = partial(subprocess.Popen, preexec_fn=lambda: (parent_cgroup / "cgroup.procs").write_text("0"))
             with mock.patch.object(subprocess, "Popen", joined):
                 super().start()
 
-    node = SmallNode(tmp_path / "node")
+    return SmallNode(root)
+
+
+@pytest.fixture
+def service(parent_cgroup, tmp_path):
+    node = small_node(parent_cgroup, tmp_path / "node")
     yield node
     node.stop(timeout=30)
 
@@ -307,3 +313,26 @@ def _has_cap_sys_resource() -> bool:
     caps = int([line for line in Path("/proc/self/status").read_text().splitlines()
                 if line.startswith("CapEff:")][0].split()[1], 16)
     return bool(caps >> 24 & 1)
+
+
+@needs_v1
+def test_past_the_eviction_threshold_a_preemptible_job_is_preempted_before_the_oom_killer(parent_cgroup, tmp_path):
+    """A preemptible job holding 100 MiB under 600 MiB; a process outside the sandbox, beside the service,
+    grows until less than [node] evict_available is left: the job is ended with verdict `preempted` and the
+    evidence, and the kernel's OOM killer never had to choose."""
+    node = small_node(parent_cgroup, tmp_path / "node", node='evict_available = "200MiB"\n', bob="preemptible = true\n")
+    try:
+        job = "import time\nb = bytearray(100 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\n" \
+              "print('holding', flush=True)\ntime.sleep(60)\n"
+        thread, answers = follow(node, job)
+        wait_for(lambda: any(((j["usage"] or {}).get("memory") or 0) > 100 * MiB
+                             for j in node.ask({"op": "ps"})[0]["jobs"]))
+        eater = eat(parent_cgroup, 250)  # 600 - ~100 (job) - ~80 (service, fork-server) - 250: under 200 MiB left
+        result = result_of(thread, answers)
+        assert eater.poll() is None
+        eater.kill()
+    finally:
+        node.stop(timeout=30)
+    assert result["verdict"] == "preempted", result["reason"]
+    assert "node memory pressure: " in result["reason"]
+    assert "below [node] evict_available 200 MiB" in result["reason"]

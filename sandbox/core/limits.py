@@ -153,7 +153,7 @@ def address_space_for(limits: Limits, arch: str) -> tuple[int | None, str]:
     return limits.address_space, note
 
 
-Priority = Annotated[int, Field(ge=-1_000_000, le=1_000_000)]  # ageing adds 0.1 per second waited
+Priority = Annotated[int, Field(ge=-1_000_000, le=1_000_000)]  # a class: strict between classes (sandbox.node.scheduling)
 Percent = Annotated[float, Field(ge=0, le=100)]
 
 
@@ -182,13 +182,31 @@ class Tenant(_Strict):
     users: list[Union[str, int]] = []  # who may submit as this tenant to the node service (names or uids)
     groups: list[Union[str, int]] = []  # ... or members of these groups (names or gids)
     cache_quota: Union[CacheQuota, None] = None  # None: [sandbox] cache_quota
+    preemptible: bool = False  # its running jobs may be ended for a job of a higher priority (verdict `preempted`)
+    requeue: bool = False  # ... and then go back to the queue instead of ending
+    shares: Annotated[int, Field(ge=1)] = 1  # its fair share among tenants of its priority ([scheduler])
 
 
 class JobType(_Strict):
-    """A kind of job (training, inference, test, ...) with its own default profile and priority."""
+    """A kind of job (training, inference, test, ...) with its own default profile and priority;
+    `preemptible`/`requeue` true here make its jobs so whatever their tenant says (never the reverse)."""
 
     profile: str | None = None
     priority: Priority = 0
+    preemptible: bool = False
+    requeue: bool = False
+
+
+class Scheduler(_Strict):
+    """The `[scheduler]` table: the order of the queue within a priority class (sandbox.node.scheduling).
+    A tenant's recent usage (`fair_share_usage`: the CPU-seconds its jobs used, or the memory they
+    reserved × seconds) decays with `fair_share_half_life`; waiting adds up to `age_weight` (a fair-share
+    factor is 0-1), reached after `max_age`."""
+
+    fair_share_half_life: Annotated[float, positive(parse_duration)] = 3600.0
+    fair_share_usage: Literal["cpu", "memory"] = "cpu"
+    max_age: Annotated[float, positive(parse_duration)] = 600.0
+    age_weight: Annotated[float, Field(ge=0, le=1000)] = 0.5
 
 
 class Node(_Strict):
@@ -296,6 +314,7 @@ class Policy(BaseModel):
     alerts: Alerts = Alerts()
     settings: Settings = Settings()
     service: Service = Service()
+    scheduler: Scheduler = Scheduler()
     source: str = "<built-in>"
 
     @classmethod
@@ -305,7 +324,7 @@ class Policy(BaseModel):
 
     @classmethod
     def from_dict(cls, data: dict, source: str) -> "Policy":
-        known = {"defaults", "profiles", "tenants", "job_types", "node", "alerts", "sandbox", "service"}
+        known = {"defaults", "profiles", "tenants", "job_types", "node", "alerts", "sandbox", "service", "scheduler"}
         for key in data:
             if key not in known:
                 close = closest(str(key), known)
@@ -336,7 +355,8 @@ class Policy(BaseModel):
                    node=Node.parse(data.get("node", {}), f"{source} [node]"),
                    alerts=Alerts.parse(data.get("alerts", {}), f"{source} [alerts]"),
                    settings=Settings.parse(data.get("sandbox", {}), f"{source} [sandbox]"),
-                   service=Service.parse(data.get("service", {}), f"{source} [service]"), source=source)
+                   service=Service.parse(data.get("service", {}), f"{source} [service]"),
+                   scheduler=Scheduler.parse(data.get("scheduler", {}), f"{source} [scheduler]"), source=source)
 
     def cache_quota(self, tenant: str | None) -> int:
         """Bytes of compiled kernels kept for `tenant`: its own `cache_quota`, else `[sandbox]`'s."""

@@ -55,19 +55,20 @@ class Verdict(str, Enum):
     crashed = "crashed"
     rejected = "rejected"
     cancelled = "cancelled"
+    preempted = "preempted"
 
     def __str__(self) -> str:
         return self.value
 
 
 # Exit codes of `taichi-sandbox run`, in the spirit of timeout(1): the sandbox's own codes are 2 and
-# 113-125 (124 wall time, 125 internal error); a job's own exit status 3-112 passes through (see
+# 113-126 (124 wall time, 125 internal error, 126 preempted); a job's own exit status 3-112 passes through (see
 # JobResult.exit_status); 130/143 after Ctrl-C/SIGTERM on the CLI.
 EXIT_CODES = {
     Verdict.ok: 0, Verdict.error: 1, Verdict.disk: 113, Verdict.result: 114, Verdict.cancelled: 115,
     Verdict.crashed: 116, Verdict.rejected: 117,
     Verdict.output: 118, Verdict.processes: 119, Verdict.gpu_memory: 120, Verdict.address_space: 121,
-    Verdict.memory: 122, Verdict.cpu_time: 123, Verdict.wall_time: 124,
+    Verdict.memory: 122, Verdict.cpu_time: 123, Verdict.wall_time: 124, Verdict.preempted: 126,
 }
 JOB_EXIT_STATUSES = range(3, 113)  # a job's own exit status that the CLI passes through unchanged
 EXIT_USAGE = 2
@@ -226,9 +227,11 @@ class Sample(BaseModel):
 
 
 class Termination(BaseModel):
-    """What the supervisor did to end the job, when it had to."""
+    """What the supervisor did to end the job, when it had to. `detail`: why it was ended on request,
+    in words (a preemption names the job that needed the room)."""
 
     reason: str
+    detail: str = ""
     sigterm_at: float | None = None
     sigkill_at: float | None = None
     terminated_pids: list[int] = []

@@ -3,7 +3,8 @@ serve`). Importing this package imports nothing (the thin client needs `frames` 
 
 - `supervisor`: one job from spec to verdict (plan, launch, watch, decide, audit); `confinement`:
   the namespaces, uid, system-call filter and cgroup it decides for the job.
-- `executor`, `quotas`, `alerts`, `metrics`: many jobs: admission, quotas, priorities, alerts, metrics.
+- `executor`, `quotas`, `scheduling`, `preemption`, `alerts`, `metrics`: many jobs: admission, quotas,
+  priorities, fair share and preemption, alerts, metrics.
 - The service: `frames` (length-prefixed JSON and descriptors over a UNIX socket; standard library
   only), `protocol` (the requests, validated), `auth` (who the peer is, which tenants it may name,
   what it may ask), `guard` (per-uid and node bounds), `jobs` (the service's jobs: output, events,

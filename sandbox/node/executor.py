@@ -7,15 +7,18 @@ Admission (at `submit`, before anything starts):
   3. the tenant's submission rate (token bucket) allows it;
   otherwise the future resolves at once with verdict `rejected` and the reason.
   4. the tenant's queue has room, else `QueueFull` (or wait for room, caller's choice).
-Scheduling (worker threads): the queued job with the highest effective priority that fits what is
-free now (node capacity and the tenant's concurrency and quotas) runs next; FIFO within a priority.
-Effective priority = priority + seconds waited / AGEING_SECONDS. Once the best job has waited
+Scheduling (worker threads): the first queued job in `scheduling`'s order (strict priority, then
+fair share and bounded ageing within a priority, then FIFO) that fits what is free now (node
+capacity and the tenant's concurrency and quotas) runs next. Once the first job has waited
 RESERVE_AFTER seconds without fitting, nothing is started past it until it fits: no job waits
 longer than RESERVE_AFTER plus the time for running jobs to free its resources.
 Real memory (sandbox.node.pressure): a job that fits the reservations also waits while the node's
 available memory does not cover its reservation + `[node] memory_headroom`, or PSI memory pressure
 is past `[node] memory_pressure_wait`; its future's `waiting` says why. A watch thread reads the
 node every pressure.INTERVAL seconds and wakes the workers.
+
+Preemption (`preemption`): a queued job that does not fit ends preemptible running jobs of lower
+priorities to make room; nothing ranked after it starts until they are gone.
 Lock rule: `_cv` guards the queue, the tenants' state and the capacity in use, and nothing that can
 block runs under it: jobs, ledger calls (`_reserve`/`_release`, e.g. Ray's `ray.get`), quota.json
 and audit writes, and alert delivery (`Alerts.emit` only queues) all happen without it.
@@ -29,7 +32,6 @@ import os
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -40,12 +42,14 @@ from ..watch.echo import Echo
 from ..watch.monitor import JobControl
 from .alerts import Alerts
 from .metrics import Metrics, quota_gauges
-from .pressure import Probe, Reading, Watch, admission_wait
+from .nodememory import NodeMemory
+from .pressure import Probe, Reading, Watch
 from .quotas import (Capacity, Demand, QuotaFile, TenantUsage, admission_problem, demand, fits, node_capacity,
                      report)
+from .preemption import Preemption
+from .scheduling import Entry, FairShare, rank
 from .supervisor import Supervisor
 
-AGEING_SECONDS = 10.0
 RESERVE_AFTER = 30.0
 LEDGER_RETRY = 0.2  # seconds before a job the ledger refused is offered to it again
 ALERTS_FLUSH = 10.0  # seconds `shutdown(wait=True)` gives queued alerts to be delivered
@@ -65,33 +69,22 @@ class JobFuture(Future):
         super().__init__()
         self.spec = spec
         self.echo = None if quiet else Echo()
-        self.control = JobControl()
+        self.control = JobControl()  # the current run's (a requeued job gets a new one)
         self.tenant = spec.tenant or DEFAULT_TENANT
         self.waiting: str | None = None  # why it waits in the queue though it fits the reservations
+        self.cancel_asked = False  # a running (or requeued) job was asked to end
 
     def cancel(self) -> bool:
         if super().cancel():
             return True
         if self.running():
+            self.cancel_asked = True
             self.control.cancel()
             return True
         return False
 
 
-@dataclass
-class _Entry:
-    future: JobFuture
-    demand: Demand
-    priority: int
-    seq: int
-    submitted: float = field(default_factory=time.monotonic)
-    retry_at: float = 0.0  # refused by a ledger outside this executor (`_reserve`): not before then
-
-    def effective(self, now: float) -> float:
-        return self.priority + (now - self.submitted) / AGEING_SECONDS
-
-
-class SandboxExecutor:
+class SandboxExecutor(Preemption, NodeMemory):
     """Runs JobSpecs on this node through one Supervisor. Thread-safe; use as a context manager."""
 
     def __init__(self, max_concurrent: int | None = None, capacity: Capacity | None = None,
@@ -116,11 +109,13 @@ class SandboxExecutor:
         self.quota_file = QuotaFile(Path(state_file) if state_file else
                                     self.policy.settings.resolved_state_dir() / "quota.json")
         self._cv = threading.Condition()
-        self._queue: list[_Entry] = []
+        self._queue: list[Entry] = []
         self._seq = itertools.count()
         self._used = Demand(0, 0, 0)
         self._tenants: dict[str, TenantUsage] = {}
-        self._running: set[JobFuture] = set()
+        self._running: set[Entry] = set()
+        self._abandoned: list[Entry] = []  # requeued jobs cancelled in the queue: resolved by a worker
+        self._fair = FairShare(self.policy.scheduler)
         self._shutdown = self._cancel_queued = False
         self.pressure: Reading | None = None  # the latest reading of the node's memory
         self._watch = Watch(probe, self._read_pressure) if probe is not None else None
@@ -163,6 +158,8 @@ class SandboxExecutor:
         job_type = self.policy.job_types.get(spec.job_type) if spec.job_type else None
         priority = spec.priority if spec.priority is not None else (
             job_type.priority if job_type is not None else tenant.priority)
+        preemptible = tenant.preemptible or (job_type is not None and job_type.preemptible)
+        requeue = tenant.requeue or (job_type is not None and job_type.requeue)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
             if self._shutdown:
@@ -180,7 +177,10 @@ class SandboxExecutor:
                         raise QueueFull(f"tenant {name} has {state.queued} queued jobs (max_queued="
                                         f"{tenant.max_queued})")
                     self._cv.wait(remaining)
-                self._enqueue(_Entry(future, need, priority, next(self._seq)))
+                self._enqueue(Entry(future, need, priority, next(self._seq), preemptible=preemptible,
+                                     requeue=requeue))
+                if any(e.preemptible and e.priority < priority for e in self._running):
+                    self._pick(take=False)
                 self._cv.notify_all()
         if rate_problem is not None:
             return self._reject(future, *rate_problem)
@@ -191,15 +191,11 @@ class SandboxExecutor:
         return tenant.burst or max(1, math.ceil(tenant.rate or 1))
 
     def _reject(self, future: JobFuture, code: str, message: str) -> JobFuture:
-        spec = future.spec
-        result = JobResult.not_run(spec, Verdict.rejected, message, launcher=self.supervisor.launcher.name)
-        self.supervisor.audit.record(result, spec.tenant, spec.job_type)
         with self._cv:
             self._tenants.setdefault(future.tenant, TenantUsage()).rejections += 1
         self.metrics.rejections.labels(code, future.tenant).inc()
-        self.metrics.jobs.labels("rejected", future.tenant).inc()
-        self.alerts.emit("rejected", tenant=future.tenant, job_id=spec.job_id, reason=code, message=message)
-        future.set_result(result)
+        self.alerts.emit("rejected", tenant=future.tenant, job_id=future.spec.job_id, reason=code, message=message)
+        self._resolve(future, Verdict.rejected, message)
         return future
 
     def map(self, specs: Iterable[JobSpec | Callable], timeout: float | None = None,
@@ -223,12 +219,13 @@ class SandboxExecutor:
             if cancel_futures:
                 for entry in self._queue:
                     entry.future.cancel()
+                self._abandoned += [entry for entry in self._queue if entry.runs]
                 self._queue.clear()
                 for state in self._tenants.values():
                     state.queued = 0
             if cancel_running:
-                for future in self._running:
-                    future.control.cancel()
+                for entry in self._running:
+                    entry.future.control.cancel()
             self._cv.notify_all()
         if wait:
             for worker in self._workers:
@@ -241,70 +238,61 @@ class SandboxExecutor:
 
     # --- scheduling ------------------------------------------------------------------------------
 
-    def _fits(self, entry: _Entry) -> bool:
+    def _fits(self, entry: Entry) -> bool:
         name = entry.future.tenant
         return fits(entry.demand, self._used, self.capacity, self._tenant(name), self._tenants[name])
 
-    def _node_probe(self) -> Probe | None:
-        """Hook: what reads the memory of the node the jobs run on (this one, with the supervisor's job
-        cgroups); None where they run elsewhere (see RayExecutor)."""
-        return Probe(self.supervisor.cgroups.parents.get("memory"))
-
-    def _memory_allows(self, entry: _Entry) -> bool:
-        """Whether the node's real memory lets `entry` start now; if not, its future says why (call
-        under _cv). A job without a memory limit (it reserves the whole node) asks only for the headroom."""
-        need = entry.demand.memory if entry.demand.memory < self.capacity.memory else None
-        entry.future.waiting = admission_wait(self.pressure, need, self._used.memory, self.policy.node)
-        return entry.future.waiting is None
-
-    def _read_pressure(self, reading: Reading) -> bool:
-        """The watch's callback: keep the reading, wake the workers when jobs wait; False (no more
-        readings) once shut down with nothing left to run."""
-        if reading.psi_some10 is not None:
-            self.metrics.memory_pressure.set(reading.psi_some10)
-        with self._cv:
-            self.pressure = reading
-            if self._queue:
-                self._cv.notify_all()
-            return not (self._shutdown and not self._queue and not self._running)
-
-    def _pick(self) -> _Entry | None:
-        """The queued job to start next, taken off the queue, or None (call under _cv)."""
+    def _pick(self, take: bool = True) -> Entry | None:
+        """The queued job to start next, taken off the queue, or None; preempts running jobs for the
+        first that does not fit, where that makes room (call under _cv). `take` False: only that
+        (after a submission, when every worker may be busy running what is to be preempted)."""
         now = time.monotonic()
-        for entry in [e for e in self._queue if e.future.cancelled()]:
+        for entry in [e for e in self._queue if e.future.cancelled() or e.future.cancel_asked]:
             self._queue.remove(entry)
             self._dequeued(entry)
-        for position, entry in enumerate(sorted(self._queue, key=lambda e: (-e.effective(now), e.seq))):
-            if entry.retry_at <= now and self._fits(entry) and self._memory_allows(entry):
+            if entry.runs:  # its future runs on: resolved outside the lock
+                self._abandoned.append(entry)
+        names = set(self.policy.tenants) | set(self._tenants)
+        factors = self._fair.factors({name: self._tenant(name).shares for name in names}, time.time())
+        order = sorted(self._queue, key=lambda e: rank(e.priority, factors[e.future.tenant], now - e.submitted,
+                                                       e.seq, self.policy.scheduler))
+        candidates = self._candidates()
+        for position, entry in enumerate(order):
+            fits = entry.retry_at <= now and self._fits(entry)
+            if fits and self._memory_allows(entry):
+                if not take:
+                    return None  # a worker is free for it
                 self._queue.remove(entry)
                 self._dequeued(entry)
                 return entry
+            if not fits and self._make_room(entry, candidates):
+                return None  # the room it gets is its own: nothing after it starts meanwhile
             if position == 0 and now - entry.submitted >= RESERVE_AFTER:
                 return None  # reserve the node for the job that has waited longest at the top
         return None
 
-    def _reserve(self, entry: _Entry) -> bool:
+    def _reserve(self, entry: Entry) -> bool:
         """Hook: a ledger outside this executor may refuse a job that fits here (see RayExecutor).
         Called without _cv, the job's demand already counted here while it answers."""
         return True
 
-    def _release(self, entry: _Entry) -> None:
+    def _release(self, entry: Entry) -> None:
         """Hook: give back what `_reserve` took, once the job has its verdict. Called without _cv."""
 
-    def _enqueue(self, entry: _Entry) -> None:
+    def _enqueue(self, entry: Entry) -> None:
         """Bookkeeping for a job joining the queue (call under _cv)."""
         state = self._tenants[entry.future.tenant]
         state.queued += 1
         self._queue.append(entry)
         self.metrics.queued.labels(entry.future.tenant).set(state.queued)
 
-    def _dequeued(self, entry: _Entry) -> None:
+    def _dequeued(self, entry: Entry) -> None:
         """Bookkeeping for a job leaving the queue (to run, or cancelled; call under _cv)."""
         state = self._tenants[entry.future.tenant]
         state.queued -= 1
         self.metrics.queued.labels(entry.future.tenant).set(state.queued)
 
-    def _account(self, entry: _Entry, sign: int) -> None:
+    def _account(self, entry: Entry, sign: int) -> None:
         d, name = entry.demand, entry.future.tenant
         self._used = Demand(self._used.cpu + sign * d.cpu, self._used.memory + sign * d.memory,
                             self._used.gpu_memory + sign * d.gpu_memory)
@@ -326,19 +314,25 @@ class SandboxExecutor:
         while True:
             with self._cv:
                 entry = self._pick()
-                while entry is None:
+                while entry is None and not self._abandoned:
                     if self._shutdown and not self._queue:
                         return
                     self._cv.wait(timeout=LEDGER_RETRY if any(e.retry_at for e in self._queue) else 1.0)
                     entry = self._pick()
-                self._account(entry, +1)  # held while the ledger answers, so no other worker overbooks
+                abandoned, self._abandoned = self._abandoned, []
+                if entry is not None:
+                    self._account(entry, +1)  # held while the ledger answers, so no other worker overbooks
+            self._cancel_requeued(abandoned)
+            if entry is None:
+                continue
             granted = self._reserve(entry)
-            started = granted and entry.future.set_running_or_notify_cancel()
+            started = granted and (entry.runs > 0 or entry.future.set_running_or_notify_cancel())
             if granted and not started:
                 self._release(entry)  # cancelled while the ledger answered
             with self._cv:
                 if started:
-                    self._running.add(entry.future)
+                    entry.started = time.monotonic()
+                    self._running.add(entry)
                 else:
                     self._account(entry, -1)
                     if not granted and self._cancel_queued:
@@ -352,13 +346,15 @@ class SandboxExecutor:
             if started:
                 self._run(entry)
 
-    def _run(self, entry: _Entry) -> None:
+    def _run(self, entry: Entry) -> None:
         future, name = entry.future, entry.future.tenant
         waited = time.monotonic() - entry.submitted
         self.metrics.queue_wait.labels(name).observe(waited)
         d = entry.demand
         queued = {"submitted_at": time.time() - waited,
                   "reserved": {"memory": d.memory, "gpu_memory": d.gpu_memory, "cpu": d.cpu}}
+        if future.cancel_asked:  # while it was queued again after a preemption
+            future.control.cancel()
         try:
             result = self.supervisor.run(future.spec, control=future.control, on_output=future.echo, queued=queued)
         except BaseException as err:  # noqa: BLE001 - the future must resolve whatever happens
@@ -369,9 +365,12 @@ class SandboxExecutor:
         self._release(entry)
         with self._cv:
             self._account(entry, -1)
-            self._running.discard(future)
+            self._running.discard(entry)
+            requeued = result is not None and self._requeue(entry, result)
             if result is not None:
                 self._tenants[name].violations += sum(1 for v in result.violations if v.action != "warn")
+                self._fair.charge(name, result.usage.cpu_seconds, entry.demand.memory, result.usage.wall_seconds,
+                                  time.time())
             state = self._snapshot()
             self._cv.notify_all()
         self.quota_file.save(*state)
@@ -386,7 +385,18 @@ class SandboxExecutor:
                 self.metrics.violations.labels(v.resource, name).inc()
                 self.alerts.emit("violation", tenant=name, job_id=result.job_id, resource=v.resource,
                                  limit=v.limit, observed=v.observed, action=v.action)
-        future.set_result(result)
+        if not requeued:
+            future.set_result(result)
+
+    def _resolve(self, future: JobFuture, verdict: Verdict, reason: str) -> None:
+        """Give a job that ends without running (again) its result and audit record (raises OSError
+        when the record cannot be written, the future resolved all the same)."""
+        result = JobResult.not_run(future.spec, verdict, reason, launcher=self.supervisor.launcher.name)
+        self.metrics.jobs.labels(verdict.value, future.tenant).inc()
+        try:
+            self.supervisor.audit.record(result, future.spec.tenant, future.spec.job_type)
+        finally:
+            future.set_result(result)
 
     # --- reporting -------------------------------------------------------------------------------
 

@@ -84,6 +84,11 @@ class Descriptors:
             fds, self._fds = self._fds, []
             return fds
 
+    def copies(self) -> list[int]:
+        """Duplicates of the descriptors (the caller closes them); [] once closed."""
+        with self._lock:
+            return [os.dup(fd) for fd in self._fds]
+
     def close(self) -> None:
         close_fds(self.take())
 
@@ -362,21 +367,26 @@ class NodeSupervisor(Supervisor):
         def output(stream: str, data: bytes) -> None:
             record.output.write(stream, data)
             record.notify()
-        inputs = record.inputs.take()
+        inputs = record.inputs.copies()  # the record keeps its own until the job ends for good (a requeue)
         spool = Path(spec.output_dir) if spec.output_dir is not None else None
-        handed = False
-        source, record.source = record.source, None  # not kept in memory once the job has its copy
+        handed = requeued = False
         try:
-            result = super().run(spec, sampled, control, sent=Sent(source, tuple(inputs)), on_output=output,
+            result = super().run(spec, sampled, control, sent=Sent(record.source, tuple(inputs)), on_output=output,
                                  hold_result=record.hold_result, queued=queued)
-            if spool is not None:
+            requeued = control is not None and control.requeue and result.verdict is Verdict.preempted
+            if spool is not None and not requeued:
                 record.files.put(spool, [_owned(copy, spool, record.peer) for copy in result.outputs
                                          if os.path.isfile(copy)])
                 handed = True
             return result
         finally:
             close_fds(inputs)
-            record.inputs.close()
+            if requeued:
+                record.state = "queued"
+                record.output.write("stderr", b"taichi-sandbox: preempted; back in the queue\n")
+            else:
+                record.inputs.close()
+                record.source = None  # not kept in memory once the job has its copy
             if spool is not None and not handed:
                 remove_tree(spool)
 

@@ -43,6 +43,8 @@ class Metrics:
                                   ["reason", "tenant"], registry=r)
         self.memory_pressure = Gauge("taichi_sandbox_node_memory_pressure_percent",
                                      "PSI /proc/pressure/memory some avg10 (absent: the kernel has no PSI)", registry=r)
+        self.preemptions = Counter("taichi_sandbox_preemptions", "Running jobs preempted (ended, or requeued, to "
+                                   "make room for a job of a higher priority, or on request)", ["tenant"], registry=r)
         self.alerts_dropped = Counter("taichi_sandbox_alerts_dropped", "Alerts dropped: their delivery queue was full",
                                       registry=r)
         self.cpu_seconds = Counter("taichi_sandbox_cpu_seconds", "CPU seconds used by finished jobs", ["tenant"],

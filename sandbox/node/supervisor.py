@@ -236,7 +236,7 @@ class Supervisor:
             queued: dict | None = None) -> JobResult:
         """Run one job to its verdict. Never raises for anything the job does; returns `rejected`
         for a spec that cannot run (unknown profile, missing kernel file, unusable arch).
-        `control.cancel()` ends the job with verdict `cancelled`. `sent`: see `_prepare`;
+        `control.cancel()` ends the job with verdict `cancelled`, `control.preempt()` with `preempted`. `sent`: see `_prepare`;
         `on_output(stream, data)`: the job's stdout/stderr as it comes (from its I/O thread);
         `hold_result(size)`: asked before a return value of `size` bytes is read, None or (the bound,
         why) it cannot be held: then the verdict is `result`, for that reason. `queued`: what the queue
@@ -304,8 +304,9 @@ class Supervisor:
             self.audit.started(spec, launched.pid, self.launcher.name)
         except OSError as err:  # the job runs: supervise it whatever the log does
             job.notes.append(f"audit log: no started record ({err})")
+        requested = control.termination if control is not None else None
         monitor = Monitor(tree, limits, started, time.time, lambda: pump.output_bytes(),
-                          lambda v: end_job(job, v), on_sample, gpu=prepared.gpu_watch,
+                          lambda v: end_job(job, v, requested), on_sample, gpu=prepared.gpu_watch,
                           gpu_limit=prepared.gpu_limit, control=control, cgroup=cgroup, disk=prepared.jobdir)
         pump = Pump(out_r, err_r, ch_r, limits.max_output, monitor.wake, on_output)
         try:

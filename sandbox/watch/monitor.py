@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..core.limits import Limits
-from ..core.models import TIMELINE_MAX, Sample, Violation
+from ..core.models import TIMELINE_MAX, Sample, Termination, Violation
 from ..job.cgroup import CgroupLimits, CgroupStats, JobCgroup
 from ..job.cgroup.common import page_floor
 from ..job.disk import JobDir
@@ -105,10 +105,28 @@ class JobControl:
         self._lock = threading.Lock()
         self._cancelled = False
         self._wake: Callable[[], None] | None = None
+        self.preempted: str | None = None  # why, when the job was preempted rather than cancelled
+        self.requeue = False  # ... and goes back to its executor's queue
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled
+
+    def preempt(self, reason: str, requeue: bool = False) -> bool:
+        """End the job as `cancel()` does, with verdict `preempted` and `reason`; False (and nothing
+        done) when it was already cancelled or preempted."""
+        with self._lock:
+            if self.preempted is not None or self._cancelled:
+                return False
+            self.preempted, self.requeue = reason, requeue
+        self.cancel()
+        return True
+
+    def termination(self) -> Termination:
+        """How the supervisor records the end it asked for."""
+        if self.preempted is not None:
+            return Termination(reason="preempted", detail=self.preempted)
+        return Termination(reason="cancelled")
 
     def cancel(self) -> None:
         with self._lock:

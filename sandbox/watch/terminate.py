@@ -54,12 +54,17 @@ class JobProcesses:
         self.outside_cgroup: list[int] = []  # killed job processes that had left the cgroup (root can)
 
     def alive(self) -> bool:
-        return bool(self.cgroup.pids()) if self.cgroup is not None else bool(self.tree.alive())
+        """Whether a process of the job lives: in its cgroup, or, until it has joined it (the job
+        joins it itself, just after its launch), in its tree."""
+        return (self.cgroup is not None and bool(self.cgroup.pids())) or bool(self.tree.alive())
 
     def signal(self, sig: int) -> list[int]:
-        """Send `sig` to every process of the job (not atomic: for SIGTERM)."""
+        """Send `sig` to every process of the job (not atomic: for SIGTERM): those in its cgroup, or
+        its tree's when the cgroup has none yet (a job cancelled or preempted as it starts)."""
         if self.cgroup is not None:
-            return self.cgroup.signal(sig)
+            hit = self.cgroup.signal(sig)
+            if hit:
+                return hit
         try:
             os.killpg(self.pgid, sig)
         except OSError:
@@ -84,13 +89,16 @@ class JobProcesses:
         return sorted(set(in_cgroup) | set(rest))
 
 
-def end_job(job, violation: Violation | None) -> None:
+def end_job(job, violation: Violation | None, requested: Callable[[], Termination] | None = None) -> None:
     """SIGTERM the whole job (the supervisor's `_Job`), wait its grace, then kill what is left
-    (or kill at once for a `sigkill` violation). `violation` None means the job was cancelled."""
+    (or kill at once for a `sigkill` violation). `violation` None means the job was ended on request:
+    `requested()` says how to record it (default: cancelled)."""
     with job.lock:
         if violation is not None:
             job.violations.append(violation)
-        job.termination = Termination(reason=violation.resource if violation is not None else "cancelled")
+            job.termination = Termination(reason=violation.resource)
+        else:
+            job.termination = requested() if requested is not None else Termination(reason="cancelled")
     term = job.termination
     if violation is None or violation.action != "sigkill":
         term.terminated_pids = job.procs.signal(signal.SIGTERM)

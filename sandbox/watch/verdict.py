@@ -2,7 +2,7 @@
 result files, the kernel's final counters. Reads what the supervisor collected and the result files
 (as hostile input, sandbox.job.results), builds the JobResult, acts on nothing.
 
-The first non-warning violation decides; then cancellation; then the job's own report (`ok` also
+The first non-warning violation decides; then cancellation or preemption; then the job's own report (`ok` also
 needs exit status 0); then how the process ended.
 """
 
@@ -130,6 +130,8 @@ def decide(ev: Evidence) -> JobResult:
         reason = explained.get(id(breaking[0])) or _breach_reason(breaking[0])
     elif ev.termination is not None and ev.termination.reason == "cancelled":
         verdict, reason = Verdict.cancelled, "cancelled by request"
+    elif ev.termination is not None and ev.termination.reason == "preempted":
+        verdict, reason = Verdict.preempted, ev.termination.detail
     elif final is not None and final.status == "ok" and exit_.code == 0:
         verdict, reason = Verdict.ok, ""
     elif final is not None and final.status == "error":
