@@ -96,10 +96,12 @@ class SandboxExecutor(Preemption, NodeMemory):
         self._owns_supervisor = supervisor is None
         self.policy = self.supervisor.policy
         probe = probe or self._node_probe()
+        self._measured: tuple[int | None, int | None] = (None, None)  # GPU memory, cgroup limit: for a reload
         if capacity is None:
             devices, _ = self.supervisor.gpu_facts()
-            capacity = node_capacity(self.policy, devices[0].memory_total if devices else None,
-                                     probe.read().cgroup_limit if probe is not None else None)
+            self._measured = (devices[0].memory_total if devices else None,
+                              probe.read().cgroup_limit if probe is not None else None)
+            capacity = node_capacity(self.policy, *self._measured)
         self.capacity = capacity
         self.max_concurrent = max_concurrent or capacity.cpu_slots
         self.metrics = metrics if metrics is not None else Metrics()
@@ -146,15 +148,10 @@ class SandboxExecutor(Preemption, NodeMemory):
         spec = as_spec(spec)
         future = JobFuture(spec, quiet)
         name = future.tenant
-        try:
-            limits = self.policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
-        except ConfigError as err:
-            return self._reject(future, "invalid", str(err))
-        tenant = self._tenant(name)
-        need = demand(spec, limits, self.capacity)
-        problem = admission_problem(name, need, tenant, self.capacity)
+        need, problem = self._check(spec, name)
         if problem is not None:
             return self._reject(future, *problem)
+        tenant = self._tenant(name)
         job_type = self.policy.job_types.get(spec.job_type) if spec.job_type else None
         priority = spec.priority if spec.priority is not None else (
             job_type.priority if job_type is not None else tenant.priority)
@@ -185,6 +182,37 @@ class SandboxExecutor(Preemption, NodeMemory):
         if rate_problem is not None:
             return self._reject(future, *rate_problem)
         return future
+
+    def _check(self, spec: JobSpec, name: str) -> tuple[Demand, tuple[str, str] | None]:
+        """The job's demand under the policy now, and (reason code, message) when it can never run here."""
+        try:
+            limits = self.policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
+        except ConfigError as err:
+            return Demand(0, 0, 0), ("invalid", str(err))
+        need = demand(spec, limits, self.capacity)
+        return need, admission_problem(name, need, self._tenant(name), self.capacity)
+
+    def reload(self, policy: Policy) -> int:
+        """Apply `policy` (validated by the caller) to jobs not started yet: running jobs keep what they
+        reserved and the limits they started with; each queued job is checked again against the new
+        ceilings, quotas and capacity, and one that can no longer run here is `rejected` with the
+        reason. Returns how many were rejected."""
+        capacity = self.capacity if policy.node == self.policy.node else node_capacity(policy, *self._measured)
+        refused = []
+        with self._cv:
+            self.policy = self.supervisor.policy = policy
+            self.capacity = capacity
+            for entry in [e for e in self._queue if not e.future.cancelled()]:
+                entry.demand, problem = self._check(entry.future.spec, entry.future.tenant)
+                if problem is not None:
+                    self._queue.remove(entry)
+                    self._dequeued(entry)
+                    refused.append((entry.future, problem))
+            self._cv.notify_all()
+        self.alerts.levels, self.alerts.command = sorted(policy.alerts.levels), policy.alerts.command
+        for future, (code, message) in refused:
+            self._reject(future, code, f"{message} (policy reloaded while it was queued)")
+        return len(refused)
 
     @staticmethod
     def _burst(tenant: Tenant) -> int:

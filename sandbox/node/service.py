@@ -17,6 +17,7 @@ Contract:
   half the service's RLIMIT_NOFILE (raised at start) in all, so no uid can use up the file table.
   Output files are collected into the service's spool and handed to the following client as
   descriptors. A followed job whose client goes away is cancelled.
+- SIGHUP reloads the policy (`reload`): a bad file keeps the old one; queued jobs are checked again.
 - SIGTERM/SIGINT drain: stop admitting, cancel queued jobs, let running ones finish for
   `drain_timeout`, cancel the rest (verdict `cancelled`), then exit 0. Jobs die with the service
   even on SIGKILL (the fork-server kills them when its control socket closes). On start, jobs the
@@ -76,6 +77,7 @@ class Service:
             for r in self.jobs.all()))
         self._threads: set[threading.Thread] = set()
         self._stop = threading.Event()
+        self._reload = threading.Event()  # SIGHUP: reload the policy (on the main thread)
         self.draining = False
         self._cancel_reason = "cancelled by its client before it started"
 
@@ -93,6 +95,7 @@ class Service:
         listener.setblocking(False)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
         sd_notify("READY=1")
         print(f"taichi-sandbox: serving on {self.path} (pid {os.getpid()}; {len(self.aborted)} aborted job(s) "
               "found in the audit log)", file=sys.stderr, flush=True)
@@ -103,6 +106,9 @@ class Service:
             while not self._stop.is_set():
                 if sel.select(timeout=0.2):
                     self._accept(listener)
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.reload()
         listener.close()
         if created:
             self.path.unlink(missing_ok=True)
@@ -294,6 +300,30 @@ class Service:
         finally:
             self.jobs.finish(record, result, result.exit_status)
             record.ended()
+
+    # --- reloading -------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: read the limits file again. A file that does not validate leaves the policy as it
+        was; else the new one applies to every job not started yet (see `SandboxExecutor.reload`).
+        [sandbox] and [service] apply only at a restart (the state dir, socket and bounds in use stay).
+        One line to the log either way."""
+        try:
+            policy = load_policy(self.policy.source)
+            check(policy, self.path)
+        except ConfigError as err:
+            print(f"taichi-sandbox: reload failed, keeping the previous policy: {err}", file=sys.stderr, flush=True)
+            return
+        kept = [table for table, field in (("[sandbox]", "settings"), ("[service]", "service"))
+                if getattr(policy, field) != getattr(self.policy, field)]
+        policy = policy.model_copy(update={"settings": self.policy.settings, "service": self.policy.service})
+        rejected = self.executor.reload(policy)
+        self.policy = policy
+        self.supervisor.audit.event({"type": "service", "event": "reloaded", "ts": time.time(), "pid": os.getpid(),
+                                     "source": policy.source, "rejected": rejected})
+        print(f"taichi-sandbox: reloaded {policy.source}: {len(policy.tenants)} tenants, {rejected} queued job(s) "
+              f"rejected by the new ceilings" + (f"; {' and '.join(kept)} changed: applied at the next restart"
+                                                 if kept else ""), file=sys.stderr, flush=True)
 
     # --- stopping --------------------------------------------------------------------------------
 

