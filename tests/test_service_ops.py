@@ -71,3 +71,24 @@ def test_sighup_reloads_the_policy_keeping_running_jobs_and_rechecking_queued_on
         assert node.proc.poll() is None
     finally:
         assert node.stop() == 0
+
+
+def test_a_second_service_on_the_same_state_dir_refuses_to_start_and_touches_nothing(tmp_path):
+    node = Node(tmp_path / "node")
+    try:
+        running = submit(node, argv=["5"], tenant="bob")
+        wait_for(lambda: states(node).get(running) == "running", "the job never started")
+        spool = sorted(p.name for p in (node.root / "state" / "spool").iterdir())
+        other = node.root / "other.toml"  # the same state dir, another socket
+        other.write_text(node.limits.read_text().replace(str(node.socket), str(node.root / "other.sock")))
+        second = subprocess.run([sys.executable, "-m", "sandbox", "serve", "--limits-file", str(other)],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2, second
+        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert f"another service (pid {node.proc.pid}) holds the state dir" in second.stderr, second.stderr
+        assert states(node) == {running: "running"}  # its socket still answers
+        assert sorted(p.name for p in (node.root / "state" / "spool").iterdir()) == spool
+        assert job_record(node, running)["verdict"] == "ok"
+        assert not node.records("aborted")
+    finally:
+        assert node.stop() == 0

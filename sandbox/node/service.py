@@ -25,7 +25,8 @@ Contract:
 - OOM: the service sets its oom_score_adj to -900, the fork-server -800, each job +500 (root with
   CAP_SYS_RESOURCE only can lower it; without, the service says so and stays as it was).
 Threads: the main thread accepts; one thread per connection (its answers: `streams`); the
-executor's workers run jobs. The bounds per uid and for the node are `guard`'s.
+executor's workers run jobs. One service per state dir (`statelock`). The bounds per uid and for
+the node are `guard`'s.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from .guard import Guard
 from .jobs import Descriptors, Hub, JobRecord, Jobs, NodeSupervisor, close_fds, outcome
 from .metrics import job_gauges
 from .reconcile import reconcile
+from .statelock import lock_state_dir
 from .streams import Stream
 from .systemd import gid_of, listen, sd_notify, socket_path
 
@@ -66,6 +68,7 @@ class Service:
     def __init__(self, policy: Policy, socket_path: Path) -> None:
         self.unprotected = set_oom_score_adj(SERVICE_OOM_SCORE_ADJ)  # before the fork-server starts: it inherits
         self.policy, self.settings, self.path = policy, policy.service, socket_path
+        self._lock = lock_state_dir(policy.settings.resolved_state_dir())  # before anything touches it
         self.hub = Hub()
         self.jobs = Jobs(self.hub)
         self.supervisor = NodeSupervisor(self.jobs, policy)
