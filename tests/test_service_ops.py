@@ -92,3 +92,28 @@ def test_a_second_service_on_the_same_state_dir_refuses_to_start_and_touches_not
         assert not node.records("aborted")
     finally:
         assert node.stop() == 0
+
+
+def test_every_admitted_job_is_recorded_and_a_restart_aborts_the_queued_ones_too(tmp_path):
+    node = Node(tmp_path / "node")
+    try:
+        running = submit(node, argv=["60"], tenant="alice")
+        wait_for(lambda: states(node).get(running) == "running", "the job never started")
+        queued = submit(node, argv=["0"], tenant="alice")  # alice: max_concurrent = 1
+        submitted = {r["job_id"]: r for r in node.records("submitted")}
+        assert set(submitted) == {running, queued}
+        record = submitted[queued]
+        assert record["tenant"] == "alice" and record["uid"] == 0 and record["ts"] > 0
+        assert record["reserved"] == {"cpu": 1, "memory": 1 << 30, "gpu_memory": 0}
+        assert record["limits"]["memory"] == 1 << 30
+        assert node.stop(signal.SIGKILL) == -signal.SIGKILL
+        node.start()
+        aborted = {r["job_id"]: r for r in node.records("aborted")}
+        assert set(aborted) == {running, queued}, aborted
+        assert "queued" in aborted[queued]["reason"] and aborted[queued]["uid"] == 0
+        assert aborted[queued]["submitted_at"] == record["ts"]
+        node.stop(signal.SIGKILL)
+        node.start()  # nothing is aborted twice
+        assert len(node.records("aborted")) == 2
+    finally:
+        node.stop(signal.SIGKILL)

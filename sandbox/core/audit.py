@@ -1,6 +1,7 @@
 """Append-only audit log: one JSON line per job, per violation and per alert, each fsync'ed.
 
-Record types: `started` (a job was launched), `job` (its verdict), `violation`, `alert`, and
+Record types: `submitted` (a job was admitted and queued: its tenant, priority, limits and what
+it reserves), `started` (a job was launched), `job` (its verdict), `violation`, `alert`, and
 `aborted` (a job started that will have no `job` record: its supervisor died, written by whoever
 outlived it, such as its fork-server). A `job` record carries what accounting needs (see
 sandbox.node.accounting): who (`uid`, `user`, `tenant`, `job_type`), when (`submitted_at` where a
@@ -18,7 +19,12 @@ import threading
 import time
 from pathlib import Path
 
+from .limits import Limits
 from .models import JobResult, JobSpec
+
+
+class AuditUnavailable(Exception):
+    """The audit log cannot be written (a full disk, an I/O error): no new job is admitted."""
 
 
 class AuditLog:
@@ -45,6 +51,12 @@ class AuditLog:
     def event(self, record: dict) -> None:
         """Append one free-form record (alerts, admission decisions)."""
         self.append([record])
+
+    def submitted(self, spec: JobSpec, limits: Limits, reserved: dict, priority: int) -> None:
+        """A job was admitted and queued (fsync'ed: its one trace if the machine goes down before it starts)."""
+        self.append([{"type": "submitted", "job_id": spec.job_id, "tenant": spec.tenant, "ts": time.time(),
+                      "kernel": spec.kernel, "job_type": spec.job_type, "priority": priority, "reserved": reserved,
+                      "limits": limits.model_dump(mode="json", exclude_none=True), "labels": spec.labels}])
 
     def started(self, spec: JobSpec, pid: int, launcher: str) -> None:
         """A job was launched (not fsync'ed: it must outlive the supervisor's process, which the page

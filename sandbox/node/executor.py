@@ -26,6 +26,7 @@ and audit writes, and alert delivery (`Alerts.emit` only queues) all happen with
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -35,7 +36,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from ..core.limits import ConfigError, Policy, Tenant
+from ..core.audit import AuditUnavailable
+from ..core.limits import ConfigError, Limits, Policy, Tenant
 from ..core.models import JobResult, JobSpec, Verdict, as_spec
 from ..core.ratelimit import TokenBucket
 from ..watch.echo import Echo
@@ -148,7 +150,7 @@ class SandboxExecutor(Preemption, NodeMemory):
         spec = as_spec(spec)
         future = JobFuture(spec, quiet)
         name = future.tenant
-        need, problem = self._check(spec, name)
+        limits, need, problem = self._check(spec, name)
         if problem is not None:
             return self._reject(future, *problem)
         tenant = self._tenant(name)
@@ -174,23 +176,41 @@ class SandboxExecutor(Preemption, NodeMemory):
                         raise QueueFull(f"tenant {name} has {state.queued} queued jobs (max_queued="
                                         f"{tenant.max_queued})")
                     self._cv.wait(remaining)
-                self._enqueue(Entry(future, need, priority, next(self._seq), preemptible=preemptible,
-                                     requeue=requeue))
-                if any(e.preemptible and e.priority < priority for e in self._running):
-                    self._pick(take=False)
-                self._cv.notify_all()
+                entry = Entry(future, need, priority, next(self._seq), preemptible=preemptible, requeue=requeue,
+                              retry_at=math.inf)  # unseen until its `submitted` record is written
+                self._enqueue(entry)
         if rate_problem is not None:
             return self._reject(future, *rate_problem)
+        self._record_submitted(entry, limits)
         return future
 
-    def _check(self, spec: JobSpec, name: str) -> tuple[Demand, tuple[str, str] | None]:
-        """The job's demand under the policy now, and (reason code, message) when it can never run here."""
+    def _record_submitted(self, entry: Entry, limits: Limits) -> None:
+        """Write the queued job's `submitted` record, then let the workers see it. When the record
+        cannot be written the job leaves the queue and AuditUnavailable is raised (call without _cv)."""
+        try:
+            self.supervisor.audit.submitted(entry.future.spec, limits, dataclasses.asdict(entry.demand), entry.priority)
+        except OSError as err:
+            with self._cv:
+                if entry in self._queue:
+                    self._queue.remove(entry)
+                    self._dequeued(entry)
+            raise AuditUnavailable(f"the audit log cannot be written ({err.strerror or err}): no new jobs until "
+                                   "it can") from None
+        with self._cv:
+            entry.retry_at = 0.0
+            if any(e.preemptible and e.priority < entry.priority for e in self._running):
+                self._pick(take=False)
+            self._cv.notify_all()
+
+    def _check(self, spec: JobSpec, name: str) -> tuple[Limits | None, Demand, tuple[str, str] | None]:
+        """The job's limits and demand under the policy now, and (reason code, message) when it can
+        never run here."""
         try:
             limits = self.policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
         except ConfigError as err:
-            return Demand(0, 0, 0), ("invalid", str(err))
+            return None, Demand(0, 0, 0), ("invalid", str(err))
         need = demand(spec, limits, self.capacity)
-        return need, admission_problem(name, need, self._tenant(name), self.capacity)
+        return limits, need, admission_problem(name, need, self._tenant(name), self.capacity)
 
     def reload(self, policy: Policy) -> int:
         """Apply `policy` (validated by the caller) to jobs not started yet: running jobs keep what they
@@ -203,7 +223,7 @@ class SandboxExecutor(Preemption, NodeMemory):
             self.policy = self.supervisor.policy = policy
             self.capacity = capacity
             for entry in [e for e in self._queue if not e.future.cancelled()]:
-                entry.demand, problem = self._check(entry.future.spec, entry.future.tenant)
+                _, entry.demand, problem = self._check(entry.future.spec, entry.future.tenant)
                 if problem is not None:
                     self._queue.remove(entry)
                     self._dequeued(entry)
@@ -282,7 +302,7 @@ class SandboxExecutor(Preemption, NodeMemory):
                 self._abandoned.append(entry)
         names = set(self.policy.tenants) | set(self._tenants)
         factors = self._fair.factors({name: self._tenant(name).shares for name in names}, time.time())
-        order = sorted(self._queue, key=lambda e: rank(e.priority, factors[e.future.tenant], now - e.submitted,
+        order = sorted((e for e in self._queue if e.retry_at < math.inf), key=lambda e: rank(e.priority, factors[e.future.tenant], now - e.submitted,
                                                        e.seq, self.policy.scheduler))
         candidates = self._candidates()
         for position, entry in enumerate(order):

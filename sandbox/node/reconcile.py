@@ -1,5 +1,5 @@
 """The node service's restart reconciliation: the service jobs a killed or crashed service left
-unfinished, found in the audit log at its next start and recorded as `aborted`."""
+unfinished (queued or running), found in the audit log at its next start and recorded as `aborted`."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ from ..core.audit import AuditLog
 
 SERVICE_STARTED = b'{"type":"service","event":"started"'
 TAIL_CHUNK = 1 << 20
+FINAL = ("job", "aborted", "refused")  # a job's last record
 
 
 def reconcile(audit: AuditLog) -> list[dict]:
     """At the service's start: append an `aborted` record for every service job (one with a
-    `client_pid`) that the audit log shows started but never finished since the previous start (the
-    service was killed or crashed while it ran), then a `service started` record; returns the
-    aborted ones. Reads only what follows the previous `service started` record: earlier jobs were
+    `client_pid`) that the audit log shows submitted or started but never finished since the previous
+    start (the service was killed or crashed while it was queued or ran), then a `service started`
+    record; returns the aborted ones. Reads only what follows the previous `service started` record: earlier jobs were
     reconciled by that start. Jobs of other supervisors sharing the log (no `client_pid`) are theirs."""
-    started: dict[str, dict] = {}
+    unfinished: dict[str, dict] = {}  # job id -> what its `submitted` and `started` records say
     try:
         with open(audit.path, "rb") as f:
             f.seek(_last_start(f))
@@ -29,18 +30,23 @@ def reconcile(audit: AuditLog) -> list[dict]:
                 except ValueError:
                     continue
                 kind, job_id = record.get("type"), record.get("job_id")
-                if kind == "started" and "client_pid" in record:
-                    started[job_id] = record
-                elif kind in ("job", "aborted"):
-                    started.pop(job_id, None)
+                if kind in ("submitted", "started") and "client_pid" in record:
+                    unfinished.setdefault(job_id, {}).update({k: v for k, v in record.items() if k not in ("type", "ts")},
+                                                             **{f"{kind}_at": record.get("ts")})
+                elif kind in FINAL:
+                    unfinished.pop(job_id, None)
     except FileNotFoundError:
         pass
-    aborted = [{**{k: v for k, v in record.items() if k not in ("type", "ts")}, "type": "aborted",
-                "ts": time.time(), "started_at": record.get("ts"),
-                "reason": "the node service ended (killed or crashed) while the job ran; found at its restart"}
-               for record in started.values()]
+    aborted = [{**record, "type": "aborted", "ts": time.time(),
+                "reason": f"the node service ended (killed or crashed) while the job {_how(record)}; found at its "
+                          "restart"}
+               for record in unfinished.values()]
     audit.append([*aborted, {"type": "service", "event": "started", "ts": time.time(), "pid": os.getpid()}])
     return aborted
+
+
+def _how(record: dict) -> str:
+    return "ran" if "started_at" in record else "was queued"
 
 
 def _last_start(f) -> int:
