@@ -13,6 +13,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -117,3 +118,54 @@ def test_every_admitted_job_is_recorded_and_a_restart_aborts_the_queued_ones_too
         assert len(node.records("aborted")) == 2
     finally:
         node.stop(signal.SIGKILL)
+
+
+def fill(directory, name: str = "filler") -> None:
+    """Fill the filesystem of `directory` to the last byte."""
+    with open(directory / name, "wb", buffering=0) as f:
+        for chunk in (1 << 16, 1 << 12, 1):
+            try:
+                while True:
+                    f.write(b"\0" * chunk)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def small_state(tmp_path):
+    """The node's state dir on a tmpfs of 4 MiB: a filesystem that really fills up."""
+    state = tmp_path / "node" / "state"
+    state.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(state)], check=True)
+    yield state
+    subprocess.run(["umount", "-l", str(state)], check=True)
+
+
+def test_a_full_audit_filesystem_refuses_new_jobs_tears_no_line_and_keeps_verdicts_true(tmp_path, small_state):
+    node = Node(tmp_path / "node")
+    try:
+        answers: list[dict] = []
+        follower = threading.Thread(target=lambda: answers.extend(node.ask(
+            {"op": "submit", "jobs": [{"kernel": "s.py", "source": SLEEP, "argv": ["6"], "tenant": "bob"}],
+             "follow": True, "output": False})))
+        follower.start()
+        job_id = wait_for(lambda: next(iter(states(node)), None), "the job never came")
+        wait_for(lambda: states(node).get(job_id) == "running", "the job never started")
+        fill(small_state)
+        for _ in range(50):  # records still fit in the audit file's last block, then the disk is full
+            refused = node.ask({"op": "submit", "jobs": [{"kernel": "s.py", "source": SLEEP, "argv": ["0"],
+                                                          "tenant": "alice"}]})[0]["jobs"][0]
+            if refused["state"] == "refused":
+                break
+        assert refused["code"] == "AuditUnavailable" and "No space left on device" in refused["reason"], refused
+        follower.join(60)
+        result = next(a["result"] for a in answers if a["type"] == "result")
+        assert result["verdict"] == "ok", result  # its record could not be written: not its fault
+        assert any(n.startswith("audit log: the job's record waits in memory") for n in result["notes"]), result
+        (small_state / "filler").unlink()
+        again = submit(node, argv=["0"], tenant="bob")
+        assert job_record(node, again)["verdict"] == "ok"
+        assert all(json.loads(line) for line in node.audit.read_text().splitlines())  # no half line, none glued
+        assert [r["verdict"] for r in node.records("job") if r["job_id"] == job_id] == ["ok"]  # written late
+    finally:
+        assert node.stop() == 0

@@ -11,6 +11,8 @@ reserved it, `usage`). Files are opened per write, so a log renamed by logrotate
 
 from __future__ import annotations
 
+import collections
+import errno
 import functools
 import json
 import os
@@ -23,30 +25,61 @@ from .limits import Limits
 from .models import JobResult, JobSpec
 
 
+KEEP = 10000  # writes kept in memory while the log cannot be written
+
+
 class AuditUnavailable(Exception):
     """The audit log cannot be written (a full disk, an I/O error): no new job is admitted."""
 
 
 class AuditLog:
-    """Thread-safe appender. A line is written whole with one write() and fsync'ed before returning."""
+    """Thread-safe appender. Records go whole or not at all: one write() with O_APPEND, fsync'ed
+    before returning; a write that fails or falls short (a full disk) is cut back off the file, so
+    the next record never lands on a half line. Records that could not be written are kept in memory
+    (at most KEEP, oldest dropped first and counted in `lost`) and go first with the next write that
+    succeeds; `failing` is the last error until then."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._kept: collections.deque[bytes] = collections.deque(maxlen=KEEP)
+        self.failing: OSError | None = None
+        self.lost = 0
 
-    def append(self, records: list[dict], sync: bool = True) -> None:
-        """Append records in one write(); fsync'ed unless `sync` is False (a record that only has to
-        survive the process, not the machine)."""
+    def append(self, records: list[dict], sync: bool = True, keep: bool = True) -> None:
+        """Append records (after those kept from failed writes) in one write(); fsync'ed unless `sync`
+        is False (a record that only has to survive the process, not the machine). Raises OSError when
+        they cannot be written; with `keep` they are kept for the next write."""
         data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                os.write(fd, data)
-                if sync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+                self._write(b"".join(self._kept) + data, sync)
+            except OSError as err:
+                self.failing = err
+                if keep:
+                    self.lost += len(self._kept) == KEEP
+                    self._kept.append(data)
+                raise
+            self._kept.clear()
+            self.failing = None
+
+    def _write(self, data: bytes, sync: bool) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            before = os.fstat(fd).st_size
+            try:
+                written = os.write(fd, data)
+                if written < len(data):
+                    raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({written} of {len(data)} bytes written)")
+            except OSError:
+                if os.fstat(fd).st_size > before:
+                    os.ftruncate(fd, before)  # not a half line for the next record to be glued onto
+                raise
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def event(self, record: dict) -> None:
         """Append one free-form record (alerts, admission decisions)."""
@@ -56,7 +89,8 @@ class AuditLog:
         """A job was admitted and queued (fsync'ed: its one trace if the machine goes down before it starts)."""
         self.append([{"type": "submitted", "job_id": spec.job_id, "tenant": spec.tenant, "ts": time.time(),
                       "kernel": spec.kernel, "job_type": spec.job_type, "priority": priority, "reserved": reserved,
-                      "limits": limits.model_dump(mode="json", exclude_none=True), "labels": spec.labels}])
+                      "limits": limits.model_dump(include=ACCOUNTED_LIMITS), "labels": spec.labels, **_writer()}],
+                    keep=False)  # refused instead: a job admitted unrecorded would leave no trace
 
     def started(self, spec: JobSpec, pid: int, launcher: str) -> None:
         """A job was launched (not fsync'ed: it must outlive the supervisor's process, which the page

@@ -94,7 +94,10 @@ class Alerts:
             self._deliver(event)
 
     def _deliver(self, event: dict) -> None:
-        self.audit.event(event)
+        try:
+            self.audit.event(event)  # kept for a later write when the log cannot be written now
+        except OSError as err:
+            log.error("alert not in the audit log yet: %s", err)
         if self.hook is not None:
             try:
                 self.hook(event)

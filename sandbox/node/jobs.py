@@ -335,8 +335,8 @@ class NodeAudit(AuditLog):
         super().__init__(path)
         self._context = context
 
-    def append(self, records: list[dict], sync: bool = True) -> None:
-        super().append([{**r, **self._context(r.get("job_id"))} for r in records], sync)
+    def append(self, records: list[dict], sync: bool = True, keep: bool = True) -> None:
+        super().append([{**r, **self._context(r.get("job_id"))} for r in records], sync, keep)
 
 
 class NodeSupervisor(Supervisor):

@@ -43,6 +43,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..core.audit import AuditUnavailable
 from ..core.limits import ConfigError, Policy, load_policy
 from ..core.models import EXIT_USAGE
 from ..job.child import set_oom_score_adj
@@ -236,7 +237,7 @@ class Service:
                 record = self._admit(peer, job, number, mine, request.follow)
             except BaseException as err:
                 close_fds(mine)
-                if not isinstance(err, (Refused, ConfigError, protocol.ProtocolError, QueueFull)):
+                if not isinstance(err, (Refused, ConfigError, protocol.ProtocolError, QueueFull, AuditUnavailable)):
                     raise
                 code = getattr(err, "code", type(err).__name__)
                 self.executor.metrics.refused(code)

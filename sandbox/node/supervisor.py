@@ -220,11 +220,18 @@ class Supervisor:
                          enforcement=enforcement_for(limits, arch, address_space, facts, cgroup_known, isolation,
                                                      DiskFacts(jobdir.image_size, jobdir.reason)))
 
+    def _record(self, result: JobResult, spec: JobSpec, queued: dict | None) -> None:
+        """Audit the verdict; a log that cannot be written (a full disk) changes nothing about it."""
+        try:
+            self.audit.record(result, spec.tenant, spec.job_type, **(queued or {}))
+        except OSError as err:
+            result.notes.append(f"audit log: the job's record waits in memory until the log can be written ({err})")
+
     def _not_run(self, spec: JobSpec, reason: str, started: float, verdict: Verdict = Verdict.rejected,
                  queued: dict | None = None) -> JobResult:
         """The result of a job that never started: `rejected`, or `crashed` when the launcher failed."""
         result = JobResult.not_run(spec, verdict, reason, started, self.launcher.name)
-        self.audit.record(result, spec.tenant, spec.job_type, **(queued or {}))
+        self._record(result, spec, queued)
         return result
 
     # --- running ---------------------------------------------------------------------------------
@@ -275,7 +282,7 @@ class Supervisor:
         result.enforcement = prepared.enforcement
         result.enforced = headline(prepared.enforcement)
         result.notes = [arch_note, *prepared.notes, *result.notes]
-        self.audit.record(result, spec.tenant, spec.job_type, **(queued or {}))
+        self._record(result, spec, queued)
         return result
 
     def _supervise(self, spec: JobSpec, limits: Limits, prepared: _Prepared, on_sample: Callable[[Sample], None] | None,
