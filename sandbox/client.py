@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from .cmdline import UsageError, check_entry, entry_args, manifest, refuse_stray, split_argv
-from .remote import (EXIT_INTERNAL, EXIT_USAGE, ClientError, Job, choose_socket, one, request, submit_and_follow,
+from .remote import (EXIT_USAGE, ClientError, Incomplete, Job, choose_socket, one, request, submit_and_follow,
                      submit_in_requests)
 
 SERVICE_COMMANDS = {"ps", "cancel", "logs", "events"}
@@ -83,9 +83,7 @@ def run(path: Path, args: argparse.Namespace) -> int:
         if job_id is not None:
             one(path, {"op": "cancel", "job_id": job_id})
         raise ClientError(f"interrupted: job {job_id} cancelled", 130) from None
-    if not results:
-        raise ClientError("the node service ended before the job's verdict", EXIT_INTERNAL)
-    result = results[0]
+    result = results[0]  # a lone refused job raised in `show`; a lost verdict, Incomplete
     if args.json:
         sys.stdout.write(json.dumps(result["result"]) + "\n")
     else:
@@ -109,6 +107,9 @@ def batch(path: Path, args: argparse.Namespace) -> int:
         for entry in entries:
             jobs.append(Job(**{"arch": args.arch, "tenant": args.tenant, "profile": args.profile, **entry}))
         submitted, results = submit_in_requests(path, jobs)
+        incomplete = None
+    except Incomplete as err:  # show what came, then fail
+        submitted, results, incomplete = err.submitted, err.results, err
     finally:
         for job in jobs:
             job.close()
@@ -123,6 +124,8 @@ def batch(path: Path, args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(f"{r['job_id']}  {r['kernel']}  {r['verdict']}  exit {answer['exit_status']}  "
                              f"{r['usage']['wall_seconds']:.2f}s  {r['reason']}\n")
+    if incomplete is not None:
+        raise incomplete
     return 0 if not refused and all(a["result"]["verdict"] == "ok" for a in results) else 1
 
 

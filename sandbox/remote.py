@@ -35,6 +35,17 @@ class ClientError(Exception):
         self.code = code
 
 
+class Incomplete(ClientError):
+    """Fewer verdicts came than jobs were admitted (the service ended, the connection was lost):
+    what did come is in `submitted` (each job's entry) and `results`."""
+
+    def __init__(self, submitted: list[dict], results: list[dict], where: Path) -> None:
+        admitted = sum(1 for job in submitted if job.get("job_id"))
+        super().__init__(f"received {len(results)} of {admitted} jobs' verdicts: the node service at {where} closed "
+                         "the connection before the others", EXIT_INTERNAL)
+        self.submitted, self.results = submitted, results
+
+
 def choose_socket(explicit: str | None) -> Path | None:
     """The service's socket: the one named (--socket, $TAICHI_SANDBOX_SOCKET), else the default one
     when a service answers there; None: run in-process."""
@@ -216,7 +227,8 @@ def submit_and_follow(path: Path, jobs: list[Job], output: bool = True, samples:
     """Submit `jobs` and follow them to their verdicts: (the `submitted` answer, the "result"
     answers in order of arrival). Output files are copied into each job's output dir as they come;
     a result's `outputs` lists those copies. `on_answer` sees the other answers as they come (the
-    `submitted` one first). A job this client stops following is cancelled by the service."""
+    `submitted` one first). A job this client stops following is cancelled by the service. Raises
+    Incomplete when fewer verdicts came than jobs were admitted."""
     message = {"op": "submit", "jobs": [job.fields for job in jobs], "follow": True, "output": output,
                "samples": samples}
     submitted, results, dirs, saved, notes, sent_notes, existing = None, [], {}, {}, {}, {}, {}
@@ -253,6 +265,8 @@ def submit_and_follow(path: Path, jobs: list[Job], output: bool = True, samples:
             job.close()
     if submitted is None:
         raise ClientError(f"the node service at {path} closed the connection without answering", EXIT_INTERNAL)
+    if len(results) < sum(1 for job in submitted["jobs"] if job.get("job_id")):
+        raise Incomplete(submitted["jobs"], results, path)
     return submitted, results
 
 
@@ -274,7 +288,8 @@ def split(jobs: list[Job]) -> list[list[Job]]:
 
 def submit_in_requests(path: Path, jobs: list[Job]) -> tuple[list[dict], list[dict]]:
     """Submit `jobs` in as many requests as they need, followed at once over as many connections;
-    (each job's `submitted` entry in order, the results). On Ctrl-C the process may simply exit:
+    (each job's `submitted` entry in order, the results). Raises Incomplete, with all that came, when
+    any request got fewer verdicts than it had jobs admitted. On Ctrl-C the process may simply exit:
     the service cancels the jobs of connections that close."""
     import threading  # only a batch needs it
     requests = split(jobs)
@@ -295,6 +310,10 @@ def submit_in_requests(path: Path, jobs: list[Job]) -> tuple[list[dict], list[di
         while thread.is_alive():
             thread.join(0.2)
     for answer in answers:
-        if isinstance(answer, ClientError):
+        if isinstance(answer, ClientError) and not isinstance(answer, Incomplete):
             raise answer
-    return [j for submitted, _ in answers for j in submitted["jobs"]], [r for _, results in answers for r in results]
+    done = [(a.submitted, a.results) if isinstance(a, Incomplete) else (a[0]["jobs"], a[1]) for a in answers]
+    submitted, results = [j for jobs, _ in done for j in jobs], [r for _, got in done for r in got]
+    if any(isinstance(answer, Incomplete) for answer in answers):
+        raise Incomplete(submitted, results, path)
+    return submitted, results

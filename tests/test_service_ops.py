@@ -169,3 +169,21 @@ def test_a_full_audit_filesystem_refuses_new_jobs_tears_no_line_and_keeps_verdic
         assert [r["verdict"] for r in node.records("job") if r["job_id"] == job_id] == ["ok"]  # written late
     finally:
         assert node.stop() == 0
+
+
+def test_a_client_that_gets_fewer_verdicts_than_it_submitted_fails(tmp_path):
+    node = Node(tmp_path / "node")
+    try:
+        home = client_dir(tmp_path, BOB, **{"sleep.py": SLEEP, "jobs.toml": '[[job]]\nkernel = "sleep.py"\n'
+                                                                           'argv = ["60"]\n' * 3})
+        client = subprocess.Popen(as_uid(BOB, "-m", "sandbox", "batch", "--manifest", "jobs.toml", "--socket",
+                                         str(node.socket)), cwd=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        wait_for(lambda: list(states(node).values()).count("running") == 2, "no job started")  # bob: 2 at a time
+        time.sleep(1)  # the client has its `submitted` answer
+        node.stop(signal.SIGKILL)
+        _, err = client.communicate(timeout=60)
+        assert client.returncode == 125, err  # EXIT_INTERNAL: the sandbox failed, not the jobs
+        assert "0 of 3 jobs' verdicts" in err, err
+    finally:
+        node.stop(signal.SIGKILL)
