@@ -187,3 +187,35 @@ def test_a_client_that_gets_fewer_verdicts_than_it_submitted_fails(tmp_path):
         assert "0 of 3 jobs' verdicts" in err, err
     finally:
         node.stop(signal.SIGKILL)
+
+
+def test_refused_requests_are_audited_and_counted_by_reason(tmp_path):
+    from .test_service import ask_as, free_port
+    port = free_port()
+    node = Node(tmp_path / "node", extra=f"metrics_port = {port}")
+    try:
+        job = {"kernel": "s.py", "source": SLEEP, "argv": ["0"]}
+        wrong = ask_as(node, ALICE, {"op": "submit", "jobs": [{**job, "tenant": "bob"}]})[0]["jobs"][0]
+        high = ask_as(node, ALICE, {"op": "submit", "jobs": [{**job, "limits": {"memory": "2GiB"}}]})[0]["jobs"][0]
+        bad = ask_as(node, ALICE, {"op": "submit", "jobs": "all of them"})[0]
+        assert (wrong["state"], high["state"], bad["code"]) == ("refused", "refused", "BadRequest")
+        refused = node.records("refused")
+        assert [(r["code"], r["uid"], r["tenant"]) for r in refused] == [
+            ("Refused", ALICE, "bob"), ("ConfigError", ALICE, None), ("BadRequest", ALICE, None)], refused
+        assert "may not use tenant" in refused[0]["reason"] or "bob" in refused[0]["reason"], refused[0]
+        assert "memory" in refused[1]["reason"] and refused[1]["op"] == "submit"
+        text = __import__("urllib.request").request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        for code in ("Refused", "ConfigError", "BadRequest"):
+            assert f'taichi_sandbox_refused_requests_total{{reason="{code}"}} 1.0' in text.decode(), code
+    finally:
+        assert node.stop() == 0
+
+
+def test_jobs_cancelled_by_the_drain_timeout_say_so(tmp_path):
+    node = Node(tmp_path / "node", extra='drain_timeout = "1s"')
+    running = submit(node, argv=["60"], tenant="bob")
+    wait_for(lambda: states(node).get(running) == "running", "the job never started")
+    assert node.stop() == 0
+    verdict = [r for r in node.records("job") if r["job_id"] == running]
+    assert [r["verdict"] for r in verdict] == ["cancelled"]
+    assert verdict[0]["reason"] == "cancelled: the service's drain timeout (1s) ran out at shutdown", verdict

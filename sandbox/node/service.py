@@ -181,6 +181,8 @@ class Service:
                     self._dispatch(stream, peer, request, fds)
                 except protocol.ProtocolError as err:
                     self._answer(conn, err.code, str(err))
+                    self._audit_refusal(peer, err.code, str(err), message.get("op") if isinstance(message, dict)
+                                        else None)
         except OSError:
             pass  # the client went away or stopped reading
         except Exception as err:  # noqa: BLE001 - a bug here must not reach the client as a traceback
@@ -242,6 +244,7 @@ class Service:
                 code = getattr(err, "code", type(err).__name__)
                 self.executor.metrics.refused(code)
                 answers.append({"job_id": None, "state": "refused", "code": code, "reason": str(err)})
+                self._audit_refusal(peer, code, str(err), "submit", job.tenant)
                 continue
             records.append(record)
             result = record.result
@@ -257,6 +260,16 @@ class Service:
             raise
         if request.follow:
             stream.follow(records, request.output, request.samples)
+
+    def _audit_refusal(self, peer: Peer, code: str, message: str, op: str | None, tenant: str | None = None) -> None:
+        """A `refused` audit record for a request (or one job of it) the service refused after the
+        request rate limit let it through (so a flood cannot fill the log). Not fsync'ed, and dropped
+        when the log cannot be written: only the counter then has it."""
+        try:
+            self.supervisor.audit.append([{"type": "refused", "ts": time.time(), "op": op, "code": code,
+                                           "reason": message, "tenant": tenant, **peer.audit()}], sync=False, keep=False)
+        except OSError:
+            pass
 
     def _admit(self, peer: Peer, job: protocol.JobRequest, number: int, inputs: list[int],
                followed: bool) -> JobRecord:
@@ -341,6 +354,9 @@ class Service:
         deadline = None if timeout is None else time.monotonic() + timeout
         while any(r.state == "running" for r in self.jobs.all()) and (deadline is None or time.monotonic() < deadline):
             time.sleep(0.05)
+        for record in self.jobs.all():
+            if record.state == "running" and (future := record.future) is not None:
+                future.control.cancel(f"cancelled: the service's drain timeout ({timeout:g}s) ran out at shutdown")
         self.executor.shutdown(wait=True, cancel_running=True)
         end = time.monotonic() + 2.0  # followers get their verdicts
         for thread in list(self._threads):

@@ -104,6 +104,7 @@ class JobControl:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cancelled = False
+        self.reason: str | None = None  # why, when the canceller says (the verdict's reason)
         self._wake: Callable[[], None] | None = None
         self.preempted: str | None = None  # why, when the job was preempted rather than cancelled
         self.requeue = False  # ... and goes back to its executor's queue
@@ -126,11 +127,13 @@ class JobControl:
         """How the supervisor records the end it asked for."""
         if self.preempted is not None:
             return Termination(reason="preempted", detail=self.preempted)
-        return Termination(reason="cancelled")
+        return Termination(reason="cancelled", detail=self.reason or "")
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str | None = None) -> None:
+        """`reason`: the verdict's reason (default "cancelled by request"); the first one given stays."""
         with self._lock:
             self._cancelled = True
+            self.reason = self.reason or reason
             wake = self._wake
         if wake is not None:
             wake()

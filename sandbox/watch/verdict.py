@@ -129,7 +129,7 @@ def decide(ev: Evidence) -> JobResult:
         verdict = Verdict(breaking[0].resource)
         reason = explained.get(id(breaking[0])) or _breach_reason(breaking[0])
     elif ev.termination is not None and ev.termination.reason == "cancelled":
-        verdict, reason = Verdict.cancelled, "cancelled by request"
+        verdict, reason = Verdict.cancelled, ev.termination.detail or "cancelled by request"
     elif ev.termination is not None and ev.termination.reason == "preempted":
         verdict, reason = Verdict.preempted, ev.termination.detail
     elif final is not None and final.status == "ok" and exit_.code == 0:
