@@ -11,7 +11,7 @@ from ..core.audit import AuditLog
 
 SERVICE_STARTED = b'{"type":"service","event":"started"'
 TAIL_CHUNK = 1 << 20
-FINAL = ("job", "aborted", "refused")  # a job's last record
+FINAL = ("job", "aborted")  # a job's last record
 
 
 def reconcile(audit: AuditLog) -> list[dict]:
