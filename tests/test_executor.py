@@ -168,13 +168,26 @@ def test_job_type_default_profile(tmp_path):
 
 def test_alerts_fire_once_per_crossing(tmp_path):
     events = []
-    alerts = Alerts(AuditLog(tmp_path / "a.jsonl"), [0.8, 0.9], hook=events.append)
+    alerts = Alerts(AuditLog(tmp_path / "a.jsonl"), [0.8, 0.9], hook=events.append, hold_down=0)
     for used in (5, 85, 87, 95, 96, 50, 85):
         alerts.quota("a", "memory", used, 100)
     alerts.close()
     assert [e["level"] for e in events] == [0.8, 0.9, 0.8]
     audit = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert [e["kind"] for e in audit] == ["quota_crossed"] * 3
+
+
+def test_alerts_rearm_below_the_hysteresis_and_after_the_hold_down(tmp_path):
+    events, now = [], [0.0]
+    alerts = Alerts(AuditLog(tmp_path / "a.jsonl"), [0.8], hook=events.append, hysteresis=0.1, hold_down=300,
+                    clock=lambda: now[0])
+    for t, used in ((0, 85), (10, 75), (20, 85), (30, 50), (40, 85), (400, 85), (410, 60), (420, 90), (720, 90)):
+        now[0] = t
+        alerts.quota("a", "memory", used, 100)
+    alerts.close()
+    # 75 is not below 80 - 10; 50 is, but the crossing after it is held down until 300 s after the
+    # first alert; the same again from 400 s on
+    assert [e["used"] for e in events] == [85, 85, 90]
 
 
 def test_alerts_for_rejections_and_violations_reach_hook_command_and_audit(tmp_path):

@@ -219,3 +219,16 @@ def test_jobs_cancelled_by_the_drain_timeout_say_so(tmp_path):
     verdict = [r for r in node.records("job") if r["job_id"] == running]
     assert [r["verdict"] for r in verdict] == ["cancelled"]
     assert verdict[0]["reason"] == "cancelled: the service's drain timeout (1s) ran out at shutdown", verdict
+
+
+def test_quota_alerts_fire_once_per_crossing_not_once_per_job(tmp_path):
+    node = Node(tmp_path / "node")
+    try:
+        jobs = [{"kernel": "s.py", "source": SLEEP, "argv": ["0"], "tenant": "bob"}] * 12  # bob: 2 at a time
+        ids = [j["job_id"] for j in node.ask({"op": "submit", "jobs": jobs})[0]["jobs"]]
+        for job_id in ids:
+            assert _verdict(node, job_id) == "ok"
+        crossed = [(a["resource"], a["level"]) for a in node.records("alert") if a["kind"] == "quota_crossed"]
+        assert crossed == [("concurrency", 0.8), ("concurrency", 0.9)], crossed
+    finally:
+        assert node.stop() == 0

@@ -227,6 +227,9 @@ class Alerts(_Strict):
 
     command: list[str] = []
     levels: list[float] = [0.8, 0.9]
+    # A level that fired re-arms once usage fell below level - hysteresis and hold_down passed since.
+    hysteresis: float = Field(0.1, ge=0, lt=1)
+    hold_down: Annotated[float, BeforeValidator(parse_duration), Field(ge=0)] = 300.0
 
 
 DEFAULT_ENV_ALLOW = (

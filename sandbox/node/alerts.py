@@ -1,4 +1,5 @@
-"""Alert events: quota crossings (once per crossing), rejections and limit violations.
+"""Alert events: quota crossings (once per crossing, with hysteresis and a hold-down), rejections and
+limit violations.
 
 Every event goes to the `sandbox.node.alerts` logger at once; then, on a thread of its own, to the audit
 log, an optional Python hook and an optional command from limits.toml (`[alerts] command`, the
@@ -30,11 +31,14 @@ class Alerts:
     `close()` to deliver what is queued and stop the delivery thread."""
 
     def __init__(self, audit: AuditLog, levels: list[float], hook: Callable[[dict], None] | None = None,
-                 command: list[str] | None = None, on_drop: Callable[[], None] | None = None) -> None:
+                 command: list[str] | None = None, on_drop: Callable[[], None] | None = None,
+                 hysteresis: float = 0.1, hold_down: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.audit, self.levels, self.hook, self.command = audit, sorted(levels), hook, command or []
         self.on_drop = on_drop
+        self.hysteresis, self.hold_down, self._clock = hysteresis, hold_down, clock
         self.dropped = 0
-        self._crossed: set[tuple[str, str, float]] = set()
+        self._crossed: dict[tuple[str, str, float], tuple[float, bool]] = {}  # -> (fired at, fell below since)
         self._lock = threading.Lock()
         self._queue: queue.Queue[dict | None] = queue.Queue(QUEUE_SIZE)
         self._command: subprocess.Popen | None = None  # the command delivering an event now
@@ -57,17 +61,24 @@ class Alerts:
         return event
 
     def quota(self, tenant: str, resource: str, used: float, quota: float) -> None:
-        """Emit `quota_crossed` when usage/quota first reaches a level; re-arm when it falls below."""
-        ratio = used / quota if quota else 0.0
+        """Emit `quota_crossed` when usage/quota reaches a level: once per crossing, not per job. A
+        level that fired re-arms only once usage has fallen below level - `hysteresis` and
+        `hold_down` seconds have passed since it fired."""
+        ratio, now = (used / quota if quota else 0.0), self._clock()
         crossed = []
         with self._lock:
             for level in self.levels:
                 key = (tenant, resource, level)
-                if ratio >= level and key not in self._crossed:
-                    self._crossed.add(key)
+                if key in self._crossed:
+                    fired, fell = self._crossed[key]
+                    fell = fell or ratio < level - self.hysteresis
+                    self._crossed[key] = (fired, fell)
+                    if not (fell and now - fired >= self.hold_down):
+                        continue
+                    del self._crossed[key]
+                if ratio >= level:
+                    self._crossed[key] = (now, False)
                     crossed.append(level)
-                elif ratio < level:
-                    self._crossed.discard(key)
         for level in crossed:
             self.emit("quota_crossed", tenant=tenant, resource=resource, level=level, used=used, quota=quota,
                       ratio=round(ratio, 4))

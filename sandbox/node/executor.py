@@ -108,8 +108,10 @@ class SandboxExecutor(Preemption, NodeMemory):
         self.max_concurrent = max_concurrent or capacity.cpu_slots
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.watch("quota", lambda: quota_gauges(self.quota_state()))
-        self.alerts = Alerts(self.supervisor.audit, self.policy.alerts.levels, alert_hook, self.policy.alerts.command,
-                             on_drop=self.metrics.alerts_dropped.inc)
+        settings = self.policy.alerts
+        self.alerts = Alerts(self.supervisor.audit, settings.levels, alert_hook, settings.command,
+                             on_drop=self.metrics.alerts_dropped.inc, hysteresis=settings.hysteresis,
+                             hold_down=settings.hold_down)
         self.quota_file = QuotaFile(Path(state_file) if state_file else
                                     self.policy.settings.resolved_state_dir() / "quota.json")
         self._cv = threading.Condition()
@@ -229,7 +231,9 @@ class SandboxExecutor(Preemption, NodeMemory):
                     self._dequeued(entry)
                     refused.append((entry.future, problem))
             self._cv.notify_all()
-        self.alerts.levels, self.alerts.command = sorted(policy.alerts.levels), policy.alerts.command
+        settings = policy.alerts
+        self.alerts.levels, self.alerts.command = sorted(settings.levels), settings.command
+        self.alerts.hysteresis, self.alerts.hold_down = settings.hysteresis, settings.hold_down
         for future, (code, message) in refused:
             self._reject(future, code, f"{message} (policy reloaded while it was queued)")
         return len(refused)

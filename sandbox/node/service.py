@@ -266,8 +266,9 @@ class Service:
         request rate limit let it through (so a flood cannot fill the log). Not fsync'ed, and dropped
         when the log cannot be written: only the counter then has it."""
         try:
-            self.supervisor.audit.append([{"type": "refused", "ts": time.time(), "op": op, "code": code,
-                                           "reason": message, "tenant": tenant, **peer.audit()}], sync=False, keep=False)
+            record = {"type": "refused", "ts": time.time(), "op": op, "code": code, "reason": message, "tenant": tenant,
+                      **peer.audit()}
+            self.supervisor.audit.append([record], sync=False, keep=False)
         except OSError:
             pass
 
