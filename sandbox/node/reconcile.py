@@ -32,7 +32,8 @@ def reconcile(audit: AuditLog) -> list[dict]:
                 kind, job_id = record.get("type"), record.get("job_id")
                 if kind in ("submitted", "started") and "client_pid" in record:
                     known = unfinished.setdefault(job_id, {})
-                    known.update({k: v for k, v in record.items() if k not in ("type", "ts")}, **{f"{kind}_at": record["ts"]})
+                    known.update({k: v for k, v in record.items() if k not in ("type", "ts")})
+                    known[f"{kind}_at"] = record.get("ts")
                 elif kind in FINAL:
                     unfinished.pop(job_id, None)
     except FileNotFoundError:
