@@ -530,7 +530,7 @@ def test_events_ps_logs_and_cancel_across_users(node, tmp_path):
     other = client_dir(tmp_path, MALLORY)
     assert node.cli(MALLORY, "ps", "--json", cwd=other).stdout.strip() == "[]"  # not hers to see
     quota = json.loads(node.cli(MALLORY, "quota", "--json", cwd=other).stdout)  # the node's, not one process's
-    assert quota["tenants"]["bob"]["running"] == 1 and quota["node"]["cpu_slots"][0] >= 1
+    assert set(quota["tenants"]) == {"default"} and quota["node"]["cpu_slots"][0] >= 1  # bob's is not hers
     denied = node.cli(MALLORY, "cancel", job["job_id"], cwd=other)
     assert denied.returncode == 2 and "no such job (or not yours)" in denied.stderr
     while "started" not in node.cli(BOB, "logs", job["job_id"], cwd=home).stdout:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -232,3 +233,23 @@ def test_quota_alerts_fire_once_per_crossing_not_once_per_job(tmp_path):
         assert crossed == [("concurrency", 0.8), ("concurrency", 0.9)], crossed
     finally:
         assert node.stop() == 0
+
+
+def test_quota_and_ps_show_a_user_only_their_own_tenants_unless_an_operator(tmp_path):
+    from .test_service import MALLORY
+    node = Node(tmp_path / "node", extra=f'operators_group = "{MALLORY}"')  # MALLORY's own gid: an operator
+    try:
+        jobs = {tenant: submit(node, argv=["60"], tenant=tenant) for tenant in ("alice", "bob")}
+        wait_for(lambda: set(states(node).values()) == {"running"}, "the jobs never started")
+
+        def seen(uid: int, command: str) -> set[str]:
+            done = node.cli(uid, command, "--json", cwd=Path("/"))
+            assert done.returncode == 0, done.stderr
+            answer = json.loads(done.stdout)
+            return set(answer["tenants"]) if command == "quota" else {j["tenant"] for j in answer}
+        assert seen(ALICE, "quota") == {"alice"} and seen(BOB, "quota") == {"bob"}
+        assert seen(ALICE, "ps") == {"alice"} and seen(BOB, "ps") == {"bob"}
+        assert seen(MALLORY, "quota") == {"default", "alice", "bob"} and seen(MALLORY, "ps") == {"alice", "bob"}
+        assert node.cli(MALLORY, "cancel", jobs["alice"], cwd=Path("/")).returncode != 0  # seeing is not cancelling
+    finally:
+        node.stop(signal.SIGKILL)

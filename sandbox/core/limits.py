@@ -281,6 +281,7 @@ class Service(_Strict):
 
     socket: str | None = None  # default: /run/taichi-sandbox/sandbox.sock as root, else $XDG_RUNTIME_DIR
     group: str | None = None  # group owning the socket (mode 0660); default: the service's own
+    operators_group: str | None = None  # its members see every tenant in `quota`, `ps` and `events`
     unknown_users: Literal["default", "refuse"] = "default"  # clients no tenant lists
     drain_timeout: Seconds = 30.0  # SIGTERM: running jobs may finish this long, then are cancelled
     max_connections_per_uid: Count = 16

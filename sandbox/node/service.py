@@ -50,7 +50,7 @@ from ..job.child import set_oom_score_adj
 from ..job.inputs import MAX_INPUT_BYTES, MAX_INPUTS, check_sent_input
 from . import frames, protocol
 from .auth import Peer, Refused, check_names, may_use, peer_of, tenant_for, within_rights
-from .executor import QueueFull, SandboxExecutor
+from .executor import DEFAULT_TENANT, QueueFull, SandboxExecutor
 from .guard import Guard
 from .jobs import Descriptors, Hub, JobRecord, Jobs, NodeSupervisor, close_fds, outcome
 from .metrics import job_gauges
@@ -201,7 +201,8 @@ class Service:
         if isinstance(request, protocol.Submit):
             self._submit(stream, peer, request, fds)
         elif isinstance(request, protocol.Ps):
-            rows = [r.row() for r in self.jobs.all() if r.state != "done" and self._may_see(peer, r)]
+            everything = self._operator(peer)
+            rows = [r.row() for r in self.jobs.all() if r.state != "done" and (everything or self._may_see(peer, r))]
             stream.send({"type": "ps", "jobs": sorted(rows, key=lambda row: row["submitted"])})
         elif isinstance(request, protocol.Cancel):
             record = self._visible(peer, request.job_id)
@@ -210,10 +211,29 @@ class Service:
         elif isinstance(request, protocol.Logs):
             stream.logs(self._visible(peer, request.job_id), request.follow)
         elif isinstance(request, protocol.Events):
-            stream.events(self.hub, lambda event: event.get("uid") == peer.uid
+            everything = self._operator(peer)
+            stream.events(self.hub, lambda event: everything or event.get("uid") == peer.uid
                           or may_use(self.policy, peer, event.get("tenant") or ""), self._stop)
         else:
-            stream.send({"type": "quota", "state": self.executor.quota_state()})
+            stream.send({"type": "quota", "state": self._quota_for(peer)})
+
+    def _operator(self, peer: Peer) -> bool:
+        """Whether `peer` may see every tenant: root, or a member of `[service] operators_group`."""
+        group = self.settings.operators_group
+        return peer.uid == 0 or (group is not None and gid_of(group) in peer.groups)
+
+    def _quota_for(self, peer: Peer) -> dict:
+        """The quota report with only the tenants `peer` may use (the one its jobs go to without
+        naming one included), unless it is an operator; the node's totals either way."""
+        state = self.executor.quota_state()
+        if not self._operator(peer):
+            try:
+                own = {tenant_for(self.policy, peer, None) or DEFAULT_TENANT}
+            except Refused:
+                own = set()
+            state["tenants"] = {name: row for name, row in state["tenants"].items()
+                                if name in own or may_use(self.policy, peer, name)}
+        return state
 
     def _may_see(self, peer: Peer, record: JobRecord) -> bool:
         return record.peer.uid == peer.uid or may_use(self.policy, peer, record.spec.tenant or "")
@@ -369,8 +389,9 @@ class Service:
 def check(policy: Policy, path: Path) -> str:
     """What `serve --check` verifies beyond the policy itself. Raises ConfigError."""
     check_names(policy)
-    if policy.service.group:
-        gid_of(policy.service.group)
+    for key in ("group", "operators_group"):
+        if getattr(policy.service, key):
+            gid_of(getattr(policy.service, key), key)
     return (f"{policy.source}: ok (socket {path}, {len(policy.tenants)} tenants, "
             f"{sum(1 for t in policy.tenants.values() if t.users or t.groups)} with users/groups, "
             f"unknown users: {policy.service.unknown_users})")

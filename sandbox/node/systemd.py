@@ -26,12 +26,12 @@ def sd_notify(state: str) -> None:
         pass
 
 
-def gid_of(group: str) -> int:
-    """A group name or number as a gid. Raises ConfigError."""
+def gid_of(group: str, key: str = "group") -> int:
+    """A group name or number (the `[service]` setting `key`) as a gid. Raises ConfigError."""
     try:
         return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
     except KeyError:
-        raise ConfigError(f"[service] group={group!r}: no such group") from None
+        raise ConfigError(f"[service] {key}={group!r}: no such group") from None
 
 
 def socket_path(configured: str | None) -> Path:
