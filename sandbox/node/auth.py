@@ -3,7 +3,8 @@
 A client may name tenant X when its uid or one of its groups (the peer's gid and the user's
 supplementary groups) is listed in `[tenants.X] users` / `groups` (names or numbers); root may name
 any tenant. Naming none, it gets the first tenant that lists it; a client no tenant lists gets the
-`default` tenant, or is refused with `[service] unknown_users = "refuse"`.
+`default` tenant, or is refused with `[service] unknown_users = "refuse"`. Members of `[service]
+operators_group` see every tenant (never act for one).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 from ..core.limits import ConfigError, Policy
 from ..core.models import JobSpec
+from .executor import DEFAULT_TENANT as NO_TENANT  # where the jobs of no tenant are counted
 
 DEFAULT_TENANT = "default"
 
@@ -77,6 +79,24 @@ def may_use(policy: Policy, peer: Peer, tenant: str) -> bool:
     """Whether `peer` may submit as, see and cancel the jobs of `tenant`."""
     entry = policy.tenants.get(tenant)
     return peer.uid == 0 or (entry is not None and _listed(peer, entry.users, entry.groups))
+
+
+def is_operator(policy: Policy, peer: Peer) -> bool:
+    """Whether `peer` sees every tenant in `quota`, `ps` and `events`: root, or a member of
+    `[service] operators_group` (a name or gid)."""
+    group = policy.service.operators_group
+    return peer.uid == 0 or (group is not None and _listed(peer, [], [group]))
+
+
+def sees(policy: Policy, peer: Peer, tenant: str) -> bool:
+    """Whether `peer` sees `tenant` in `quota`: an operator, a tenant it may use, or the one its jobs
+    go to without naming one."""
+    if is_operator(policy, peer) or may_use(policy, peer, tenant):
+        return True
+    try:
+        return tenant == (tenant_for(policy, peer, None) or NO_TENANT)
+    except Refused:
+        return False
 
 
 def tenant_for(policy: Policy, peer: Peer, requested: str | None) -> str | None:

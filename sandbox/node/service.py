@@ -49,8 +49,8 @@ from ..core.models import EXIT_USAGE
 from ..job.child import set_oom_score_adj
 from ..job.inputs import MAX_INPUT_BYTES, MAX_INPUTS, check_sent_input
 from . import frames, protocol
-from .auth import Peer, Refused, check_names, may_use, peer_of, tenant_for, within_rights
-from .executor import DEFAULT_TENANT, QueueFull, SandboxExecutor
+from .auth import Peer, Refused, check_names, is_operator, may_use, peer_of, sees, tenant_for, within_rights
+from .executor import QueueFull, SandboxExecutor
 from .guard import Guard
 from .jobs import Descriptors, Hub, JobRecord, Jobs, NodeSupervisor, close_fds, outcome
 from .metrics import job_gauges
@@ -201,7 +201,7 @@ class Service:
         if isinstance(request, protocol.Submit):
             self._submit(stream, peer, request, fds)
         elif isinstance(request, protocol.Ps):
-            everything = self._operator(peer)
+            everything = is_operator(self.policy, peer)
             rows = [r.row() for r in self.jobs.all() if r.state != "done" and (everything or self._may_see(peer, r))]
             stream.send({"type": "ps", "jobs": sorted(rows, key=lambda row: row["submitted"])})
         elif isinstance(request, protocol.Cancel):
@@ -211,28 +211,16 @@ class Service:
         elif isinstance(request, protocol.Logs):
             stream.logs(self._visible(peer, request.job_id), request.follow)
         elif isinstance(request, protocol.Events):
-            everything = self._operator(peer)
+            everything = is_operator(self.policy, peer)
             stream.events(self.hub, lambda event: everything or event.get("uid") == peer.uid
                           or may_use(self.policy, peer, event.get("tenant") or ""), self._stop)
         else:
             stream.send({"type": "quota", "state": self._quota_for(peer)})
 
-    def _operator(self, peer: Peer) -> bool:
-        """Whether `peer` may see every tenant: root, or a member of `[service] operators_group`."""
-        group = self.settings.operators_group
-        return peer.uid == 0 or (group is not None and gid_of(group) in peer.groups)
-
     def _quota_for(self, peer: Peer) -> dict:
-        """The quota report with only the tenants `peer` may use (the one its jobs go to without
-        naming one included), unless it is an operator; the node's totals either way."""
+        """The quota report: the node's totals, and the tenants `peer` may see (`auth.sees`)."""
         state = self.executor.quota_state()
-        if not self._operator(peer):
-            try:
-                own = {tenant_for(self.policy, peer, None) or DEFAULT_TENANT}
-            except Refused:
-                own = set()
-            state["tenants"] = {name: row for name, row in state["tenants"].items()
-                                if name in own or may_use(self.policy, peer, name)}
+        state["tenants"] = {name: row for name, row in state["tenants"].items() if sees(self.policy, peer, name)}
         return state
 
     def _may_see(self, peer: Peer, record: JobRecord) -> bool:
