@@ -247,7 +247,10 @@ class SandboxExecutor(Preemption, NodeMemory):
             self._tenants.setdefault(future.tenant, TenantUsage()).rejections += 1
         self.metrics.rejections.labels(code, future.tenant).inc()
         self.alerts.emit("rejected", tenant=future.tenant, job_id=future.spec.job_id, reason=code, message=message)
-        self._resolve(future, Verdict.rejected, message)
+        try:
+            self._resolve(future, Verdict.rejected, message)
+        except OSError:
+            pass  # the log is full: the record waits in memory (AuditLog); the rejection stands
         return future
 
     def map(self, specs: Iterable[JobSpec | Callable], timeout: float | None = None,

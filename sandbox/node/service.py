@@ -21,7 +21,7 @@ Contract:
 - SIGTERM/SIGINT drain: stop admitting, cancel queued jobs, let running ones finish for
   `drain_timeout`, cancel the rest (verdict `cancelled`), then exit 0. Jobs die with the service
   even on SIGKILL (the fork-server kills them when its control socket closes). On start, jobs the
-  audit log shows started but never finished get an `aborted` record.
+  audit log shows submitted or started but never finished get an `aborted` record.
 - OOM: the service sets its oom_score_adj to -900, the fork-server -800, each job +500 (root with
   CAP_SYS_RESOURCE only can lower it; without, the service says so and stays as it was).
 Threads: the main thread accepts; one thread per connection (its answers: `streams`); the
@@ -403,4 +403,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"taichi-sandbox: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as err:  # e.g. no audit log to reconcile into: systemd retries
+        print(f"taichi-sandbox: error: cannot start: {err}", file=sys.stderr)
+        return 1
     return 0
