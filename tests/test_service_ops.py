@@ -31,6 +31,22 @@ def submit(node: Node, **job) -> str:
     return answer["job_id"]
 
 
+@pytest.fixture
+def node(tmp_path):
+    """A service with the policy of tests/test_service.py; killed after the test if still running."""
+    n = Node(tmp_path / "node")
+    yield n
+    if n.proc.poll() is None:
+        n.stop(signal.SIGKILL)
+
+
+def start(node: Node, seconds: str, tenant: str) -> str:
+    """A job sleeping `seconds`, once it runs."""
+    job_id = submit(node, argv=[seconds], tenant=tenant)
+    wait_for(lambda: states(node).get(job_id) == "running", f"job {job_id} never started")
+    return job_id
+
+
 def wait_for(condition, what: str, timeout: float = 60):
     deadline = time.monotonic() + timeout
     while not (value := condition()):
@@ -48,77 +64,64 @@ def job_record(node: Node, job_id: str) -> dict:
     return next(r for r in node.records("job") if r["job_id"] == job_id)
 
 
-def test_sighup_reloads_the_policy_keeping_running_jobs_and_rechecking_queued_ones(tmp_path):
-    node = Node(tmp_path / "node")
-    try:
-        running = submit(node, argv=["8"], tenant="alice")
-        wait_for(lambda: states(node).get(running) == "running", "the first job never started")
-        queued = submit(node, argv=["0"], tenant="alice")  # alice: max_concurrent = 1
-        good = node.limits.read_text()
-        node.limits.write_text(good + "[tenants.nobody\n")
-        node.proc.send_signal(signal.SIGHUP)
-        log = wait_for(lambda: [line for line in (node.root / "service.log").read_text().splitlines()
-                                if line.startswith("taichi-sandbox: reload")], "no reload line in the service's log")
-        assert len(log) == 1 and "keeping the previous policy" in log[0] and "limits.toml" in log[0], log
-        assert node.proc.poll() is None and states(node) == {running: "running", queued: "queued"}
-        node.limits.write_text(good.replace("max_queued = 1\n", 'max_queued = 1\nmemory_quota = "512MiB"\n'))
-        node.proc.send_signal(signal.SIGHUP)
-        rejected = job_record(node, queued)
-        assert rejected["verdict"] == "rejected" and "memory quota 512 MiB" in rejected["reason"], rejected
-        assert "policy reloaded" in rejected["reason"]
-        assert job_record(node, running)["verdict"] == "ok"  # it kept the limits it started with
-        answer = node.ask({"op": "submit", "jobs": [{"kernel": "s.py", "source": SLEEP, "argv": ["0"],
-                                                     "tenant": "alice"}]})[0]["jobs"][0]
-        assert answer["state"] == "rejected" and "memory quota" in answer["reason"]
-        assert node.proc.poll() is None
-    finally:
-        assert node.stop() == 0
+def test_sighup_reloads_the_policy_keeping_running_jobs_and_rechecking_queued_ones(node):
+    running = start(node, "8", "alice")
+    queued = submit(node, argv=["0"], tenant="alice")  # alice: max_concurrent = 1
+    good = node.limits.read_text()
+    node.limits.write_text(good + "[tenants.nobody\n")
+    node.proc.send_signal(signal.SIGHUP)
+    log = wait_for(lambda: [line for line in (node.root / "service.log").read_text().splitlines()
+                            if line.startswith("taichi-sandbox: reload")], "no reload line in the service's log")
+    assert len(log) == 1 and "keeping the previous policy" in log[0] and "limits.toml" in log[0], log
+    assert node.proc.poll() is None and states(node) == {running: "running", queued: "queued"}
+    node.limits.write_text(good.replace("max_queued = 1\n", 'max_queued = 1\nmemory_quota = "512MiB"\n'))
+    node.proc.send_signal(signal.SIGHUP)
+    rejected = job_record(node, queued)
+    assert rejected["verdict"] == "rejected" and "memory quota 512 MiB" in rejected["reason"], rejected
+    assert "policy reloaded" in rejected["reason"]
+    assert job_record(node, running)["verdict"] == "ok"  # it kept the limits it started with
+    answer = node.ask({"op": "submit", "jobs": [{"kernel": "s.py", "source": SLEEP, "argv": ["0"],
+                                                 "tenant": "alice"}]})[0]["jobs"][0]
+    assert answer["state"] == "rejected" and "memory quota" in answer["reason"]
+    assert node.proc.poll() is None
+    assert node.stop() == 0
 
 
-def test_a_second_service_on_the_same_state_dir_refuses_to_start_and_touches_nothing(tmp_path):
-    node = Node(tmp_path / "node")
-    try:
-        running = submit(node, argv=["5"], tenant="bob")
-        wait_for(lambda: states(node).get(running) == "running", "the job never started")
-        spool = sorted(p.name for p in (node.root / "state" / "spool").iterdir())
-        other = node.root / "other.toml"  # the same state dir, another socket
-        other.write_text(node.limits.read_text().replace(str(node.socket), str(node.root / "other.sock")))
-        second = subprocess.run([sys.executable, "-m", "sandbox", "serve", "--limits-file", str(other)],
-                                capture_output=True, text=True, timeout=60)
-        assert second.returncode == 2, second
-        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
-        assert f"another service (pid {node.proc.pid}) holds the state dir" in second.stderr, second.stderr
-        assert states(node) == {running: "running"}  # its socket still answers
-        assert sorted(p.name for p in (node.root / "state" / "spool").iterdir()) == spool
-        assert job_record(node, running)["verdict"] == "ok"
-        assert not node.records("aborted")
-    finally:
-        assert node.stop() == 0
+def test_a_second_service_on_the_same_state_dir_refuses_to_start_and_touches_nothing(node):
+    running = start(node, "5", "bob")
+    spool = sorted(p.name for p in (node.root / "state" / "spool").iterdir())
+    other = node.root / "other.toml"  # the same state dir, another socket
+    other.write_text(node.limits.read_text().replace(str(node.socket), str(node.root / "other.sock")))
+    second = subprocess.run([sys.executable, "-m", "sandbox", "serve", "--limits-file", str(other)],
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2, second
+    assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert f"another service (pid {node.proc.pid}) holds the state dir" in second.stderr, second.stderr
+    assert states(node) == {running: "running"}  # its socket still answers
+    assert sorted(p.name for p in (node.root / "state" / "spool").iterdir()) == spool
+    assert job_record(node, running)["verdict"] == "ok"
+    assert not node.records("aborted")
+    assert node.stop() == 0
 
 
-def test_every_admitted_job_is_recorded_and_a_restart_aborts_the_queued_ones_too(tmp_path):
-    node = Node(tmp_path / "node")
-    try:
-        running = submit(node, argv=["60"], tenant="alice")
-        wait_for(lambda: states(node).get(running) == "running", "the job never started")
-        queued = submit(node, argv=["0"], tenant="alice")  # alice: max_concurrent = 1
-        submitted = {r["job_id"]: r for r in node.records("submitted")}
-        assert set(submitted) == {running, queued}
-        record = submitted[queued]
-        assert record["tenant"] == "alice" and record["uid"] == 0 and record["ts"] > 0
-        assert record["reserved"] == {"cpu": 1, "memory": 1 << 30, "gpu_memory": 0}
-        assert record["limits"]["memory"] == 1 << 30
-        assert node.stop(signal.SIGKILL) == -signal.SIGKILL
-        node.start()
-        aborted = {r["job_id"]: r for r in node.records("aborted")}
-        assert set(aborted) == {running, queued}, aborted
-        assert "queued" in aborted[queued]["reason"] and aborted[queued]["uid"] == 0
-        assert aborted[queued]["submitted_at"] == record["ts"]
-        node.stop(signal.SIGKILL)
-        node.start()  # nothing is aborted twice
-        assert len(node.records("aborted")) == 2
-    finally:
-        node.stop(signal.SIGKILL)
+def test_every_admitted_job_is_recorded_and_a_restart_aborts_the_queued_ones_too(node):
+    running = start(node, "60", "alice")
+    queued = submit(node, argv=["0"], tenant="alice")  # alice: max_concurrent = 1
+    submitted = {r["job_id"]: r for r in node.records("submitted")}
+    assert set(submitted) == {running, queued}
+    record = submitted[queued]
+    assert record["tenant"] == "alice" and record["uid"] == 0 and record["ts"] > 0
+    assert record["reserved"] == {"cpu": 1, "memory": 1 << 30, "gpu_memory": 0}
+    assert record["limits"]["memory"] == 1 << 30
+    assert node.stop(signal.SIGKILL) == -signal.SIGKILL
+    node.start()
+    aborted = {r["job_id"]: r for r in node.records("aborted")}
+    assert set(aborted) == {running, queued}, aborted
+    assert "queued" in aborted[queued]["reason"] and aborted[queued]["uid"] == 0
+    assert aborted[queued]["submitted_at"] == record["ts"]
+    node.stop(signal.SIGKILL)
+    node.start()  # nothing is aborted twice
+    assert len(node.records("aborted")) == 2
 
 
 def fill(directory, name: str = "filler") -> None:
@@ -133,61 +136,59 @@ def fill(directory, name: str = "filler") -> None:
 
 
 @pytest.fixture
-def small_state(tmp_path):
-    """The node's state dir on a tmpfs of 4 MiB: a filesystem that really fills up."""
-    state = tmp_path / "node" / "state"
-    state.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(state)], check=True)
-    yield state
-    subprocess.run(["umount", "-l", str(state)], check=True)
+def small_fs(tmp_path):
+    """A tmpfs of 1 MiB: a filesystem that really fills up."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
-def test_a_full_audit_filesystem_refuses_new_jobs_tears_no_line_and_keeps_verdicts_true(tmp_path, small_state):
-    node = Node(tmp_path / "node")
-    try:
-        answers: list[dict] = []
-        follower = threading.Thread(target=lambda: answers.extend(node.ask(
-            {"op": "submit", "jobs": [{"kernel": "s.py", "source": SLEEP, "argv": ["6"], "tenant": "bob"}],
-             "follow": True, "output": False})))
-        follower.start()
-        job_id = wait_for(lambda: next(iter(states(node)), None), "the job never came")
-        wait_for(lambda: states(node).get(job_id) == "running", "the job never started")
-        fill(small_state)
-        for _ in range(50):  # records still fit in the audit file's last block, then the disk is full
-            refused = node.ask({"op": "submit", "jobs": [{"kernel": "s.py", "source": SLEEP, "argv": ["0"],
-                                                          "tenant": "alice"}]})[0]["jobs"][0]
-            if refused["state"] == "refused":
-                break
-        assert refused["code"] == "AuditUnavailable" and "No space left on device" in refused["reason"], refused
-        follower.join(60)
-        result = next(a["result"] for a in answers if a["type"] == "result")
-        assert result["verdict"] == "ok", result  # its record could not be written: not its fault
-        assert any(n.startswith("audit log: the job's record waits in memory") for n in result["notes"]), result
-        (small_state / "filler").unlink()
-        again = submit(node, argv=["0"], tenant="bob")
-        assert job_record(node, again)["verdict"] == "ok"
-        assert all(json.loads(line) for line in node.audit.read_text().splitlines())  # no half line, none glued
-        assert [r["verdict"] for r in node.records("job") if r["job_id"] == job_id] == ["ok"]  # written late
-    finally:
-        assert node.stop() == 0
+def test_a_full_audit_filesystem_refuses_new_jobs_tears_no_line_and_keeps_verdicts_true(node, small_fs):
+    node.stop()
+    state = f'state_dir = "{node.root / "state"}"\n'
+    node.limits.write_text(node.limits.read_text().replace(state, f'{state}audit_log = "{small_fs}/audit.jsonl"\n'))
+    node.audit = small_fs / "audit.jsonl"
+    node.start()
+    answers: list[dict] = []
+    follower = threading.Thread(target=lambda: answers.extend(node.ask(
+        {"op": "submit", "jobs": [{"kernel": "s.py", "source": SLEEP, "argv": ["6"], "tenant": "bob"}],
+         "follow": True, "output": False})))
+    follower.start()
+    job_id = wait_for(lambda: next(iter(states(node)), None), "the job never came")
+    wait_for(lambda: states(node).get(job_id) == "running", "the job never started")
+    fill(small_fs)
+    for _ in range(50):  # records still fit in the audit file's last block, then the disk is full
+        refused = node.ask({"op": "submit", "jobs": [{"kernel": "s.py", "source": SLEEP, "argv": ["0"],
+                                                      "tenant": "alice"}]})[0]["jobs"][0]
+        if refused["state"] == "refused":
+            break
+    assert refused["code"] == "AuditUnavailable" and "No space left on device" in refused["reason"], refused
+    follower.join(60)
+    result = next(a["result"] for a in answers if a["type"] == "result")
+    assert result["verdict"] == "ok", (result["reason"], result["notes"])  # its record could not be written
+    assert any(n.startswith("audit log: the job's record waits in memory") for n in result["notes"]), result
+    (small_fs / "filler").unlink()
+    again = submit(node, argv=["0"], tenant="bob")
+    assert job_record(node, again)["verdict"] == "ok"
+    assert all(json.loads(line) for line in node.audit.read_text().splitlines())  # no half line, none glued
+    assert [r["verdict"] for r in node.records("job") if r["job_id"] == job_id] == ["ok"]  # written late
+    assert node.stop() == 0
 
 
-def test_a_client_that_gets_fewer_verdicts_than_it_submitted_fails(tmp_path):
-    node = Node(tmp_path / "node")
-    try:
-        home = client_dir(tmp_path, BOB, **{"sleep.py": SLEEP, "jobs.toml": '[[job]]\nkernel = "sleep.py"\n'
-                                                                           'argv = ["60"]\n' * 3})
-        client = subprocess.Popen(as_uid(BOB, "-m", "sandbox", "batch", "--manifest", "jobs.toml", "--socket",
-                                         str(node.socket)), cwd=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)
-        wait_for(lambda: list(states(node).values()).count("running") == 2, "no job started")  # bob: 2 at a time
-        time.sleep(1)  # the client has its `submitted` answer
-        node.stop(signal.SIGKILL)
-        _, err = client.communicate(timeout=60)
-        assert client.returncode == 125, err  # EXIT_INTERNAL: the sandbox failed, not the jobs
-        assert "0 of 3 jobs' verdicts" in err, err
-    finally:
-        node.stop(signal.SIGKILL)
+def test_a_client_that_gets_fewer_verdicts_than_it_submitted_fails(node, tmp_path):
+    home = client_dir(tmp_path, BOB, **{"sleep.py": SLEEP, "jobs.toml": '[[job]]\nkernel = "sleep.py"\n'
+                                                                       'argv = ["60"]\n' * 3})
+    client = subprocess.Popen(as_uid(BOB, "-m", "sandbox", "batch", "--manifest", "jobs.toml", "--socket",
+                                     str(node.socket)), cwd=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    wait_for(lambda: list(states(node).values()).count("running") == 2, "no job started")  # bob: 2 at a time
+    time.sleep(1)  # the client has its `submitted` answer
+    node.stop(signal.SIGKILL)
+    _, err = client.communicate(timeout=60)
+    assert client.returncode == 125, err  # EXIT_INTERNAL: the sandbox failed, not the jobs
+    assert "0 of 3 jobs' verdicts" in err, err
 
 
 def test_refused_requests_are_audited_and_counted_by_reason(tmp_path):
@@ -214,25 +215,21 @@ def test_refused_requests_are_audited_and_counted_by_reason(tmp_path):
 
 def test_jobs_cancelled_by_the_drain_timeout_say_so(tmp_path):
     node = Node(tmp_path / "node", extra='drain_timeout = "1s"')
-    running = submit(node, argv=["60"], tenant="bob")
-    wait_for(lambda: states(node).get(running) == "running", "the job never started")
+    running = start(node, "60", "bob")
     assert node.stop() == 0
     verdict = [r for r in node.records("job") if r["job_id"] == running]
     assert [r["verdict"] for r in verdict] == ["cancelled"]
     assert verdict[0]["reason"] == "cancelled: the service's drain timeout (1s) ran out at shutdown", verdict
 
 
-def test_quota_alerts_fire_once_per_crossing_not_once_per_job(tmp_path):
-    node = Node(tmp_path / "node")
-    try:
-        jobs = [{"kernel": "s.py", "source": SLEEP, "argv": ["0"], "tenant": "bob"}] * 12  # bob: 2 at a time
-        ids = [j["job_id"] for j in node.ask({"op": "submit", "jobs": jobs})[0]["jobs"]]
-        for job_id in ids:
-            assert _verdict(node, job_id) == "ok"
-        crossed = [(a["resource"], a["level"]) for a in node.records("alert") if a["kind"] == "quota_crossed"]
-        assert crossed == [("concurrency", 0.8), ("concurrency", 0.9)], crossed
-    finally:
-        assert node.stop() == 0
+def test_quota_alerts_fire_once_per_crossing_not_once_per_job(node):
+    jobs = [{"kernel": "s.py", "source": SLEEP, "argv": ["0"], "tenant": "bob"}] * 12  # bob: 2 at a time
+    ids = [j["job_id"] for j in node.ask({"op": "submit", "jobs": jobs})[0]["jobs"]]
+    for job_id in ids:
+        assert _verdict(node, job_id) == "ok"
+    crossed = [(a["resource"], a["level"]) for a in node.records("alert") if a["kind"] == "quota_crossed"]
+    assert crossed == [("concurrency", 0.8), ("concurrency", 0.9)], crossed
+    assert node.stop() == 0
 
 
 def test_quota_and_ps_show_a_user_only_their_own_tenants_unless_an_operator(tmp_path):
