@@ -309,8 +309,9 @@ class SandboxExecutor(Preemption, NodeMemory):
                 self._abandoned.append(entry)
         names = set(self.policy.tenants) | set(self._tenants)
         factors = self._fair.factors({name: self._tenant(name).shares for name in names}, time.time())
-        order = sorted((e for e in self._queue if e.retry_at < math.inf), key=lambda e: rank(e.priority, factors[e.future.tenant], now - e.submitted,
-                                                       e.seq, self.policy.scheduler))
+        recorded = (e for e in self._queue if e.retry_at < math.inf)  # not one still writing its record
+        order = sorted(recorded, key=lambda e: rank(e.priority, factors[e.future.tenant], now - e.submitted, e.seq,
+                                                    self.policy.scheduler))
         candidates = self._candidates()
         for position, entry in enumerate(order):
             fits = entry.retry_at <= now and self._fits(entry)
