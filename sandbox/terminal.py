@@ -4,7 +4,6 @@ forwards signals). The job's output is echoed live by `sandbox.watch.echo`."""
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from typing import TYPE_CHECKING, Callable
 

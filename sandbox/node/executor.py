@@ -15,10 +15,11 @@ longer than RESERVE_AFTER plus the time for running jobs to free its resources.
 Real memory (sandbox.node.pressure): a job that fits the reservations also waits while the node's
 available memory does not cover its reservation + `[node] memory_headroom`, or PSI memory pressure
 is past `[node] memory_pressure_wait`; its future's `waiting` says why. A watch thread reads the
-node every pressure.INTERVAL seconds and wakes the workers.
-
+node every pressure.INTERVAL seconds and wakes the workers (`nodememory`, which also evicts
+preemptible jobs past the eviction threshold).
 Preemption (`preemption`): a queued job that does not fit ends preemptible running jobs of lower
 priorities to make room; nothing ranked after it starts until they are gone.
+Admission's checks, the `submitted` record and a policy reload are in `admission`.
 Lock rule: `_cv` guards the queue, the tenants' state and the capacity in use, and nothing that can
 block runs under it: jobs, ledger calls (`_reserve`/`_release`, e.g. Ray's `ray.get`), quota.json
 and audit writes, and alert delivery (`Alerts.emit` only queues) all happen without it.
@@ -26,7 +27,6 @@ and audit writes, and alert delivery (`Alerts.emit` only queues) all happen with
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import os
@@ -36,18 +36,17 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from ..core.audit import AuditUnavailable
-from ..core.limits import ConfigError, Limits, Policy, Tenant
+from ..core.limits import Policy, Tenant
 from ..core.models import JobResult, JobSpec, Verdict, as_spec
 from ..core.ratelimit import TokenBucket
 from ..watch.echo import Echo
 from ..watch.monitor import JobControl
+from .admission import Admission
 from .alerts import Alerts
 from .metrics import Metrics, quota_gauges
 from .nodememory import NodeMemory
 from .pressure import Probe, Reading, Watch
-from .quotas import (Capacity, Demand, QuotaFile, TenantUsage, admission_problem, demand, fits, node_capacity,
-                     report)
+from .quotas import Capacity, Demand, QuotaFile, TenantUsage, fits, node_capacity, report
 from .preemption import Preemption
 from .scheduling import Entry, FairShare, rank
 from .supervisor import Supervisor
@@ -86,7 +85,7 @@ class JobFuture(Future):
         return False
 
 
-class SandboxExecutor(Preemption, NodeMemory):
+class SandboxExecutor(Admission, Preemption, NodeMemory):
     """Runs JobSpecs on this node through one Supervisor. Thread-safe; use as a context manager."""
 
     def __init__(self, max_concurrent: int | None = None, capacity: Capacity | None = None,
@@ -184,73 +183,6 @@ class SandboxExecutor(Preemption, NodeMemory):
         if rate_problem is not None:
             return self._reject(future, *rate_problem)
         self._record_submitted(entry, limits)
-        return future
-
-    def _record_submitted(self, entry: Entry, limits: Limits) -> None:
-        """Write the queued job's `submitted` record, then let the workers see it. When the record
-        cannot be written the job leaves the queue and AuditUnavailable is raised (call without _cv)."""
-        try:
-            self.supervisor.audit.submitted(entry.future.spec, limits, dataclasses.asdict(entry.demand), entry.priority)
-        except OSError as err:
-            with self._cv:
-                if entry in self._queue:
-                    self._queue.remove(entry)
-                    self._dequeued(entry)
-            raise AuditUnavailable(f"the audit log cannot be written ({err.strerror or err}): no new jobs until "
-                                   "it can") from None
-        with self._cv:
-            entry.retry_at = 0.0
-            if any(e.preemptible and e.priority < entry.priority for e in self._running):
-                self._pick(take=False)
-            self._cv.notify_all()
-
-    def _check(self, spec: JobSpec, name: str) -> tuple[Limits | None, Demand, tuple[str, str] | None]:
-        """The job's limits and demand under the policy now, and (reason code, message) when it can
-        never run here."""
-        try:
-            limits = self.policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
-        except ConfigError as err:
-            return None, Demand(0, 0, 0), ("invalid", str(err))
-        need = demand(spec, limits, self.capacity)
-        return limits, need, admission_problem(name, need, self._tenant(name), self.capacity)
-
-    def reload(self, policy: Policy) -> int:
-        """Apply `policy` (validated by the caller) to jobs not started yet: running jobs keep what they
-        reserved and the limits they started with; each queued job is checked again against the new
-        ceilings, quotas and capacity, and one that can no longer run here is `rejected` with the
-        reason. Returns how many were rejected."""
-        capacity = self.capacity if policy.node == self.policy.node else node_capacity(policy, *self._measured)
-        refused = []
-        with self._cv:
-            self.policy = self.supervisor.policy = policy
-            self.capacity = capacity
-            for entry in [e for e in self._queue if not e.future.cancelled()]:
-                _, entry.demand, problem = self._check(entry.future.spec, entry.future.tenant)
-                if problem is not None:
-                    self._queue.remove(entry)
-                    self._dequeued(entry)
-                    refused.append((entry.future, problem))
-            self._cv.notify_all()
-        settings = policy.alerts
-        self.alerts.levels, self.alerts.command = sorted(settings.levels), settings.command
-        self.alerts.hysteresis, self.alerts.hold_down = settings.hysteresis, settings.hold_down
-        for future, (code, message) in refused:
-            self._reject(future, code, f"{message} (policy reloaded while it was queued)")
-        return len(refused)
-
-    @staticmethod
-    def _burst(tenant: Tenant) -> int:
-        return tenant.burst or max(1, math.ceil(tenant.rate or 1))
-
-    def _reject(self, future: JobFuture, code: str, message: str) -> JobFuture:
-        with self._cv:
-            self._tenants.setdefault(future.tenant, TenantUsage()).rejections += 1
-        self.metrics.rejections.labels(code, future.tenant).inc()
-        self.alerts.emit("rejected", tenant=future.tenant, job_id=future.spec.job_id, reason=code, message=message)
-        try:
-            self._resolve(future, Verdict.rejected, message)
-        except OSError:
-            pass  # the log is full: the record waits in memory (AuditLog); the rejection stands
         return future
 
     def map(self, specs: Iterable[JobSpec | Callable], timeout: float | None = None,
