@@ -221,6 +221,7 @@ mounts.expose_paths([(p, False) for p in mounts.interpreter_paths()], uid, uid)
 os.setgroups([])
 os.setresgid(uid, uid, uid)
 os.setresuid(uid, uid, uid)
+os.environ.setdefault("TAICHI_SANDBOX_WARM", "0")  # a CLI run here leaves no warm server of this uid behind
 os.execv(sys.executable, [sys.executable, "-c", code, *sys.argv[3:]])
 """
 

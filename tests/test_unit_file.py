@@ -117,7 +117,12 @@ def mount(*args):
     subprocess.run(["mount", *args], check=True)
 mount("--make-rprivate", "/")
 mount("-o", "remount,bind,ro", "/")
+top = os.path.dirname(sys.prefix)  # this checkout, with its .venv: installed outside /tmp in a real unit,
+keep = os.open(top, os.O_PATH) if top.startswith("/tmp/") else None  # but a CI clone may lie there
 mount("-t", "tmpfs", "-o", "mode=1777", "tmpfs", "/tmp")
+if keep is not None:
+    os.makedirs(top)
+    subprocess.run(["mount", "--no-canonicalize", "--bind", f"/proc/self/fd/{keep}", top], check=True, pass_fds=(keep,))
 for path in ("/proc/sys", sys.argv[1]):
     mount("--bind", path, path)
 mount("-o", "remount,bind,ro", "/proc/sys")
