@@ -36,13 +36,13 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import remote
-from .core.limits import ConfigError, Limits, Policy
-from .core.models import JobResult, JobSpec, Verdict, as_spec
-from .node.executor import Capacity, SandboxExecutor
-from .node.supervisor import Supervisor
-from .watch.echo import Echo
-from .watch.monitor import JobControl
+from .. import remote
+from ..core.limits import ConfigError, Limits, Policy
+from ..core.models import JobResult, JobSpec, Verdict, as_spec
+from ..node.executor import Capacity, SandboxExecutor
+from ..node.supervisor import Supervisor
+from ..watch.echo import Echo
+from ..watch.monitor import JobControl
 
 CANCEL_RESEND = 2.0  # seconds between soft cancels of a task that has not ended
 WAIT_SLICE = 0.05
