@@ -222,6 +222,16 @@ class Node(_Strict):
     evict_pressure: Percent = 60.0
 
 
+class Cluster(_Strict):
+    """The `[cluster]` table: the cluster-wide quota authority of Ray jobs (sandbox.ray). A job holds
+    a lease on its tenant's share for as long as it runs; the node running it renews the lease every
+    `lease_ttl` / 3 and ends the job itself when it could not renew for `lease_ttl`; the authority
+    frees a lease not renewed for `lease_ttl`."""
+
+    lease_ttl: Annotated[float, positive(parse_duration)] = 30.0
+    in_flight: Count = 1000  # jobs a RayExecutor has submitted to Ray and not seen end, at most
+
+
 class Alerts(_Strict):
     """Where alert events go besides the log and the audit log."""
 
@@ -319,6 +329,7 @@ class Policy(BaseModel):
     settings: Settings = Settings()
     service: Service = Service()
     scheduler: Scheduler = Scheduler()
+    cluster: Cluster = Cluster()
     source: str = "<built-in>"
 
     @classmethod
@@ -328,7 +339,8 @@ class Policy(BaseModel):
 
     @classmethod
     def from_dict(cls, data: dict, source: str) -> "Policy":
-        known = {"defaults", "profiles", "tenants", "job_types", "node", "alerts", "sandbox", "service", "scheduler"}
+        known = {"defaults", "profiles", "tenants", "job_types", "node", "alerts", "sandbox", "service", "scheduler",
+                 "cluster"}
         for key in data:
             if key not in known:
                 close = closest(str(key), known)
@@ -360,13 +372,22 @@ class Policy(BaseModel):
                    alerts=Alerts.parse(data.get("alerts", {}), f"{source} [alerts]"),
                    settings=Settings.parse(data.get("sandbox", {}), f"{source} [sandbox]"),
                    service=Service.parse(data.get("service", {}), f"{source} [service]"),
-                   scheduler=Scheduler.parse(data.get("scheduler", {}), f"{source} [scheduler]"), source=source)
+                   scheduler=Scheduler.parse(data.get("scheduler", {}), f"{source} [scheduler]"),
+                   cluster=Cluster.parse(data.get("cluster", {}), f"{source} [cluster]"), source=source)
 
     def cache_quota(self, tenant: str | None) -> int:
         """Bytes of compiled kernels kept for `tenant`: its own `cache_quota`, else `[sandbox]`'s."""
         entry = self.tenants.get(tenant) if tenant is not None else None
         own = entry.cache_quota if entry is not None else None
         return own if own is not None else self.settings.cache_quota
+
+    def priority(self, tenant: str | None, job_type: str | None, priority: int | None = None) -> int:
+        """A job's priority: its own, else its job type's, else its tenant's (0 for an unknown name)."""
+        if priority is not None:
+            return priority
+        if job_type is not None and job_type in self.job_types:
+            return self.job_types[job_type].priority
+        return self.tenants[tenant].priority if tenant in self.tenants else 0
 
     def resolve(self, profile: str | None = None, tenant: str | None = None,
                 overrides: Limits | None = None, job_type: str | None = None) -> Limits:

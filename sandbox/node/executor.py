@@ -91,8 +91,10 @@ class SandboxExecutor(Admission, Preemption, NodeMemory):
     def __init__(self, max_concurrent: int | None = None, capacity: Capacity | None = None,
                  policy: Policy | None = None, supervisor: Supervisor | None = None,
                  alert_hook: Callable[[dict], None] | None = None, metrics: Metrics | None = None,
-                 state_file: str | os.PathLike | None = None, probe: Probe | None = None) -> None:
-        """`probe`: what reads the node's real memory (default: `_node_probe()`)."""
+                 state_file: str | os.PathLike | None = None, probe: Probe | None = None,
+                 workers: int | None = None) -> None:
+        """`probe`: what reads the node's real memory (default: `_node_probe()`); `workers`: threads
+        that pick and start jobs (default `max_concurrent`: each runs its job to the end)."""
         self.supervisor = supervisor if supervisor is not None else Supervisor(policy)
         self._owns_supervisor = supervisor is None
         self.policy = self.supervisor.policy
@@ -125,7 +127,7 @@ class SandboxExecutor(Admission, Preemption, NodeMemory):
         self.pressure: Reading | None = None  # the latest reading of the node's memory
         self._watch = Watch(probe, self._read_pressure) if probe is not None else None
         self._workers = [threading.Thread(target=self._work, name=f"tsbx-exec-{i}", daemon=True)
-                         for i in range(self.max_concurrent)]
+                         for i in range(workers or self.max_concurrent)]
         for worker in self._workers:
             worker.start()
 
@@ -156,8 +158,7 @@ class SandboxExecutor(Admission, Preemption, NodeMemory):
             return self._reject(future, *problem)
         tenant = self._tenant(name)
         job_type = self.policy.job_types.get(spec.job_type) if spec.job_type else None
-        priority = spec.priority if spec.priority is not None else (
-            job_type.priority if job_type is not None else tenant.priority)
+        priority = self.policy.priority(name, spec.job_type, spec.priority)
         preemptible = tenant.preemptible or (job_type is not None and job_type.preemptible)
         requeue = tenant.requeue or (job_type is not None and job_type.requeue)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -303,7 +304,7 @@ class SandboxExecutor(Admission, Preemption, NodeMemory):
             with self._cv:
                 entry = self._pick()
                 while entry is None and not self._abandoned:
-                    if self._shutdown and not self._queue:
+                    if self._shutdown and not self._queue and not self._running:
                         return
                     self._cv.wait(timeout=LEDGER_RETRY if any(e.retry_at for e in self._queue) else 1.0)
                     entry = self._pick()
@@ -334,20 +335,30 @@ class SandboxExecutor(Admission, Preemption, NodeMemory):
             if started:
                 self._run(entry)
 
-    def _run(self, entry: Entry) -> None:
-        future, name = entry.future, entry.future.tenant
+    def _started(self, entry: Entry) -> dict:
+        """Bookkeeping for a job about to start; what its audit record says of its queueing."""
         waited = time.monotonic() - entry.submitted
-        self.metrics.queue_wait.labels(name).observe(waited)
+        self.metrics.queue_wait.labels(entry.future.tenant).observe(waited)
+        if entry.future.cancel_asked:  # while it was queued again after a preemption
+            entry.future.control.cancel()
         d = entry.demand
-        queued = {"submitted_at": time.time() - waited,
-                  "reserved": {"memory": d.memory, "gpu_memory": d.gpu_memory, "cpu": d.cpu}}
-        if future.cancel_asked:  # while it was queued again after a preemption
-            future.control.cancel()
+        return {"submitted_at": time.time() - waited,
+                "reserved": {"memory": d.memory, "gpu_memory": d.gpu_memory, "cpu": d.cpu}}
+
+    def _run(self, entry: Entry) -> None:
+        """Run the job in this worker thread to its verdict, then `_finish` it."""
+        future = entry.future
+        queued = self._started(entry)
         try:
             result = self.supervisor.run(future.spec, control=future.control, on_output=future.echo, queued=queued)
         except BaseException as err:  # noqa: BLE001 - the future must resolve whatever happens
-            result = None
-            failure = err
+            self._finish(entry, None, err)
+            return
+        self._finish(entry, result)
+
+    def _finish(self, entry: Entry, result: JobResult | None, failure: BaseException | None = None) -> None:
+        """A started job ended with `result` (or raised `failure`): free what it held, resolve its future."""
+        future, name = entry.future, entry.future.tenant
         if future.echo is not None:
             future.echo.close()
         self._release(entry)

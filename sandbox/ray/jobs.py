@@ -1,0 +1,117 @@
+"""Submitting one job as a Ray task, and its verdict: `submit`, `result`, `cancel`.
+
+A submission first asks the quota authority for the job's lease (`acquire`, a call that returns when
+the tenant's share allows the job) and starts the task with that call's ObjectRef as an argument:
+Ray starts the task only once the lease is granted, so a waiting job holds no worker, no CPU and no
+thread anywhere. This process renews the granted lease until the task attaches it to its node (see
+sandbox.ray.keeper), and releases it when the task ends however it ends.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+from ..core.limits import ConfigError, Policy
+from ..core.models import JobResult, JobSpec, as_spec
+from .actor import authority, forget
+from .keeper import Held, keeper
+from .options import _ray, gpu_bytes, resource_options
+from .outcome import failed_result
+from .task import CANCEL_RESEND, run_in_task
+
+DEFAULT_TENANT = "_default"
+_submitted: dict[str, dict] = {}  # what a result needs of each submitted job until `result()` has its verdict
+_submitted_lock = threading.Lock()
+
+
+def submit(spec: JobSpec | Callable, policy: Policy | None = None, device_memory: int | None = None,
+           service: str | None = "auto", quiet: bool = False, priority: int | None = None, **ray_options):
+    """Start `spec` (or a callable, shipped to the job: see sandbox.core.shipping) as a Ray task once
+    the quota authority grants its lease; returns an ObjectRef to the JobResult's JSON (use `result()`,
+    which keeps numpy arrays in the return value and turns every Ray failure into a verdict).
+
+    `policy` gives the job's limits, its tenant's quotas (`max_concurrent`, `memory_quota`,
+    `gpu_memory_quota`: cluster-wide) and `[cluster] lease_ttl`; `priority` orders the authority's
+    waiters (default: the job's, its job type's, its tenant's). `service`: the node service socket the
+    task submits through ("auto", a path, or None: never). Unless `quiet`, the job's output appears on
+    the driver's console as Ray shows its workers' output. `ray_options` override the mapping from
+    limits (e.g. `num_gpus=1`)."""
+    ray = _ray()
+    spec = as_spec(spec)
+    if spec.binds:
+        raise ConfigError("binds: a Ray task may run on another machine; bind directories only for jobs run in "
+                          "this process (run_kernel)")
+    policy = policy if policy is not None else Policy()
+    limits = policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type)
+    options = {**resource_options(spec, limits, device_memory), **ray_options}
+    name = spec.tenant or DEFAULT_TENANT
+    tenant = policy.tenants.get(name)
+    quotas = {"max_concurrent": tenant.max_concurrent, "memory_quota": tenant.memory_quota,
+              "gpu_memory_quota": tenant.gpu_memory_quota} if tenant is not None else {}
+    ttl = policy.cluster.lease_ttl
+    keep = keeper(authority)
+    grant = authority(ttl).acquire.remote(spec.job_id, name, keep.holder, limits.memory,
+                                          gpu_bytes(spec, limits, device_memory), quotas,
+                                          policy.priority(name, spec.job_type, priority))
+    task = ray.remote(run_in_task).options(name=f"taichi-sandbox:{spec.job_id}", **options)
+    ref = task.remote(spec.model_dump_json(), policy.model_dump_json(), service, quiet, grant)
+    with _submitted_lock:
+        _submitted[ref.hex()] = {"job_id": spec.job_id, "kernel": spec.kernel, "arch": spec.arch,
+                                 "labels": spec.labels}
+    keep.keep(spec.job_id, Held(ttl=ttl, until=ref))
+    return ref
+
+
+def result(ref, timeout: float | None = None) -> JobResult:
+    """`ray.get` the JobResult of a `submit()`ted job; every failure is a verdict (see
+    sandbox.ray.outcome): a cancelled task `cancelled`, a dead worker or node `crashed`, an authority
+    that could not decide `rejected`, each with Ray's cause in the reason. Raises only Ray's
+    GetTimeoutError (`timeout`) and, for a ref `submit` did not make, what `ray.get` raises."""
+    ray = _ray()
+    try:
+        value = JobResult.model_validate_json(ray.get(ref, timeout=timeout))
+    except ray.exceptions.GetTimeoutError:
+        raise
+    except ray.exceptions.RayError as err:
+        with _submitted_lock:
+            spec = _submitted.pop(ref.hex(), None)
+        if spec is None:
+            raise
+        keeper(authority).drop(spec["job_id"], release=True)
+        if isinstance(err, ray.exceptions.RayActorError):
+            forget()
+        return failed_result(spec, err)
+    with _submitted_lock:
+        spec = _submitted.pop(ref.hex(), None)
+    if spec is not None:
+        keeper(authority).drop(spec["job_id"], release=True)
+    return value
+
+
+def cancel(ref, force: bool = False, timeout: float = 30.0) -> JobResult:
+    """Cancel a `submit()`ted job and return its verdict. The cancel is sent again every
+    CANCEL_RESEND seconds until the task ends: Ray drops a soft cancel that reaches a worker still
+    starting the task. Raises TimeoutError when the task outlives `timeout`."""
+    ray = _ray()
+    deadline = time.monotonic() + timeout
+    while True:
+        ray.cancel(ref, force=force)
+        try:
+            return result(ref, timeout=min(CANCEL_RESEND, max(0.0, deadline - time.monotonic())))
+        except ray.exceptions.GetTimeoutError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the task ignored every cancel for {timeout:g} s") from None
+
+
+def cancel_quietly(ref) -> None:
+    """A soft cancel sent until the task ends (its verdict is collected by whoever waits for it)."""
+    ray = _ray()
+    while True:
+        try:
+            ray.cancel(ref)
+        except Exception:  # noqa: BLE001 - the task ended, or Ray is gone
+            return
+        if ray.wait([ref], timeout=CANCEL_RESEND)[0]:
+            return

@@ -1,0 +1,131 @@
+"""LeaseKeeper: one thread per process keeps every lease this process holds alive.
+
+Each round (every ttl/4) it renews all of them in one `renew` call. A driver holds a job's lease from
+its grant until the task running it attaches it to a node (then the node's worker holds it, and the
+driver's renewals of it are refused: it stops renewing, and only watches the job's result ref to
+release the lease when the job ends however it ends). A worker renews the leases of the jobs it runs
+and tells each job's JobControl the time by which it must end should no renewal get through:
+`lease_ttl` after the renewal was *sent* minus `margin`, so the node ends a job before the authority,
+which counts from when it *received* the renewal, can free its share. A renewal the authority answers
+`lost` ends the job at once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .actor import forget
+from .options import _ray
+
+ROUND_SHARE = 4  # renew every ttl / ROUND_SHARE
+
+
+@dataclass
+class Held:
+    """One lease this process keeps: `until` (driver) a ref whose readiness ends it; `on_renewed`
+    (worker) gets each new node-side deadline, `on_lost` the reason when the authority says it is gone."""
+
+    ttl: float
+    until: Any = None
+    on_renewed: Callable[[float], None] | None = None
+    on_lost: Callable[[str], None] | None = None
+    renewing: bool = True
+    margin: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class LeaseKeeper:
+    """Renews the leases of one holder (this process) against the authority `handle()` returns."""
+
+    def __init__(self, handle: Callable[[], Any], holder: str) -> None:
+        self._handle, self.holder = handle, holder
+        self._held: dict[str, Held] = {}
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def keep(self, lease_id: str, held: Held) -> None:
+        with self._cv:
+            self._held[lease_id] = held
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="tsbx-lease-keeper", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def drop(self, lease_id: str, release: bool = True) -> None:
+        """Stop keeping `lease_id`; `release` it at the authority (without waiting for the answer)."""
+        with self._cv:
+            self._held.pop(lease_id, None)
+        if release:
+            self._release([lease_id])
+
+    def _release(self, ids: list[str]) -> None:
+        try:
+            self._handle().release.remote(ids)
+        except Exception:  # noqa: BLE001 - Ray gone: the lease lapses at the authority after its ttl
+            pass
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                if not self._held:
+                    self._thread = None
+                    return
+                period = min(h.ttl for h in self._held.values()) / ROUND_SHARE
+            self._round(period)
+            with self._cv:
+                self._cv.wait(period)
+
+    def _round(self, period: float) -> None:
+        """Release the leases whose job ended; renew the rest in one call (at most `period` waited)."""
+        ray = _ray()
+        with self._cv:
+            held = dict(self._held)
+        watched = {id(h.until): lease for lease, h in held.items() if h.until is not None}
+        refs = [h.until for h in held.values() if h.until is not None]
+        if refs:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            ended = [watched[id(ref)] for ref in ready if id(ref) in watched]
+            for lease in ended:
+                self.drop(lease, release=True)
+                held.pop(lease, None)
+        renew = [lease for lease, h in held.items() if h.renewing]
+        if not renew:
+            return
+        sent = time.monotonic()
+        try:
+            answer = ray.get(self._handle().renew.remote(renew, self.holder), timeout=period)
+        except Exception as err:  # noqa: BLE001 - not renewed this round: the node-side deadlines stay where they are
+            if isinstance(err, ray.exceptions.RayActorError):
+                forget()  # killed for good: the next round finds its successor (restored from the GCS)
+            return
+        lost = set(answer.get("lost", []))
+        for lease in renew:
+            h = held[lease]
+            h.ttl = answer.get("ttl", h.ttl)
+            if lease in lost:
+                if h.on_lost is not None:
+                    h.on_lost("the quota authority no longer holds the job's lease (it lapsed or was released)")
+                    self.drop(lease, release=False)
+                else:
+                    h.renewing = False  # a driver's: attached to a node, renewed there from now on
+            elif h.on_renewed is not None:
+                h.on_renewed(sent + h.ttl - h.margin)
+
+
+_keepers: dict[str, LeaseKeeper] = {}
+_keepers_lock = threading.Lock()
+
+
+def keeper(handle: Callable[[], Any]) -> LeaseKeeper:
+    """This process's LeaseKeeper (its holder id: the process's Ray worker id (a driver has one too) and pid)."""
+    ctx = _ray().get_runtime_context()
+    key = ctx.gcs_address
+    with _keepers_lock:
+        found = _keepers.get(key)
+        if found is None:
+            found = _keepers[key] = LeaseKeeper(handle, f"{ctx.get_worker_id()}:{os.getpid()}")
+        return found

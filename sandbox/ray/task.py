@@ -1,0 +1,186 @@
+"""The Ray task body: attach the job's lease to this node, keep it, supervise the job here (or have
+the node service run it), release the lease. See sandbox.ray for the whole path."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+from .. import remote
+from ..core.limits import Policy
+from ..core.models import JobResult, JobSpec, Verdict
+from ..node.supervisor import Supervisor
+from ..watch.echo import Echo
+from ..watch.monitor import JobControl
+from .actor import authority, forget
+from .keeper import Held, keeper
+from .options import _ray
+from .outcome import failure_verdict, granted
+
+CANCEL_RESEND = 2.0  # seconds between soft cancels of a task that has not ended
+WAIT_SLICE = 0.05
+MARGIN_SHARE = 3  # the node ends a job lease_ttl / MARGIN_SHARE before the authority could free its share
+_worker_supervisors: dict[str, Supervisor] = {}
+_worker_lock = threading.Lock()
+
+
+def _worker_supervisor(policy_json: str) -> Supervisor:
+    with _worker_lock:
+        sup = _worker_supervisors.get(policy_json)
+        if sup is None:
+            sup = _worker_supervisors[policy_json] = Supervisor(Policy.model_validate_json(policy_json))
+            atexit.register(sup.close)
+        return sup
+
+
+def _labels() -> dict[str, str]:
+    ctx = _ray().get_runtime_context()
+    resources = ctx.get_assigned_resources()
+    return {"ray_job_id": str(ctx.get_job_id()), "ray_task_id": str(ctx.get_task_id()),
+            "ray_node_id": str(ctx.get_node_id()), "ray_worker_id": str(ctx.get_worker_id()),
+            "ray_resources": ",".join(f"{k}={v:g}" for k, v in sorted(resources.items()))}
+
+
+def run_in_task(spec_json: str, policy_json: str, service: str | None = "auto", quiet: bool = False,
+                grant: dict | None = None) -> str:
+    """The Ray task body: supervise one job here, or have the node service run it (see sandbox.ray);
+    return its JobResult as JSON. `grant`: the authority's answer to the job's `acquire` (Ray resolved
+    it before starting the task); the task attaches the lease to this node (waiting while the node's
+    memory is reserved), keeps it renewed while the job runs, and releases it. Unless `quiet`, the
+    job's output goes to the worker's stdout and stderr as it comes, which Ray shows on the driver's.
+
+    The job runs in a helper thread while this (the task's main) thread waits in short slices, so
+    Ray's soft cancel (KeyboardInterrupt) arrives at once; it cancels the job and the task waits for
+    the graceful termination before re-raising.
+    """
+    started = time.time()
+    spec = JobSpec.model_validate_json(spec_json)
+    spec = spec.model_copy(update={"labels": {**spec.labels, **_labels()}})
+    if threading.current_thread() is threading.main_thread():
+        # Ray's soft cancel is SIGINT; a worker started from a background shell inherits it ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    control = JobControl()
+    lease = None
+    if grant is not None:
+        refused = granted(spec, grant, started)
+        if refused is not None:
+            return refused.model_dump_json()
+        lease, problem = _attach(spec, grant, started)
+        if problem is not None:
+            return problem.model_dump_json()
+    try:
+        socket_path = None if service is None else remote.choose_socket(None if service == "auto" else service)
+        if socket_path is not None:
+            return _through_service(socket_path, spec, lease)
+        if lease is not None:
+            _keep(lease, on_renewed=control.lease_until, on_lost=control.lease_lost)
+        supervisor = _worker_supervisor(policy_json)
+
+        def body() -> str:
+            with contextlib.nullcontext() if quiet else Echo() as echo:
+                return supervisor.run(spec, control=control, on_output=echo).model_dump_json()
+        return _cancellable(body, control.cancel, spec.job_id)
+    finally:
+        if lease is not None:
+            keeper(authority).drop(lease[0], release=True)
+
+
+def _attach(spec: JobSpec, grant: dict, started: float) -> tuple[tuple[str, float, float] | None, JobResult | None]:
+    """Attach the granted lease to this node: ((lease id, ttl, first node-side deadline), None), or
+    (None, the job's verdict) when the lease is gone or the authority cannot answer."""
+    ray = _ray()
+    ctx = ray.get_runtime_context()
+    lease_id = grant["granted"]
+    sent = time.monotonic()
+    try:
+        answer = ray.get(authority().attach.remote(lease_id, ctx.get_node_id(), keeper(authority).holder))
+    except ray.exceptions.RayError as err:
+        forget()
+        verdict, reason = failure_verdict(err)
+        return None, JobResult.not_run(spec, verdict, reason, started)
+    if "lost" in answer:
+        return None, granted(spec, answer, started)
+    ttl = grant["ttl"]
+    return (lease_id, ttl, sent + ttl - ttl / MARGIN_SHARE), None
+
+
+def _keep(lease: tuple[str, float, float], on_renewed: Callable[[float], None] | None,
+          on_lost: Callable[[str], None]) -> None:
+    """Keep `lease` renewed from this worker; `on_renewed` gets its first deadline at once."""
+    lease_id, ttl, first = lease
+    if on_renewed is not None:
+        on_renewed(first)
+    keeper(authority).keep(lease_id, Held(ttl=ttl, on_renewed=on_renewed, on_lost=on_lost, margin=ttl / MARGIN_SHARE))
+
+
+def _cancellable(body: Callable[[], str], cancel: Callable[[], None], job_id: str) -> str:
+    """`body()` in a helper thread; a KeyboardInterrupt here calls `cancel()`, waits for `body` to
+    end and is re-raised."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = body()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the task thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name=f"tsbx-ray-{job_id}", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(WAIT_SLICE)
+    except KeyboardInterrupt:
+        cancel()
+        thread.join()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _through_service(path, spec: JobSpec, lease: tuple[str, float, float] | None) -> str:
+    """Run `spec` through the node service at `path`, following it to its verdict (JSON). A job the
+    service refuses, or a service that cannot be reached, is verdict `rejected`; one lost mid-way
+    (the service went away) is `crashed`. The job's lease is renewed from here; when the authority
+    says it is gone the job is cancelled in the service."""
+    fields = spec.model_dump(mode="json", exclude_defaults=True,
+                             exclude={"job_id", "kernel", "inputs", "outputs", "output_dir", "shipped"})
+    if spec.shipped is not None:
+        fields["shipped"] = spec.shipped.model_dump()
+    submitted: dict[str, Any] = {}
+    started = time.time()
+
+    def follow() -> str:
+        job = remote.Job(spec.kernel, inputs=spec.inputs, output_dir=spec.output_dir, outputs=spec.outputs,
+                         **fields)
+        try:
+            answer, results = remote.submit_and_follow(
+                path, [job], output=False,
+                on_answer=lambda a: submitted.update(a["jobs"][0]) if a["type"] == "submitted" else None)
+        except remote.ClientError as err:
+            lost = err.code == remote.EXIT_INTERNAL
+            return JobResult.not_run(spec, Verdict.crashed if lost else Verdict.rejected, str(err),
+                                     started).model_dump_json()
+        if not results:
+            refused = answer["jobs"][0]
+            return JobResult.not_run(spec, Verdict.rejected, f"the node service refused the job: {refused.get('code')}: "
+                                                             f"{refused.get('reason')}", started).model_dump_json()
+        return json.dumps(results[0]["result"])
+
+    def cancel(reason: str | None = None) -> None:
+        deadline = time.monotonic() + CANCEL_RESEND
+        while not submitted.get("job_id") and time.monotonic() < deadline:
+            time.sleep(WAIT_SLICE)  # not yet admitted: a moment, then the connection's end cancels it
+        if submitted.get("job_id"):
+            try:
+                remote.one(path, {"op": "cancel", "job_id": submitted["job_id"]})
+            except remote.ClientError:
+                pass  # the job ended meanwhile, or the service is gone with it
+    if lease is not None:
+        _keep(lease, on_renewed=None, on_lost=lambda reason: threading.Thread(target=cancel, daemon=True).start())
+    return _cancellable(follow, cancel, spec.job_id)
