@@ -361,7 +361,7 @@ def test_acquire_attach_and_release_are_idempotent():
             q = quotas(max_concurrent=1)
             first = await a.acquire("l", "t", "d", GiB, 0, q)
             assert await a.acquire("l", "t", "d", GiB, 0, q) == first
-            twice = [await pending(a.acquire("w", "t", "d", GiB, 0, q)), await pending(a.acquire("w", "t", "d", GiB, 0, q))]
+            twice = [await pending(a.acquire("w", "t", "d", GiB, 0, q)) for _ in range(2)]
             assert a.usage()["tenants"]["t"] == {"running": 1, "memory": GiB, "gpu_memory": 0, "waiting": 1}
             assert await a.attach("l", "n", "w", node_memory=4 * GiB) == await a.attach("l", "n", "w")
             assert a.usage()["nodes"]["n"]["memory_reserved"] == GiB

@@ -22,69 +22,19 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Callable
 
-from .store import Store
+from .leases import QUOTAS, Attach, Node, Request, Tenant, record, refusal
+from .store import GroupCommit, Store
 
 log = logging.getLogger(__name__)
 FORMAT = 1
-QUOTAS = ("max_concurrent", "memory_quota", "gpu_memory_quota")
-PERSISTED = ("lease_id", "tenant", "holder", "memory", "gpu_memory", "quotas", "priority", "seq", "node", "reserved")
 ENDED_KEPT = 10_000  # how many ended leases' reasons `ended()` remembers
-BACKOFF = (0.05, 5.0)  # first and longest pause between retries of a failed save (s)
-
-
-@dataclass
-class Request:
-    """A tenant-level waiter or, once granted, a lease."""
-    lease_id: str
-    tenant: str
-    holder: str
-    memory: int | None  # None: unlimited (the node's whole memory once attached)
-    gpu_memory: int
-    quotas: dict
-    priority: int
-    seq: int
-    node: str | None = None
-    reserved: int = 0  # the node's memory held since attach
-    deadline: float = 0.0
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (-self.priority, self.seq)
-
-    @property
-    def charge(self) -> int:
-        """The memory counted against the tenant's memory_quota."""
-        return self.memory if self.memory is not None else self.reserved
-
-
-@dataclass
-class Tenant:
-    running: int = 0
-    memory: int = 0
-    gpu_memory: int = 0
-    queue: list = field(default_factory=list)  # (key, lease_id), in grant order
-
-
-@dataclass
-class Node:
-    total: int
-    given: bool  # known from attach's node_memory (persisted), not from nodes()
-    reserved: int = 0
-    leases: set = field(default_factory=set)
-    queue: list = field(default_factory=list)  # (key, lease_id) of attach waiters
-
-
-@dataclass
-class Attach:
-    node: str
-    holder: str
-    future: asyncio.Future
 
 
 class Authority:
+    """Leases of tenants' quotas and nodes' memory (see the module docstring); one event loop."""
+
     def __init__(self, store: Store, ttl: float = 30.0, nodes: Callable[[], dict[str, int]] | None = None,
                  refresh: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
         """`nodes()`: {node_id: memory bytes} of the live nodes (blocking; run in a thread); None:
@@ -101,9 +51,8 @@ class Authority:
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._seq = itertools.count()
         self._epoch = 0
-        self._version = self._saved = 0
-        self._syncs: list[tuple[int, asyncio.Future]] = []
-        self._dirty = asyncio.Event()
+        self._commit = GroupCommit(store, self._snapshot)
+        self._changed, self._durable = self._commit.changed, self._commit.durable
         self._tasks: list[asyncio.Task] = []
         self._refreshing: asyncio.Future | None = None
 
@@ -114,7 +63,7 @@ class Authority:
         data = await asyncio.to_thread(self.store.load)
         if data is not None:
             self._restore(json.loads(data))
-        self._tasks = [asyncio.create_task(self._flusher()), asyncio.create_task(self._expiry_loop())]
+        self._tasks = [asyncio.create_task(self._commit.run()), asyncio.create_task(self._expiry_loop())]
         if self._nodes_fn is not None:
             await self._refresh_nodes()
             self._tasks.append(asyncio.create_task(self._refresh_loop()))
@@ -130,8 +79,9 @@ class Authority:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for fut in [*self._futures.values(), *(a.future for a in self._attaching.values()), *(f for _, f in self._syncs)]:
+        for fut in [*self._futures.values(), *(a.future for a in self._attaching.values())]:
             fut.cancel()
+        self._commit.cancel()
 
     # -- the calls ---------------------------------------------------------------------------
     async def acquire(self, lease_id: str, tenant: str, holder: str, memory: int | None, gpu_memory: int,
@@ -145,7 +95,7 @@ class Authority:
                 if lease_id in self._ended:
                     return {"lost": self._ended[lease_id]}
                 quotas = {k: quotas.get(k) for k in QUOTAS}
-                why = _refusal(memory, gpu_memory, quotas)
+                why = refusal(memory, gpu_memory, quotas)
                 if why:
                     return {"refused": why}
                 req = Request(lease_id, tenant, holder, memory, gpu_memory, quotas, priority, next(self._seq),
@@ -218,6 +168,9 @@ class Authority:
         await self._durable()
 
     def usage(self) -> dict:
+        """{"tenants": {t: {"running", "memory", "gpu_memory", "waiting"}}, "nodes": {n: {"memory_total",
+        "memory_reserved", "leases", "waiting" (at attach)}}, "leases": granted, "waiting": waiters at
+        acquire and at attach, "epoch": how many times the state was restored}."""
         tenants = {name: {"running": t.running, "memory": t.memory, "gpu_memory": t.gpu_memory,
                           "waiting": len(t.queue)} for name, t in self._tenants.items()}
         nodes = {name: {"memory_total": n.total, "memory_reserved": n.reserved, "leases": len(n.leases),
@@ -408,42 +361,8 @@ class Authority:
                 self._changed()
                 self._pump_node(name)
 
-    # -- persistence -------------------------------------------------------------------------
-    def _changed(self) -> None:
-        self._version += 1
-        self._dirty.set()
-
-    async def _durable(self) -> None:
-        """Return once a snapshot covering every change so far is saved."""
-        if self._saved >= self._version:
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._syncs.append((self._version, fut))
-        await asyncio.shield(fut)
-
-    async def _flusher(self) -> None:
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            pause = BACKOFF[0]
-            while True:
-                version = self._version
-                try:
-                    await asyncio.to_thread(self.store.save, self._snapshot())
-                    break
-                except Exception as err:  # noqa: BLE001 - retried: no reply before the state is durable
-                    log.warning("the authority could not save its state (retrying in %g s): %s", pause, err)
-                    await asyncio.sleep(pause)
-                    pause = min(2 * pause, BACKOFF[1])
-            self._saved = version
-            done = [s for s in self._syncs if s[0] <= version]
-            self._syncs = [s for s in self._syncs if s[0] > version]
-            for _, fut in done:
-                if not fut.done():
-                    fut.set_result(None)
-
+    # -- persistence (GroupCommit saves) --------------------------------------------------
     def _snapshot(self) -> bytes:
-        record = lambda r: {k: getattr(r, k) for k in PERSISTED}  # noqa: E731
         waiters = [self._waiting[item[1]] for t in self._tenants.values() for item in t.queue]
         return json.dumps({"format": FORMAT, "epoch": self._epoch,
                            "leases": [record(r) for r in self._leases.values()],
@@ -472,14 +391,3 @@ class Authority:
             seqs.append(rec["seq"])
         self._seq = itertools.count(max(seqs) + 1)
 
-
-def _refusal(memory: int | None, gpu_memory: int, quotas: dict) -> str | None:
-    """Why a demand can never fit the tenant's quotas on its own, else None."""
-    if quotas["max_concurrent"] is not None and quotas["max_concurrent"] < 1:
-        return f"the tenant's max_concurrent is {quotas['max_concurrent']}"
-    if memory is not None and quotas["memory_quota"] is not None and memory > quotas["memory_quota"]:
-        return f"the job's memory ({memory} bytes) exceeds the tenant's memory_quota ({quotas['memory_quota']} bytes)"
-    if quotas["gpu_memory_quota"] is not None and gpu_memory > quotas["gpu_memory_quota"]:
-        return (f"the job's gpu_memory ({gpu_memory} bytes) exceeds the tenant's gpu_memory_quota "
-                f"({quotas['gpu_memory_quota']} bytes)")
-    return None
