@@ -145,6 +145,30 @@ def test_a_demand_that_can_never_fit_is_refused_at_once():
     run(body)
 
 
+def test_malformed_demands_are_refused_and_never_count_against_a_quota():
+    async def body(_):
+        async with started() as a:
+            q = quotas(max_concurrent=2, memory_quota=4 * GiB)
+            bad = [(("n1", "t", "d", -8 * GiB, 0, q), "memory: "), (("n2", "t", "d", 0, -GiB, q), "gpu_memory: "),
+                   (("n3", "t", "d", True, 0, q), "memory: "), (("n4", "t", "d", 1.5, 0, q), "memory: "),
+                   (("n5", "t", "d", 0, 0, {"max_concurrent": "9"}), "max_concurrent: "),
+                   (("n6", "t", "d", 0, 0, [1]), "quotas: "), ((7, "t", "d", 0, 0, q), "lease_id: "),
+                   (("n8", None, "d", 0, 0, q), "tenant: "), (("n9", "t", "d", 0, 0, q, "high"), "priority: ")]
+            for args, word in bad:
+                answer = await a.acquire(*args)
+                assert list(answer) == ["refused"] and answer["refused"].startswith(word), answer
+            assert a.usage()["leases"] == 0 and a.usage()["tenants"] == {}
+            await a.acquire("ok", "t", "d", GiB, 0, q)
+            for node_memory in (-GiB, "16GiB", 0):
+                assert "node_memory: " in (await a.attach("ok", "n", "w", node_memory=node_memory))["lost"]
+            assert a.usage()["nodes"] == {}
+            assert "lease_id: " in (await a.attach(["ok"], "n", "w"))["lost"]
+            assert await a.renew(["ok", ["ok"]], "d") == {"lost": [["ok"]]}
+            await a.release([["ok"], {"ok": 1}])
+            assert a.usage()["leases"] == 1
+    run(body)
+
+
 def test_an_unlimited_job_reserves_its_whole_node_at_attach():
     async def body(_):
         async with started() as a:
@@ -289,6 +313,21 @@ def test_a_restarted_authority_loses_no_lease_and_overbooks_nothing():
     run(body)
 
 
+def test_restored_leases_get_a_fresh_ttl_and_expire_if_nobody_comes_back():
+    async def body(_):
+        store, clock = MemoryStore(), FakeClock()
+        async with started(store, ttl=0.4, clock=clock) as a:
+            await a.acquire("l", "t", "d", GiB, 0, quotas())
+        clock.now += 60  # the authority was down for a minute
+        async with started(store, ttl=0.4, clock=clock) as b:
+            await asyncio.sleep(0.25)
+            assert b.usage()["leases"] == 1
+            clock.now += 0.5
+            await asyncio.sleep(0.25)
+            assert b.usage()["leases"] == 0 and "expired" in b.ended("l")
+    run(body)
+
+
 class GatedStore(MemoryStore):
     """A store whose saves block until the test opens the gate."""
 
@@ -312,6 +351,11 @@ def test_replies_wait_for_the_save_that_covers_them():
             store.gate.set()
             assert await done(acquire) == {"granted": "l", "ttl": 30.0}
             assert [r["lease_id"] for r in json.loads(store.data)["leases"]] == ["l"]
+            store.gate.clear()
+            attach = await pending(a.attach("l", "n", "w", node_memory=GiB))
+            store.gate.set()
+            assert await done(attach) == {"attached": "n", "ttl": 30.0}
+            assert json.loads(store.data)["leases"][0]["node"] == "n"
             store.gate.clear()
             release = await pending(a.release(["l"]))
             others = [asyncio.ensure_future(a.acquire(f"b{i}", "t", "d", GiB, 0, quotas())) for i in range(20)]

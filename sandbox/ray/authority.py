@@ -24,7 +24,8 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
-from .leases import QUOTAS, Attach, Node, Request, Tenant, record, refusal
+from .leases import (QUOTAS, Attach, Node, Request, Tenant, invalid, invalid_node_memory, never_fits, record,
+                     refusal)
 from .store import GroupCommit, Store
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,9 @@ class Authority:
             if lease_id not in self._waiting:
                 if lease_id in self._ended:
                     return {"lost": self._ended[lease_id]}
+                why = invalid(lease_id, tenant, holder, memory, gpu_memory, quotas, priority)
+                if why:
+                    return {"refused": why}
                 quotas = {k: quotas.get(k) for k in QUOTAS}
                 why = refusal(memory, gpu_memory, quotas)
                 if why:
@@ -118,9 +122,15 @@ class Authority:
         node's whole memory) and, for an unlimited job, the tenant's memory_quota has room for the
         node's memory. From then on only `holder` renews it. {"attached": node_id, "ttl": ttl}
         once saved, or {"lost": reason}. Idempotent."""
+        if not isinstance(lease_id, str):
+            return {"lost": f"lease_id: must be a string (got {lease_id!r:.60})"}
         lease = self._leases.get(lease_id)
         if lease is None:
             return {"lost": self._ended.get(lease_id, f"lease {lease_id} was never granted")}
+        why = invalid_node_memory(node_memory) or (None if isinstance(node_id, str) and isinstance(holder, str)
+                                                   else "node_id, holder: must be strings")
+        if why:
+            return {"lost": why}
         if lease.node is None:
             pending = self._attaching.get(lease_id)
             if pending is None:
@@ -128,7 +138,7 @@ class Authority:
                 lease = self._leases.get(lease_id)
                 if lease is None:
                     return {"lost": self._ended.get(lease_id, "released")}
-                why = why or self._never_fits(lease, node_id)
+                why = why or never_fits(lease, node_id, self._nodes[node_id].total)
                 if why:
                     return {"lost": why}
                 pending = self._attaching.get(lease_id)
@@ -153,6 +163,9 @@ class Authority:
         also its attacher); {"lost": [the ids not held by holder]}."""
         deadline, lost = self.clock() + self.ttl, []
         for lease_id in lease_ids:
+            if not isinstance(lease_id, str):
+                lost.append(lease_id)
+                continue
             req = self._leases.get(lease_id) or self._waiting.get(lease_id)
             pending = self._attaching.get(lease_id)
             if req is not None and (req.holder == holder or (pending is not None and pending.holder == holder)):
@@ -164,7 +177,8 @@ class Authority:
     async def release(self, lease_ids: list[str]) -> None:
         """Free these leases and withdraw these waiters (unknown ids are ignored); returns once saved."""
         for lease_id in lease_ids:
-            self._end(lease_id, "released")
+            if isinstance(lease_id, str):
+                self._end(lease_id, "released")
         await self._durable()
 
     def usage(self) -> dict:
@@ -231,15 +245,6 @@ class Authority:
             node.total = node_memory
             self._changed()
             self._pump_node(node_id)
-        return None
-
-    def _never_fits(self, lease: Request, node_id: str) -> str | None:
-        node, quota = self._nodes[node_id], lease.quotas["memory_quota"]
-        if lease.memory is not None and lease.memory > node.total:
-            return f"the job's memory ({lease.memory} bytes) exceeds node {node_id}'s ({node.total} bytes)"
-        if lease.memory is None and quota is not None and node.total > quota:
-            return (f"an unlimited job reserves node {node_id}'s whole memory ({node.total} bytes), "
-                    f"more than tenant {lease.tenant}'s memory_quota ({quota} bytes)")
         return None
 
     def _pump_node(self, node_id: str) -> None:

@@ -74,3 +74,41 @@ def refusal(memory: int | None, gpu_memory: int, quotas: dict) -> str | None:
         return (f"the job's gpu_memory ({gpu_memory} bytes) exceeds the tenant's gpu_memory_quota "
                 f"({quotas['gpu_memory_quota']} bytes)")
     return None
+
+
+def never_fits(lease: Request, node_id: str, total: int) -> str | None:
+    """Why a lease can never be attached to a node of `total` bytes, else None."""
+    quota = lease.quotas["memory_quota"]
+    if lease.memory is not None and lease.memory > total:
+        return f"the job's memory ({lease.memory} bytes) exceeds node {node_id}'s ({total} bytes)"
+    if lease.memory is None and quota is not None and total > quota:
+        return (f"an unlimited job reserves node {node_id}'s whole memory ({total} bytes), "
+                f"more than tenant {lease.tenant}'s memory_quota ({quota} bytes)")
+    return None
+
+
+def invalid(lease_id, tenant, holder, memory, gpu_memory, quotas, priority) -> str | None:
+    """What is malformed in an acquire's arguments (`field: problem (got VALUE)`), else None: a
+    negative or non-integer amount would otherwise count against a quota as room."""
+    for name, value in (("lease_id", lease_id), ("tenant", tenant), ("holder", holder)):
+        if not isinstance(value, str) or not value:
+            return f"{name}: must be a non-empty string (got {value!r:.60})"
+    if not isinstance(quotas, dict):
+        return f"quotas: must be a dict of {', '.join(QUOTAS)} (got {quotas!r:.60})"
+    if not _whole(priority, signed=True):
+        return f"priority: must be a whole number (got {priority!r:.60})"
+    for name, value in (("memory", memory), ("gpu_memory", gpu_memory), *((k, quotas.get(k)) for k in QUOTAS)):
+        if not (value is None and name != "gpu_memory") and not _whole(value):
+            optional = "" if name == "gpu_memory" else " or None"
+            return f"{name}: must be a whole number ≥ 0{optional} (got {value!r:.60})"
+    return None
+
+
+def invalid_node_memory(node_memory) -> str | None:
+    if node_memory is None or (_whole(node_memory) and node_memory > 0):
+        return None
+    return f"node_memory: must be a whole number of bytes > 0 or None (got {node_memory!r:.60})"
+
+
+def _whole(value, signed: bool = False) -> bool:
+    return type(value) is int and (signed or value >= 0)
