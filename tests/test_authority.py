@@ -198,6 +198,22 @@ def test_an_unlimited_job_reserves_its_whole_node_at_attach():
     run(body)
 
 
+def test_an_unlimited_job_attached_no_longer_holds_back_its_tenants_waiters():
+    async def body(_):
+        async with started() as a:
+            q = quotas(memory_quota=21 * GiB)
+            await a.acquire("a", "t", "d", 4 * GiB, 0, q)
+            await a.acquire("u", "t", "d", None, 0, q)
+            await a.attach("a", "n1", "w", node_memory=8 * GiB)
+            held = await pending(a.attach("u", "n2", "w", node_memory=18 * GiB))  # 4 + 18 > 21
+            await a.acquire("b", "v", "d", GiB, 0, quotas())
+            waits = await pending(a.attach("b", "n2", "w", node_memory=16 * GiB))  # the node has 16 GiB now
+            assert await done(held) == {"attached": "n2", "ttl": 30.0}
+            assert await a.acquire("c", "t", "d", GiB, 0, q) == {"granted": "c", "ttl": 30.0}  # 4 + 16 + 1 <= 21
+            waits.cancel()
+    run(body)
+
+
 def test_two_nodes_are_independent():
     async def body(_):
         async with started() as a:
@@ -325,6 +341,21 @@ def test_restored_leases_get_a_fresh_ttl_and_expire_if_nobody_comes_back():
             clock.now += 0.5
             await asyncio.sleep(0.25)
             assert b.usage()["leases"] == 0 and "expired" in b.ended("l")
+    run(body)
+
+
+def test_a_restart_frees_the_leases_of_nodes_that_died_meanwhile():
+    async def body(_):
+        store, live = MemoryStore(), {"n1": 8 * GiB, "n2": 8 * GiB}
+        async with started(store, nodes=lambda: dict(live)) as a:
+            for lease_id, node in (("l1", "n1"), ("l2", "n2")):
+                await a.acquire(lease_id, "t", "d", 6 * GiB, 0, quotas())
+                await a.attach(lease_id, node, "w")
+        del live["n2"]
+        async with started(store, nodes=lambda: dict(live)) as b:
+            assert b.usage()["leases"] == 1 and b.ended("l2") == "node n2 is gone"
+            assert b.usage()["nodes"] == {"n1": {"memory_total": 8 * GiB, "memory_reserved": 6 * GiB, "leases": 1,
+                                                 "waiting": 0}}
     run(body)
 
 

@@ -48,7 +48,7 @@ class Authority:
         self._attaching: dict[str, Attach] = {}
         self._tenants: dict[str, Tenant] = {}
         self._nodes: dict[str, Node] = {}
-        self._quota_blocked: dict[str, set[str]] = {}  # tenant → nodes whose attach waiters its memory_quota holds
+        self._quota_blocked: dict[str, dict[str, str]] = {}  # tenant → {lease: node} its memory_quota holds at attach
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._seq = itertools.count()
         self._epoch = 0
@@ -261,9 +261,10 @@ class Authority:
                 return
             quota = lease.quotas["memory_quota"]
             if lease.memory is None and quota is not None and self._tenants[lease.tenant].memory + need > quota:
-                self._quota_blocked.setdefault(lease.tenant, set()).add(node_id)
+                self._quota_blocked.setdefault(lease.tenant, {})[lease_id] = node_id
                 continue
             node.queue.remove(item)
+            self._unblock(lease)
             del self._attaching[lease_id]
             self._charge(lease, -1)
             lease.node, lease.reserved, lease.holder = node_id, need, pending.holder
@@ -273,6 +274,13 @@ class Authority:
             self._changed()
             if not pending.future.done():
                 pending.future.set_result({"attached": node_id})
+
+    def _unblock(self, lease: Request) -> None:
+        blocked = self._quota_blocked.get(lease.tenant)
+        if blocked is not None:
+            blocked.pop(lease.lease_id, None)
+            if not blocked:
+                del self._quota_blocked[lease.tenant]
 
     # -- ending ------------------------------------------------------------------------------
     def _end(self, lease_id: str, reason: str, wake: bool = True) -> Request | None:
@@ -287,6 +295,7 @@ class Authority:
                 node.leases.discard(lease_id)
             pending = self._attaching.pop(lease_id, None)
             if pending is not None:
+                self._unblock(req)
                 if pending.node in self._nodes:
                     self._nodes[pending.node].queue.remove((req.key, lease_id))
                 pending.future.set_result({"lost": reason})
@@ -311,7 +320,7 @@ class Authority:
         for node_id in {r.node for r in ended if r.node}:
             self._pump_node(node_id)
         for tenant in {r.tenant for r in ended}:
-            for node_id in self._quota_blocked.pop(tenant, ()):
+            for node_id in set(self._quota_blocked.get(tenant, {}).values()):
                 self._pump_node(node_id)
             self._pump_tenant(tenant)
 
@@ -348,22 +357,17 @@ class Authority:
             return
         for gone in [n for n in self._nodes if n not in live]:
             node = self._nodes.pop(gone)
-            self._changed()
-            for lease_id in list(node.leases) + [item[1] for item in node.queue]:
-                pending = self._attaching.get(lease_id)
-                if lease_id in node.leases:
-                    self._end(lease_id, f"node {gone} is gone")
-                elif pending is not None and pending.node == gone:
-                    del self._attaching[lease_id]
-                    pending.future.set_result({"lost": f"node {gone} is gone"})
-        for name, memory in live.items():
+            for lease_id in list(node.leases):
+                self._end(lease_id, f"node {gone} is gone")
+            for _, lease_id in node.queue:
+                self._unblock(self._leases[lease_id])
+                self._attaching.pop(lease_id).future.set_result({"lost": f"node {gone} is gone"})
+        for name, memory in live.items():  # nodes of nodes() are not persisted: no change to save
             node = self._nodes.get(name)
-            if node is None or node.total != memory:
-                if node is None:
-                    self._nodes[name] = Node(memory, given=False)
-                else:
-                    node.total = memory
-                self._changed()
+            if node is None:
+                self._nodes[name] = Node(memory, given=False)
+            elif node.total != memory:
+                node.total = memory
                 self._pump_node(name)
 
     # -- persistence (GroupCommit saves) --------------------------------------------------
