@@ -27,6 +27,8 @@ S2  10 000 jobs queued on the service by 50 tenants: admission latency          
 S3  ... and the service's RSS with them queued                                      ≤ 150 MiB
 `taichi-sandbox report` over a year of audit logs, 1 000 000 records (accounting.py)  ≤ 5 s
 Start latency of a high-priority job on a node full of preemptible work (preemption.py)  ≤ grace + 1 s
+Cluster quota authority, 200 simulated executors (authority.py): admissions/s     ≥ 2000
+... and admission latency (acquire call → attach reply, saved to the GCS KV)       p99 ≤ 20 ms
 RayExecutor throughput ÷ plain Ray tasks, and ÷ sandbox.ray.submit (ray_throughput.py)  ≥ 0.85
 """
 
@@ -61,6 +63,7 @@ from sandbox.node import frames
 import cold_start  # benchmarks/cold_start.py: this script's directory is on sys.path
 from accounting import report_row  # benchmarks/accounting.py: likewise
 from preemption import preemption_latency  # benchmarks/preemption.py: likewise
+from authority import authority_rows  # benchmarks/authority.py: likewise
 from ray_throughput import ray_throughput  # benchmarks/ray_throughput.py: likewise
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -419,9 +422,10 @@ class Bench:
 
 SUPERVISED = ("p1_p2", "p3", "p4", "p5", "cgroups_on_off", "namespaces_cost", "syscall_filter_cost", "result_cost",
               "callable_cost", "disk_cost")  # the rows that take the bench's supervisors
-ON_THEIR_OWN = ("cgroup_lifecycle", "offline_cache", "cli_cold", "node_service", "report", "preemption",
+ON_THEIR_OWN = ("cgroup_lifecycle", "offline_cache", "cli_cold", "node_service", "report", "preemption", "authority",
                 "ray_throughput")
-MODULES = {"report": report_row, "preemption": preemption_latency, "ray_throughput": ray_throughput}  # rows of a module of their own
+MODULES = {"report": report_row, "preemption": preemption_latency, "authority": authority_rows,
+           "ray_throughput": ray_throughput}  # rows of a module of their own
 
 
 def _all(bench: Bench, state: Path) -> None:
