@@ -16,7 +16,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from sandbox import JobSpec, Limits, Policy, Verdict  # noqa: E402
+from sandbox import JobResult, JobSpec, Limits, Policy, Verdict  # noqa: E402
 from sandbox import ray as sray  # noqa: E402
 from sandbox.node.executor import Capacity  # noqa: E402
 from sandbox.core.limits import Cluster, GiB, Settings, load_policy  # noqa: E402
@@ -322,3 +322,14 @@ def _wait_for_service_job(node, uid: int) -> dict:
         assert time.monotonic() < deadline, f"no job of uid {uid} ever ran"
         time.sleep(0.1)
     return jobs[0]
+
+
+def test_a_task_started_without_submit_runs_nothing(cluster, tmp_path):
+    """`run_in_task` as a Ray task of one's own (no lease) is a way around the tenant quotas: refused."""
+    script = tmp_path / "ran.py"
+    script.write_text("print('ran')\n")
+    spec = JobSpec(kernel=str(script), tenant="a")
+    policy = Policy(tenants={"a": {"max_concurrent": 1}}, settings=cluster.settings, cluster=cluster.cluster)
+    answer = ray.get(ray.remote(sray.run_in_task).remote(spec.model_dump_json(), policy.model_dump_json(), None, True))
+    r = JobResult.model_validate_json(answer)
+    assert r.verdict is Verdict.rejected and "no lease" in r.reason and "ran" not in r.stdout_tail, r

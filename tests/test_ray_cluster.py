@@ -169,7 +169,7 @@ def test_the_authority_killed_mid_run_loses_no_lease_and_overbooks_nothing(clust
 
 def test_an_authority_killed_for_good_gives_rejected_verdicts_then_comes_back_from_the_gcs(cluster):
     _, _, home = cluster
-    policy = _policy(home, e={"max_concurrent": 1})
+    policy = _policy(home, e={"max_concurrent": 1}, f={})
     with sray.RayExecutor(policy=policy) as ex:
         running = ex.submit(_nap(home, 6, "e"), quiet=True)
         _wait(lambda: _running("e") == 1, what="a lease held")

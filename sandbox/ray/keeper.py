@@ -1,9 +1,10 @@
 """LeaseKeeper: one thread per process keeps every lease this process holds alive.
 
 Each round (every ttl/4) it renews all of them in one `renew` call. A driver holds a job's lease from
-its grant until the task running it attaches it to a node (then the node's worker holds it, and the
-driver's renewals of it are refused: it stops renewing, and only watches the job's result ref to
-release the lease when the job ends however it ends). A worker renews the leases of the jobs it runs
+its request until the task running it attaches it to a node; from then on the node's worker holds it
+and the authority ignores the driver's renewals of it (which go on, harmlessly: a `lost` answer may
+also mean the request has not reached the authority yet). The driver watches the job's result ref
+and releases the lease when the job ends however it ends. A worker renews the leases of the jobs it runs
 and tells each job's JobControl the time by which it must end should no renewal get through:
 `lease_ttl` after the renewal was *sent* minus `margin`, so the node ends a job before the authority,
 which counts from when it *received* the renewal, can free its share. A renewal the authority answers
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .actor import forget
@@ -33,9 +34,7 @@ class Held:
     until: Any = None
     on_renewed: Callable[[float], None] | None = None
     on_lost: Callable[[str], None] | None = None
-    renewing: bool = True
     margin: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class LeaseKeeper:
@@ -75,7 +74,13 @@ class LeaseKeeper:
                     self._thread = None
                     return
                 period = min(h.ttl for h in self._held.values()) / ROUND_SHARE
-            self._round(period)
+            try:
+                self._round(period)
+            except Exception:  # noqa: BLE001 - Ray shut down under us: nothing left to keep
+                with self._cv:
+                    self._held.clear()
+                    self._thread = None
+                return
             with self._cv:
                 self._cv.wait(period)
 
@@ -92,7 +97,7 @@ class LeaseKeeper:
             for lease in ended:
                 self.drop(lease, release=True)
                 held.pop(lease, None)
-        renew = [lease for lease, h in held.items() if h.renewing]
+        renew = list(held)
         if not renew:
             return
         sent = time.monotonic()
@@ -106,13 +111,10 @@ class LeaseKeeper:
         for lease in renew:
             h = held[lease]
             h.ttl = answer.get("ttl", h.ttl)
-            if lease in lost:
-                if h.on_lost is not None:
-                    h.on_lost("the quota authority no longer holds the job's lease (it lapsed or was released)")
-                    self.drop(lease, release=False)
-                else:
-                    h.renewing = False  # a driver's: attached to a node, renewed there from now on
-            elif h.on_renewed is not None:
+            if lease in lost and h.on_lost is not None:  # a worker's: the job must end
+                h.on_lost("the quota authority no longer holds the job's lease (it lapsed or was released)")
+                self.drop(lease, release=False)
+            elif lease not in lost and h.on_renewed is not None:
                 h.on_renewed(sent + h.ttl - h.margin)
 
 

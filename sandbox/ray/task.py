@@ -51,7 +51,8 @@ def run_in_task(spec_json: str, policy_json: str, service: str | None = "auto", 
     """The Ray task body: supervise one job here, or have the node service run it (see sandbox.ray);
     return its JobResult as JSON. `grant`: the authority's answer to the job's `acquire` (Ray resolved
     it before starting the task); the task attaches the lease to this node (waiting while the node's
-    memory is reserved), keeps it renewed while the job runs, and releases it. Unless `quiet`, the
+    memory is reserved), keeps it renewed while the job runs, and releases it. Without a grant
+    (a task started other than by `submit`) the job is `rejected`: nothing runs outside the quotas. Unless `quiet`, the
     job's output goes to the worker's stdout and stderr as it comes, which Ray shows on the driver's.
 
     The job runs in a helper thread while this (the task's main) thread waits in short slices, so
@@ -65,20 +66,20 @@ def run_in_task(spec_json: str, policy_json: str, service: str | None = "auto", 
         # Ray's soft cancel is SIGINT; a worker started from a background shell inherits it ignored
         signal.signal(signal.SIGINT, signal.default_int_handler)
     control = JobControl()
-    lease = None
-    if grant is not None:
-        refused = granted(spec, grant, started)
-        if refused is not None:
-            return refused.model_dump_json()
-        lease, problem = _attach(spec, grant, started)
-        if problem is not None:
-            return problem.model_dump_json()
+    if not isinstance(grant, dict):
+        return JobResult.not_run(spec, Verdict.rejected, "no lease from the quota authority: start Ray jobs with "
+                                 "sandbox.ray.submit or RayExecutor", started).model_dump_json()
+    refused = granted(spec, grant, started)
+    if refused is not None:
+        return refused.model_dump_json()
+    lease, problem = _attach(spec, grant, started)
+    if problem is not None:
+        return problem.model_dump_json()
     try:
         socket_path = None if service is None else remote.choose_socket(None if service == "auto" else service)
         if socket_path is not None:
             return _through_service(socket_path, spec, lease)
-        if lease is not None:
-            _keep(lease, on_renewed=control.lease_until, on_lost=control.lease_lost)
+        _keep(lease, on_renewed=control.lease_until, on_lost=control.lease_lost)
         supervisor = _worker_supervisor(policy_json)
 
         def body() -> str:
@@ -86,8 +87,7 @@ def run_in_task(spec_json: str, policy_json: str, service: str | None = "auto", 
                 return supervisor.run(spec, control=control, on_output=echo).model_dump_json()
         return _cancellable(body, control.cancel, spec.job_id)
     finally:
-        if lease is not None:
-            keeper(authority).drop(lease[0], release=True)
+        keeper(authority).drop(lease[0], release=True)
 
 
 def _attach(spec: JobSpec, grant: dict, started: float) -> tuple[tuple[str, float, float] | None, JobResult | None]:
@@ -143,7 +143,7 @@ def _cancellable(body: Callable[[], str], cancel: Callable[[], None], job_id: st
     return outcome["result"]
 
 
-def _through_service(path, spec: JobSpec, lease: tuple[str, float, float] | None) -> str:
+def _through_service(path, spec: JobSpec, lease: tuple[str, float, float]) -> str:
     """Run `spec` through the node service at `path`, following it to its verdict (JSON). A job the
     service refuses, or a service that cannot be reached, is verdict `rejected`; one lost mid-way
     (the service went away) is `crashed`. The job's lease is renewed from here; when the authority
@@ -181,6 +181,5 @@ def _through_service(path, spec: JobSpec, lease: tuple[str, float, float] | None
                 remote.one(path, {"op": "cancel", "job_id": submitted["job_id"]})
             except remote.ClientError:
                 pass  # the job ended meanwhile, or the service is gone with it
-    if lease is not None:
-        _keep(lease, on_renewed=None, on_lost=lambda reason: threading.Thread(target=cancel, daemon=True).start())
+    _keep(lease, on_renewed=None, on_lost=lambda reason: threading.Thread(target=cancel, daemon=True).start())
     return _cancellable(follow, cancel, spec.job_id)
