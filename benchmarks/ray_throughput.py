@@ -30,13 +30,13 @@ def _plain(path: str, env: dict) -> int:
 
 
 def _batches(state: str) -> dict[str, float]:
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported: loopback only (tests/conftest.py)
     import ray
 
     from sandbox import JobSpec, Policy
     from sandbox import ray as sray
     from sandbox.core.limits import Settings
     from sandbox.job.interpreter import base_env
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only (see tests/conftest.py)
     env = {**base_env(), "HOME": state}
     policy = Policy(settings=Settings(state_dir=state))
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)

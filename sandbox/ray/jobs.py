@@ -55,13 +55,24 @@ def submit(spec: JobSpec | Callable, policy: Policy | None = None, device_memory
     grant = authority(ttl).acquire.remote(spec.job_id, name, keep.holder, limits.memory,
                                           gpu_bytes(spec, limits, device_memory), quotas,
                                           policy.priority(name, spec.job_type, priority))
-    task = ray.remote(run_in_task).options(name=f"taichi-sandbox:{spec.job_id}", **options)
+    task = _task().options(name=f"taichi-sandbox:{spec.job_id}", **options)
     ref = task.remote(spec.model_dump_json(), policy.model_dump_json(), service, quiet, grant)
     with _submitted_lock:
         _submitted[ref.hex()] = {"job_id": spec.job_id, "kernel": spec.kernel, "arch": spec.arch,
                                  "labels": spec.labels}
     keep.keep(spec.job_id, Held(ttl=ttl, until=ref))
     return ref
+
+
+_remote = None
+
+
+def _task():
+    """`run_in_task` as a Ray remote function, made once (each new one is exported to the GCS again)."""
+    global _remote
+    if _remote is None:
+        _remote = _ray().remote(run_in_task)
+    return _remote
 
 
 def result(ref, timeout: float | None = None) -> JobResult:

@@ -102,7 +102,7 @@ class LeaseKeeper:
             return
         sent = time.monotonic()
         try:
-            answer = ray.get(self._handle().renew.remote(renew, self.holder), timeout=period)
+            answer = self._handle().renew.remote(renew, self.holder).future().result(timeout=period)  # not ray.get: see task._attach
         except Exception as err:  # noqa: BLE001 - not renewed this round: the node-side deadlines stay where they are
             if isinstance(err, ray.exceptions.RayActorError):
                 forget()  # killed for good: the next round finds its successor (restored from the GCS)

@@ -98,7 +98,9 @@ def _attach(spec: JobSpec, grant: dict, started: float) -> tuple[tuple[str, floa
     lease_id = grant["granted"]
     sent = time.monotonic()
     try:
-        answer = ray.get(authority().attach.remote(lease_id, ctx.get_node_id(), keeper(authority).holder))
+        # a future, not ray.get: a task blocked in ray.get lends its CPU to Ray, which then starts more
+        # workers (each with a fork-server to start) than the node has CPUs
+        answer = authority().attach.remote(lease_id, ctx.get_node_id(), keeper(authority).holder).future().result()
     except ray.exceptions.RayError as err:
         forget()
         verdict, reason = failure_verdict(err)
