@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_STATE := $(CURDIR)/.sandbox-state/demo
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-slow demo bench clean
 
 # venv + editable install with test extras; Debian packages (root or sudo): libseccomp2 for the system-call
 # filter, Mesa lavapipe for arch=vulkan; promtool (from Debian's prometheus package) for deploy/prometheus.
@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# make test: all but the long tail (under 10 min); make test-slow: exactly that tail. CI runs both (.ci/run).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow and not soak"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m "slow or soak"
 
 demo: $(STAMP)
 	TAICHI_SANDBOX_LIMITS=limits.toml XDG_STATE_HOME=$(DEMO_STATE) $(PY) examples/demo.py

@@ -48,7 +48,17 @@ def make_policy(state_dir: Path, **settings) -> Policy:
     return Policy(settings=Settings(state_dir=str(state_dir), **settings))
 
 
-@pytest.fixture(scope="session", params=["forkserver", "exec", "polling"])
+SUPERVISORS = ["forkserver", "exec", "polling"]  # the variants of any_supervisor
+
+
+def slow_beyond_first(fixture: str, variants: list[str]):
+    """Parametrize `fixture` (indirectly) over `variants`, the first as usual and the others marked
+    `slow` (run by `make test-slow`): for a long check that one variant in `make test` covers."""
+    return pytest.mark.parametrize(fixture, [variants[0], *(pytest.param(v, marks=pytest.mark.slow)
+                                                            for v in variants[1:])], indirect=True)
+
+
+@pytest.fixture(scope="session", params=SUPERVISORS)
 def any_supervisor(request, state_dir):
     """Both launchers with job cgroups and namespaces where this machine has them, and the
     fork-server with both off (the fallback: polling, no isolation): tests using this run once per

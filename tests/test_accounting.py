@@ -32,7 +32,7 @@ from sandbox import JobSpec, Limits, Supervisor, Verdict
 from sandbox.job.cgroup import task_limit
 from sandbox.job.namespaces import HELPERS
 
-from .conftest import assert_no_survivors, kernel_enforces, make_policy, second_v2_hierarchy
+from .conftest import assert_no_survivors, kernel_enforces, make_policy, second_v2_hierarchy, slow_beyond_first
 
 MiB = 1 << 20
 
@@ -169,7 +169,10 @@ def breach(result):
     return found[0]
 
 
-@pytest.fixture(scope="module", params=["cgroup", "polling", "v2-beside-v1"])
+MODES = ["cgroup", "polling", "v2-beside-v1"]  # the variants of sup
+
+
+@pytest.fixture(scope="module", params=MODES)
 def sup(request, state_dir):
     host = None
     if request.param == "v2-beside-v1":
@@ -195,6 +198,7 @@ def test_zombie_leader_with_a_live_thread_is_still_accounted(sup, tmp_path):
     assert r.usage.wall_seconds < 10
 
 
+@slow_beyond_first("sup", MODES)
 def test_cpu_of_short_lived_reaped_children_counts(sup, tmp_path):
     r = run_job(sup, tmp_path, SHORT_LIVED_CHILDREN, Limits(cpu_time="2s", wall_time="30s"), argv=("6",))
     assert r.verdict is Verdict.cpu_time, r.reason
@@ -250,6 +254,7 @@ def _kill_daemon(marker: str) -> None:
         time.sleep(0.05)
 
 
+@slow_beyond_first("sup", MODES)
 def test_pid_hopping_daemon_never_outlives_its_job(sup, tmp_path):
     survived = []
     markers = [f"hop-{uuid.uuid4().hex[:8]}" for _ in range(5)]

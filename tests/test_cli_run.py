@@ -29,6 +29,12 @@ def audit_records(tmp_path) -> list[dict]:
     return [r for r in records if r["type"] == "job"]
 
 
+def _started(tmp_path) -> bool:
+    """Whether the audit log has a job's `started` record."""
+    path = tmp_path / "taichi-sandbox" / "audit.jsonl"
+    return path.exists() and '{"type":"started"' in path.read_text()
+
+
 def test_job_output_streams_to_our_stdout_and_the_summary_to_stderr(tmp_path):
     job = write(tmp_path, "minimal.py", "import sys\nprint(42)\nprint('warn', file=sys.stderr)\n")
     p = cli("run", job, tmp_path=tmp_path)
@@ -92,7 +98,10 @@ def test_sigint_on_batch_cancels_running_and_queued_jobs(tmp_path):
     job = write(tmp_path, "slow.py", "import time\ntime.sleep(60)\n")
     proc = _start(tmp_path, "batch", job, job, job, "--concurrency", "1", "--json")
     try:
-        time.sleep(5)  # the first job running (or, on a slow machine, still queued: cancelled either way)
+        deadline = time.monotonic() + 60
+        while not _started(tmp_path):  # the first job running, the other two queued
+            assert time.monotonic() < deadline, "the first job never started"
+            time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:

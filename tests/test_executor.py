@@ -275,7 +275,8 @@ def test_a_tenants_profile_is_a_ceiling_for_its_jobs(tmp_path, how, ask, named):
     assert lowered.limits.memory == 512 << 20
 
 
-def test_a_slow_alert_command_never_delays_submission_or_scheduling(tmp_path):
+def test_a_slow_alert_command_never_delays_submission_or_scheduling(tmp_path, monkeypatch):
+    monkeypatch.setattr("sandbox.node.executor.ALERTS_FLUSH", 0.5)  # closing need not wait the alerts out
     policy = _policy(tmp_path, tenants={"a": Tenant(memory_quota="1GiB")},
                      alerts=AlertSettings(command=["sleep", "10"]))  # every alert takes 10 s to deliver
     with SandboxExecutor(max_concurrent=1, capacity=Capacity(1, 8 * GiB, None), policy=policy) as ex:

@@ -159,6 +159,7 @@ def test_a_high_priority_job_preempts_the_youngest_preemptible_job_within_its_gr
     oldest.communicate(timeout=60)
 
 
+@pytest.mark.slow
 @root_only
 def test_non_preemptible_or_equal_priority_work_is_never_preempted_nor_room_that_would_not_do(make_node):
     node = make_node(slots=2)
@@ -210,6 +211,7 @@ def test_a_requeued_job_runs_again_under_its_id_and_its_client_gets_the_last_run
     assert [a["requeue"] for a in node.records("alert") if a["kind"] == "preempted"] == [True]
 
 
+@pytest.mark.slow
 @root_only
 def test_a_tenant_with_heavy_recent_usage_waits_behind_one_of_equal_priority_without(make_node):
     node = make_node(slots=1)
@@ -225,6 +227,7 @@ def test_a_tenant_with_heavy_recent_usage_waits_behind_one_of_equal_priority_wit
     assert started[second] < started[first]  # submitted later, started first
 
 
+@pytest.mark.slow
 @root_only
 def test_a_flood_of_a_lower_class_never_outranks_a_higher_one_however_long_it_waited(make_node):
     # Ageing at its most after 1 s, and as heavy as it may be: still within the class.

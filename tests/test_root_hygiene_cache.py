@@ -153,6 +153,7 @@ def test_a_job_cannot_change_the_kernels_its_tenant_keeps(tmp_path):
     assert after == before
 
 
+@pytest.mark.slow
 def test_the_tenants_kept_kernels_stay_within_its_cache_quota_least_recently_used_out(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(JOB)

@@ -100,6 +100,7 @@ def _verdicts(node: Node, job_ids: list[str], timeout: float = 90) -> dict[str, 
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_clients_that_never_read_their_large_results_cannot_grow_the_service_past_their_cap(tmp_path):
     node = HoldingNode(tmp_path / "node")
     hoarders = []

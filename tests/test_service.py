@@ -118,7 +118,7 @@ class Node:
                 if answer is None:
                     return answers
                 answers.append(answer)
-                if answer["type"] in ("end", "error") or (answer["type"] != "submitted" and not message.get("follow")):
+                if answer["type"] in ("end", "error") or not message.get("follow"):  # else waits out idle_timeout
                     return answers
 
     def cli(self, uid: int, *args: str, cwd: Path, timeout: float = 120, **popen) -> subprocess.CompletedProcess:
@@ -291,6 +291,7 @@ print(json.dumps({"latencies": latencies, "verdicts": verdicts}))
 """
 
 
+@pytest.mark.slow
 def test_a_flood_from_one_uid_leaves_another_uids_submissions_answered(node, tmp_path):
     home = client_dir(tmp_path, BOB, **{"t.py": "print(1)\n"})
     flood = subprocess.Popen(as_uid(MALLORY, "-c", FLOOD, str(node.socket), "6"), stdout=subprocess.PIPE, text=True)
@@ -361,6 +362,7 @@ WRITER = "import sys, time\ntime.sleep(float(sys.argv[1]))\nfor n in range(int(s
          "    open(f'f{n:04}', 'w').write('x' * (3 + n % 40))\n"
 
 
+@pytest.mark.slow
 def test_clients_that_leave_stall_or_flood_descriptors_leave_the_service_whole(tmp_path):
     """Output files are handed back as descriptors and inputs come as descriptors: a client that
     leaves early, reads slowly or floods descriptors must cost the service nothing it keeps."""
@@ -415,6 +417,7 @@ def test_clients_that_leave_stall_or_flood_descriptors_leave_the_service_whole(t
         assert node.stop() == 0
 
 
+@pytest.mark.slow
 def test_what_a_uids_unfinished_jobs_hold_in_the_services_memory_is_bounded(tmp_path):
     """Queued jobs keep their requests (kernel source, args, shipped code) in the root service's memory."""
     node = Node(tmp_path / "node", extra='max_held_bytes_per_uid = "1MiB"')
@@ -551,10 +554,10 @@ import json, socket, sys
 from sandbox.node import frames
 s = socket.socket(socket.AF_UNIX)
 s.connect(sys.argv[1])
-frames.send(s, json.loads(sys.stdin.read()))
+frames.send(s, message := json.loads(sys.stdin.read()))
 while (answer := frames.recv(s, idle=120, within=120)) is not None:
     print(json.dumps(answer), flush=True)
-    if answer["type"] in ("end", "error"):
+    if answer["type"] in ("end", "error") or not message.get("follow"):
         break
 """
 

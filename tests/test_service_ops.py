@@ -64,6 +64,7 @@ def job_record(node: Node, job_id: str) -> dict:
     return next(r for r in node.records("job") if r["job_id"] == job_id)
 
 
+@pytest.mark.slow
 def test_sighup_reloads_the_policy_keeping_running_jobs_and_rechecking_queued_ones(node):
     running = start(node, "8", "alice")
     queued = submit(node, argv=["0"], tenant="alice")  # alice: max_concurrent = 1
@@ -87,6 +88,7 @@ def test_sighup_reloads_the_policy_keeping_running_jobs_and_rechecking_queued_on
     assert node.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_second_service_on_the_same_state_dir_refuses_to_start_and_touches_nothing(node):
     running = start(node, "5", "bob")
     spool = sorted(p.name for p in (node.root / "state" / "spool").iterdir())
@@ -145,6 +147,7 @@ def small_fs(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
+@pytest.mark.slow
 def test_a_full_audit_filesystem_refuses_new_jobs_tears_no_line_and_keeps_verdicts_true(node, small_fs):
     node.stop()
     state = f'state_dir = "{node.root / "state"}"\n'
@@ -164,6 +167,7 @@ def test_a_full_audit_filesystem_refuses_new_jobs_tears_no_line_and_keeps_verdic
                                                       "tenant": "alice"}]})[0]["jobs"][0]
         if refused["state"] == "refused":
             break
+        wait_for(lambda: refused["job_id"] not in states(node), "a job never ended")  # alice may queue only one
     assert refused["code"] == "AuditUnavailable" and "No space left on device" in refused["reason"], refused
     follower.join(60)
     result = next(a["result"] for a in answers if a["type"] == "result")

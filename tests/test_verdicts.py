@@ -9,7 +9,7 @@ import psutil
 
 from sandbox import JobResult, JobSpec, Limits, Verdict
 
-from .conftest import assert_no_survivors, kernel, kernel_enforces, run
+from .conftest import SUPERVISORS, assert_no_survivors, kernel, kernel_enforces, run, slow_beyond_first
 
 
 def test_ok_script_runs_as_main_with_output(any_supervisor):
@@ -33,6 +33,7 @@ def test_entry_function_positional_args(supervisor):
     assert r.return_value == 285
 
 
+@slow_beyond_first("any_supervisor", SUPERVISORS)
 def test_cpu_hog_gets_cpu_time_verdict(any_supervisor):
     r = run(any_supervisor, "cpu_hog.py", cpu_time="2s", grace="1s")
     assert r.verdict is Verdict.cpu_time, r.reason
@@ -56,6 +57,7 @@ def test_memory_hog_is_killed_at_once(any_supervisor):
         assert first.detected_by == "monitor" and 400 << 20 < first.observed < (400 << 20) + (512 << 20)
 
 
+@slow_beyond_first("any_supervisor", SUPERVISORS)
 def test_sleeper_gets_wall_time_verdict(any_supervisor):
     r = run(any_supervisor, "sleeper.py", wall_time="1.5s")
     assert r.verdict is Verdict.wall_time, r.reason
@@ -64,6 +66,7 @@ def test_sleeper_gets_wall_time_verdict(any_supervisor):
     assert 1.5 <= r.usage.wall_seconds < 5
 
 
+@slow_beyond_first("any_supervisor", SUPERVISORS)
 def test_sigterm_ignorer_is_killed_after_grace(any_supervisor):
     r = run(any_supervisor, "sigterm_ignorer.py", wall_time="2s", grace="1s")
     assert r.verdict is Verdict.wall_time
@@ -73,6 +76,7 @@ def test_sigterm_ignorer_is_killed_after_grace(any_supervisor):
     assert 0.9 <= t.sigkill_at - t.sigterm_at <= 1.5
 
 
+@slow_beyond_first("any_supervisor", SUPERVISORS)
 def test_spawned_tree_is_killed_including_double_forked_setsid_grandchild(any_supervisor):
     r = any_supervisor.run(JobSpec(kernel=kernel("spawner.py"), limits=Limits(wall_time="4s")))
     pids = [int(p) for p in re.findall(r"pid (\d+)", r.stdout_tail)]

@@ -80,7 +80,7 @@ def _summary(stderr: str) -> list[str]:
 @pytest.mark.parametrize("name,args,code", [
     ("tiny.py", [], 0),
     ("exception.py", [], 1),
-    ("cpu_hog.py", ["--cpu-time", "1s"], 123),
+    pytest.param("cpu_hog.py", ["--cpu-time", "1s"], 123, marks=pytest.mark.slow),  # the longest: a limit verdict
 ])
 def test_a_warm_run_is_the_in_process_run(warm, tmp_path, name, args, code):
     script = shutil.copy(kernel(name), tmp_path / name)
