@@ -20,13 +20,13 @@ from ..core.audit import AuditLog
 from ..core.limits import DEFAULT_ENV_ALLOW, GiB, ConfigError, Limits, Policy, address_space_for, load_policy
 from ..core.models import JobResult, JobSpec, Sample, Termination, Verdict, Violation
 from ..job import namespaces
+from ..job.backstop import BACKSTOP_SLACK
 from ..job.binds import Binds
 from ..job.cgroup import CgroupHost, JobCgroup, discover
 from ..job.child import ChildPlan
 from ..job.disk import JobDir, JobDisks
 from ..job.files import collect_job, missing_input_hint
 from ..job.inputs import Sent, stage
-from ..job.backstop import BACKSTOP_SLACK
 from ..job.forkserver import MAX_PLAN_BYTES
 from ..job.interpreter import base_env
 from ..job.launcher import JOB_MARKER, Exit, LaunchFailed, LauncherLost, make_launcher
@@ -334,9 +334,9 @@ class Supervisor:
             if control is not None:
                 control.forward(None)
             monitor.stop()
+            self._reap_leftovers(job, launched.pid)
         if exit_.enforced is not None and exit_.enforced[0] == "lease":
             self._lease_enforced(job, control, started + exit_.enforced[1])
-            self._reap_leftovers(job, launched.pid)
         pump.join(PUMP_DRAIN_TIMEOUT)
         if pump.is_alive():
             pump.stop_event.set()
