@@ -10,7 +10,6 @@ processes are the fork-server's descendants. Every test resumes and ends what it
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,18 +25,19 @@ from sandbox.job import forkserver
 from sandbox.job.backstop import BACKSTOP_SLACK
 from sandbox.watch.monitor import JobControl
 
-from .conftest import ROOT, alive, kernel, make_policy
+from .conftest import ROOT, alive, kernel
 
 # Runs one job in a Supervisor of its own; prints "running <fork-server pid>" at the job's first
 # sample, then the verdict as JSON. argv: state dir, audit log, kernel, wall_time, mode
 # ("plain"; "lease": a lease of 2 s set before the job starts; "renew": a lease of 1.5 s renewed
-# every 0.3 s for 20 s).
+# every 0.3 s for 20 s), variant ("default"; "fallback": no cgroup, no namespaces).
 SCRIPT = '''
 import json, sys, threading, time
 from sandbox import JobSpec, Limits, Supervisor
 from sandbox.core.limits import Policy, Settings
 from sandbox.watch.monitor import JobControl
-state, audit, kernel, wall, mode = sys.argv[1:6]
+state, audit, kernel, wall, mode, variant = sys.argv[1:7]
+fallback = {"cgroups": "off", "isolation": "off", "allow_root": True} if variant == "fallback" else {}
 control = JobControl()
 if mode == "lease":
     control.lease_until(time.monotonic() + 2.0)
@@ -49,7 +49,7 @@ if mode == "renew":
     control.lease_until(time.monotonic() + 1.5)
     threading.Thread(target=renew, daemon=True).start()
 told = []
-with Supervisor(Policy(settings=Settings(state_dir=state)), launcher="forkserver", audit_log=audit) as sup:
+with Supervisor(Policy(settings=Settings(state_dir=state, **fallback)), launcher="forkserver", audit_log=audit) as sup:
     def on_sample(sample):
         if not told:
             told.append(1)
@@ -64,12 +64,13 @@ print(json.dumps({"verdict": result.verdict.value, "reason": result.reason, "job
 class Frozen:
     """A supervisor subprocess running one job; `freeze()` SIGSTOPs it once the job runs."""
 
-    def __init__(self, tmp_path: Path, state_dir: Path, name: str, wall: float, mode: str) -> None:
+    def __init__(self, tmp_path: Path, state_dir: Path, name: str, wall: float, mode: str,
+                 variant: str = "default") -> None:
         script = tmp_path / "supervise.py"
         script.write_text(SCRIPT)
         self.audit = tmp_path / "audit.jsonl"
-        self.proc = subprocess.Popen([sys.executable, str(script), str(state_dir), str(self.audit), name if name.startswith("/") else kernel(name),
-                                      str(wall), mode], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        self.proc = subprocess.Popen([sys.executable, str(script), str(state_dir), str(self.audit), kernel(name),
+                                      str(wall), mode, variant], stdout=subprocess.PIPE, text=True, cwd=ROOT)
         self.started = time.monotonic()
         line: list[str] = []
         for text in self.proc.stdout:
@@ -117,18 +118,20 @@ class Frozen:
 def frozen(tmp_path, state_dir):
     made: list[Frozen] = []
 
-    def start(name: str, wall: float, mode: str = "plain") -> Frozen:
-        made.append(Frozen(tmp_path, state_dir, name, wall, mode))
+    def start(name: str, wall: float, mode: str = "plain", variant: str = "default") -> Frozen:
+        made.append(Frozen(tmp_path, state_dir, name, wall, mode, variant))
         return made[-1]
     yield start
     for f in made:
         f.close()
 
 
-def test_wall_time_backstop_kills_the_job_of_a_frozen_supervisor(frozen):
-    """wall_time 2 s, grace 1 s: the fork-server kills the job (and every process it forked) at
-    2 + 1 + BACKSTOP_SLACK s, records it, and the supervisor, resumed, says so."""
-    f = frozen("spawner.py", 2.0)
+@pytest.mark.parametrize("variant", ["default", "fallback"])
+def test_wall_time_backstop_kills_the_job_of_a_frozen_supervisor(frozen, variant):
+    """wall_time 2 s, grace 1 s: the fork-server kills the job (and every process it forked, one in a
+    session of its own) at 2 + 1 + BACKSTOP_SLACK s, records it, and the supervisor, resumed, says
+    so. `fallback`: no namespace init, no cgroup to kill the job with, only its tree and group."""
+    f = frozen("spawner.py", 2.0, variant=variant)
     f.freeze()
     backstop = 2.0 + 1.0 + BACKSTOP_SLACK
     time.sleep(max(0.0, 2.0 + 1.0 + 1.0 - (time.monotonic() - f.started)))
@@ -185,11 +188,12 @@ def _run_in_thread(sup, spec, control):
     return thread, out
 
 
-def test_supervisor_ends_the_job_when_its_lease_lapses(supervisor):
+def test_supervisor_ends_the_job_when_its_lease_lapses(any_supervisor):
+    """Both launchers: the supervisor itself ends the job gracefully at its lease's end."""
     control = JobControl()
     control.lease_until(time.monotonic() + 1.0)
     started = time.monotonic()
-    r = supervisor.run(JobSpec(kernel=kernel("sleeper.py"), limits=Limits(wall_time=60, grace=1)), control=control)
+    r = any_supervisor.run(JobSpec(kernel=kernel("sleeper.py"), limits=Limits(wall_time=60, grace=1)), control=control)
     assert r.verdict is Verdict.crashed and r.reason.startswith("its cluster lease lapsed (not renewed for"), r.reason
     assert "the node ended the job" in r.reason
     assert time.monotonic() - started < 1.0 + 1.0 + 4
