@@ -15,11 +15,11 @@ own pipes. Data format on the control socket (supervisor → server), each messa
 As root, the server is the relay of isolated jobs (sandbox.job.namespaces): it forks each as PID 1 of a
 new PID namespace and answers with the status its init reports on a pipe.
 Requests are read without blocking and buffered, so the server never stalls reaping or watching its
-supervisor. It is a child subreaper and reaps everything. It
-enforces each job's wall_time backstop and cluster lease (sandbox.job.backstop): past either it kills
-that job and appends an `enforced` record to the audit log, since its supervisor may never come back. When the control socket closes (the
-supervisor died or closed the launcher) it SIGKILLs every job's process group and every descendant,
-then exits; jobs also have PR_SET_PDEATHSIG(SIGKILL) on the server. Pickle is not used.
+supervisor. It is a child subreaper and reaps everything. It enforces each job's wall_time backstop
+and cluster lease itself (sandbox.job.backstop): past either it kills that job and appends an
+`enforced` record to the audit log, since its supervisor may never come back. When the control
+socket closes (the supervisor died or closed the launcher) it SIGKILLs every job's process group and
+every descendant, then exits; jobs also have PR_SET_PDEATHSIG(SIGKILL) on the server. Pickle is not used.
 """
 
 from __future__ import annotations

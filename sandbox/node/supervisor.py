@@ -45,6 +45,12 @@ RLIMIT_CPU_HARD_EXTRA = 2  # seconds between SIGXCPU (soft) and the kernel's SIG
 PUMP_DRAIN_TIMEOUT = 2.0
 
 
+def _room(limits: Limits) -> float:
+    """Seconds past a job's wall_time or lease end before its fork-server kills it (sandbox.job.backstop):
+    room for the supervisor's own SIGTERM, grace and SIGKILL."""
+    return limits.grace + BACKSTOP_SLACK
+
+
 def tenant_key(spec: JobSpec) -> str:
     """The tenant's name for per-tenant state (offline cache); '_default' without a tenant."""
     return spec.tenant or "_default"
@@ -192,7 +198,7 @@ class Supervisor:
         plan = ChildPlan(job_id=spec.job_id, target=target, function=function, shipped=spec.shipped, args=spec.args,
                          kwargs=spec.kwargs, argv=spec.argv, ti_arch=arch, ti_caps=caps, rlimits=rlimits, env=env,
                          workdir=str(work), parent_pid=0, preinit=function is not None, max_result=limits.max_result,
-                         backstop=None if limits.wall_time is None else limits.wall_time + limits.grace + BACKSTOP_SLACK)
+                         backstop=None if limits.wall_time is None else limits.wall_time + _room(limits))
         if len(plan.model_dump_json()) > MAX_PLAN_BYTES:
             raise ConfigError(f"job too large: its args, kwargs, argv and env exceed {MAX_PLAN_BYTES} bytes")
         kept = TenantCache(self.policy.settings.resolved_state_dir() / "ticache" / tenant_key(spec),
@@ -296,7 +302,7 @@ class Supervisor:
         try:
             with self._launch_lock:
                 lease = control.lease if control is not None else None
-                plan.lease = None if lease is None else lease + limits.grace + BACKSTOP_SLACK
+                plan.lease = None if lease is None else lease + _room(limits)
                 launched = self.launcher.start(plan, out_w, err_w, ch_w)
                 started = time.monotonic()  # the job's clock: a fork-server's own start is not its time
                 self._running.add(launched.pid)
@@ -322,7 +328,7 @@ class Supervisor:
         pump = Pump(out_r, err_r, ch_r, limits.max_output, monitor.wake, on_output)
         try:
             if control is not None:  # the fork-server's kill leaves room for our own graceful end
-                control.forward(lambda end: launched.lease(None if end is None else end + limits.grace + BACKSTOP_SLACK))
+                control.forward(lambda end: launched.lease(None if end is None else end + _room(limits)))
             pump.start()
             monitor.start()
             exit_ = launched.wait()
