@@ -25,7 +25,7 @@ from sandbox.job import forkserver
 from sandbox.job.backstop import BACKSTOP_SLACK
 from sandbox.watch.monitor import JobControl
 
-from .conftest import ROOT, alive, kernel
+from .conftest import ROOT, alive, assert_no_survivors, kernel
 
 # Runs one job in a Supervisor of its own; prints "running <fork-server pid>" at the job's first
 # sample, then the verdict as JSON. argv: state dir, audit log, kernel, wall_time, mode
@@ -245,7 +245,7 @@ def test_lease_lost_ends_the_job_at_once(supervisor):
 def _started(sup, job_id: str) -> int:
     """The pid of a job's first process, from its `started` audit record."""
     for _ in range(200):
-        for line in sup.audit.path.read_text().splitlines():
+        for line in sup.audit.path.read_text().splitlines() if sup.audit.path.exists() else []:
             record = json.loads(line)
             if record.get("type") == "started" and record.get("job_id") == job_id:
                 return record["pid"]
@@ -287,3 +287,30 @@ def test_stray_and_garbage_messages_kill_nothing(supervisor):
         control.cancel("test over")
         thread.join(30)
     assert out["r"].verdict is Verdict.cancelled, out["r"].reason
+
+
+def test_fork_server_kills_exactly_the_job_whose_lease_passed(supervisor):
+    """Two jobs of one fork-server; a lease deadline already past for one of them: the fork-server
+    kills that one at once (verdict `crashed`, an `enforced` record), and the other runs on."""
+    jobs = [(JobSpec(kernel=kernel("spawner.py"), limits=Limits(wall_time=60)), JobControl()) for _ in range(2)]
+    runs = [_run_in_thread(supervisor, spec, control) for spec, control in jobs]
+    (first, _), (second, second_control) = jobs
+    try:
+        pids = [_started(supervisor, spec.job_id) for spec, _ in jobs]
+        time.sleep(1.0)  # every process of both spawned
+        supervisor.launcher.lease(first.job_id, pids[0], time.monotonic() - 1)
+        runs[0][0].join(10)
+        assert not runs[0][0].is_alive(), "the fork-server did not kill the job whose lease passed"
+        r = runs[0][1]["r"]
+        assert r.verdict is Verdict.crashed and "fork-server ended the job" in r.reason, r.reason
+        assert alive(pids[1]) and runs[1][0].is_alive()
+        records = [json.loads(line) for line in supervisor.audit.path.read_text().splitlines()]
+        assert [rec["job_id"] for rec in records if rec.get("type") == "enforced"][-1:] == [first.job_id]
+        assert not any(rec.get("type") == "enforced" and rec["job_id"] == second.job_id for rec in records)
+    finally:
+        for _, control in jobs:
+            control.cancel("test over")
+        for thread, _ in runs:
+            thread.join(30)
+    assert runs[1][1]["r"].verdict is Verdict.cancelled, runs[1][1]["r"].reason
+    assert_no_survivors(supervisor, first.job_id)
