@@ -3,7 +3,8 @@
 Record types: `submitted` (a job was admitted and queued: its tenant, priority, limits and what
 it reserves), `started` (a job was launched), `job` (its verdict), `violation`, `alert`, and
 `aborted` (a job started that will have no `job` record: its supervisor died, written by whoever
-outlived it, such as its fork-server). A `job` record carries what accounting needs (see
+outlived it, such as its fork-server), `enforced` (its fork-server killed a job past its wall_time
+backstop or cluster lease, its supervisor frozen or late: sandbox.job.backstop). A `job` record carries what accounting needs (see
 sandbox.node.accounting): who (`uid`, `user`, `tenant`, `job_type`), when (`submitted_at` where a
 queue knew it, `started_at`, `ts` its end) and what it held (`limits`, `reserved` where a queue
 reserved it, `usage`). Files are opened per write, so a log renamed by logrotate is followed.

@@ -193,7 +193,7 @@ class Violation(BaseModel):
     limit: float
     observed: float
     action: Literal["warn", "sigterm", "sigkill", "none"]
-    detected_by: Literal["monitor", "cgroup", "rlimit", "child", "supervisor"]
+    detected_by: Literal["monitor", "cgroup", "rlimit", "child", "supervisor", "fork-server"]
 
 
 class Usage(BaseModel):

@@ -81,6 +81,10 @@ class ChildPlan(BaseModel):
     cgroup_join: list[str] = []  # files the child writes "0" to, to join its job cgroup (JobCgroup.join_files)
     max_result: int | None = None  # bytes of result files (sandbox.job.results)
     syscall_filter: bool = False  # install the system-call filter before the job runs (sandbox.job.syscalls)
+    # The fork-server's own deadlines (sandbox.job.backstop): seconds after the fork (wall_time + grace +
+    # slack), and the cluster lease's end (absolute CLOCK_MONOTONIC seconds) at the launch.
+    backstop: float | None = None
+    lease: float | None = None
 
 
 def _prctl(option: int, value: int) -> None:

@@ -3,17 +3,23 @@
 It never holds threads, GPU state or Ray state, so forking it is safe. It has no socket path and no
 listening socket: the supervisor talks to it over a socketpair it inherited, so only the supervisor
 can reach it (a job cannot find or connect to anything). Its stdio is /dev/null: jobs get only their
-own pipes. Data format, per job, on the control socket (supervisor → server):
-    request: 4-byte big-endian length + ChildPlan JSON, with SCM_RIGHTS fds [stdout, stderr, channel,
-             reply], the fds attached to the request's first bytes
-    on `reply` (server → supervisor): "pid <n> <helpers>\n" once forked (helpers: see
-             sandbox.watch.tree.JobTree), then "exit <status> <utime> <stime> <maxrss_kib>\n" when reaped.
+own pipes. Data format on the control socket (supervisor → server), each message a kind byte, a
+4-byte big-endian length and that many bytes of JSON:
+    PLAN (per job): ChildPlan JSON, with SCM_RIGHTS fds [stdout, stderr, channel, reply] attached to
+             its first bytes; LEASE: {"job_id", "pid", "deadline"}, no fds (sandbox.job.backstop);
+             a message of another kind is skipped whole.
+    on `reply` (server → supervisor, per job): "pid <n> <helpers>\n" once forked (helpers: see
+             sandbox.watch.tree.JobTree); "killed <wall_time|lease> <seconds since the fork>\n" when
+             the server ended the job itself (sandbox.job.backstop); then "exit <status> <utime>
+             <stime> <maxrss_kib>\n" when reaped.
 As root, the server is the relay of isolated jobs (sandbox.job.namespaces): it forks each as PID 1 of a
 new PID namespace and answers with the status its init reports on a pipe.
 Requests are read without blocking and buffered, so the server never stalls reaping or watching its
-supervisor. It is a child subreaper and reaps everything. When the control socket closes (the
-supervisor died or closed the launcher) it SIGKILLs every job's process group and every descendant,
-then exits; jobs also have PR_SET_PDEATHSIG(SIGKILL) on the server. Pickle is not used.
+supervisor. It is a child subreaper and reaps everything. It enforces each job's wall_time backstop
+and cluster lease itself (sandbox.job.backstop): past either it kills that job and appends an
+`enforced` record to the audit log, since its supervisor may never come back. When the control
+socket closes (the supervisor died or closed the launcher) it SIGKILLs every job's process group and
+every descendant, then exits; jobs also have PR_SET_PDEATHSIG(SIGKILL) on the server. Pickle is not used.
 """
 
 from __future__ import annotations
@@ -27,43 +33,55 @@ import signal
 import socket
 import struct
 import sys
+import time
 
-from . import child, mounts, namespaces, syscalls
+from . import backstop, child, mounts, namespaces, syscalls
 
 PRELOAD = ("taichi", "numpy", "psutil")  # psutil: for `_shut_down`, which its supervisor waits for
 MAX_PLAN_BYTES = 1 << 22
-HEADER = struct.Struct("!I")
-FDS_PER_REQUEST = 4  # stdout, stderr, channel, reply socket
+HEADER = struct.Struct("!cI")  # kind, length
+PLAN, LEASE = b"P", b"L"
+FDS_PER_REQUEST = 4  # of a PLAN: stdout, stderr, channel, reply socket
 OOM_SCORE_ADJ = -800  # protected from the OOM killer, a little less than the service; jobs raise theirs
 
 
 def encode_request(plan_json: bytes) -> bytes:
     """The request bytes for one plan (its fds travel with them)."""
-    return HEADER.pack(len(plan_json)) + plan_json
+    return HEADER.pack(PLAN, len(plan_json)) + plan_json
+
+
+def encode_lease(job_id: str, pid: int, deadline: float | None) -> bytes:
+    """The message that sets (absolute CLOCK_MONOTONIC seconds), extends or clears (None) the
+    lease deadline of the job `job_id` whose first process is `pid`."""
+    payload = json.dumps({"job_id": job_id, "pid": pid, "deadline": deadline}).encode()
+    return HEADER.pack(LEASE, len(payload)) + payload
 
 
 class Requests:
-    """Reassembles requests from a non-blocking control socket: bytes and descriptors arrive in
-    pieces; `feed()` returns every request completed so far as (plan JSON, fds)."""
+    """Reassembles messages from a non-blocking control socket: bytes and descriptors arrive in
+    pieces; `feed()` returns every message completed so far as (kind, JSON, fds): a PLAN with its
+    FDS_PER_REQUEST fds, a LEASE with none; other kinds are dropped."""
 
     def __init__(self) -> None:
         self.buffer = bytearray()
         self.fds: list[int] = []
 
-    def feed(self, data: bytes, fds: list[int]) -> list[tuple[bytes, list[int]]]:
+    def feed(self, data: bytes, fds: list[int]) -> list[tuple[bytes, bytes, list[int]]]:
         self.buffer += data
         self.fds += fds
         done = []
         while len(self.buffer) >= HEADER.size:
-            size = HEADER.unpack_from(self.buffer)[0]
+            kind, size = HEADER.unpack_from(self.buffer)
             if size > MAX_PLAN_BYTES:
-                raise ConnectionError("plan too large")
-            if len(self.buffer) < HEADER.size + size or len(self.fds) < FDS_PER_REQUEST:
+                raise ConnectionError("message too large")
+            wanted = FDS_PER_REQUEST if kind == PLAN else 0
+            if len(self.buffer) < HEADER.size + size or len(self.fds) < wanted:
                 break
             payload = bytes(self.buffer[HEADER.size:HEADER.size + size])
             del self.buffer[:HEADER.size + size]
-            done.append((payload, self.fds[:FDS_PER_REQUEST]))
-            del self.fds[:FDS_PER_REQUEST]
+            if kind in (PLAN, LEASE):
+                done.append((kind, payload, self.fds[:wanted]))
+            del self.fds[:wanted]
         return done
 
 
@@ -168,8 +186,9 @@ def serve(control_fd: int, audit: str | None = None) -> None:
     netns_pool = spare_netns is not None  # root: keep one ready; else jobs make their own (or none)
     own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY) if netns_pool else None  # root: relay here
     statuses: dict[int, int] = {}  # the status pipe of each job whose init is our child
+    deadlines = backstop.Deadlines()
     while True:
-        for key, _ in sel.select():
+        for key, _ in sel.select(deadlines.timeout(time.monotonic())):
             if key.data == "sigchld":
                 os.read(wake_r, 4096)
                 _reap(jobs, statuses)
@@ -186,9 +205,13 @@ def serve(control_fd: int, audit: str | None = None) -> None:
                 ready = requests.feed(data, fds)
             except ConnectionError:  # only the supervisor writes here: a broken request is fatal
                 _shut_down(jobs, running, audit, 1)
-            for payload, job_fds in ready:
+            for kind, payload, job_fds in ready:
+                if kind == LEASE:
+                    deadlines.lease(payload)
+                    continue
                 reply = socket.socket(fileno=job_fds[3])
                 reply.setblocking(False)
+                forked = time.monotonic()
                 pid, status_r, helpers = _fork_job(payload, job_fds, [
                     control_fd, wake_r, wake_w, *requests.fds, *(c.fileno() for c in jobs.values()),
                     *statuses.values()], spare_netns, own_pidns)
@@ -199,13 +222,34 @@ def serve(control_fd: int, audit: str | None = None) -> None:
                     statuses[pid] = status_r
                 plan = json.loads(payload)
                 running[pid] = (plan["job_id"], os.path.dirname(plan["workdir"]))
+                deadlines.add(pid, plan, forked)
                 _reply(reply, f"pid {pid} {helpers}\n")
                 spare_netns = None
         _reap(jobs, statuses)
         for pid in [p for p in running if p not in jobs]:
             del running[pid]  # ended: its supervisor removes the directory and records the verdict
+            deadlines.forget(pid)
+        for pid, job_id, kind, after in deadlines.due(time.monotonic()):
+            _enforce(pid, job_id, kind, after, jobs[pid], audit)
         if netns_pool and spare_netns is None:  # between requests: the next job enters it, not creates one
             spare_netns = namespaces.fresh_netns()
+
+
+def _enforce(pid: int, job_id: str, kind: str, after: float, reply: socket.socket, audit: str | None) -> None:
+    """A deadline of the job passed (sandbox.job.backstop): record it (its supervisor may never
+    come back), kill the job, tell its supervisor why before the exit line."""
+    past = "its wall_time" if kind == "wall_time" else "the end of its cluster lease"
+    reason = (f"the fork-server killed the job {after:.1f} s after its start, past {past}, grace and "
+              f"{backstop.BACKSTOP_SLACK:g} s: its supervisor did not end it in time")
+    if audit:
+        from ..core.audit import AuditLog
+        try:
+            AuditLog(audit).append([{"type": "enforced", "job_id": job_id, "ts": time.time(), "by": "fork-server",
+                                     "enforced": kind, "reason": reason}])
+        except OSError:
+            pass
+    backstop.kill_job(pid)
+    _reply(reply, backstop.DUE_LINE.format(kind=kind, after=after))
 
 
 def _shut_down(jobs: dict[int, socket.socket], running: dict[int, tuple[str, str]], audit: str | None,
@@ -215,7 +259,6 @@ def _shut_down(jobs: dict[int, socket.socket], running: dict[int, tuple[str, str
     subreaper), unmount and remove those jobs' directories (a job's own filesystem image goes with
     its mount: nothing to walk) and our own, exit."""
     import psutil
-    import time
 
     from .safefs import remove_tree
     if audit and running:

@@ -5,6 +5,9 @@ child runs `sandbox.job.child.execute` in a new session with the given pipes as 
 - `ForkServerLauncher` (default): one exec'd server per supervisor with Taichi preloaded; a fork per job.
 - `ExecLauncher` (fallback): a fresh `python -m sandbox.job.child` per job.
 Both start their interpreter as sandbox.job.interpreter says: isolated, with a fixed environment.
+`Launched.lease(deadline)` hands the job's cluster lease deadline to the fork-server, which enforces
+it (and the plan's wall_time backstop) itself, even when the supervisor is frozen (sandbox.job.backstop);
+with the exec launcher only the supervisor enforces them.
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import psutil
 
 from ..core.limits import ConfigError
-from . import forkserver, namespaces
+from . import backstop, forkserver, namespaces
 from .child import ChildPlan
 from .interpreter import ROOT_CWD, base_env, sandbox_module
 from .safefs import remove_tree
@@ -31,12 +34,15 @@ JOB_MARKER = "TAICHI_SANDBOX_JOB"
 
 @dataclass
 class Exit:
-    """How the child's top process ended (from wait4): exactly one of code/signal is set."""
+    """How the child's top process ended (from wait4): exactly one of code/signal is set.
+    `enforced`: the fork-server killed the job itself, for ("wall_time" or "lease", seconds after its
+    fork) (sandbox.job.backstop)."""
 
     code: int | None
     signal: int | None
     cpu_seconds: float
     max_rss: int
+    enforced: tuple[str, float] | None = None
 
 
 def _exit_from_status(status: int, utime: float, stime: float, maxrss_kib: int) -> Exit:
@@ -62,6 +68,10 @@ class Launched:
 
     def wait(self) -> Exit:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def lease(self, deadline: float | None) -> None:
+        """Set, extend or clear the job's lease deadline (absolute CLOCK_MONOTONIC seconds) where
+        the launcher enforces it; thread-safe, never raises. Here (exec): nothing does."""
 
 
 class _ExecLaunched(Launched):
@@ -150,9 +160,10 @@ def start_server(audit: str | None) -> tuple[socket.socket, psutil.Process, str]
 
 
 class _ForkLaunched(Launched):
-    def __init__(self, conn: socket.socket, timeout: float) -> None:
+    def __init__(self, conn: socket.socket, timeout: float, launcher: "ForkServerLauncher", job_id: str) -> None:
         self._file = conn.makefile("rb")
         self._conn = conn
+        self._launcher, self._job_id = launcher, job_id
         conn.settimeout(timeout)
         try:
             line = self._file.readline().split()
@@ -167,11 +178,19 @@ class _ForkLaunched(Launched):
 
     def wait(self) -> Exit:
         line = self._file.readline().split()
+        enforced = None
+        if len(line) == 3 and line[0] == b"killed" and line[1].decode() in backstop.KINDS:
+            enforced = (line[1].decode(), float(line[2]))
+            line = self._file.readline().split()
         self._file.close()
         self._conn.close()
         if len(line) != 5 or line[0] != b"exit":
             raise LauncherLost("fork-server died before the job ended")
-        return _exit_from_status(int(line[1]), float(line[2]), float(line[3]), int(line[4]))
+        return replace(_exit_from_status(int(line[1]), float(line[2]), float(line[3]), int(line[4])),
+                                   enforced=enforced)
+
+    def lease(self, deadline: float | None) -> None:
+        self._launcher.lease(self._job_id, self.pid, deadline)
 
 
 class ForkServerLauncher:
@@ -219,7 +238,20 @@ class ForkServerLauncher:
             raise LaunchFailed(f"cannot reach the fork-server: {err}") from None
         finally:
             theirs.close()
-        return _ForkLaunched(mine, self.start_timeout)
+        return _ForkLaunched(mine, self.start_timeout, self, plan.job_id)
+
+    def lease(self, job_id: str, pid: int, deadline: float | None) -> None:
+        """Tell the server the lease deadline of job `job_id` at `pid` (see `forkserver.encode_lease`);
+        nothing when no server runs (never starts one); never raises: the supervisor enforces the
+        lease too."""
+        message = forkserver.encode_lease(job_id, pid, deadline)
+        with self._lock:
+            if self._control is None:
+                return
+            try:
+                self._control.sendall(message)
+            except OSError:
+                pass
 
     @property
     def server_pid(self) -> int | None:

@@ -20,6 +20,7 @@ from ..core.audit import AuditLog
 from ..core.limits import DEFAULT_ENV_ALLOW, GiB, ConfigError, Limits, Policy, address_space_for, load_policy
 from ..core.models import JobResult, JobSpec, Sample, Termination, Verdict, Violation
 from ..job import namespaces
+from ..job.backstop import BACKSTOP_SLACK
 from ..job.binds import Binds
 from ..job.cgroup import CgroupHost, JobCgroup, discover
 from ..job.child import ChildPlan
@@ -42,6 +43,12 @@ from .confinement import filter_syscalls, isolate, job_cgroup
 
 RLIMIT_CPU_HARD_EXTRA = 2  # seconds between SIGXCPU (soft) and the kernel's SIGKILL (hard)
 PUMP_DRAIN_TIMEOUT = 2.0
+
+
+def _room(limits: Limits) -> float:
+    """Seconds past a job's wall_time or lease end before its fork-server kills it (sandbox.job.backstop):
+    room for the supervisor's own SIGTERM, grace and SIGKILL."""
+    return limits.grace + BACKSTOP_SLACK
 
 
 def tenant_key(spec: JobSpec) -> str:
@@ -190,7 +197,8 @@ class Supervisor:
         watch = GpuWatch(self.gpu_sampler, visible) if facts.nvml_error is None and visible else None
         plan = ChildPlan(job_id=spec.job_id, target=target, function=function, shipped=spec.shipped, args=spec.args,
                          kwargs=spec.kwargs, argv=spec.argv, ti_arch=arch, ti_caps=caps, rlimits=rlimits, env=env,
-                         workdir=str(work), parent_pid=0, preinit=function is not None, max_result=limits.max_result)
+                         workdir=str(work), parent_pid=0, preinit=function is not None, max_result=limits.max_result,
+                         backstop=None if limits.wall_time is None else limits.wall_time + _room(limits))
         if len(plan.model_dump_json()) > MAX_PLAN_BYTES:
             raise ConfigError(f"job too large: its args, kwargs, argv and env exceed {MAX_PLAN_BYTES} bytes")
         kept = TenantCache(self.policy.settings.resolved_state_dir() / "ticache" / tenant_key(spec),
@@ -293,6 +301,8 @@ class Supervisor:
         (out_r, out_w), (err_r, err_w), (ch_r, ch_w) = os.pipe(), os.pipe(), os.pipe()
         try:
             with self._launch_lock:
+                lease = control.lease if control is not None else None
+                plan.lease = None if lease is None else lease + _room(limits)
                 launched = self.launcher.start(plan, out_w, err_w, ch_w)
                 started = time.monotonic()  # the job's clock: a fork-server's own start is not its time
                 self._running.add(launched.pid)
@@ -317,6 +327,8 @@ class Supervisor:
                           gpu_limit=prepared.gpu_limit, control=control, cgroup=cgroup, disk=prepared.jobdir)
         pump = Pump(out_r, err_r, ch_r, limits.max_output, monitor.wake, on_output)
         try:
+            if control is not None:  # the fork-server's kill leaves room for our own graceful end
+                control.forward(lambda end: launched.lease(None if end is None else end + _room(limits)))
             pump.start()
             monitor.start()
             exit_ = launched.wait()
@@ -325,8 +337,12 @@ class Supervisor:
             job.notes.append(str(err))
         finally:
             ended = time.monotonic()
+            if control is not None:
+                control.forward(None)
             monitor.stop()
             self._reap_leftovers(job, launched.pid)
+        if exit_.enforced is not None and exit_.enforced[0] == "lease":
+            self._lease_enforced(job, control, started + exit_.enforced[1])
         pump.join(PUMP_DRAIN_TIMEOUT)
         if pump.is_alive():
             pump.stop_event.set()
@@ -345,6 +361,22 @@ class Supervisor:
             cgroup_limits=cgroup.limits if cgroup is not None else None,
             cgroup_final=cgroup.stats() if cgroup is not None else None, hold_result=hold_result,
             disk_final=prepared.jobdir.usage(final=True)))
+
+    @staticmethod
+    def _lease_enforced(job: _Job, control: JobControl | None, at: float) -> None:
+        """The fork-server killed the job at `at` (time.monotonic()) for its lease, grace and
+        BACKSTOP_SLACK after its end: that is the verdict's reason, unless the job was ended for
+        something else first."""
+        ended = f"the node's fork-server ended the job (lease + grace + {BACKSTOP_SLACK:g}s), as its supervisor " \
+                "did not act in time"
+        detail = control.lapse_reason(at, ended) if control is not None else f"its cluster lease lapsed: {ended}"
+        with job.lock:
+            if job.termination is None:
+                job.termination = Termination(reason="lease", detail=detail)
+            elif job.termination.reason == "lease":
+                job.termination.detail = detail  # the supervisor's own end came too late
+            else:
+                job.notes.append("the fork-server killed the job after its cluster lease lapsed")
 
     def _reap_leftovers(self, job: _Job, pgid: int) -> None:
         """After the main process ended: kill whatever of the job still lives. With a cgroup that is

@@ -16,6 +16,7 @@ from typing import Callable
 
 from ..core.limits import Limits
 from ..core.models import TIMELINE_MAX, Sample, Termination, Violation
+from ..core.units import duration
 from ..job.cgroup import CgroupLimits, CgroupStats, JobCgroup
 from ..job.cgroup.common import page_floor
 from ..job.disk import JobDir
@@ -98,7 +99,8 @@ class Timeline:
 
 class JobControl:
     """A handle on one running job for its submitter: `cancel()` asks the supervisor to end it
-    (SIGTERM, grace, SIGKILL; verdict `cancelled`). Safe to call from any thread, before or while
+    (SIGTERM, grace, SIGKILL; verdict `cancelled`); `lease_until()` / `lease_lost()` hold it to a
+    cluster lease (verdict `crashed` when it lapses). Safe to call from any thread, before or while
     the job runs."""
 
     def __init__(self) -> None:
@@ -108,6 +110,11 @@ class JobControl:
         self._wake: Callable[[], None] | None = None
         self.preempted: str | None = None  # why, when the job was preempted rather than cancelled
         self.requeue = False  # ... and goes back to its executor's queue
+        self.lease_lapsed: str | None = None  # why, when the job was ended for its lease
+        self.lease: float | None = None  # the lease's end (time.monotonic()), None: no lease
+        self._renewed = 0.0  # when it was last set
+        self._send_lock = threading.Lock()  # forwarded in the order set
+        self._send: Callable[[float | None], None] | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -123,10 +130,64 @@ class JobControl:
         self.cancel()
         return True
 
+    def lease_until(self, deadline: float | None) -> None:
+        """Set, extend or clear (None) the job's cluster lease: its end as an absolute time.monotonic()
+        (CLOCK_MONOTONIC, one clock for every process of the node). Once it passes, the supervisor
+        ends the job as `lease_lost()` does. With the fork-server launcher the fork-server is told at
+        once (at the launch when called before it) and SIGKILLs the job itself grace +
+        sandbox.job.backstop.BACKSTOP_SLACK seconds past the deadline should the supervisor not have
+        ended it (frozen); with the exec launcher only the supervisor enforces it. A lease that lapsed
+        stays lapsed."""
+        with self._lock:
+            if self.lease_lapsed is not None:
+                return
+            self.lease, self._renewed = deadline, time.monotonic()
+            wake = self._wake
+        self._forward()
+        if wake is not None:
+            wake()
+
+    def lease_lost(self, reason: str) -> None:
+        """The authority says the lease is gone: end the job now as `cancel()` does, verdict `crashed`
+        with `reason`; nothing when the job was already cancelled, preempted or ended for its lease."""
+        with self._lock:
+            if self.preempted is not None or self._cancelled or self.lease_lapsed is not None:
+                return
+            self.lease_lapsed = reason
+        self.cancel()
+
+    def lapse_reason(self, at: float, ended: str) -> str:
+        """The verdict's reason for a lease that lapsed at `at` (time.monotonic()); `ended`: who ended the job."""
+        with self._lock:
+            since = at - self._renewed if self.lease is not None else None
+        renewed = f" (not renewed for {duration(since)})" if since is not None and since >= 0 else ""
+        return f"its cluster lease lapsed{renewed}: {ended}"
+
+    def check_lease(self, now: float) -> None:
+        """Called by the monitor: past the lease's end, lose it (`lease_lost`)."""
+        deadline = self.lease
+        if deadline is not None and now >= deadline and self.lease_lapsed is None:
+            self.lease_lost(self.lapse_reason(now, "the node ended the job"))
+
+    def forward(self, send: Callable[[float | None], None] | None) -> None:
+        """Called by the supervisor: `send(deadline)` hands each lease deadline to the launcher
+        (Launched.lease) from now on, the current one at once; None: no more (the job ended)."""
+        with self._send_lock:
+            self._send = send
+        if send is not None:
+            self._forward()
+
+    def _forward(self) -> None:
+        with self._send_lock:
+            if self._send is not None and self.lease_lapsed is None:
+                self._send(self.lease)
+
     def termination(self) -> Termination:
         """How the supervisor records the end it asked for."""
         if self.preempted is not None:
             return Termination(reason="preempted", detail=self.preempted)
+        if self.lease_lapsed is not None:
+            return Termination(reason="lease", detail=self.lease_lapsed)
         return Termination(reason="cancelled", detail=self.reason or "")
 
     def cancel(self, reason: str | None = None) -> None:
@@ -255,6 +316,9 @@ class Monitor:
         due = (math.floor(now / interval) + 1) * interval
         if self.limits.wall_time is not None:
             due = min(due, max(self.started + self.limits.wall_time, now + 0.001))
+        lease = self.control.lease if self.control is not None else None
+        if lease is not None:
+            due = min(due, max(lease, now + 0.001))
         return due
 
     def tick_if_running(self) -> None:
@@ -292,6 +356,8 @@ class Monitor:
         self.timeline.add(sample)
         if self._on_sample is not None:
             self._on_sample(sample)
+        if self.control is not None:
+            self.control.check_lease(time.monotonic())
         if self.control is not None and self.control.cancelled and not self._breached:
             self._breach(None)
         if stats is not None and not self._breached:

@@ -2,7 +2,8 @@
 result files, the kernel's final counters. Reads what the supervisor collected and the result files
 (as hostile input, sandbox.job.results), builds the JobResult, acts on nothing.
 
-The first non-warning violation decides; then cancellation or preemption; then the job's own report (`ok` also
+The first non-warning violation decides (the fork-server's wall_time backstop before any); then
+cancellation, preemption or a lapsed cluster lease (`crashed`); then the job's own report (`ok` also
 needs exit status 0); then how the process ended.
 """
 
@@ -19,6 +20,7 @@ from ..core.channel import LeftoversMessage, ResultMessage, RlimitMessage, TiIni
 from ..core.limits import Limits
 from ..core.units import duration, parse_size
 from ..core.models import JobResult, JobSpec, Sample, Termination, Usage, Verdict, Violation
+from ..job.backstop import BACKSTOP_SLACK
 from ..job.cgroup import CgroupLimits, CgroupStats
 from ..job.child import ChildPlan
 from ..job.launcher import Exit
@@ -80,16 +82,30 @@ def _disk_violation(ev: Evidence, seen: list[Violation]) -> list[Violation]:
                       action="none", detected_by="supervisor")]
 
 
+def _backstop_violation(ev: Evidence, explained: dict[int, str]) -> list[Violation]:
+    """The job's fork-server killed it at its wall_time backstop (sandbox.job.backstop): that came
+    first, whatever the supervisor did late."""
+    if ev.exit.enforced is None or ev.exit.enforced[0] != "wall_time" or ev.limits.wall_time is None:
+        return []
+    after = ev.exit.enforced[1]
+    v = Violation(at=ev.started_epoch + after, pid=ev.root_pid, resource="wall_time", limit=ev.limits.wall_time,
+                  observed=after, action="sigkill", detected_by="fork-server")
+    explained[id(v)] = (f"wall_time limit {_fmt('wall_time', v.limit)} exceeded: its fork-server enforced it, killing "
+                        f"the job after {_fmt('wall_time', after)} (wall_time + grace + {BACKSTOP_SLACK:g}s), as its "
+                        "supervisor did not act in time")
+    return [v]
+
+
 def decide(ev: Evidence) -> JobResult:
     messages, protocol_errors = ev.pump.channel.messages()
     results = [m for m in messages if isinstance(m, ResultMessage)]
     final = results[-1] if results else None
-    violations = ev.violations + _kernel_violations(ev)
+    explained: dict[int, str] = {}  # id(violation) -> its reason, where _breach_reason's would mislead
+    violations = _backstop_violation(ev, explained) + ev.violations + _kernel_violations(ev)
     violations += _disk_violation(ev, violations)
     limits, exit_, notes = ev.limits, ev.exit, list(ev.notes)
     reported_ok = final is not None and final.status == "ok" and exit_.code == 0
     claimed = final.result_bytes if reported_ok else None
-    explained: dict[int, str] = {}  # id(violation) -> its reason, where _breach_reason's would mislead
     if claimed is not None and ev.hold_result is not None and (limits.max_result is None or claimed <= limits.max_result):
         refusal = ev.hold_result(claimed)
         if refusal is not None:  # not read at all: nothing of it is held
@@ -132,6 +148,8 @@ def decide(ev: Evidence) -> JobResult:
         verdict, reason = Verdict.cancelled, ev.termination.detail or "cancelled by request"
     elif ev.termination is not None and ev.termination.reason == "preempted":
         verdict, reason = Verdict.preempted, ev.termination.detail
+    elif ev.termination is not None and ev.termination.reason == "lease":
+        verdict, reason = Verdict.crashed, ev.termination.detail
     elif final is not None and final.status == "ok" and exit_.code == 0:
         verdict, reason = Verdict.ok, ""
     elif final is not None and final.status == "error":
