@@ -108,6 +108,13 @@ def _jobs_may_use_tmp_path(request):
             parent.chmod(parent.stat().st_mode | 0o111)
 
 
+@pytest.fixture(scope="session")
+def ray_home(tmp_path_factory):
+    """The HOME of every Ray session a test starts in this process: Ray keeps the authentication token
+    it made at the first `ray.init` under ~/.ray and looks for it there at every later one."""
+    return tmp_path_factory.mktemp("rayhome")
+
+
 def kernel(name: str) -> str:
     return str(KERNELS / name)
 

@@ -462,10 +462,10 @@ def test_file_store_round_trip(tmp_path):
 
 
 @pytest.mark.slow
-def test_gcs_store_round_trip_on_a_local_ray(tmp_path):
+def test_gcs_store_round_trip_on_a_local_ray(ray_home):
     ray = pytest.importorskip("ray")
     saved = os.environ.get("HOME")
-    os.environ["HOME"] = str(tmp_path)  # loopback: see conftest
+    os.environ["HOME"] = str(ray_home)  # loopback: see conftest
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         store = GcsStore(key="test-authority")

@@ -25,10 +25,10 @@ from .conftest import alive, kernel  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    home = tmp_path_factory.mktemp("rayhome")
+def cluster(tmp_path_factory, ray_home):
+    home = tmp_path_factory.mktemp("ray")
     saved = {k: os.environ.get(k) for k in ("HOME", "XDG_STATE_HOME")}
-    os.environ.update(HOME=str(home), XDG_STATE_HOME=str(home / "state"))  # loopback: see conftest
+    os.environ.update(HOME=str(ray_home), XDG_STATE_HOME=str(home / "state"))  # loopback: see conftest
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield Policy(settings=Settings(state_dir=str(home / "state")), cluster=Cluster(lease_ttl=10))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 
 from .authority import Authority
@@ -73,22 +74,36 @@ class AuthorityActor:
 
 
 _handles: dict[str, object] = {}
+_dead: set[str] = set()  # ids of authorities a call found dead
 _handles_lock = threading.Lock()
+_ttl = 30.0
+LOOKUPS = 100  # tries, LOOKUP_PAUSE apart, while the GCS still names a dead authority
+LOOKUP_PAUSE = 0.05
 
 
-def authority(ttl: float = 30.0):
+def _id(handle) -> str:
+    return handle._actor_id.hex()  # no public accessor
+
+
+def authority(ttl: float | None = None):
     """The cluster's AuthorityActor handle. The first caller in a cluster creates it with `ttl` (its
-    `[cluster] lease_ttl`); later ones get that one, whatever their own ttl (each grant says the
-    authority's)."""
+    `[cluster] lease_ttl`; None: the last one this process gave, else 30 s); later ones get that one,
+    whatever their own ttl (each grant and renewal says the authority's)."""
+    global _ttl
+    _ttl = ttl if ttl is not None else _ttl
     ray = _ray()
     key = ray.get_runtime_context().gcs_address
     with _handles_lock:
         handle = _handles.get(key)
-        if handle is None:
-            handle = _handles[key] = ray.remote(AuthorityActor).options(
+        for _ in range(LOOKUPS if handle is None else 0):
+            handle = ray.remote(AuthorityActor).options(
                 name=NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
                 max_task_retries=-1, max_concurrency=MAX_CALLS, num_cpus=0,
-                resources={"node:__internal_head__": 0.001}).remote(ttl)
+                resources={"node:__internal_head__": 0.001}).remote(_ttl)
+            if _id(handle) not in _dead:
+                break
+            time.sleep(LOOKUP_PAUSE)  # killed for good a moment ago: its name is not free yet
+        _handles[key] = handle
         return handle
 
 
@@ -96,4 +111,5 @@ def forget() -> None:
     """Look the authority up afresh at the next `authority()` (after a call failed with ActorDiedError:
     an actor killed for good is re-created from the state in the GCS)."""
     with _handles_lock:
+        _dead.update(_id(handle) for handle in _handles.values())
         _handles.clear()

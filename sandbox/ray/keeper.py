@@ -5,10 +5,12 @@ its request until the task running it attaches it to a node; from then on the no
 and the authority ignores the driver's renewals of it (which go on, harmlessly: a `lost` answer may
 also mean the request has not reached the authority yet). The driver watches the job's result ref
 and releases the lease when the job ends however it ends. A worker renews the leases of the jobs it runs
-and tells each job's JobControl the time by which it must end should no renewal get through:
-`lease_ttl` after the renewal was *sent* minus `margin`, so the node ends a job before the authority,
-which counts from when it *received* the renewal, can free its share. A renewal the authority answers
-`lost` ends the job at once.
+and tells each job's JobControl the time by which it must end should no renewal get through
+(`node_deadline`): `lease_ttl` after the renewal was *sent*, less the time the node needs to end the
+job (`room`: grace, and the fork-server's slack should the supervisor be frozen), but at least half
+the ttl; so the node ends a job before the authority, which counts from when it *received* the
+renewal, frees its share (whenever lease_ttl ≥ 2 × room). A renewal the authority answers `lost` ends
+the job at once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .actor import forget
 from .options import _ray
 
 ROUND_SHARE = 4  # renew every ttl / ROUND_SHARE
+RETRY = 0.25  # seconds before the next try after a round that could not renew
 
 
 @dataclass
@@ -34,7 +37,7 @@ class Held:
     until: Any = None
     on_renewed: Callable[[float], None] | None = None
     on_lost: Callable[[str], None] | None = None
-    margin: float = 0.0
+    room: float = 0.0
 
 
 class LeaseKeeper:
@@ -75,17 +78,18 @@ class LeaseKeeper:
                     return
                 period = min(h.ttl for h in self._held.values()) / ROUND_SHARE
             try:
-                self._round(period)
+                renewed = self._round(period)
             except Exception:  # noqa: BLE001 - Ray shut down under us: nothing left to keep
                 with self._cv:
                     self._held.clear()
                     self._thread = None
                 return
             with self._cv:
-                self._cv.wait(period)
+                self._cv.wait(period if renewed else min(period, RETRY))
 
-    def _round(self, period: float) -> None:
-        """Release the leases whose job ended; renew the rest in one call (at most `period` waited)."""
+    def _round(self, period: float) -> bool:
+        """Release the leases whose job ended; renew the rest in one call (at most `period` waited).
+        False when the authority could not be reached (the caller tries again soon)."""
         ray = _ray()
         with self._cv:
             held = dict(self._held)
@@ -99,14 +103,14 @@ class LeaseKeeper:
                 held.pop(lease, None)
         renew = list(held)
         if not renew:
-            return
+            return True
         sent = time.monotonic()
         try:
             answer = self._handle().renew.remote(renew, self.holder).future().result(timeout=period)  # not ray.get: see task._attach
         except Exception as err:  # noqa: BLE001 - not renewed this round: the node-side deadlines stay where they are
             if isinstance(err, ray.exceptions.RayActorError):
                 forget()  # killed for good: the next round finds its successor (restored from the GCS)
-            return
+            return False
         lost = set(answer.get("lost", []))
         for lease in renew:
             h = held[lease]
@@ -115,7 +119,13 @@ class LeaseKeeper:
                 h.on_lost("the quota authority no longer holds the job's lease (it lapsed or was released)")
                 self.drop(lease, release=False)
             elif lease not in lost and h.on_renewed is not None:
-                h.on_renewed(sent + h.ttl - h.margin)
+                h.on_renewed(node_deadline(sent, h.ttl, h.room))
+        return True
+
+
+def node_deadline(sent: float, ttl: float, room: float) -> float:
+    """When the node must start ending a job whose last renewal was sent at `sent` (time.monotonic())."""
+    return sent + ttl - min(ttl / 2, room)
 
 
 _keepers: dict[str, LeaseKeeper] = {}

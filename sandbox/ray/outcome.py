@@ -4,14 +4,19 @@ task returns its JobResult as JSON)."""
 
 from __future__ import annotations
 
+import re
 import time
 
 from ..core.models import JobResult, JobSpec, Verdict
 
 
 def _cause(err: BaseException) -> str:
-    """`Type: first line` of a Ray exception, at most 300 characters."""
-    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    """`Type: first line` of a Ray exception (of the error a failed task passed on, for a task that
+    failed with another's), without terminal colours, at most 300 characters."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        err = cause
+    text = next((line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines() if line.strip()), "")
     return f"{type(err).__name__}: {text}"[:300] if text else type(err).__name__
 
 

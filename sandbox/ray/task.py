@@ -12,19 +12,19 @@ import time
 from typing import Any, Callable
 
 from .. import remote
-from ..core.limits import Policy
+from ..core.limits import ConfigError, Policy
 from ..core.models import JobResult, JobSpec, Verdict
+from ..job.backstop import BACKSTOP_SLACK
 from ..node.supervisor import Supervisor
 from ..watch.echo import Echo
 from ..watch.monitor import JobControl
 from .actor import authority, forget
-from .keeper import Held, keeper
+from .keeper import Held, keeper, node_deadline
 from .options import _ray
 from .outcome import failure_verdict, granted
 
 CANCEL_RESEND = 2.0  # seconds between soft cancels of a task that has not ended
 WAIT_SLICE = 0.05
-MARGIN_SHARE = 3  # the node ends a job lease_ttl / MARGIN_SHARE before the authority could free its share
 _worker_supervisors: dict[str, Supervisor] = {}
 _worker_lock = threading.Lock()
 
@@ -72,7 +72,12 @@ def run_in_task(spec_json: str, policy_json: str, service: str | None = "auto", 
     refused = granted(spec, grant, started)
     if refused is not None:
         return refused.model_dump_json()
-    lease, problem = _attach(spec, grant, started)
+    policy = Policy.model_validate_json(policy_json)
+    try:
+        grace = policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type).grace
+    except ConfigError:
+        grace = spec.limits.grace  # the supervisor rejects the job in a moment
+    lease, problem = _attach(spec, grant, started, grace + BACKSTOP_SLACK + 1)
     if problem is not None:
         return problem.model_dump_json()
     try:
@@ -90,34 +95,38 @@ def run_in_task(spec_json: str, policy_json: str, service: str | None = "auto", 
         keeper(authority).drop(lease[0], release=True)
 
 
-def _attach(spec: JobSpec, grant: dict, started: float) -> tuple[tuple[str, float, float] | None, JobResult | None]:
-    """Attach the granted lease to this node: ((lease id, ttl, first node-side deadline), None), or
-    (None, the job's verdict) when the lease is gone or the authority cannot answer."""
+def _attach(spec: JobSpec, grant: dict, started: float, room: float) -> tuple[tuple | None, JobResult | None]:
+    """Attach the granted lease to this node: ((lease id, ttl, room, first node-side deadline), None),
+    or (None, the job's verdict) when the lease is gone or the authority cannot answer. `room`: the
+    seconds the node needs to end the job (see keeper.node_deadline)."""
     ray = _ray()
     ctx = ray.get_runtime_context()
     lease_id = grant["granted"]
-    sent = time.monotonic()
-    try:
-        # a future, not ray.get: a task blocked in ray.get lends its CPU to Ray, which then starts more
-        # workers (each with a fork-server to start) than the node has CPUs
-        answer = authority().attach.remote(lease_id, ctx.get_node_id(), keeper(authority).holder).future().result()
-    except ray.exceptions.RayError as err:
-        forget()
-        verdict, reason = failure_verdict(err)
-        return None, JobResult.not_run(spec, verdict, reason, started)
+    for attempt in range(2):  # a worker's handle may name an authority killed for good: look it up again
+        sent = time.monotonic()
+        try:
+            # a future, not ray.get: a task blocked in ray.get lends its CPU to Ray, which then starts
+            # more workers (each with a fork-server to start) than the node has CPUs
+            answer = authority().attach.remote(lease_id, ctx.get_node_id(), keeper(authority).holder).future().result()
+            break
+        except ray.exceptions.RayError as err:
+            if isinstance(err, ray.exceptions.RayActorError):
+                forget()
+            if attempt or not isinstance(err, ray.exceptions.RayActorError):
+                verdict, reason = failure_verdict(err)
+                return None, JobResult.not_run(spec, verdict, reason, started)
     if "lost" in answer:
         return None, granted(spec, answer, started)
     ttl = grant["ttl"]
-    return (lease_id, ttl, sent + ttl - ttl / MARGIN_SHARE), None
+    return (lease_id, ttl, room, node_deadline(sent, ttl, room)), None
 
 
-def _keep(lease: tuple[str, float, float], on_renewed: Callable[[float], None] | None,
-          on_lost: Callable[[str], None]) -> None:
+def _keep(lease: tuple, on_renewed: Callable[[float], None] | None, on_lost: Callable[[str], None]) -> None:
     """Keep `lease` renewed from this worker; `on_renewed` gets its first deadline at once."""
-    lease_id, ttl, first = lease
+    lease_id, ttl, room, first = lease
     if on_renewed is not None:
         on_renewed(first)
-    keeper(authority).keep(lease_id, Held(ttl=ttl, on_renewed=on_renewed, on_lost=on_lost, margin=ttl / MARGIN_SHARE))
+    keeper(authority).keep(lease_id, Held(ttl=ttl, on_renewed=on_renewed, on_lost=on_lost, room=room))
 
 
 def _cancellable(body: Callable[[], str], cancel: Callable[[], None], job_id: str) -> str:
@@ -145,7 +154,7 @@ def _cancellable(body: Callable[[], str], cancel: Callable[[], None], job_id: st
     return outcome["result"]
 
 
-def _through_service(path, spec: JobSpec, lease: tuple[str, float, float]) -> str:
+def _through_service(path, spec: JobSpec, lease: tuple) -> str:
     """Run `spec` through the node service at `path`, following it to its verdict (JSON). A job the
     service refuses, or a service that cannot be reached, is verdict `rejected`; one lost mid-way
     (the service went away) is `crashed`. The job's lease is renewed from here; when the authority
