@@ -126,7 +126,7 @@ def frozen(tmp_path, state_dir):
         f.close()
 
 
-@pytest.mark.parametrize("variant", ["default", "fallback"])
+@pytest.mark.parametrize("variant", ["default", pytest.param("fallback", marks=pytest.mark.slow)])
 def test_wall_time_backstop_kills_the_job_of_a_frozen_supervisor(frozen, variant):
     """wall_time 2 s, grace 1 s: the fork-server kills the job (and every process it forked, one in a
     session of its own) at 2 + 1 + BACKSTOP_SLACK s, records it, and the supervisor, resumed, says
@@ -163,6 +163,7 @@ def test_unrenewed_lease_kills_the_job_of_a_frozen_supervisor(frozen):
     assert "not renewed for" in result["reason"] and "fork-server" in result["reason"], result
 
 
+@pytest.mark.slow
 def test_renewed_lease_reaches_the_fork_server(frozen):
     """A lease of 1.5 s renewed every 0.3 s: the job outlives the first deadline and its backstop
     (the fork-server got each renewal); frozen, the renewals stop and the fork-server ends it 1.5 s

@@ -224,10 +224,11 @@ def test_tenant_quota_is_shared_by_executors_through_the_authority(cluster, tmp_
     assert ray.get(sray.authority().usage.remote())["tenants"].get("a", {}).get("running", 0) == 0
 
 
+@pytest.mark.slow
 def test_a_dead_driver_s_lease_lapses(cluster):
     """A lease granted to a driver that died before any task attached it is freed after the ttl."""
     code = ("import ray; ray.init(address='auto', log_to_driver=False); from sandbox import ray as s; "
-            "assert 'granted' in ray.get(s.authority().acquire.remote('ghost', 'b', 'ghost-holder', 0, 0, "
+            "assert 'granted' in ray.get(s.authority(10).acquire.remote('ghost', 'b', 'ghost-holder', 0, 0, "
             "{'max_concurrent': 1})); import os; os._exit(0)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True)
     auth = sray.authority()

@@ -38,7 +38,7 @@ def submit(spec: JobSpec | Callable, policy: Policy | None = None, device_memory
     task submits through ("auto", a path, or None: never). Unless `quiet`, the job's output appears on
     the driver's console as Ray shows its workers' output. `ray_options` override the mapping from
     limits (e.g. `num_gpus=1`)."""
-    ray = _ray()
+    _ray()  # Ray installed, or a clear ImportError
     spec = as_spec(spec)
     if spec.binds:
         raise ConfigError("binds: a Ray task may run on another machine; bind directories only for jobs run in "
