@@ -318,6 +318,22 @@ def quota(state: Optional[Path] = typer.Option(None, help="quota.json written by
 
 
 @app.command()
+def cluster(address: str = typer.Option("auto", help="The Ray cluster's address (as for ray.init)."),
+            as_json: bool = typer.Option(False, "--json", help="Print the authority's usage as JSON.")) -> None:
+    """What the Ray cluster's quota authority holds: tenants' leases and waiting jobs, nodes' memory."""
+    from .ray import status  # Ray is an optional extra
+    try:
+        usage = status.read(address)
+    except (ConfigError, ImportError) as e:
+        raise _fail(str(e))
+    if as_json:
+        sys.stdout.write(json.dumps(usage, indent=2) + "\n")
+        return
+    for table in status.tables(usage):
+        Console().print(table)
+
+
+@app.command()
 def report(since: Optional[str] = typer.Option(None, help="Jobs that ended since: a duration ago (7d, 12h, 30m) "
                                                         "or an ISO date/time (default: the whole log)."),
            until: Optional[str] = typer.Option(None, help="... and before: the same forms (default: now)."),

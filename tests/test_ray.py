@@ -334,3 +334,44 @@ def test_a_task_started_without_submit_runs_nothing(cluster, tmp_path):
     answer = ray.get(ray.remote(sray.run_in_task).remote(spec.model_dump_json(), policy.model_dump_json(), None, True))
     r = JobResult.model_validate_json(answer)
     assert r.verdict is Verdict.rejected and "no lease" in r.reason and "ran" not in r.stdout_tail, r
+
+
+def test_every_ray_failure_maps_to_a_verdict_with_its_cause():
+    from sandbox.ray.outcome import failure_verdict
+    ex = ray.exceptions
+    cases = {ex.TaskCancelledError(): ("cancelled", "cancelled"), ex.ActorDiedError(): ("rejected", "quota authority"),
+             ex.NodeDiedError("node 1 is dead"): ("crashed", "node running the job died"),
+             ex.OutOfMemoryError("worker killed: memory used 95%"): ("crashed", "memory monitor"),
+             ex.WorkerCrashedError(): ("crashed", "worker"), ex.ObjectLostError("0" * 56, "", ""): ("crashed", "lost"),
+             RuntimeError("\x1b[36mboom\x1b[39m"): ("crashed", "RuntimeError: boom")}
+    for err, (verdict, words) in cases.items():
+        got, reason = failure_verdict(err)
+        assert got.value == verdict and words in reason and "\x1b" not in reason, (err, got, reason)
+
+
+def test_ray_executor_threads_do_not_grow_with_the_jobs_in_flight(cluster, tmp_path):
+    import threading
+    nap = tmp_path / "nap.py"
+    nap.write_text("import time\ntime.sleep(1)\n")
+    before = threading.active_count()
+    with sray.RayExecutor(policy=cluster) as ex:
+        futures = [ex.submit(JobSpec(kernel=str(nap)), quiet=True) for _ in range(12)]
+        time.sleep(1)
+        during = threading.active_count()
+        results = [f.result(timeout=120) for f in futures]
+    assert all(r.verdict is Verdict.ok for r in results), [r.reason for r in results]
+    assert during - before <= 6, (before, during)  # picker, finisher, alerts, keeper: not one per job
+
+
+def test_cluster_command_shows_the_authority_s_tenants_and_nodes(cluster, tmp_path):
+    r = sray.result(sray.submit(JobSpec(kernel=kernel("tiny.py"), tenant=None), cluster, quiet=True), timeout=120)
+    assert r.ok, r.reason
+    address = ray.get_runtime_context().gcs_address
+    out = subprocess.run([sys.executable, "-m", "sandbox", "cluster", "--address", address, "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    usage = json.loads(out.stdout)
+    assert "_default" in usage["tenants"] and usage["nodes"] and usage["calls"]["acquire"] >= 1
+    table = subprocess.run([sys.executable, "-m", "sandbox", "cluster", "--address", address],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert table.returncode == 0 and "_default" in table.stdout and "memory reserved" in table.stdout, table

@@ -130,7 +130,7 @@ def test_a_tenant_cap_holds_across_nodes_drivers_and_entry_points(cluster):
     assert len({r.labels["ray_node_id"] for r in results}) >= 2, "every job ran on one node"
     assert _running("a") == 0
     calls = _usage().get("calls", {})
-    assert not calls or calls.get("acquire", 0) <= 3 * 9, calls  # one per job (retries aside): no polling
+    assert calls.get("acquire", 0) <= 10, calls  # one per job, 9 (the old ledger: 468 for 12 jobs)
 
 
 def test_a_node_removed_mid_job_gives_crashed_verdicts_and_frees_the_share_within_seconds(cluster):

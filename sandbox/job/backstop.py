@@ -24,7 +24,6 @@ from dataclasses import dataclass
 # Seconds the supervisor has beyond wall_time + grace, or a lease's end + grace, to end the job itself
 # (a monitor tick, the SIGKILL of a whole tree on a loaded node) before its fork-server does.
 BACKSTOP_SLACK = 5.0
-STOP_ROUNDS = 200  # fresh scans at most; each finds the processes forked before the last SIGSTOP
 KINDS = ("wall_time", "lease")
 DUE_LINE = "killed {kind} {after:.3f}\n"  # on the job's reply socket: what, seconds after its fork
 
@@ -101,30 +100,23 @@ def kill_job(pid: int) -> None:
     reaped, and reported, as any other."""
     import psutil  # preloaded by the fork-server
 
+    from .stopping import stop_all
+
     try:
         root = psutil.Process(pid)
     except psutil.Error:
         return
-    stopped: dict[int, psutil.Process] = {}
-    for _ in range(STOP_ROUNDS):
+    def tree() -> list[psutil.Process]:
         try:
-            found = [root, *root.children(recursive=True)]
+            return [root, *root.children(recursive=True)]
         except psutil.Error:
-            found = [root]
-        new = [p for p in found if p.pid not in stopped]
-        if not new:
-            break
-        for proc in new:
-            try:
-                proc.send_signal(signal.SIGSTOP)
-                stopped[proc.pid] = proc
-            except psutil.Error:
-                pass
+            return [root]
+    stopped = stop_all(tree)
     try:
         os.killpg(pid, signal.SIGKILL)  # the group the job made (it calls setsid); none yet: ESRCH
     except OSError:
         pass
-    for proc in [root, *stopped.values()]:
+    for proc in [root, *stopped]:
         try:
             proc.kill()
         except psutil.Error:

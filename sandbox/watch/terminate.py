@@ -17,32 +17,20 @@ import psutil
 
 from ..core.models import Termination, Violation
 from ..job.cgroup import JobCgroup
+from ..job.stopping import stop_all
 from .tree import JobTree
-
-STOP_ROUNDS = 200  # fresh scans at most; each finds the children forked before the last SIGSTOP
-
 
 def stop_then_kill(find: Callable[[], list[psutil.Process]]) -> list[int]:
     """SIGSTOP whatever `find()` returns until it returns nothing new, then SIGKILL all of it;
     returns the pids once they are gone (waits a second at most)."""
-    stopped: dict[int, psutil.Process] = {}
-    for _ in range(STOP_ROUNDS):
-        new = [p for p in find() if p.pid not in stopped]
-        if not new:
-            break
-        for proc in new:
-            try:
-                proc.send_signal(signal.SIGSTOP)
-                stopped[proc.pid] = proc
-            except psutil.Error:
-                pass
-    for proc in stopped.values():
+    stopped = stop_all(find)
+    for proc in stopped:
         try:
             proc.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(list(stopped.values()), timeout=1.0)
-    return sorted(stopped)
+    psutil.wait_procs(stopped, timeout=1.0)
+    return sorted(p.pid for p in stopped)
 
 
 class JobProcesses:
