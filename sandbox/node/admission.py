@@ -33,7 +33,7 @@ class Admission:
             raise AuditUnavailable(f"the audit log cannot be written ({err.strerror or err}): no new jobs until "
                                    "it can") from None
         with self._cv:
-            entry.retry_at = 0.0
+            entry.recorded = True
             if any(e.preemptible and e.priority < entry.priority for e in self._running):
                 self._pick(take=False)
             self._cv.notify_all()

@@ -21,14 +21,13 @@ Preemption (`preemption`): a queued job that does not fit ends preemptible runni
 priorities to make room; nothing ranked after it starts until they are gone.
 Admission's checks, the `submitted` record and a policy reload are in `admission`.
 Lock rule: `_cv` guards the queue, the tenants' state and the capacity in use, and nothing that can
-block runs under it: jobs, ledger calls (`_reserve`/`_release`, e.g. Ray's `ray.get`), quota.json
-and audit writes, and alert delivery (`Alerts.emit` only queues) all happen without it.
+block runs under it: jobs, Ray submissions, quota.json and audit writes, and alert delivery
+(`Alerts.emit` only queues) all happen without it.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import threading
 import time
@@ -52,7 +51,6 @@ from .scheduling import Entry, FairShare, rank
 from .supervisor import Supervisor
 
 RESERVE_AFTER = 30.0
-LEDGER_RETRY = 0.2  # seconds before a job the ledger refused is offered to it again
 ALERTS_FLUSH = 10.0  # seconds `shutdown(wait=True)` gives queued alerts to be delivered
 DEFAULT_TENANT = "_default"
 
@@ -179,7 +177,7 @@ class SandboxExecutor(Admission, Preemption, NodeMemory):
                                         f"{tenant.max_queued})")
                     self._cv.wait(remaining)
                 entry = Entry(future, need, priority, next(self._seq), preemptible=preemptible, requeue=requeue,
-                              retry_at=math.inf)  # unseen until its `submitted` record is written
+                              recorded=False)  # unseen until its `submitted` record is written
                 self._enqueue(entry)
         if rate_problem is not None:
             return self._reject(future, *rate_problem)
@@ -242,12 +240,12 @@ class SandboxExecutor(Admission, Preemption, NodeMemory):
                 self._abandoned.append(entry)
         names = set(self.policy.tenants) | set(self._tenants)
         factors = self._fair.factors({name: self._tenant(name).shares for name in names}, time.time())
-        recorded = (e for e in self._queue if e.retry_at < math.inf)  # not one still writing its record
+        recorded = (e for e in self._queue if e.recorded)  # not one still writing its record
         order = sorted(recorded, key=lambda e: rank(e.priority, factors[e.future.tenant], now - e.submitted, e.seq,
                                                     self.policy.scheduler))
         candidates = self._candidates()
         for position, entry in enumerate(order):
-            fits = entry.retry_at <= now and self._fits(entry)
+            fits = self._fits(entry)
             if fits and self._memory_allows(entry):
                 if not take:
                     return None  # a worker is free for it
@@ -259,14 +257,6 @@ class SandboxExecutor(Admission, Preemption, NodeMemory):
             if position == 0 and now - entry.submitted >= RESERVE_AFTER:
                 return None  # reserve the node for the job that has waited longest at the top
         return None
-
-    def _reserve(self, entry: Entry) -> bool:
-        """Hook: a ledger outside this executor may refuse a job that fits here (see RayExecutor).
-        Called without _cv, the job's demand already counted here while it answers."""
-        return True
-
-    def _release(self, entry: Entry) -> None:
-        """Hook: give back what `_reserve` took, once the job has its verdict. Called without _cv."""
 
     def _enqueue(self, entry: Entry) -> None:
         """Bookkeeping for a job joining the queue (call under _cv)."""
@@ -299,36 +289,28 @@ class SandboxExecutor(Admission, Preemption, NodeMemory):
                 self.alerts.quota(name, resource, used, quota)
 
     def _work(self) -> None:
-        """A worker: pick under _cv, ask the ledger (`_reserve`) without it, run the job."""
+        """A worker: pick under _cv, start the job without it."""
         while True:
             with self._cv:
                 entry = self._pick()
                 while entry is None and not self._abandoned:
                     if self._shutdown and not self._queue and not self._running:
                         return
-                    self._cv.wait(timeout=LEDGER_RETRY if any(e.retry_at for e in self._queue) else 1.0)
+                    self._cv.wait(timeout=1.0)
                     entry = self._pick()
                 abandoned, self._abandoned = self._abandoned, []
                 if entry is not None:
-                    self._account(entry, +1)  # held while the ledger answers, so no other worker overbooks
+                    self._account(entry, +1)
             self._cancel_requeued(abandoned)
             if entry is None:
                 continue
-            granted = self._reserve(entry)
-            started = granted and (entry.runs > 0 or entry.future.set_running_or_notify_cancel())
-            if granted and not started:
-                self._release(entry)  # cancelled while the ledger answered
+            started = entry.runs > 0 or entry.future.set_running_or_notify_cancel()
             with self._cv:
                 if started:
                     entry.started = time.monotonic()
                     self._running.add(entry)
                 else:
-                    self._account(entry, -1)
-                    if not granted and self._cancel_queued:
-                        entry.future.cancel()
-                    elif not granted and not entry.future.cancelled():
-                        entry.retry_at = time.monotonic() + LEDGER_RETRY
-                        self._enqueue(entry)
+                    self._account(entry, -1)  # cancelled meanwhile
                 state = self._snapshot()
                 self._cv.notify_all()
             self.quota_file.save(*state)
@@ -361,7 +343,6 @@ class SandboxExecutor(Admission, Preemption, NodeMemory):
         future, name = entry.future, entry.future.tenant
         if future.echo is not None:
             future.echo.close()
-        self._release(entry)
         with self._cv:
             self._account(entry, -1)
             self._running.discard(entry)

@@ -66,7 +66,7 @@ class Entry:
     priority: int
     seq: int
     submitted: float = field(default_factory=time.monotonic)
-    retry_at: float = 0.0  # refused by a ledger outside this executor (`_reserve`): not before then
+    recorded: bool = True  # its `submitted` record is written (workers see it only then)
     preemptible: bool = False
     requeue: bool = False
     started: float = 0.0  # when its current run started (monotonic)
