@@ -30,7 +30,6 @@ import pytest
 
 from sandbox import JobSpec, Limits, Supervisor, Verdict
 from sandbox.job.cgroup import task_limit
-from sandbox.job.namespaces import HELPERS
 
 from .conftest import assert_no_survivors, kernel_enforces, make_policy, second_v2_hierarchy, slow_beyond_first
 
@@ -290,7 +289,7 @@ def test_fork_bomb_meets_pids_max_when_the_monitor_looks_away(sup, tmp_path):
     r = run_job(sup, tmp_path, "import time\ntime.sleep(0.3)\n" + FORK_BOMB, limits)
     assert r.verdict is Verdict.processes, r.reason
     v = breach(r)
-    helpers = HELPERS if sup.namespaces_unavailable() is None else 0
+    helpers = sup.launcher.helpers(sup.namespaces_unavailable() is None)
     assert v.detected_by == "cgroup" and v.limit == task_limit(4 + helpers, 1) and "refused a fork" in r.reason
     assert r.usage.wall_seconds < 5
 

@@ -184,7 +184,9 @@ def serve(control_fd: int, audit: str | None = None) -> None:
     requests = Requests()
     spare_netns = namespaces.fresh_netns()
     netns_pool = spare_netns is not None  # root: keep one ready; else jobs make their own (or none)
-    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY) if netns_pool else None  # root: relay here
+    # root: relay here (what ForkServerLauncher.helpers counts on; without a network namespace,
+    # relay and init are both the job's, as with the exec launcher)
+    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY) if netns_pool and os.geteuid() == 0 else None
     statuses: dict[int, int] = {}  # the status pipe of each job whose init is our child
     deadlines = backstop.Deadlines()
     while True:

@@ -94,6 +94,11 @@ class ExecLauncher:
 
     name = "exec"
 
+    def helpers(self, isolate: bool) -> int:
+        """How many of the sandbox's own processes will be in an `isolate`d job's cgroup: the
+        child relays itself (relay and init)."""
+        return namespaces.HELPERS if isolate else 0
+
     def orphans(self, job_id: str, running: set[int]) -> list[psutil.Process]:
         """Every process on the machine whose exec-time environment carries this job's marker."""
         found = []
@@ -117,7 +122,7 @@ class ExecLauncher:
         os.close(plan_r)
         with os.fdopen(plan_w, "wb") as f:
             f.write(plan.model_dump_json().encode())
-        return _ExecLaunched(proc, namespaces.HELPERS if plan.isolate else 0)  # the child relays itself
+        return _ExecLaunched(proc, self.helpers(plan.isolate))
 
     def close(self) -> None:
         pass
@@ -208,6 +213,13 @@ class ForkServerLauncher:
         self._server: psutil.Process | None = None
         self._dir: str | None = None  # the server's cwd and HOME; it removes it itself when it exits
         self._control: socket.socket | None = None
+
+    def helpers(self, isolate: bool) -> int:
+        """How many of the sandbox's own processes will be in an `isolate`d job's cgroup: a root
+        server relays itself, so only the init is (see forkserver.serve); else relay and init. A
+        root server that could not make a network namespace relays nothing and its jobs get one
+        process fewer than asked, never one more."""
+        return (1 if os.geteuid() == 0 else namespaces.HELPERS) if isolate else 0
 
     def _server_alive(self) -> bool:
         try:

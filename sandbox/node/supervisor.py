@@ -217,7 +217,7 @@ class Supervisor:
         # The cgroup comes last: nothing after it may raise, or it would be left behind.
         cgroup, cgroup_known = job_cgroup(self.cgroups, self.policy.settings, spec.job_id, limits,
                                           caps["cpu_max_num_threads"],
-                                          helpers=namespaces.HELPERS if plan.isolate else 0)
+                                          helpers=self.launcher.helpers(plan.isolate))
         if cgroup is not None:
             plan.cgroup_join = cgroup.join_files()
             notes.append(f"{cgroup.label}: {cgroup.path}")
