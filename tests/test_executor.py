@@ -14,6 +14,7 @@ from sandbox import JobSpec, Limits, Policy, Verdict
 from sandbox.node.alerts import Alerts
 from sandbox.core.audit import AuditLog
 from sandbox.node.executor import RESERVE_AFTER, Capacity, QueueFull, SandboxExecutor
+from sandbox.node.future import JobFuture
 from sandbox.watch.gpu import probe
 from sandbox.core.limits import GiB, Alerts as AlertSettings, JobType, Settings, Tenant
 
@@ -290,3 +291,15 @@ def test_a_slow_alert_command_never_delays_submission_or_scheduling(tmp_path, mo
     assert rejected.result().verdict is Verdict.rejected and answered < 1
     assert [r.verdict for r in results] == [Verdict.ok] * 3
     assert elapsed < 8, f"3 tiny jobs took {elapsed:.1f} s behind 7 alerts of 10 s each"
+
+
+def test_a_job_s_lease_carries_over_to_its_next_run_and_once_lost_stays_lost():
+    future = JobFuture(JobSpec(kernel="k.py"), quiet=True)
+    future.lease(deadline=123.0)
+    first = future.control
+    future.rerun()  # preempted and requeued: a new control, the same lease
+    assert future.control is not first and future.control.lease == 123.0
+    future.lease(lost="its cluster lease lapsed: gone")
+    future.lease(deadline=456.0)  # a late renewal does not bring it back
+    future.rerun()
+    assert future.control.lease_lapsed == "its cluster lease lapsed: gone" and future.control.cancelled

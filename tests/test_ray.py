@@ -317,6 +317,39 @@ def test_ray_tasks_and_local_clients_share_one_node_service(cluster, tmp_path):
         assert node.stop() == 0
 
 
+@pytest.mark.slow  # ~25 s: the lease's end, the job's grace, then the thawed task's answer
+def test_a_frozen_worker_cannot_keep_its_service_job_past_its_lease(cluster, tmp_path):
+    """Through the node service the Ray worker forwards each renewal of the job's lease; frozen, it
+    renews nothing, and the service ends the job at the lease's end (verdict `crashed`), long
+    before its wall_time: the share the authority frees is not overbooked."""
+    from .test_service import SLEEP, Node
+    node = Node(tmp_path / "node")
+    worker = None
+    try:
+        (tmp_path / "sleep.py").write_text(SLEEP)
+        policy = load_policy(str(node.limits)).model_copy(update={"cluster": Cluster(lease_ttl=10)})
+        spec = JobSpec(kernel=str(tmp_path / "sleep.py"), argv=["60"], limits=Limits(wall_time="120s"))
+        ref = sray.submit(spec, policy, service=str(node.socket))
+        running = _wait_for_service_job(node, 0)
+        (worker,) = [p for p in psutil.process_iter(["cmdline"])
+                     if f"taichi-sandbox:{spec.job_id}" in " ".join(p.info["cmdline"] or [])]
+        worker.suspend()
+        deadline = time.monotonic() + 40
+        while not (ended := [rec for rec in node.records("job") if rec["job_id"] == running["job_id"]]):
+            assert time.monotonic() < deadline, "the service's job outlived the lease of its frozen worker"
+            time.sleep(0.2)
+        assert ended[0]["verdict"] == "crashed" and "its cluster lease lapsed" in ended[0]["reason"], ended[0]
+        assert ended[0]["usage"]["wall_seconds"] < 30
+        worker.resume()
+        worker = None
+        r = sray.result(ref, timeout=60)
+        assert r.verdict is Verdict.crashed and "lease" in r.reason, r.reason
+    finally:
+        if worker is not None:
+            worker.resume()
+        assert node.stop() == 0
+
+
 def _wait_for_service_job(node, uid: int) -> dict:
     deadline = time.monotonic() + 60
     while not (jobs := [j for j in node.ask({"op": "ps"})[0]["jobs"] if j["uid"] == uid and j["state"] == "running"]):

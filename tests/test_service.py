@@ -549,6 +549,26 @@ def test_events_ps_logs_and_cancel_across_users(node, tmp_path):
     assert seen["type"] == "verdict" and seen["verdict"] == "cancelled" and seen["uid"] == BOB
 
 
+def test_a_job_held_to_a_lease_ends_when_it_lapses_or_is_lost_and_only_its_owner_may_set_it(node, tmp_path):
+    """`lease` (what a Ray worker sends for the job it runs here): unrenewed past `seconds`, or
+    `lost`, the job ends with verdict `crashed` naming its lease, long before its wall_time."""
+    job = {"kernel": "s.py", "source": "import time\ntime.sleep(60)\n", "limits": {"wall_time": "120s"}}
+    first, second = node.ask({"op": "submit", "jobs": [job, job]})[0]["jobs"]
+    bad = [node.ask({"op": "lease", "job_id": first["job_id"], **fields})[0] for fields in
+           ({}, {"seconds": 1, "lost": "x"}, {"seconds": -1})]
+    assert [a["code"] for a in bad] == ["BadRequest"] * 3 and "seconds" in bad[0]["message"], bad
+    theirs = ask_as(node, MALLORY, {"op": "lease", "job_id": first["job_id"], "lost": "hers"})[0]
+    assert theirs["code"] == "NotFound", theirs
+    answer = node.ask({"op": "lease", "job_id": first["job_id"], "seconds": 2})[0]
+    assert answer["type"] == "lease" and answer["state"] in ("queued", "running"), answer
+    assert node.ask({"op": "lease", "job_id": second["job_id"], "lost": "the authority freed it"})[0]["type"] == "lease"
+    for record, why in ((first, "not renewed for"), (second, "the authority freed it")):
+        assert _verdict(node, record["job_id"]) == "crashed"
+        (done,) = [r for r in node.records("job") if r["job_id"] == record["job_id"]]
+        assert "its cluster lease lapsed" in done["reason"] and why in done["reason"], done["reason"]
+        assert done["usage"]["wall_seconds"] < 30
+
+
 ASK_AS = """
 import json, socket, sys
 from sandbox.node import frames

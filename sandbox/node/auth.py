@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..core.limits import ConfigError, Policy
 from ..core.models import JobSpec
-from .executor import DEFAULT_TENANT as NO_TENANT  # where the jobs of no tenant are counted
+from .future import DEFAULT_TENANT as NO_TENANT  # where the jobs of no tenant are counted
 
 DEFAULT_TENANT = "default"
 

@@ -31,17 +31,15 @@ import itertools
 import os
 import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from ..core.limits import Policy, Tenant
 from ..core.models import JobResult, JobSpec, Verdict, as_spec
 from ..core.ratelimit import TokenBucket
-from ..watch.echo import Echo
-from ..watch.monitor import JobControl
 from .admission import Admission
 from .alerts import Alerts
+from .future import JobFuture
 from .metrics import Metrics, quota_gauges
 from .nodememory import NodeMemory
 from .pressure import Probe, Reading, Watch
@@ -52,35 +50,8 @@ from .supervisor import Supervisor
 
 RESERVE_AFTER = 30.0
 ALERTS_FLUSH = 10.0  # seconds `shutdown(wait=True)` gives queued alerts to be delivered
-DEFAULT_TENANT = "_default"
-
-
 class QueueFull(Exception):
     """The tenant's (or executor's) queue is at its bound; the message says which."""
-
-
-class JobFuture(Future):
-    """A Future[JobResult]. `cancel()` on a queued job cancels it (CancelledError, as usual); on a
-    running job it asks the supervisor to end it and returns True: the result is verdict `cancelled`.
-    `echo`: what shows the job's output while it runs (None: nothing, `quiet`)."""
-
-    def __init__(self, spec: JobSpec, quiet: bool = False) -> None:
-        super().__init__()
-        self.spec = spec
-        self.echo = None if quiet else Echo()
-        self.control = JobControl()  # the current run's (a requeued job gets a new one)
-        self.tenant = spec.tenant or DEFAULT_TENANT
-        self.waiting: str | None = None  # why it waits in the queue though it fits the reservations
-        self.cancel_asked = False  # a running (or requeued) job was asked to end
-
-    def cancel(self) -> bool:
-        if super().cancel():
-            return True
-        if self.running():
-            self.cancel_asked = True
-            self.control.cancel()
-            return True
-        return False
 
 
 class SandboxExecutor(Admission, Preemption, NodeMemory):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 
 from ..core.models import JobResult, Verdict
-from ..watch.monitor import JobControl
 from .quotas import Demand
 from .scheduling import Entry, Running, describe, victims
 
@@ -86,7 +85,7 @@ class Preemption:
         if result.verdict is not Verdict.preempted or not entry.future.control.requeue or self._shutdown:
             return False
         entry.runs += 1
-        entry.future.control = JobControl()
+        entry.future.rerun()
         self._enqueue(entry)
         return True
 

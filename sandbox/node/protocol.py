@@ -8,6 +8,9 @@ against a closed schema before anything acts on it. Replies are plain JSON objec
             whose client goes away is cancelled.
 - ps      → {"type": "ps", "jobs": [{job_id, tenant, user, uid, state, kernel, usage}]}
 - cancel  → {"type": "cancelled", "job_id"}
+- lease   → {"type": "lease", "job_id", "state"}: the job's cluster lease now ends `seconds` from
+            now (set or renewed), or was `lost` (why): its run ends as the lease's (verdict
+            `crashed`; sandbox.ray sends these for the jobs its tasks run through the service)
 - logs    → "output" frames (with `follow`, until the job ends), then {"type": "end"}
 - events  → {"type": "event", "event": {...}} frames (verdicts and alerts) until the client leaves
 - quota   → {"type": "quota", "state": {...}} (SandboxExecutor.quota_state)
@@ -123,6 +126,19 @@ class Cancel(_Request):
     job_id: str = Field(max_length=64)
 
 
+class Lease(_Request):
+    op: Literal["lease"]
+    job_id: str = Field(max_length=64)
+    seconds: float | None = Field(default=None, ge=0, le=86400)
+    lost: str | None = Field(default=None, max_length=300)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "Lease":
+        if (self.seconds is None) == (self.lost is None):
+            raise ValueError("give seconds (the lease ends that far from now) or lost (why it is gone), not both")
+        return self
+
+
 class Logs(_Request):
     op: Literal["logs"]
     job_id: str = Field(max_length=64)
@@ -137,11 +153,11 @@ class Quota(_Request):
     op: Literal["quota"]
 
 
-Request = Annotated[Union[Submit, Ps, Cancel, Logs, Events, Quota], Field(discriminator="op")]
+Request = Annotated[Union[Submit, Ps, Cancel, Lease, Logs, Events, Quota], Field(discriminator="op")]
 _REQUEST = TypeAdapter(Request)
 
 
-def parse(message: dict) -> Submit | Ps | Cancel | Logs | Events | Quota:
+def parse(message: dict) -> Submit | Ps | Cancel | Lease | Logs | Events | Quota:
     """The validated request, or ProtocolError("BadRequest", one line naming the field)."""
     try:
         return _REQUEST.validate_python(message)

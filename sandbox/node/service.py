@@ -52,7 +52,8 @@ from . import frames, protocol
 from .auth import Peer, Refused, check_names, is_operator, may_use, peer_of, sees, tenant_for, within_rights
 from .executor import QueueFull, SandboxExecutor
 from .guard import Guard
-from .jobs import Descriptors, Hub, JobRecord, Jobs, NodeSupervisor, close_fds, outcome
+from .holdings import Descriptors, close_fds
+from .jobs import Hub, JobRecord, Jobs, NodeSupervisor, outcome
 from .metrics import job_gauges
 from .reconcile import reconcile
 from .statelock import lock_state_dir
@@ -208,6 +209,11 @@ class Service:
             record = self._visible(peer, request.job_id)
             record.cancel()
             stream.send({"type": "cancelled", "job_id": request.job_id, "state": record.state})
+        elif isinstance(request, protocol.Lease):
+            record = self._visible(peer, request.job_id)
+            lost = None if request.lost is None else f"its cluster lease lapsed: {' '.join(request.lost.split())}"
+            record.lease(None if request.seconds is None else time.monotonic() + request.seconds, lost)
+            stream.send({"type": "lease", "job_id": request.job_id, "state": record.state})
         elif isinstance(request, protocol.Logs):
             stream.logs(self._visible(peer, request.job_id), request.follow)
         elif isinstance(request, protocol.Events):

@@ -158,13 +158,20 @@ def _through_service(path, spec: JobSpec, lease: tuple) -> str:
     """Run `spec` through the node service at `path`, following it to its verdict (JSON). A job the
     service refuses, or a service that cannot be reached, is verdict `rejected`; one lost mid-way
     (the service went away) is `crashed`. The job's lease is renewed from here; when the authority
-    says it is gone the job is cancelled in the service."""
+    says it is gone, or when this worker stops renewing it (frozen), the service ends the job
+    (verdict `crashed`): each renewal's deadline is forwarded to it (`_ServiceLease`)."""
     fields = spec.model_dump(mode="json", exclude_defaults=True,
                              exclude={"job_id", "kernel", "inputs", "outputs", "output_dir", "shipped"})
     if spec.shipped is not None:
         fields["shipped"] = spec.shipped.model_dump()
     submitted: dict[str, Any] = {}
     started = time.time()
+    forward = _ServiceLease(path)
+
+    def on_answer(answer: dict) -> None:
+        if answer["type"] == "submitted":
+            submitted.update(answer["jobs"][0])
+            forward.submitted(submitted.get("job_id"))
 
     def follow() -> str:
         job = remote.Job(spec.kernel, inputs=spec.inputs, output_dir=spec.output_dir, outputs=spec.outputs,
@@ -172,7 +179,7 @@ def _through_service(path, spec: JobSpec, lease: tuple) -> str:
         try:
             answer, results = remote.submit_and_follow(
                 path, [job], output=False,
-                on_answer=lambda a: submitted.update(a["jobs"][0]) if a["type"] == "submitted" else None)
+                on_answer=on_answer)
         except remote.ClientError as err:
             lost = err.code == remote.EXIT_INTERNAL
             return JobResult.not_run(spec, Verdict.crashed if lost else Verdict.rejected, str(err),
@@ -192,5 +199,62 @@ def _through_service(path, spec: JobSpec, lease: tuple) -> str:
                 remote.one(path, {"op": "cancel", "job_id": submitted["job_id"]})
             except remote.ClientError:
                 pass  # the job ended meanwhile, or the service is gone with it
-    _keep(lease, on_renewed=None, on_lost=lambda reason: threading.Thread(target=cancel, daemon=True).start())
-    return _cancellable(follow, cancel, spec.job_id)
+    _keep(lease, on_renewed=forward.renewed, on_lost=forward.lost)
+    try:
+        return _cancellable(follow, cancel, spec.job_id)
+    finally:
+        forward.close()
+
+
+class _ServiceLease:
+    """Forwards a job's lease to the node service that runs it, as `lease` requests: the newest
+    deadline (or its loss) once the service has named the job, from a thread of its own, so the
+    worker's keeper never waits on the service. The service ends the job when the deadline passes
+    unrenewed: a frozen worker cannot keep it running past its lease."""
+
+    def __init__(self, path) -> None:
+        self._path = path
+        self._cv = threading.Condition()
+        self._job_id: str | None = None
+        self._pending: dict | None = None  # the next request's lease fields
+        self._lost = False
+        self._closed = False
+        threading.Thread(target=self._send, name="tsbx-service-lease", daemon=True).start()
+
+    def submitted(self, job_id: str | None) -> None:
+        self._set(job_id=job_id)
+
+    def renewed(self, deadline: float) -> None:
+        self._set(pending={"deadline": deadline})
+
+    def lost(self, reason: str) -> None:
+        self._set(pending={"lost": reason[:300]})
+
+    def close(self) -> None:
+        self._set(closed=True)
+
+    def _set(self, **fields) -> None:
+        with self._cv:
+            if not self._lost:  # once lost, it stays lost
+                self._pending = fields.get("pending", self._pending)
+                self._lost = "lost" in (self._pending or {})
+            self._job_id = fields.get("job_id", self._job_id)
+            self._closed = fields.get("closed", self._closed)
+            self._cv.notify()
+
+    def _send(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._closed or (self._job_id and self._pending))
+                if self._closed:
+                    return
+                job_id, pending, self._pending = self._job_id, self._pending, None
+            message = {"op": "lease", "job_id": job_id}
+            if "lost" in pending:
+                message["lost"] = pending["lost"]
+            else:
+                message["seconds"] = max(0.0, pending["deadline"] - time.monotonic())
+            try:
+                remote.one(self._path, message)
+            except remote.ClientError:
+                pass  # the job ended, or the service is gone with it: its result says which
