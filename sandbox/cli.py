@@ -25,6 +25,11 @@ from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
+try:  # recent typer carries its own copy of click
+    from typer._click.exceptions import UsageError as ClickUsageError
+except ImportError:
+    from click.exceptions import UsageError as ClickUsageError
+
 from .cmdline import UsageError, check_entry, entry_args, manifest, refuse_stray, split_argv
 from .core.display import VERDICT_STYLE, size, summary, usage_rows
 from .core.limits import BUNDLED_POLICY, ConfigError, Limits, Policy, load_policy, read_file
@@ -69,7 +74,10 @@ class _ScriptArgv(TyperCommand):
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         words, script_argv = split_argv(args)
-        rest = super().parse_args(ctx, list(words))  # click consumes the list it is given
+        try:
+            rest = super().parse_args(ctx, list(words))  # click consumes the list it is given
+        except ClickUsageError as e:  # one line, as every other usage error (not a box, no usage)
+            raise _fail(f"{e.format_message()} (see: taichi-sandbox run --help)")
         try:
             refuse_stray(list(ctx.params.get("extra") or ()), words)
         except UsageError as e:

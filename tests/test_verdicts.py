@@ -92,6 +92,26 @@ def test_process_limit(supervisor):
     assert next(v for v in r.violations if v.action != "warn").observed > 4
 
 
+THREE_PROCESSES = """
+import os, time
+for _ in range(2):
+    if os.fork() == 0:
+        time.sleep(1.5)
+        os._exit(0)
+os.wait()
+os.wait()
+"""
+
+
+def test_exactly_max_processes_is_allowed(supervisor, tmp_path):
+    """max_processes is how many may run: the job itself and two children under max_processes = 3."""
+    script = tmp_path / "three.py"
+    script.write_text(THREE_PROCESSES)
+    r = supervisor.run(JobSpec(kernel=str(script), limits=Limits(max_processes=3, wall_time="20s",
+                                                                  poll_interval="50ms")))
+    assert r.verdict is Verdict.ok and r.usage.peak_processes == 3, (r.reason, r.usage)
+
+
 def test_segfault_is_crashed_with_signal_name(any_supervisor):
     r = run(any_supervisor, "segfault.py")
     assert r.verdict is Verdict.crashed

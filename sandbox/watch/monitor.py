@@ -369,7 +369,8 @@ class Monitor:
         for resource, limit, value, fraction in breaches(self.watched, reading, elapsed):
             pid = reading.top_rss_pid if resource == "memory" else self.tree.root_pid
             kernel_decides = resource == "memory" and reading.memory is not None
-            if fraction >= 1.0 and not self._breached and not kernel_decides:
+            reached = fraction > 1.0 if resource == "processes" else fraction >= 1.0  # max_processes may all run
+            if reached and not self._breached and not kernel_decides:
                 action = "sigkill" if resource in IMMEDIATE_KILL or (resource == "disk" and self.disk.polled) \
                     else "sigterm"
                 self._breach(Violation(at=self._epoch(), pid=pid, resource=resource, limit=limit,
