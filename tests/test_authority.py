@@ -66,6 +66,11 @@ async def done(task: asyncio.Task) -> dict:
     return await asyncio.wait_for(task, 2)
 
 
+def bound(answer: dict) -> dict:
+    """An attach's answer less `waited` (seconds, measured)."""
+    return {k: v for k, v in answer.items() if k != "waited"}
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -176,11 +181,11 @@ def test_an_unlimited_job_reserves_its_whole_node_at_attach():
             await a.acquire("small", "t", "d", 2 * GiB, 0, q)
             assert await a.acquire("whole", "t", "d", None, 0, q) == {"granted": "whole", "ttl": 30.0}
             assert a.usage()["tenants"]["t"]["memory"] == 2 * GiB  # unlimited counts 0 until attached
-            assert await a.attach("small", "n1", "w1", node_memory=16 * GiB) == {"attached": "n1", "ttl": 30.0}
+            assert bound(await a.attach("small", "n1", "w1", node_memory=16 * GiB)) == {"attached": "n1", "ttl": 30.0}
             whole = await pending(a.attach("whole", "n1", "w1", node_memory=16 * GiB))
             assert a.usage()["nodes"]["n1"]["waiting"] == 1
             await a.release(["small"])
-            assert await done(whole) == {"attached": "n1", "ttl": 30.0}
+            assert bound(await done(whole)) == {"attached": "n1", "ttl": 30.0}
             assert a.usage()["nodes"]["n1"]["memory_reserved"] == 16 * GiB
             assert a.usage()["tenants"]["t"]["memory"] == 16 * GiB
             await a.acquire("next", "t", "d", GiB, 0, q)
@@ -191,7 +196,7 @@ def test_an_unlimited_job_reserves_its_whole_node_at_attach():
             big = await pending(a.attach("whole2", "n2", "w2", node_memory=32 * GiB))
             assert a.usage()["nodes"]["n2"]["memory_reserved"] == 0
             await a.release(["whole"])
-            assert await done(big) == {"attached": "n2", "ttl": 30.0}
+            assert bound(await done(big)) == {"attached": "n2", "ttl": 30.0}
             # one that can never fit the tenant's quota is lost at once
             await a.acquire("whole3", "v", "d", None, 0, quotas(memory_quota=8 * GiB))
             assert "memory_quota" in (await a.attach("whole3", "n3", "w", node_memory=16 * GiB))["lost"]
@@ -208,7 +213,7 @@ def test_an_unlimited_job_attached_no_longer_holds_back_its_tenants_waiters():
             held = await pending(a.attach("u", "n2", "w", node_memory=18 * GiB))  # 4 + 18 > 21
             await a.acquire("b", "v", "d", GiB, 0, quotas())
             waits = await pending(a.attach("b", "n2", "w", node_memory=16 * GiB))  # the node has 16 GiB now
-            assert await done(held) == {"attached": "n2", "ttl": 30.0}
+            assert bound(await done(held)) == {"attached": "n2", "ttl": 30.0}
             assert await a.acquire("c", "t", "d", GiB, 0, q) == {"granted": "c", "ttl": 30.0}  # 4 + 16 + 1 <= 21
             waits.cancel()
     run(body)
@@ -221,12 +226,12 @@ def test_two_nodes_are_independent():
                 await a.acquire(f"j{i}", "t", "d", 6 * GiB, 0, quotas())
             assert "attached" in await a.attach("j0", "n1", "w1", node_memory=8 * GiB)
             waits = await pending(a.attach("j1", "n1", "w1", node_memory=8 * GiB))
-            assert await a.attach("j2", "n2", "w2", node_memory=8 * GiB) == {"attached": "n2", "ttl": 30.0}
+            assert bound(await a.attach("j2", "n2", "w2", node_memory=8 * GiB)) == {"attached": "n2", "ttl": 30.0}
             assert "exceeds node n3" in (await a.attach("j3", "n3", "w3", node_memory=4 * GiB))["lost"]
             await a.release(["j2"])
             assert not waits.done()
             await a.release(["j0"])
-            assert await done(waits) == {"attached": "n1", "ttl": 30.0}
+            assert bound(await done(waits)) == {"attached": "n1", "ttl": 30.0}
     run(body)
 
 
@@ -271,26 +276,34 @@ def test_expiry_frees_the_lease_and_wakes_the_next_and_drops_silent_waiters():
     run(body)
 
 
-def test_a_node_that_vanishes_loses_its_leases_at_once():
+def test_a_node_that_vanishes_loses_its_attach_waiters_at_once_and_its_leases_lapse():
+    """A node gone from the node table may only be cut off, its jobs still running until their
+    lease's deadline: its leases are freed when they lapse (after ttl/2 + its room here), not sooner."""
     async def body(_):
-        live = {"n1": 8 * GiB, "n2": 8 * GiB}
-        async with started(nodes=lambda: dict(live), refresh=0.05) as a:
+        live, clock = {"n1": 8 * GiB, "n2": 8 * GiB}, FakeClock()
+        async with started(nodes=lambda: dict(live), refresh=0.05, ttl=0.4, clock=clock) as a:
             q = quotas(max_concurrent=2)
             await a.acquire("on1", "t", "d", 6 * GiB, 0, q)
             await a.acquire("on2", "t", "d", 6 * GiB, 0, q)
             await a.attach("on1", "n1", "w1")
-            assert await a.attach("on2", "n2", "w2") == {"attached": "n2", "ttl": 30.0}
+            assert bound(await a.attach("on2", "n2", "w2", room=1.0)) == {"attached": "n2", "ttl": 0.4}
             queued = await pending(a.acquire("queued", "t", "d", 6 * GiB, 0, q))
             await a.acquire("x", "u", "d", 6 * GiB, 0, q)
             on_n2 = await pending(a.attach("x", "n2", "wx"))
             del live["n2"]
-            assert "granted" in await done(queued)  # on2's slot freed within a refresh
-            assert (await done(on_n2))["lost"] == "node n2 is gone"
-            assert a.ended("on2") == "node n2 is gone" and a.usage()["tenants"]["t"]["running"] == 2
+            assert (await done(on_n2))["lost"] == "node n2 is gone"  # an attach waiter's job never started
             assert set(a.usage()["nodes"]) == {"n1"}
+            for step in (0.5, 0.9):  # past the ttl, then past on2's span (0.4 / 2 + 1.0 s)
+                await asyncio.sleep(0.2)
+                assert not queued.done() and a.usage()["tenants"]["t"]["running"] == 2
+                clock.now += step
+                await a.renew(["on1"], "w1")
+                await a.renew(["queued", "x"], "d")
+            assert "granted" in await done(queued)
+            assert "expired" in a.ended("on2") and a.usage()["tenants"]["t"]["running"] == 2
             assert "not a live node" in (await a.attach("x", "n2", "wx"))["lost"]
             live["n3"] = 8 * GiB  # a node not seen yet is asked for at once
-            assert await a.attach("x", "n3", "wx") == {"attached": "n3", "ttl": 30.0}
+            assert bound(await a.attach("x", "n3", "wx")) == {"attached": "n3", "ttl": 0.4}
     run(body)
 
 
@@ -311,16 +324,17 @@ def test_a_restarted_authority_loses_no_lease_and_overbooks_nothing():
         del a  # no close: a killed actor does not tidy up
         async with started(store) as b:
             after = b.usage()
-            assert after["epoch"] == 1 and after["leases"] == 2 and after["waiting"] == 1
-            assert after["tenants"] == before["tenants"]
+            assert after["epoch"] == 1 and after["leases"] == 2 and after["waiting"] == 0  # waiters: not saved
+            assert {k: after["tenants"]["t"][k] for k in ("running", "memory", "gpu_memory")} == \
+                {k: before["tenants"]["t"][k] for k in ("running", "memory", "gpu_memory")}
             assert after["nodes"]["n"]["memory_reserved"] == 4 * GiB
-            # callers retry by lease id: the grant is the same, the waiter waits where it was
+            # callers retry by lease id: the grant is the same, the waiter is queued again
             assert await b.acquire("l1", "t", "d", 4 * GiB, 0, q) == {"granted": "l1", "ttl": 30.0}
-            assert await b.attach("l1", "n", "w") == {"attached": "n", "ttl": 30.0}
+            assert bound(await b.attach("l1", "n", "w")) == {"attached": "n", "ttl": 30.0}
             again = await pending(b.acquire("l3", "t", "d", 4 * GiB, 0, q, priority=3))
             whole = await pending(b.attach("l2", "n", "w2"))  # l1 holds half the node
             await b.release(["l1"])
-            assert await done(whole) == {"attached": "n", "ttl": 30.0}
+            assert bound(await done(whole)) == {"attached": "n", "ttl": 30.0}
             assert not again.done()  # the tenant's 8 GiB are l2's whole node now
             await b.release(["l2"])
             assert "granted" in await done(again)
@@ -344,16 +358,20 @@ def test_restored_leases_get_a_fresh_ttl_and_expire_if_nobody_comes_back():
     run(body)
 
 
-def test_a_restart_frees_the_leases_of_nodes_that_died_meanwhile():
+def test_leases_of_a_node_that_died_while_the_authority_was_down_lapse():
     async def body(_):
-        store, live = MemoryStore(), {"n1": 8 * GiB, "n2": 8 * GiB}
-        async with started(store, nodes=lambda: dict(live)) as a:
+        store, live, clock = MemoryStore(), {"n1": 8 * GiB, "n2": 8 * GiB}, FakeClock()
+        async with started(store, nodes=lambda: dict(live), ttl=0.4, clock=clock) as a:
             for lease_id, node in (("l1", "n1"), ("l2", "n2")):
                 await a.acquire(lease_id, "t", "d", 6 * GiB, 0, quotas())
                 await a.attach(lease_id, node, "w")
         del live["n2"]
-        async with started(store, nodes=lambda: dict(live)) as b:
-            assert b.usage()["leases"] == 1 and b.ended("l2") == "node n2 is gone"
+        async with started(store, nodes=lambda: dict(live), ttl=0.4, clock=clock) as b:
+            assert b.usage()["leases"] == 2 and set(b.usage()["nodes"]) == {"n1"}
+            clock.now += 0.5
+            await b.renew(["l1"], "w")
+            await asyncio.sleep(0.25)
+            assert b.usage()["leases"] == 1 and "expired" in b.ended("l2")
             assert b.usage()["nodes"] == {"n1": {"memory_total": 8 * GiB, "memory_reserved": 6 * GiB, "leases": 1,
                                                  "waiting": 0}}
     run(body)
@@ -385,7 +403,7 @@ def test_replies_wait_for_the_save_that_covers_them():
             store.gate.clear()
             attach = await pending(a.attach("l", "n", "w", node_memory=GiB))
             store.gate.set()
-            assert await done(attach) == {"attached": "n", "ttl": 30.0}
+            assert bound(await done(attach)) == {"attached": "n", "ttl": 30.0}
             assert json.loads(store.data)["leases"][0]["node"] == "n"
             store.gate.clear()
             release = await pending(a.release(["l"]))
@@ -438,7 +456,7 @@ def test_acquire_attach_and_release_are_idempotent():
             assert await a.acquire("l", "t", "d", GiB, 0, q) == first
             twice = [await pending(a.acquire("w", "t", "d", GiB, 0, q)) for _ in range(2)]
             assert a.usage()["tenants"]["t"] == {"running": 1, "memory": GiB, "gpu_memory": 0, "waiting": 1}
-            assert await a.attach("l", "n", "w", node_memory=4 * GiB) == await a.attach("l", "n", "w")
+            assert bound(await a.attach("l", "n", "w", node_memory=4 * GiB)) == bound(await a.attach("l", "n", "w"))
             assert a.usage()["nodes"]["n"]["memory_reserved"] == GiB
             assert "attached to node n" in (await a.attach("l", "m", "w", node_memory=4 * GiB))["lost"]
             await a.release(["l"])
@@ -489,3 +507,80 @@ def test_gcs_store_round_trip_on_a_local_ray(ray_home):
             os.environ.pop("HOME", None)
         else:
             os.environ["HOME"] = saved
+
+
+def test_a_driver_s_release_leaves_a_lease_its_node_holds_to_lapse():
+    """A driver whose task failed cannot know the job ended on its node: `unbound_only` frees a
+    waiter or an unattached lease, never an attached one (its node ends the job, then it lapses)."""
+    async def body(_):
+        async with started() as a:
+            q = quotas(max_concurrent=3)
+            for lease_id in ("bound", "unbound"):
+                await a.acquire(lease_id, "t", "d", GiB, 0, q)
+            await a.attach("bound", "n", "w", node_memory=4 * GiB)
+            await a.release(["bound", "unbound"], unbound_only=True)
+            assert a.usage()["leases"] == 1 and a.ended("unbound") == "released" and a.ended("bound") is None
+            await a.release(["bound"])  # its task: the job has ended
+            assert a.usage()["leases"] == 0
+    run(body)
+
+
+def test_one_tenant_cannot_take_or_join_another_tenant_s_lease_id():
+    async def body(_):
+        async with started() as a:
+            q = quotas(max_concurrent=1)
+            await a.acquire("l", "t", "d", GiB, 0, q)
+            waiting = await pending(a.acquire("w", "t", "d", GiB, 0, q))
+            for lease_id in ("l", "w"):
+                assert "another tenant" in (await a.acquire(lease_id, "u", "d", GiB, 0, q))["refused"]
+            assert a.usage()["tenants"]["t"]["running"] == 1 and not waiting.done()
+            waiting.cancel()
+    run(body)
+
+
+def test_attach_renews_the_lease_says_how_long_it_waited_and_the_node_s_room_sets_its_span():
+    async def body(_):
+        clock = FakeClock()
+        async with started(ttl=0.4, clock=clock) as a:
+            await a.acquire("whole", "t", "d", None, 0, quotas())
+            for bad in (-1, float("nan"), "5", True, 1e9):
+                assert "room" in (await a.attach("whole", "n", "w", node_memory=GiB, room=bad))["lost"]
+            await a.attach("whole", "n", "w", node_memory=4 * GiB)
+            await a.acquire("l", "t", "d", GiB, 0, quotas())
+            later = await pending(a.attach("l", "n", "w2", node_memory=4 * GiB, room=1.0))
+            clock.now += 0.3
+            await a.renew(["whole"], "w")
+            await a.release(["whole"])
+            answer = await done(later)
+            assert answer["attached"] == "n" and abs(answer["waited"] - 0.3) < 1e-9
+            clock.now += 1.1  # past the ttl, within ttl / 2 + room = 1.2 s of the attach's answer
+            await asyncio.sleep(0.25)
+            assert a.usage()["leases"] == 1
+            assert await a.renew(["l"], "w2") == {"lost": []}
+            clock.now += 1.3
+            await asyncio.sleep(0.25)
+            assert a.usage()["leases"] == 0 and "not renewed within 1.2 s" in a.ended("l")
+    run(body)
+
+
+def test_an_authority_whose_start_failed_starts_again_at_the_next_call(monkeypatch):
+    """A start that failed (the GCS unreadable for a moment) is not kept: the next call tries again."""
+    from sandbox.ray import actor
+    tries = []
+
+    async def start(self):
+        tries.append(1)
+        if len(tries) == 1:
+            raise ConnectionError("GCS unavailable")
+        core = Authority(MemoryStore())
+        await core.start()
+        self._core = core
+    monkeypatch.setattr(actor.AuthorityActor, "_start", start)
+
+    async def body(_):
+        a = actor.AuthorityActor(30.0)
+        with pytest.raises(ConnectionError):
+            await a.usage()
+        assert (await a.usage())["leases"] == 0 and len(tries) == 2
+        await a._core.close()
+    run(body)

@@ -19,7 +19,7 @@ ray = pytest.importorskip("ray")
 from sandbox import JobResult, JobSpec, Limits, Policy, Verdict  # noqa: E402
 from sandbox import ray as sray  # noqa: E402
 from sandbox.node.executor import Capacity  # noqa: E402
-from sandbox.core.limits import Cluster, GiB, Settings, load_policy  # noqa: E402
+from sandbox.core.limits import Cluster, GiB, Settings, Tenant, load_policy  # noqa: E402
 
 from .conftest import alive, kernel  # noqa: E402
 
@@ -408,3 +408,35 @@ def test_cluster_command_shows_the_authority_s_tenants_and_nodes(cluster, tmp_pa
     table = subprocess.run([sys.executable, "-m", "sandbox", "cluster", "--address", address],
                            capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert table.returncode == 0 and "_default" in table.stdout and "memory reserved" in table.stdout, table
+
+
+def test_an_error_the_authority_raises_is_rejected_not_crashed(cluster):
+    """Its calls' errors reach the job's task as its argument's: admission could not be decided."""
+    from sandbox.ray.outcome import failure_verdict
+    with pytest.raises(ray.exceptions.RayTaskError) as caught:
+        ray.get(sray.authority(cluster.cluster.lease_ttl).acquire.remote("only-an-id"), timeout=60)
+    verdict, reason = failure_verdict(caught.value)
+    assert verdict is Verdict.rejected and "quota authority failed" in reason, reason
+
+
+def test_one_jobspec_submitted_twice_is_two_jobs_to_the_tenant_quota(cluster, tmp_path):
+    """Each submission has its own lease: the same JobSpec object twice does not share one grant."""
+    script = tmp_path / "nap.py"
+    script.write_text("import time\ntime.sleep(1.5)\n")
+    policy = cluster.model_copy(update={"tenants": {"solo": Tenant(max_concurrent=1)}})
+    spec = JobSpec(kernel=str(script), tenant="solo")
+    results = [sray.result(ref, timeout=120) for ref in [sray.submit(spec, policy, quiet=True) for _ in range(2)]]
+    assert [r.verdict for r in results] == [Verdict.ok] * 2, [r.reason for r in results]
+    first, second = sorted((r.started_at, r.ended_at) for r in results)
+    assert second[0] >= first[1] - 0.05, "max_concurrent = 1 did not hold for one spec submitted twice"
+
+
+def test_a_task_that_cannot_be_started_is_rejected_and_holds_no_lease(cluster):
+    policy = cluster.model_copy(update={"tenants": {"opts": Tenant(max_concurrent=1)}})
+    with sray.RayExecutor(policy=policy, ray_options={"num_cpus": "lots"}) as ex:
+        r = ex.submit(JobSpec(kernel=kernel("tiny.py"), tenant="opts"), quiet=True).result(timeout=60)
+    assert r.verdict is Verdict.rejected and "could not be started" in r.reason, r.reason
+    deadline = time.monotonic() + 15
+    while (held := ray.get(sray.authority().usage.remote())["tenants"].get("opts", {}).get("running", 0)):
+        assert time.monotonic() < deadline, f"{held} lease(s) of a job that never started still held"
+        time.sleep(0.2)

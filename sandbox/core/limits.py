@@ -225,8 +225,9 @@ class Node(_Strict):
 class Cluster(_Strict):
     """The `[cluster]` table: the cluster-wide quota authority of Ray jobs (sandbox.ray). A job holds
     a lease on its tenant's share for as long as it runs; the node running it renews the lease every
-    `lease_ttl` / 3 and ends the job itself when it could not renew for `lease_ttl`; the authority
-    frees a lease not renewed for `lease_ttl`."""
+    `lease_ttl` / 4 and ends the job itself when it could not renew for `lease_ttl` − min(`lease_ttl`
+    / 2, grace + 6 s); the authority frees a lease only after max(`lease_ttl`, `lease_ttl` / 2 +
+    grace + 6 s) without renewal (sandbox.ray.keeper)."""
 
     lease_ttl: Annotated[float, positive(parse_duration)] = 30.0
     in_flight: Count = 1000  # jobs a RayExecutor has submitted to Ray and not seen end, at most

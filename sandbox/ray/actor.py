@@ -41,9 +41,11 @@ class AuthorityActor:
         self._starting: asyncio.Future | None = None
 
     async def _authority(self, call: str) -> Authority:
+        """The started Authority; a start that failed (its state unreadable for now) is tried again
+        by the next call rather than kept: callers get the error meanwhile (verdict `rejected`)."""
         self._calls[call] += 1
         if self._core is None:
-            if self._starting is None:
+            if self._starting is None or (self._starting.done() and self._starting.exception() is not None):
                 self._starting = asyncio.ensure_future(self._start())
             await asyncio.shield(self._starting)
         return self._core

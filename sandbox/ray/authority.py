@@ -3,14 +3,19 @@ their queues, expiry and persistence. Pure asyncio on one event loop, no Ray: th
 1:1 as an async actor.
 
 A job's lease: `acquire` (the tenant's quotas: max_concurrent, memory_quota, gpu_memory_quota) →
-`attach` (the node it runs on: the node's memory) → `renew` by its holder within every `ttl` →
-`release`. A lease or waiter not renewed within `ttl` expires; a node that leaves `nodes()` loses
-its leases at once. Waiters wait on futures, woken when capacity frees (no polling): per tenant and
-per node, higher priority first, then first come. A tenant's blocked head waits behind nobody
-else's. Every call that changes state replies only once a snapshot covering its change is saved
-(group commit: one save in flight, changes meanwhile batched into the next; a failing save is
-retried with backoff, never skipped). A restarted authority resumes from the snapshot: each
-restored lease and waiter gets a fresh `ttl`, and callers retrying by lease id find theirs.
+`attach` (the node it runs on: the node's memory, and the `room` the node needs to end the job) →
+`renew` by its holder → `release`. A waiter not renewed within `ttl` expires; a lease attached to a
+node expires `_span` after its last renewal (at least `ttl`, longer when the node's room is more
+than half of it), never sooner: by then the node has ended the job itself (sandbox.ray.keeper), so a
+share is never handed out again while its job may still run. For the same reason a node that
+leaves `nodes()` (dead, or only cut off) does not free its leases: they lapse. Waiters wait on
+futures, woken when capacity frees (no polling): per tenant and per node, higher priority first,
+then first come. A tenant's blocked head waits behind nobody else's. Every call that changes a
+lease replies only once a snapshot covering its change is saved (group commit: one save in flight,
+changes meanwhile batched into the next; a failing save is retried with backoff, never skipped).
+A restarted authority resumes from the snapshot: each restored lease gets a fresh span, and callers
+retrying by lease id find theirs. Waiters are not saved (they hold nothing): their callers' retried
+calls queue them again.
 """
 
 from __future__ import annotations
@@ -19,21 +24,19 @@ import asyncio
 import bisect
 import itertools
 import json
-import logging
 import time
 from collections import OrderedDict
 from typing import Callable
 
-from .leases import (QUOTAS, Attach, Node, Request, Tenant, invalid, invalid_node_memory, never_fits, record,
-                     refusal)
+from .leases import QUOTAS, Attach, Node, Request, Tenant, invalid, invalid_attach, never_fits, record, refusal
+from .nodetable import NodeTable
 from .store import GroupCommit, Store
 
-log = logging.getLogger(__name__)
 FORMAT = 1
 ENDED_KEPT = 10_000  # how many ended leases' reasons `ended()` remembers
 
 
-class Authority:
+class Authority(NodeTable):
     """Leases of tenants' quotas and nodes' memory (see the module docstring); one event loop."""
 
     def __init__(self, store: Store, ttl: float = 30.0, nodes: Callable[[], dict[str, int]] | None = None,
@@ -90,7 +93,10 @@ class Authority:
         """Tenant-level admission: {"granted": lease_id, "ttl": ttl} once granted and saved;
         {"refused": reason} at once when the demand alone exceeds a quota; {"lost": reason} when
         the waiter was released or expired. The same lease_id again returns the same grant or
-        joins the same wait."""
+        joins the same wait (for the same tenant; another's is refused)."""
+        known = self._leases.get(lease_id) or self._waiting.get(lease_id)
+        if known is not None and known.tenant != tenant:
+            return {"refused": f"lease id {lease_id!r:.80} is in use by another tenant"}
         if lease_id not in self._leases:
             if lease_id not in self._waiting:
                 if lease_id in self._ended:
@@ -105,7 +111,6 @@ class Authority:
                 req = Request(lease_id, tenant, holder, memory, gpu_memory, quotas, priority, next(self._seq),
                               deadline=self.clock() + self.ttl)
                 self._enqueue(req)
-                self._changed()
                 self._pump_tenant(tenant)
             if lease_id not in self._leases:
                 fut = self._futures.get(lease_id)
@@ -117,18 +122,22 @@ class Authority:
         await self._durable()
         return {"granted": lease_id, "ttl": self.ttl}
 
-    async def attach(self, lease_id: str, node_id: str, holder: str, node_memory: int | None = None) -> dict:
+    async def attach(self, lease_id: str, node_id: str, holder: str, node_memory: int | None = None,
+                     room: float = 0.0) -> dict:
         """Bind a granted lease to its node once the node has room for it (its memory; None: the
         node's whole memory) and, for an unlimited job, the tenant's memory_quota has room for the
-        node's memory. From then on only `holder` renews it. {"attached": node_id, "ttl": ttl}
-        once saved, or {"lost": reason}. Idempotent."""
+        node's memory. From then on only `holder` renews it, and it lapses `_span` after its last
+        renewal (`room`: the seconds the node needs to end the job). {"attached": node_id, "ttl":
+        ttl, "waited": seconds since this call arrived} once saved, the lease renewed as of the
+        answer (the node counts its first deadline from when it sent the call, plus `waited`), or
+        {"lost": reason}. Idempotent."""
+        received = self.clock()
         if not isinstance(lease_id, str):
             return {"lost": f"lease_id: must be a string (got {lease_id!r:.60})"}
         lease = self._leases.get(lease_id)
         if lease is None:
             return {"lost": self._ended.get(lease_id, f"lease {lease_id} was never granted")}
-        why = invalid_node_memory(node_memory) or (None if isinstance(node_id, str) and isinstance(holder, str)
-                                                   else "node_id, holder: must be strings")
+        why = invalid_attach(node_id, holder, node_memory, room)
         if why:
             return {"lost": why}
         if lease.node is None:
@@ -143,7 +152,7 @@ class Authority:
                     return {"lost": why}
                 pending = self._attaching.get(lease_id)
                 if pending is None and lease.node is None:
-                    pending = self._attaching[lease_id] = Attach(node_id, holder,
+                    pending = self._attaching[lease_id] = Attach(node_id, holder, float(room),
                                                                  asyncio.get_running_loop().create_future())
                     bisect.insort(self._nodes[node_id].queue, (lease.key, lease_id))
                     self._pump_node(node_id)
@@ -155,13 +164,15 @@ class Authority:
                     return answer
         if lease.node != node_id:
             return {"lost": f"lease {lease_id} is attached to node {lease.node}"}
+        now = self.clock()
+        lease.deadline = max(lease.deadline, now + self._span(lease))
         await self._durable()
-        return {"attached": node_id, "ttl": self.ttl}
+        return {"attached": node_id, "ttl": self.ttl, "waited": now - received}
 
     async def renew(self, lease_ids: list[str], holder: str) -> dict:
         """Extend to now + ttl each lease or waiter that `holder` holds (a lease being attached:
         also its attacher); {"lost": [the ids not held by holder]}."""
-        deadline, lost = self.clock() + self.ttl, []
+        now, lost = self.clock(), []
         for lease_id in lease_ids:
             if not isinstance(lease_id, str):
                 lost.append(lease_id)
@@ -169,15 +180,17 @@ class Authority:
             req = self._leases.get(lease_id) or self._waiting.get(lease_id)
             pending = self._attaching.get(lease_id)
             if req is not None and (req.holder == holder or (pending is not None and pending.holder == holder)):
-                req.deadline = deadline
+                req.deadline = now + self._span(req)
             else:
                 lost.append(lease_id)
         return {"lost": lost}
 
-    async def release(self, lease_ids: list[str]) -> None:
-        """Free these leases and withdraw these waiters (unknown ids are ignored); returns once saved."""
+    async def release(self, lease_ids: list[str], unbound_only: bool = False) -> None:
+        """Free these leases and withdraw these waiters (unknown ids are ignored); returns once saved.
+        `unbound_only`: leave a lease attached to a node to its holder, or to lapse (a driver whose
+        task failed cannot know that the job has ended on its node: only the node's silence shows it)."""
         for lease_id in lease_ids:
-            if isinstance(lease_id, str):
+            if isinstance(lease_id, str) and not (unbound_only and getattr(self._leases.get(lease_id), "node", None)):
                 self._end(lease_id, "released")
         await self._durable()
 
@@ -229,24 +242,6 @@ class Authority:
         tenant.memory += sign * lease.charge
         tenant.gpu_memory += sign * lease.gpu_memory
 
-    async def _known_node(self, node_id: str, node_memory: int | None) -> str | None:
-        """None once `node_id` is a known node, else why not."""
-        if self._nodes_fn is not None:
-            if node_id not in self._nodes:
-                await self._refresh_nodes()
-            return None if node_id in self._nodes else f"node {node_id} is not a live node"
-        node = self._nodes.get(node_id)
-        if node_memory is None:
-            return None if node else f"node {node_id} is unknown: attach needs its node_memory"
-        if node is None:
-            self._nodes[node_id] = Node(node_memory, given=True)
-            self._changed()
-        elif node.total != node_memory:
-            node.total = node_memory
-            self._changed()
-            self._pump_node(node_id)
-        return None
-
     def _pump_node(self, node_id: str) -> None:
         """Bind the node's attach waiters in order while the node has room; one held back only by
         its tenant's memory_quota is passed over (it does not hold the node)."""
@@ -267,7 +262,7 @@ class Authority:
             self._unblock(lease)
             del self._attaching[lease_id]
             self._charge(lease, -1)
-            lease.node, lease.reserved, lease.holder = node_id, need, pending.holder
+            lease.node, lease.reserved, lease.holder, lease.room = node_id, need, pending.holder, pending.room
             self._charge(lease, 1)
             node.reserved += need
             node.leases.add(lease_id)
@@ -288,6 +283,7 @@ class Authority:
         whoever its room now fits. The lease or waiter, None if unknown."""
         req = self._leases.pop(lease_id, None)
         if req is not None:
+            self._changed()
             self._charge(req, -1)
             node = self._nodes.get(req.node) if req.node else None
             if node is not None:
@@ -310,7 +306,6 @@ class Authority:
         self._ended[lease_id] = reason
         if len(self._ended) > ENDED_KEPT:
             self._ended.popitem(last=False)
-        self._changed()
         if wake:
             self._wake([req])
         return req
@@ -329,64 +324,38 @@ class Authority:
         now = self.clock()
         ended = [self._end(k, f"expired while waiting: not renewed within the ttl ({self.ttl:g} s)", wake=False)
                  for k in [k for k, r in self._waiting.items() if r.deadline < now]]
-        ended += [self._end(k, f"expired: not renewed within the ttl ({self.ttl:g} s)", wake=False)
-                  for k in [k for k, r in self._leases.items() if r.deadline < now]]
+        ended += [self._end(k, f"expired: not renewed within {self._span(r):g} s", wake=False)
+                  for k, r in [(k, r) for k, r in self._leases.items() if r.deadline < now]]
         self._wake(ended)
+
+    def _span(self, req: Request) -> float:
+        """How long after its last renewal a lease lapses: `ttl`, or more when its node needs more
+        than half of it to end the job (`room`). A node ends its job by `sent + ttl − min(ttl/2,
+        room)` plus, should its supervisor be frozen, room − 1 s for the fork-server's kill
+        (sandbox.ray.keeper.node_deadline, sandbox.job.backstop): always before this."""
+        return max(self.ttl, self.ttl / 2 + req.room)
 
     async def _expiry_loop(self) -> None:
         while True:
             await asyncio.sleep(self.ttl / 4)
             self._expire()
 
-    async def _refresh_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.refresh)
-            await self._refresh_nodes()
-
-    async def _refresh_nodes(self) -> None:
-        """One `nodes()` call at a time, shared by whoever asks meanwhile."""
-        if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.ensure_future(self._read_nodes())
-        await asyncio.shield(self._refreshing)
-
-    async def _read_nodes(self) -> None:
-        try:
-            live = await asyncio.to_thread(self._nodes_fn)
-        except Exception as err:  # noqa: BLE001 - the cluster view is unknown: keep the last one
-            log.warning("the authority could not list the cluster's nodes: %s", err)
-            return
-        for gone in [n for n in self._nodes if n not in live]:
-            node = self._nodes.pop(gone)
-            for lease_id in list(node.leases):
-                self._end(lease_id, f"node {gone} is gone")
-            for _, lease_id in node.queue:
-                self._unblock(self._leases[lease_id])
-                self._attaching.pop(lease_id).future.set_result({"lost": f"node {gone} is gone"})
-        for name, memory in live.items():  # nodes of nodes() are not persisted: no change to save
-            node = self._nodes.get(name)
-            if node is None:
-                self._nodes[name] = Node(memory, given=False)
-            elif node.total != memory:
-                node.total = memory
-                self._pump_node(name)
-
     # -- persistence (GroupCommit saves) --------------------------------------------------
     def _snapshot(self) -> bytes:
-        waiters = [self._waiting[item[1]] for t in self._tenants.values() for item in t.queue]
         return json.dumps({"format": FORMAT, "epoch": self._epoch,
                            "leases": [record(r) for r in self._leases.values()],
-                           "waiters": [record(r) for r in waiters],
                            "nodes": {name: n.total for name, n in self._nodes.items() if n.given}}).encode()
 
     def _restore(self, state: dict) -> None:
         if state.get("format") != FORMAT:
             raise ValueError(f"the authority's saved state has format {state.get('format')!r}, not {FORMAT}")
         self._epoch = state["epoch"] + 1
-        deadline = self.clock() + self.ttl
+        now = self.clock()
         self._nodes = {name: Node(total, given=True) for name, total in state["nodes"].items()}
         seqs = [-1]
         for rec in state["leases"]:
-            lease = self._leases[rec["lease_id"]] = Request(**rec, deadline=deadline)
+            lease = self._leases[rec["lease_id"]] = Request(**rec)
+            lease.deadline = now + self._span(lease)
             self._charge(lease, 1)
             if lease.node is not None:
                 # a node of nodes() holds no more than restored until the first refresh says
@@ -395,8 +364,5 @@ class Authority:
                 node.reserved += lease.reserved
                 node.leases.add(lease.lease_id)
             seqs.append(lease.seq)
-        for rec in state["waiters"]:
-            self._enqueue(Request(**rec, deadline=deadline))
-            seqs.append(rec["seq"])
         self._seq = itertools.count(max(seqs) + 1)
 

@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 from ..core.limits import Policy
-from ..core.models import JobSpec
+from ..core.models import JobResult, JobSpec, Verdict
 from ..node.executor import SandboxExecutor
 from ..node.quotas import Capacity
 from ..node.scheduling import Entry
@@ -87,6 +87,11 @@ class RayExecutor(SandboxExecutor):
             self.capacity, self._capacity_read = largest_node(self.device_memory), time.monotonic()
         return super()._check(spec, name)
 
+    def _make_room(self, entry: Entry, candidates) -> bool:
+        """No preemption: a Ray task cannot be preempted and requeued from here (a node's service
+        preempts the jobs it runs)."""
+        return False
+
     def _fits(self, entry: Entry) -> bool:
         """Tenant quotas and node room are the authority's to decide; here only the jobs in flight."""
         return len(self._running) < self.max_concurrent
@@ -98,8 +103,9 @@ class RayExecutor(SandboxExecutor):
         try:
             ref = jobs.submit(future.spec, self.policy, self.device_memory, quiet=future.echo is None,
                               priority=entry.priority, **self.ray_options)
-        except BaseException as err:  # noqa: BLE001 - the future must resolve whatever happens
-            self._finish(entry, None, err)
+        except Exception as err:  # noqa: BLE001 - bad Ray options, Ray gone: a verdict, not an exception
+            self._finish(entry, JobResult.not_run(future.spec, Verdict.rejected, f"the Ray task could not be "
+                                                  f"started: {type(err).__name__}: {err}"[:400], time.time()))
             return
         future.control.attach(_canceller(ref, future.control))
         ref.future().add_done_callback(lambda _: self._done.put((entry, ref)))

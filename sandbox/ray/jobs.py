@@ -3,14 +3,18 @@
 A submission first asks the quota authority for the job's lease (`acquire`, a call that returns when
 the tenant's share allows the job) and starts the task with that call's ObjectRef as an argument:
 Ray starts the task only once the lease is granted, so a waiting job holds no worker, no CPU and no
-thread anywhere. This process renews the granted lease until the task attaches it to its node (see
-sandbox.ray.keeper), and releases it when the task ends however it ends.
+thread anywhere. Each submission has a lease of its own (the job's id and a random suffix: one
+JobSpec submitted twice is two jobs to the quotas). This process renews the granted lease until the
+task attaches it to its node (see sandbox.ray.keeper), and releases it when the task ends however it
+ends, unless a node holds it: then its task released it (the job ended), or its node failed and
+the lease lapses once the node has ended the job (the driver cannot know the job has ended there).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import uuid
 from typing import Callable
 
 from ..core.limits import ConfigError, Policy
@@ -52,15 +56,20 @@ def submit(spec: JobSpec | Callable, policy: Policy | None = None, device_memory
               "gpu_memory_quota": tenant.gpu_memory_quota} if tenant is not None else {}
     ttl = policy.cluster.lease_ttl
     keep = keeper(authority)
-    grant = authority(ttl).acquire.remote(spec.job_id, name, keep.holder, limits.memory,
+    lease_id = f"{spec.job_id}-{uuid.uuid4().hex[:12]}"
+    grant = authority(ttl).acquire.remote(lease_id, name, keep.holder, limits.memory,
                                           gpu_bytes(spec, limits, device_memory), quotas,
                                           policy.priority(name, spec.job_type, priority))
-    task = _task().options(name=f"taichi-sandbox:{spec.job_id}", **options)
-    ref = task.remote(spec.model_dump_json(), policy.model_dump_json(), service, quiet, grant)
+    try:
+        task = _task().options(name=f"taichi-sandbox:{spec.job_id}", **options)
+        ref = task.remote(spec.model_dump_json(), policy.model_dump_json(), service, quiet, grant)
+    except BaseException:
+        keep.drop(lease_id, release=True)  # no task will ever hold it
+        raise
     with _submitted_lock:
-        _submitted[ref.hex()] = {"job_id": spec.job_id, "kernel": spec.kernel, "arch": spec.arch,
-                                 "labels": spec.labels}
-    keep.keep(spec.job_id, Held(ttl=ttl, until=ref))
+        _submitted[ref.hex()] = {"lease_id": lease_id, "job": {"job_id": spec.job_id, "kernel": spec.kernel,
+                                                               "arch": spec.arch, "labels": spec.labels}}
+    keep.keep(lease_id, Held(ttl=ttl, until=ref))
     return ref
 
 
@@ -87,17 +96,17 @@ def result(ref, timeout: float | None = None) -> JobResult:
         raise
     except ray.exceptions.RayError as err:
         with _submitted_lock:
-            spec = _submitted.pop(ref.hex(), None)
-        if spec is None:
+            known = _submitted.pop(ref.hex(), None)
+        if known is None:
             raise
-        keeper(authority).drop(spec["job_id"], release=True)
+        keeper(authority).drop(known["lease_id"], release=True, unbound_only=True)
         if isinstance(err, ray.exceptions.RayActorError):
             forget()
-        return failed_result(spec, err)
+        return failed_result(known["job"], err)
     with _submitted_lock:
-        spec = _submitted.pop(ref.hex(), None)
-    if spec is not None:
-        keeper(authority).drop(spec["job_id"], release=True)
+        known = _submitted.pop(ref.hex(), None)
+    if known is not None:
+        keeper(authority).drop(known["lease_id"], release=True, unbound_only=True)
     return value
 
 

@@ -4,13 +4,15 @@ Each round (every ttl/4) it renews all of them in one `renew` call. A driver hol
 its request until the task running it attaches it to a node; from then on the node's worker holds it
 and the authority ignores the driver's renewals of it (which go on, harmlessly: a `lost` answer may
 also mean the request has not reached the authority yet). The driver watches the job's result ref
-and releases the lease when the job ends however it ends. A worker renews the leases of the jobs it runs
+and, when it is ready, releases the lease unless a node holds it (`unbound_only`: the task released
+it itself, or its node failed and it must lapse). A worker renews the leases of the jobs it runs
 and tells each job's JobControl the time by which it must end should no renewal get through
 (`node_deadline`): `lease_ttl` after the renewal was *sent*, less the time the node needs to end the
 job (`room`: grace, and the fork-server's slack should the supervisor be frozen), but at least half
-the ttl; so the node ends a job before the authority, which counts from when it *received* the
-renewal, frees its share (whenever lease_ttl ≥ 2 × room). A renewal the authority answers `lost` ends
-the job at once.
+the ttl; the fork-server kills it `room` − 1 s later should the supervisor be frozen. The authority
+counts from when it *received* the renewal and frees the share only after max(ttl, ttl/2 + room)
+(Authority._span, the room told at attach): the node has always ended the job by then. A renewal
+the authority answers `lost` ends the job at once.
 """
 
 from __future__ import annotations
@@ -57,16 +59,17 @@ class LeaseKeeper:
                 self._thread.start()
             self._cv.notify()
 
-    def drop(self, lease_id: str, release: bool = True) -> None:
-        """Stop keeping `lease_id`; `release` it at the authority (without waiting for the answer)."""
+    def drop(self, lease_id: str, release: bool = True, unbound_only: bool = False) -> None:
+        """Stop keeping `lease_id`; `release` it at the authority (without waiting for the answer;
+        `unbound_only`: see Authority.release)."""
         with self._cv:
             self._held.pop(lease_id, None)
         if release:
-            self._release([lease_id])
+            self._release([lease_id], unbound_only)
 
-    def _release(self, ids: list[str]) -> None:
+    def _release(self, ids: list[str], unbound_only: bool) -> None:
         try:
-            self._handle().release.remote(ids)
+            self._handle().release.remote(ids, unbound_only)
         except Exception:  # noqa: BLE001 - Ray gone: the lease lapses at the authority after its ttl
             pass
 
@@ -99,7 +102,7 @@ class LeaseKeeper:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             ended = [watched[id(ref)] for ref in ready if id(ref) in watched]
             for lease in ended:
-                self.drop(lease, release=True)
+                self.drop(lease, release=True, unbound_only=True)
                 held.pop(lease, None)
         renew = list(held)
         if not renew:
@@ -124,7 +127,8 @@ class LeaseKeeper:
 
 
 def node_deadline(sent: float, ttl: float, room: float) -> float:
-    """When the node must start ending a job whose last renewal was sent at `sent` (time.monotonic())."""
+    """When the node must start ending a job whose last renewal was sent at `sent` (time.monotonic()):
+    before the authority lets the lease lapse (Authority._span) by the node's `room`, or half the ttl."""
     return sent + ttl - min(ttl / 2, room)
 
 

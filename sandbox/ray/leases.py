@@ -7,7 +7,9 @@ import asyncio
 from dataclasses import dataclass, field
 
 QUOTAS = ("max_concurrent", "memory_quota", "gpu_memory_quota")
-PERSISTED = ("lease_id", "tenant", "holder", "memory", "gpu_memory", "quotas", "priority", "seq", "node", "reserved")
+PERSISTED = ("lease_id", "tenant", "holder", "memory", "gpu_memory", "quotas", "priority", "seq", "node", "reserved",
+             "room")
+MAX_ROOM = 3600.0  # seconds a node may ask for to end a job
 
 
 @dataclass
@@ -23,6 +25,7 @@ class Request:
     seq: int
     node: str | None = None
     reserved: int = 0  # the node's memory held since attach
+    room: float = 0.0  # seconds its node needs to end the job (see Authority._span)
     deadline: float = 0.0
 
     @property
@@ -56,6 +59,7 @@ class Node:
 class Attach:
     node: str
     holder: str
+    room: float
     future: asyncio.Future
 
 
@@ -104,10 +108,15 @@ def invalid(lease_id, tenant, holder, memory, gpu_memory, quotas, priority) -> s
     return None
 
 
-def invalid_node_memory(node_memory) -> str | None:
-    if node_memory is None or (_whole(node_memory) and node_memory > 0):
-        return None
-    return f"node_memory: must be a whole number of bytes > 0 or None (got {node_memory!r:.60})"
+def invalid_attach(node_id, holder, node_memory, room) -> str | None:
+    """What is malformed in an attach's arguments, else None."""
+    if not isinstance(node_id, str) or not isinstance(holder, str):
+        return "node_id, holder: must be strings"
+    if not (node_memory is None or (_whole(node_memory) and node_memory > 0)):
+        return f"node_memory: must be a whole number of bytes > 0 or None (got {node_memory!r:.60})"
+    if type(room) not in (int, float) or not 0 <= room <= MAX_ROOM:
+        return f"room: must be seconds between 0 and {MAX_ROOM:g} (got {room!r:.60})"
+    return None
 
 
 def _whole(value, signed: bool = False) -> bool:

@@ -10,13 +10,18 @@ import time
 from ..core.models import JobResult, JobSpec, Verdict
 
 
+def _plain(text: str) -> str:
+    """Without terminal colours."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
 def _cause(err: BaseException) -> str:
     """`Type: first line` of a Ray exception (of the error a failed task passed on, for a task that
     failed with another's), without terminal colours, at most 300 characters."""
     cause = getattr(err, "cause", None)
     if isinstance(cause, BaseException):
         err = cause
-    text = next((line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines() if line.strip()), "")
+    text = next((line.strip() for line in _plain(str(err)).splitlines() if line.strip()), "")
     return f"{type(err).__name__}: {text}"[:300] if text else type(err).__name__
 
 
@@ -28,7 +33,7 @@ def failure_verdict(err: BaseException) -> tuple[Verdict, str]:
     cause = _cause(err)
     if isinstance(err, ex.TaskCancelledError):
         return Verdict.cancelled, "cancelled by request (Ray task cancelled)"
-    if isinstance(err, ex.RayActorError):  # the only actor a job's task depends on is the authority
+    if isinstance(err, ex.RayActorError) or _from_authority(err):  # the only actor a job's task depends on
         return Verdict.rejected, f"admission could not be decided: the quota authority failed ({cause})"
     if isinstance(err, ex.NodeDiedError):
         return Verdict.crashed, f"the node running the job died ({cause})"
@@ -41,6 +46,17 @@ def failure_verdict(err: BaseException) -> tuple[Verdict, str]:
     if isinstance(err, ex.ObjectLostError):
         return Verdict.crashed, f"the job's result was lost with its node or owner ({cause})"
     return Verdict.crashed, f"the Ray task failed ({cause})"
+
+
+def _from_authority(err: BaseException) -> bool:
+    """Whether `err` is an error the authority's own call raised (passed on to the job's task, whose
+    argument that call's result is)."""
+    from .actor import AuthorityActor
+    from .options import _ray
+    if not isinstance(err, _ray().exceptions.RayTaskError):
+        return False
+    name = getattr(err, "function_name", None) or _plain(str(err)).strip().split("(", 1)[0]  # "ray::Class.method"
+    return f"{AuthorityActor.__name__}." in name
 
 
 def failed_result(spec: dict, err: BaseException) -> JobResult:

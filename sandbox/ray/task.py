@@ -101,13 +101,14 @@ def _attach(spec: JobSpec, grant: dict, started: float, room: float) -> tuple[tu
     seconds the node needs to end the job (see keeper.node_deadline)."""
     ray = _ray()
     ctx = ray.get_runtime_context()
-    lease_id = grant["granted"]
+    lease_id, ttl = grant["granted"], grant["ttl"]  # the authority's ttl: also for re-creating it
     for attempt in range(2):  # a worker's handle may name an authority killed for good: look it up again
         sent = time.monotonic()
         try:
             # a future, not ray.get: a task blocked in ray.get lends its CPU to Ray, which then starts
             # more workers (each with a fork-server to start) than the node has CPUs
-            answer = authority().attach.remote(lease_id, ctx.get_node_id(), keeper(authority).holder).future().result()
+            answer = authority(ttl).attach.remote(lease_id, ctx.get_node_id(), keeper(authority).holder,
+                                                  None, room).future().result()
             break
         except ray.exceptions.RayError as err:
             if isinstance(err, ray.exceptions.RayActorError):
@@ -117,8 +118,8 @@ def _attach(spec: JobSpec, grant: dict, started: float, room: float) -> tuple[tu
                 return None, JobResult.not_run(spec, verdict, reason, started)
     if "lost" in answer:
         return None, granted(spec, answer, started)
-    ttl = grant["ttl"]
-    return (lease_id, ttl, room, node_deadline(sent, ttl, room)), None
+    # renewed by the authority as it answered, `waited` after it got the call (it may wait for room)
+    return (lease_id, ttl, room, node_deadline(sent + answer.get("waited", 0.0), ttl, room)), None
 
 
 def _keep(lease: tuple, on_renewed: Callable[[float], None] | None, on_lost: Callable[[str], None]) -> None:
