@@ -396,6 +396,21 @@ def test_ray_executor_threads_do_not_grow_with_the_jobs_in_flight(cluster, tmp_p
     assert during - before <= 6, (before, during)  # picker, finisher, alerts, keeper: not one per job
 
 
+def test_cancelling_many_ray_jobs_takes_one_thread(cluster):
+    import threading
+    with sray.RayExecutor(policy=cluster) as ex:
+        futures = [ex.submit(JobSpec(kernel=kernel("sleeper.py"), limits=Limits(memory="256MiB", wall_time="60s")),
+                             quiet=True) for _ in range(8)]
+        time.sleep(1)
+        before = threading.active_count()
+        for future in futures:
+            future.cancel()
+        during = threading.active_count()
+        results = [f.result(timeout=60) for f in futures]
+    assert all(r.verdict is Verdict.cancelled for r in results), [r.reason for r in results]
+    assert during - before <= 1, (before, during)
+
+
 def test_cluster_command_shows_the_authority_s_tenants_and_nodes(cluster, tmp_path):
     r = sray.result(sray.submit(JobSpec(kernel=kernel("tiny.py"), tenant=None), cluster, quiet=True), timeout=120)
     assert r.ok, r.reason

@@ -70,6 +70,7 @@ class RayExecutor(SandboxExecutor):
         self._fixed_capacity = capacity is not None
         self._capacity_read = time.monotonic()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancels = jobs.Canceller()
         self._finisher = threading.Thread(target=self._finishing, name="tsbx-ray-results", daemon=True)
         self._finisher.start()
         super().__init__(max_concurrent=max_concurrent or policy.cluster.in_flight,
@@ -107,7 +108,7 @@ class RayExecutor(SandboxExecutor):
             self._finish(entry, JobResult.not_run(future.spec, Verdict.rejected, f"the Ray task could not be "
                                                   f"started: {type(err).__name__}: {err}"[:400], time.time()))
             return
-        future.control.attach(_canceller(ref, future.control))
+        future.control.attach(_canceller(ref, future.control, self._cancels))
         ref.future().add_done_callback(lambda _: self._done.put((entry, ref)))
 
     def _finishing(self) -> None:
@@ -128,11 +129,10 @@ class RayExecutor(SandboxExecutor):
 
 
 
-def _canceller(ref, control: JobControl) -> Callable[[], None]:
+def _canceller(ref, control: JobControl, cancels: jobs.Canceller) -> Callable[[], None]:
     """What a cancel of the running job does: a soft `ray.cancel` now and every CANCEL_RESEND s while
     the task runs (Ray drops one that reaches a worker still starting the task)."""
     def cancel() -> None:
-        if not control.cancelled:
-            return
-        threading.Thread(target=jobs.cancel_quietly, args=(ref,), name="tsbx-ray-cancel", daemon=True).start()
+        if control.cancelled:
+            cancels.cancel(ref)
     return cancel

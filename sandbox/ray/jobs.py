@@ -125,13 +125,41 @@ def cancel(ref, force: bool = False, timeout: float = 30.0) -> JobResult:
                 raise TimeoutError(f"the task ignored every cancel for {timeout:g} s") from None
 
 
-def cancel_quietly(ref) -> None:
-    """A soft cancel sent until the task ends (its verdict is collected by whoever waits for it)."""
-    ray = _ray()
-    while True:
-        try:
-            ray.cancel(ref)
-        except Exception:  # noqa: BLE001 - the task ended, or Ray is gone
-            return
-        if ray.wait([ref], timeout=CANCEL_RESEND)[0]:
-            return
+class Canceller:
+    """Soft cancels sent again every CANCEL_RESEND s until each task ends (its verdict is collected
+    by whoever waits for it), from one thread however many tasks are being cancelled."""
+
+    def __init__(self) -> None:
+        self._refs: list = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def cancel(self, ref) -> None:
+        with self._lock:
+            self._refs.append(ref)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="tsbx-ray-cancel", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        ray = _ray()
+        while True:
+            with self._lock:
+                refs = list(self._refs)
+                if not refs:
+                    self._thread = None
+                    return
+            for ref in refs:
+                try:
+                    ray.cancel(ref)
+                except Exception:  # noqa: BLE001 - the task ended, or Ray is gone: nothing to resend
+                    self._drop([ref])
+            try:
+                ended, _ = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_RESEND)
+            except Exception:  # noqa: BLE001 - Ray is gone
+                ended = refs
+            self._drop(ended)
+
+    def _drop(self, refs: list) -> None:
+        with self._lock:
+            self._refs = [r for r in self._refs if all(r is not e for e in refs)]
