@@ -72,13 +72,17 @@ def connect(path: Path) -> socket.socket:
     return sock
 
 
-def request(path: Path, message: dict, fds: list[int] = ()) -> Iterator[dict]:
+def request(path: Path, message: dict, fds: list[int] = (),
+            on_open: Callable[[Callable[[dict], None]], None] | None = None) -> Iterator[dict]:
     """Send one request (with `fds`); yield the answers until the service says `end` (or closes).
     A "file" answer holds its descriptor as "fd" (the caller closes it). An error answer raises
-    ClientError."""
+    ClientError. `on_open` gets a function that sends a frame on this connection (from any one
+    thread; OSError once the connection is gone)."""
     with connect(path) as sock:
         try:
             frames.send(sock, message, fds)
+            if on_open is not None:
+                on_open(lambda frame: frames.send(sock, frame))
             while True:
                 received: list[int] = []
                 answer = frames.recv(sock, fds=received)
@@ -223,17 +227,19 @@ def save_file(output_dir: str | None, answer: dict) -> str:
 
 
 def submit_and_follow(path: Path, jobs: list[Job], output: bool = True, samples: bool = False,
-                      on_answer: Callable[[dict], None] | None = None) -> tuple[dict, list[dict]]:
+                      on_answer: Callable[[dict], None] | None = None,
+                      on_open: Callable[[Callable[[dict], None]], None] | None = None) -> tuple[dict, list[dict]]:
     """Submit `jobs` and follow them to their verdicts: (the `submitted` answer, the "result"
     answers in order of arrival). Output files are copied into each job's output dir as they come;
     a result's `outputs` lists those copies. `on_answer` sees the other answers as they come (the
     `submitted` one first). A job this client stops following is cancelled by the service. Raises
-    Incomplete when fewer verdicts came than jobs were admitted."""
+    Incomplete when fewer verdicts came than jobs were admitted. `on_open`: see `request` (for the
+    `lease` frames of sandbox.ray)."""
     message = {"op": "submit", "jobs": [job.fields for job in jobs], "follow": True, "output": output,
                "samples": samples}
     submitted, results, dirs, saved, notes, sent_notes, existing = None, [], {}, {}, {}, {}, {}
     try:
-        for answer in request(path, message, [fd for job in jobs for fd in job.fds]):
+        for answer in request(path, message, [fd for job in jobs for fd in job.fds], on_open):
             kind, job_id = answer.get("type"), answer.get("job_id")
             if kind == "submitted":
                 submitted = answer

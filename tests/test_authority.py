@@ -584,3 +584,19 @@ def test_an_authority_whose_start_failed_starts_again_at_the_next_call(monkeypat
         assert (await a.usage())["leases"] == 0 and len(tries) == 2
         await a._core.close()
     run(body)
+
+
+def test_the_previous_format_s_state_is_restored_its_waiters_queued_again_by_their_callers():
+    async def body(_):
+        lease = {"lease_id": "l", "tenant": "t", "holder": "w", "memory": GiB, "gpu_memory": 0,
+                 "quotas": quotas(max_concurrent=1), "priority": 0, "seq": 0, "node": "n", "reserved": GiB}
+        waiter = {**lease, "lease_id": "w", "seq": 1, "node": None, "reserved": 0}
+        store = MemoryStore(json.dumps({"format": 1, "epoch": 3, "leases": [lease], "waiters": [waiter],
+                                        "nodes": {"n": 4 * GiB}}).encode())
+        async with started(store) as a:
+            assert a.usage()["epoch"] == 4 and a.usage()["leases"] == 1 and a.usage()["waiting"] == 0
+            again = await pending(a.acquire("w", "t", "d", GiB, 0, quotas(max_concurrent=1)))
+            await a.release(["l"])
+            assert "granted" in await done(again)
+        assert json.loads(store.data)["format"] == 2
+    run(body)

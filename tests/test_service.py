@@ -8,6 +8,7 @@ tenant whatever the caller types) fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -549,24 +550,35 @@ def test_events_ps_logs_and_cancel_across_users(node, tmp_path):
     assert seen["type"] == "verdict" and seen["verdict"] == "cancelled" and seen["uid"] == BOB
 
 
-def test_a_job_held_to_a_lease_ends_when_it_lapses_or_is_lost_and_only_its_owner_may_set_it(node, tmp_path):
-    """`lease` (what a Ray worker sends for the job it runs here): unrenewed past `seconds`, or
-    `lost`, the job ends with verdict `crashed` naming its lease, long before its wall_time."""
+def test_a_followed_job_held_to_a_lease_ends_when_it_lapses_or_is_lost(node):
+    """`lease` frames on the connection that follows the job (what a Ray worker sends for the job it
+    runs here): unrenewed past `seconds`, or `lost`, the job ends with verdict `crashed` naming its
+    lease, long before its wall_time. Nowhere else: no other client can touch another's lease."""
     job = {"kernel": "s.py", "source": "import time\ntime.sleep(60)\n", "limits": {"wall_time": "120s"}}
-    first, second = node.ask({"op": "submit", "jobs": [job, job]})[0]["jobs"]
-    bad = [node.ask({"op": "lease", "job_id": first["job_id"], **fields})[0] for fields in
-           ({}, {"seconds": 1, "lost": "x"}, {"seconds": -1})]
-    assert [a["code"] for a in bad] == ["BadRequest"] * 3 and "seconds" in bad[0]["message"], bad
-    theirs = ask_as(node, MALLORY, {"op": "lease", "job_id": first["job_id"], "lost": "hers"})[0]
-    assert theirs["code"] == "NotFound", theirs
-    answer = node.ask({"op": "lease", "job_id": first["job_id"], "seconds": 2})[0]
-    assert answer["type"] == "lease" and answer["state"] in ("queued", "running"), answer
-    assert node.ask({"op": "lease", "job_id": second["job_id"], "lost": "the authority freed it"})[0]["type"] == "lease"
-    for record, why in ((first, "not renewed for"), (second, "the authority freed it")):
-        assert _verdict(node, record["job_id"]) == "crashed"
-        (done,) = [r for r in node.records("job") if r["job_id"] == record["job_id"]]
-        assert "its cluster lease lapsed" in done["reason"] and why in done["reason"], done["reason"]
-        assert done["usage"]["wall_seconds"] < 30
+    elsewhere = node.ask({"op": "lease", "job_id": "x", "seconds": 1})[0]
+    assert elsewhere["code"] == "BadRequest" and "only on the connection" in elsewhere["message"], elsewhere
+    others = [node.connect() for _ in range(3)]  # with ours, every connection root may hold here
+    with contextlib.ExitStack() as held, node.connect() as sock:
+        for other in others:
+            held.enter_context(other)
+            frames.send(other, {"op": "submit", "jobs": [job], "follow": True})
+            frames.recv(other, idle=30, within=30)
+        frames.send(sock, {"op": "submit", "jobs": [job, job], "follow": True})
+        first, second = [j["job_id"] for j in frames.recv(sock, idle=30, within=30)["jobs"]]
+        assert node.ask({"op": "ps"})[0]["code"] == "TooManyConnections"  # leases need no connection of their own
+        frames.send(sock, {"op": "lease", "job_id": first})  # neither seconds nor lost
+        frames.send(sock, {"op": "lease", "job_id": "not-followed-here", "lost": "x"})
+        frames.send(sock, {"op": "lease", "job_id": first, "seconds": 2, "room": 60})
+        frames.send(sock, {"op": "lease", "job_id": second, "lost": "the authority\nfreed it"})
+        answers = []
+        while (answer := frames.recv(sock, idle=60, within=60)) is not None and answer["type"] != "end":
+            answers.append(answer)
+    assert [a["code"] for a in answers if a["type"] == "error"] == ["BadRequest", "NotFound"], answers
+    results = {a["job_id"]: a["result"] for a in answers if a["type"] == "result"}
+    for job_id, why in ((first, "not renewed for"), (second, "the authority freed it")):
+        assert results[job_id]["verdict"] == "crashed", results[job_id]
+        assert "its cluster lease lapsed" in results[job_id]["reason"] and why in results[job_id]["reason"]
+        assert results[job_id]["usage"]["wall_seconds"] < 30
 
 
 ASK_AS = """

@@ -19,9 +19,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.audit import AuditLog
+from ..core.limits import ConfigError, Policy
 from ..core.models import JobResult, JobSpec, Sample, Verdict
+from ..job.backstop import BACKSTOP_SLACK
 from ..job.inputs import Sent
 from ..job.safefs import remove_tree
+from . import protocol
 from .auth import Peer
 from .executor import QueueFull
 from .guard import Guard
@@ -217,6 +220,25 @@ class Jobs:
             self._finished.append(record.spec.job_id)
             while len(self._finished) > KEEP_FINISHED:
                 self._table.pop(self._finished.popleft(), None)
+
+
+def follow_lease(policy: Policy, records: list[JobRecord], message: dict) -> None:
+    """A `lease` frame on the connection that follows `records` (protocol.Lease): the job's run ends
+    with its lease, earlier by what its grace needs beyond the `room` the lease allows. Raises
+    ProtocolError for a bad frame or a job the connection does not follow."""
+    request = protocol.parse_lease(message)
+    record = next((r for r in records if r.spec.job_id == request.job_id), None)
+    if record is None:
+        raise protocol.ProtocolError("NotFound", f"job {request.job_id!r}: not a job this connection follows")
+    if request.lost is not None:
+        record.lease(None, f"its cluster lease lapsed: {' '.join(request.lost.split())}")
+        return
+    try:
+        grace = policy.resolve(record.spec.profile, record.spec.tenant, record.spec.limits, record.spec.job_type).grace
+    except ConfigError:
+        grace = 0.0  # its run is refused the same way
+    sooner = max(0.0, grace + BACKSTOP_SLACK + 1 - request.room)
+    record.lease(time.monotonic() + request.seconds - sooner, None)
 
 
 def outcome(record: JobRecord, future, launcher: str, cancelled: str) -> tuple[JobResult, bool]:

@@ -5,12 +5,15 @@ against a closed schema before anything acts on it. Replies are plain JSON objec
             then, with `follow`, for each job "output" {job_id, stream, data}, "sample" {job_id, sample},
             "file" {job_id, name, size} (one output file; its descriptor comes with the frame) and
             "result" {job_id, result, exit_status} frames, and finally {"type": "end"}. A followed job
-            whose client goes away is cancelled.
+            whose client goes away is cancelled. While it follows, the client may send `lease` frames
+            on the same connection (not answered; an invalid one gets an error frame): the job's
+            cluster lease now ends `seconds` from now, `room` being the seconds the lease's
+            authority allows for ending it (the service ends the job earlier by what its own grace
+            needs more), or was `lost` (why); either way the job's run ends with its lease (verdict
+            `crashed`). sandbox.ray sends these for the jobs its tasks run through the service; only
+            the client that submitted a job, on its own connection, can.
 - ps      → {"type": "ps", "jobs": [{job_id, tenant, user, uid, state, kernel, usage}]}
 - cancel  → {"type": "cancelled", "job_id"}
-- lease   → {"type": "lease", "job_id", "state"}: the job's cluster lease now ends `seconds` from
-            now (set or renewed), or was `lost` (why): its run ends as the lease's (verdict
-            `crashed`; sandbox.ray sends these for the jobs its tasks run through the service)
 - logs    → "output" frames (with `follow`, until the job ends), then {"type": "end"}
 - events  → {"type": "event", "event": {...}} frames (verdicts and alerts) until the client leaves
 - quota   → {"type": "quota", "state": {...}} (SandboxExecutor.quota_state)
@@ -127,9 +130,11 @@ class Cancel(_Request):
 
 
 class Lease(_Request):
+    """Only on a follow connection, for one of its jobs (see the module docstring)."""
     op: Literal["lease"]
     job_id: str = Field(max_length=64)
     seconds: float | None = Field(default=None, ge=0, le=86400)
+    room: float = Field(default=0.0, ge=0, le=3600)
     lost: str | None = Field(default=None, max_length=300)
 
     @model_validator(mode="after")
@@ -153,14 +158,24 @@ class Quota(_Request):
     op: Literal["quota"]
 
 
-Request = Annotated[Union[Submit, Ps, Cancel, Lease, Logs, Events, Quota], Field(discriminator="op")]
+Request = Annotated[Union[Submit, Ps, Cancel, Logs, Events, Quota], Field(discriminator="op")]
 _REQUEST = TypeAdapter(Request)
 
 
-def parse(message: dict) -> Submit | Ps | Cancel | Lease | Logs | Events | Quota:
+def parse(message: dict) -> Submit | Ps | Cancel | Logs | Events | Quota:
     """The validated request, or ProtocolError("BadRequest", one line naming the field)."""
+    if isinstance(message, dict) and message.get("op") == "lease":
+        raise ProtocolError("BadRequest", "lease: only on the connection that submitted and follows the job")
     try:
         return _REQUEST.validate_python(message)
+    except ValidationError as err:
+        raise ProtocolError("BadRequest", describe(err)[:300]) from None
+
+
+def parse_lease(message: dict) -> Lease:
+    """A `lease` frame of a follow connection, validated, or ProtocolError("BadRequest", ...)."""
+    try:
+        return Lease.model_validate(message)
     except ValidationError as err:
         raise ProtocolError("BadRequest", describe(err)[:300]) from None
 

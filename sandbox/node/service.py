@@ -53,7 +53,7 @@ from .auth import Peer, Refused, check_names, is_operator, may_use, peer_of, see
 from .executor import QueueFull, SandboxExecutor
 from .guard import Guard
 from .holdings import Descriptors, close_fds
-from .jobs import Hub, JobRecord, Jobs, NodeSupervisor, outcome
+from .jobs import Hub, JobRecord, Jobs, NodeSupervisor, follow_lease, outcome
 from .metrics import job_gauges
 from .reconcile import reconcile
 from .statelock import lock_state_dir
@@ -209,11 +209,6 @@ class Service:
             record = self._visible(peer, request.job_id)
             record.cancel()
             stream.send({"type": "cancelled", "job_id": request.job_id, "state": record.state})
-        elif isinstance(request, protocol.Lease):
-            record = self._visible(peer, request.job_id)
-            lost = None if request.lost is None else f"its cluster lease lapsed: {' '.join(request.lost.split())}"
-            record.lease(None if request.seconds is None else time.monotonic() + request.seconds, lost)
-            stream.send({"type": "lease", "job_id": request.job_id, "state": record.state})
         elif isinstance(request, protocol.Logs):
             stream.logs(self._visible(peer, request.job_id), request.follow)
         elif isinstance(request, protocol.Events):
@@ -273,7 +268,8 @@ class Service:
                     record.abandon()
             raise
         if request.follow:
-            stream.follow(records, request.output, request.samples)
+            stream.follow(records, request.output, request.samples,
+                          on_frame=lambda message: follow_lease(self.policy, records, message))
 
     def _audit_refusal(self, peer: Peer, code: str, message: str, op: str | None, tenant: str | None = None) -> None:
         """A `refused` audit record for a request (or one job of it) the service refused after the

@@ -23,10 +23,12 @@ from ..core import values
 from ..core.models import JobResult
 from ..job.safefs import DIR_FLAGS, open_beneath, remove_tree
 from . import frames
+from .protocol import ProtocolError, error
 from .jobs import Hub, JobRecord
 
 FOLLOW_CHECK = 0.5  # seconds between checks that a following client is still there
 CHUNK = 3 << 20  # bytes of an array encoded per write (a multiple of 3: base64 pieces join up)
+CONTROL_FRAME = 4096  # the largest frame a following client may send (a `lease`)
 
 
 class Stream:
@@ -53,9 +55,13 @@ class Stream:
         except OSError:
             return True
 
-    def follow(self, records: list[JobRecord], output: bool, samples: bool) -> None:
+    def follow(self, records: list[JobRecord], output: bool, samples: bool,
+               on_frame: Callable[[dict], None] | None = None) -> None:
         """Each job's output, usage, output files and verdict until every job has one, then `end`.
-        When the client goes away first, its jobs still pending are cancelled."""
+        When the client goes away first, its jobs still pending are cancelled. Frames the client
+        sends meanwhile go to `on_frame` (within FOLLOW_CHECK s; a ProtocolError it raises is
+        answered with an error frame); a frame that cannot be read ends the following as a client
+        that went away does."""
         wake = threading.Event()
         offsets = {r.spec.job_id: 0 for r in records}
         last_sample = {}
@@ -65,6 +71,8 @@ class Stream:
         try:
             while not self.gone():
                 wake.clear()
+                if self._readable() and not self._take(on_frame):
+                    return
                 for record in list(pending):
                     job_id, result = record.spec.job_id, record.result  # the result first: output precedes it
                     if output:
@@ -86,6 +94,27 @@ class Stream:
                 record.watchers.discard(wake)
             for record in pending:
                 record.abandon()
+
+    def _readable(self) -> bool:
+        poller = select.poll()  # not select(): a service may hold descriptors past FD_SETSIZE
+        poller.register(self.conn, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def _take(self, on_frame: Callable[[dict], None] | None) -> bool:
+        """Read one frame the client sent and hand it to `on_frame`; False when it cannot be read
+        (or nothing takes frames here): the stream is out of step."""
+        try:
+            message = frames.recv(self.conn, limit=CONTROL_FRAME, idle=self.timeout or 5.0,
+                                  within=self.timeout or 5.0)
+        except (OSError, frames.FrameError):
+            return False
+        if message is None or on_frame is None:
+            return False
+        try:
+            on_frame(message)
+        except ProtocolError as err:
+            self.send(error(err.code, str(err)))
+        return True
 
     def result(self, job_id: str, result: JobResult) -> None:
         """The "result" frame, its arrays (base64 of their .npy form) encoded as they are written."""

@@ -10,8 +10,8 @@ The path of a job (`submit`, or RayExecutor, which submits the same way):
              or through the node's service (`task`), releases the lease;
   driver     `result()` gives the JobResult, or a verdict for every Ray failure (`outcome`).
 Limits map onto Ray resources as `options` says. A lease nobody renews lapses after
-`[cluster] lease_ttl`; the node ends its job before that (`keeper`, and the fork-server even when
-the Ray worker is frozen).
+`[cluster] lease_ttl` (more when the job's grace needs it); the node ends its job before that
+(`keeper`, and the fork-server even when the Ray worker is frozen), and nothing frees it sooner.
 
 `ray.cancel(ref)` ends the job gracefully (SIGTERM, grace, SIGKILL) and returns promptly even while
 a kernel runs; `force=True` or a killed worker closes the fork-server's control socket, which makes it

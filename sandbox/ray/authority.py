@@ -32,7 +32,7 @@ from .leases import QUOTAS, Attach, Node, Request, Tenant, invalid, invalid_atta
 from .nodetable import NodeTable
 from .store import GroupCommit, Store
 
-FORMAT = 1
+FORMAT = 2  # older code refuses it by name rather than misreading it
 ENDED_KEPT = 10_000  # how many ended leases' reasons `ended()` remembers
 
 
@@ -347,7 +347,7 @@ class Authority(NodeTable):
                            "nodes": {name: n.total for name, n in self._nodes.items() if n.given}}).encode()
 
     def _restore(self, state: dict) -> None:
-        if state.get("format") != FORMAT:
+        if state.get("format") not in (1, FORMAT):  # 1: also waiters (ignored), no room (0)
             raise ValueError(f"the authority's saved state has format {state.get('format')!r}, not {FORMAT}")
         self._epoch = state["epoch"] + 1
         now = self.clock()

@@ -126,40 +126,50 @@ def cancel(ref, force: bool = False, timeout: float = 30.0) -> JobResult:
 
 
 class Canceller:
-    """Soft cancels sent again every CANCEL_RESEND s until each task ends (its verdict is collected
-    by whoever waits for it), from one thread however many tasks are being cancelled."""
+    """Soft cancels, each sent at once and again every CANCEL_RESEND s until its task ends (its
+    verdict is collected by whoever waits for it), from one thread however many tasks are being
+    cancelled; a task asked twice is cancelled once."""
 
     def __init__(self) -> None:
-        self._refs: list = []
+        self._refs: dict[str, object] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def cancel(self, ref) -> None:
         with self._lock:
-            self._refs.append(ref)
+            if ref.hex() in self._refs:
+                return
+            self._refs[ref.hex()] = ref
+        self._send([ref])
+        with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="tsbx-ray-cancel", daemon=True)
                 self._thread.start()
+
+    def _send(self, refs: list) -> None:
+        for ref in refs:
+            try:
+                _ray().cancel(ref)
+            except Exception:  # noqa: BLE001 - the task ended, or Ray is gone: nothing to resend
+                self._drop([ref])
 
     def _loop(self) -> None:
         ray = _ray()
         while True:
             with self._lock:
-                refs = list(self._refs)
+                refs = list(self._refs.values())
                 if not refs:
                     self._thread = None
                     return
-            for ref in refs:
-                try:
-                    ray.cancel(ref)
-                except Exception:  # noqa: BLE001 - the task ended, or Ray is gone: nothing to resend
-                    self._drop([ref])
             try:
                 ended, _ = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_RESEND)
             except Exception:  # noqa: BLE001 - Ray is gone
                 ended = refs
             self._drop(ended)
+            done = {ref.hex() for ref in ended}
+            self._send([ref for ref in refs if ref.hex() not in done])
 
     def _drop(self, refs: list) -> None:
         with self._lock:
-            self._refs = [r for r in self._refs if all(r is not e for e in refs)]
+            for ref in refs:
+                self._refs.pop(ref.hex(), None)

@@ -59,8 +59,12 @@ class NodeTable:
                 self._attaching.pop(lease_id).future.set_result({"lost": f"node {gone} is gone"})
         for name, memory in live.items():  # nodes of nodes() are not persisted: no change to save
             node = self._nodes.get(name)
-            if node is None:
-                self._nodes[name] = Node(memory, given=False)
+            if node is None:  # new, or back (its leases that have not lapsed still hold their memory)
+                node = self._nodes[name] = Node(memory, given=False)
+                for lease in self._leases.values():
+                    if lease.node == name:
+                        node.reserved += lease.reserved
+                        node.leases.add(lease.lease_id)
             elif node.total != memory:
                 node.total = memory
                 self._pump_node(name)

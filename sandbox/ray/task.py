@@ -77,10 +77,10 @@ def run_in_task(spec_json: str, policy_json: str, service: str | None = "auto", 
         grace = policy.resolve(spec.profile, spec.tenant, spec.limits, spec.job_type).grace
     except ConfigError:
         grace = spec.limits.grace  # the supervisor rejects the job in a moment
-    lease, problem = _attach(spec, grant, started, grace + BACKSTOP_SLACK + 1)
-    if problem is not None:
-        return problem.model_dump_json()
-    try:
+    try:  # the lease is released however this ends (a cancel may come while it is attached)
+        lease, problem = _attach(spec, grant, started, grace + BACKSTOP_SLACK + 1)
+        if problem is not None:
+            return problem.model_dump_json()
         socket_path = None if service is None else remote.choose_socket(None if service == "auto" else service)
         if socket_path is not None:
             return _through_service(socket_path, spec, lease)
@@ -92,7 +92,7 @@ def run_in_task(spec_json: str, policy_json: str, service: str | None = "auto", 
                 return supervisor.run(spec, control=control, on_output=echo).model_dump_json()
         return _cancellable(body, control.cancel, spec.job_id)
     finally:
-        keeper(authority).drop(lease[0], release=True)
+        keeper(authority).drop(grant["granted"], release=True)
 
 
 def _attach(spec: JobSpec, grant: dict, started: float, room: float) -> tuple[tuple | None, JobResult | None]:
@@ -167,7 +167,7 @@ def _through_service(path, spec: JobSpec, lease: tuple) -> str:
         fields["shipped"] = spec.shipped.model_dump()
     submitted: dict[str, Any] = {}
     started = time.time()
-    forward = _ServiceLease(path)
+    forward = _ServiceLease(lease[2])
 
     def on_answer(answer: dict) -> None:
         if answer["type"] == "submitted":
@@ -178,9 +178,8 @@ def _through_service(path, spec: JobSpec, lease: tuple) -> str:
         job = remote.Job(spec.kernel, inputs=spec.inputs, output_dir=spec.output_dir, outputs=spec.outputs,
                          **fields)
         try:
-            answer, results = remote.submit_and_follow(
-                path, [job], output=False,
-                on_answer=on_answer)
+            answer, results = remote.submit_and_follow(path, [job], output=False, on_answer=on_answer,
+                                                       on_open=forward.opened)
         except remote.ClientError as err:
             lost = err.code == remote.EXIT_INTERNAL
             return JobResult.not_run(spec, Verdict.crashed if lost else Verdict.rejected, str(err),
@@ -208,19 +207,24 @@ def _through_service(path, spec: JobSpec, lease: tuple) -> str:
 
 
 class _ServiceLease:
-    """Forwards a job's lease to the node service that runs it, as `lease` requests: the newest
-    deadline (or its loss) once the service has named the job, from a thread of its own, so the
-    worker's keeper never waits on the service. The service ends the job when the deadline passes
-    unrenewed: a frozen worker cannot keep it running past its lease."""
+    """Forwards a job's lease to the node service that runs it, as `lease` frames on the connection
+    that follows the job (no connection of its own): the newest deadline (or its loss) once the
+    service has named the job, from a thread of its own, so the worker's keeper never waits on the
+    service. The service ends the job when the deadline passes unrenewed: a frozen worker cannot
+    keep it running past its lease. `room`: what the authority allows the node to end the job."""
 
-    def __init__(self, path) -> None:
-        self._path = path
+    def __init__(self, room: float) -> None:
+        self._room = room
         self._cv = threading.Condition()
+        self._send: Callable[[dict], None] | None = None
         self._job_id: str | None = None
-        self._pending: dict | None = None  # the next request's lease fields
+        self._pending: dict | None = None  # the next frame's lease fields
         self._lost = False
         self._closed = False
-        threading.Thread(target=self._send, name="tsbx-service-lease", daemon=True).start()
+        threading.Thread(target=self._sending, name="tsbx-service-lease", daemon=True).start()
+
+    def opened(self, send: Callable[[dict], None]) -> None:
+        self._set(send=send)
 
     def submitted(self, job_id: str | None) -> None:
         self._set(job_id=job_id)
@@ -239,23 +243,24 @@ class _ServiceLease:
             if not self._lost:  # once lost, it stays lost
                 self._pending = fields.get("pending", self._pending)
                 self._lost = "lost" in (self._pending or {})
+            self._send = fields.get("send", self._send)
             self._job_id = fields.get("job_id", self._job_id)
             self._closed = fields.get("closed", self._closed)
             self._cv.notify()
 
-    def _send(self) -> None:
+    def _sending(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._closed or (self._job_id and self._pending))
+                self._cv.wait_for(lambda: self._closed or (self._send and self._job_id and self._pending))
                 if self._closed:
                     return
-                job_id, pending, self._pending = self._job_id, self._pending, None
-            message = {"op": "lease", "job_id": job_id}
+                send, job_id, pending, self._pending = self._send, self._job_id, self._pending, None
+            frame = {"op": "lease", "job_id": job_id}
             if "lost" in pending:
-                message["lost"] = pending["lost"]
+                frame["lost"] = pending["lost"]
             else:
-                message["seconds"] = max(0.0, pending["deadline"] - time.monotonic())
+                frame.update(seconds=max(0.0, pending["deadline"] - time.monotonic()), room=self._room)
             try:
-                remote.one(self._path, message)
-            except remote.ClientError:
-                pass  # the job ended, or the service is gone with it: its result says which
+                send(frame)
+            except OSError:
+                return  # the connection is gone: the service cancels the job it followed
