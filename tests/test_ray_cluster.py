@@ -159,8 +159,9 @@ def test_the_authority_killed_mid_run_loses_no_lease_and_overbooks_nothing(clust
     epoch = _usage().get("epoch", 0)
     ray.kill(sray.authority(), no_restart=False)  # Ray restarts it; its state comes back from the GCS
     late = sray.submit(_nap(home, 0.5, "c"), policy, quiet=True)
-    usage = _wait(lambda: _usage(), what="the restarted authority answers")
-    assert usage["epoch"] > epoch and usage["tenants"]["c"]["running"] == 2, usage
+    # ray.kill returns before the actor is gone: wait for an answer of its next incarnation
+    usage = _wait(lambda: (u := _usage())["epoch"] > epoch and u, what="the restarted authority answers")
+    assert usage["tenants"]["c"]["running"] == 2, usage
     results = [sray.result(ref, timeout=120) for ref in [*first, late]]
     assert all(r.verdict is Verdict.ok for r in results), [r.reason for r in results]
     assert _most_at_once([(r.started_at, r.ended_at) for r in results]) == 2
