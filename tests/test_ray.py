@@ -31,7 +31,10 @@ def cluster(tmp_path_factory, ray_home):
     os.environ.update(HOME=str(ray_home), XDG_STATE_HOME=str(home / "state"))  # loopback: see conftest
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        yield Policy(settings=Settings(state_dir=str(home / "state")), cluster=Cluster(lease_ttl=10))
+        # a default memory limit: an unlimited job reserves the whole node, and would wait here for the
+        # lease of every job a test killed to lapse (never freed while its job may run)
+        yield Policy(settings=Settings(state_dir=str(home / "state")), cluster=Cluster(lease_ttl=10),
+                     defaults=Limits(memory="512MiB"))
     finally:
         ray.shutdown()
         for k, v in saved.items():
@@ -155,7 +158,8 @@ def _audit_types(policy: Policy, job_id: str, expected: int = 0) -> list[str]:
 
 @pytest.mark.parametrize("force", [False, True])
 def test_cancel_leaves_no_job_process_and_a_verdict(cluster, force):
-    spec = JobSpec(kernel=kernel("spawner.py"), limits=Limits(wall_time="120s", grace="1s"))
+    # a memory limit: a killed worker's lease lapses (~13 s here) holding this, not the whole node
+    spec = JobSpec(kernel=kernel("spawner.py"), limits=Limits(wall_time="120s", grace="1s", memory="512MiB"))
     before = set(_running_job_pids())
     ref = sray.submit(spec, cluster)
     pids = _wait_for_job_processes(10, before)
@@ -172,7 +176,7 @@ def test_cancel_leaves_no_job_process_and_a_verdict(cluster, force):
 
 
 def test_worker_killed_mid_job_leaves_no_orphan_and_a_verdict(cluster):
-    spec = JobSpec(kernel=kernel("spawner.py"), limits=Limits(wall_time="120s"))
+    spec = JobSpec(kernel=kernel("spawner.py"), limits=Limits(wall_time="120s", memory="512MiB"))
     before = set(_running_job_pids())
     ref = sray.submit(spec, cluster)
     pids = _wait_for_job_processes(10, before)
@@ -200,7 +204,8 @@ def test_ray_executor_same_surface(cluster, tmp_path):
 
 
 def test_audit_records_carry_ray_labels(cluster):
-    r = sray.result(sray.submit(JobSpec(kernel=kernel("tiny.py")), cluster), timeout=60)
+    r = sray.result(sray.submit(JobSpec(kernel=kernel("tiny.py"), limits=Limits(memory="512MiB")), cluster),
+                    timeout=60)
     audit = cluster.settings.resolved_audit_log()
     record = next(json.loads(line) for line in audit.read_text().splitlines()
                   if json.loads(line).get("job_id") == r.job_id and json.loads(line)["type"] == "job")
@@ -388,7 +393,7 @@ def test_ray_executor_threads_do_not_grow_with_the_jobs_in_flight(cluster, tmp_p
     nap.write_text("import time\ntime.sleep(1)\n")
     before = threading.active_count()
     with sray.RayExecutor(policy=cluster) as ex:
-        futures = [ex.submit(JobSpec(kernel=str(nap)), quiet=True) for _ in range(12)]
+        futures = [ex.submit(JobSpec(kernel=str(nap), limits=Limits(memory="256MiB")), quiet=True) for _ in range(12)]
         time.sleep(1)
         during = threading.active_count()
         results = [f.result(timeout=120) for f in futures]
@@ -412,7 +417,8 @@ def test_cancelling_many_ray_jobs_takes_one_thread(cluster):
 
 
 def test_cluster_command_shows_the_authority_s_tenants_and_nodes(cluster, tmp_path):
-    r = sray.result(sray.submit(JobSpec(kernel=kernel("tiny.py"), tenant=None), cluster, quiet=True), timeout=120)
+    r = sray.result(sray.submit(JobSpec(kernel=kernel("tiny.py"), tenant=None, limits=Limits(memory="512MiB")),
+                                cluster, quiet=True), timeout=120)
     assert r.ok, r.reason
     address = ray.get_runtime_context().gcs_address
     out = subprocess.run([sys.executable, "-m", "sandbox", "cluster", "--address", address, "--json"],
@@ -439,7 +445,7 @@ def test_one_jobspec_submitted_twice_is_two_jobs_to_the_tenant_quota(cluster, tm
     script = tmp_path / "nap.py"
     script.write_text("import time\ntime.sleep(1.5)\n")
     policy = cluster.model_copy(update={"tenants": {"solo": Tenant(max_concurrent=1)}})
-    spec = JobSpec(kernel=str(script), tenant="solo")
+    spec = JobSpec(kernel=str(script), tenant="solo", limits=Limits(memory="256MiB"))
     results = [sray.result(ref, timeout=120) for ref in [sray.submit(spec, policy, quiet=True) for _ in range(2)]]
     assert [r.verdict for r in results] == [Verdict.ok] * 2, [r.reason for r in results]
     first, second = sorted((r.started_at, r.ended_at) for r in results)
